@@ -1,0 +1,112 @@
+"""PPO's clipped losses and the token bookkeeping around them, as pure functions on tensors.
+
+Shapes: `B` responses, `T` response tokens, `V` vocabulary. Every `mask` is a bool tensor, True
+on a real response token; padding never enters a mean, and NaN/inf on padding cannot reach the
+loss or its gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ppoflow.advantages import masked_mean, masked_var
+
+
+def logprobs_of(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    """Log-probability of `tokens` under softmax(logits / temperature); differentiable.
+
+    `logits: [B, T, V]`, `tokens: [B, T]` integer -> `[B, T]`. No [B, T, V] log-prob tensor is
+    built: the chosen logits are gathered, and logsumexp runs one row at a time so its temporaries
+    are [T, V], not [B, T, V] (that is what bounds memory in no-grad rollouts; under autograd the
+    per-row inputs are kept for backward anyway).
+    """
+    token_logits = logits.gather(-1, tokens.long()[..., None]).squeeze(-1) / temperature
+    logsumexp = torch.stack([torch.logsumexp(row / temperature, dim=-1) for row in logits])
+    return token_logits - logsumexp
+
+
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Entropy of softmax(logits / temperature): logsumexp(l) - sum(softmax(l) * l), per token.
+
+    `logits: [B, T, V]` (finite) -> `[B, T]`. Computed one row at a time, like `logprobs_of`.
+    """
+    entropies = []
+    for row in logits:
+        scaled = row / temperature
+        entropies.append(torch.logsumexp(scaled, -1) - (torch.softmax(scaled, -1) * scaled).sum(-1))
+    return torch.stack(entropies)
+
+
+def policy_loss(
+    new_logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, cliprange: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped surrogate policy loss of PPO (Schulman et al. 2017), averaged over real tokens.
+
+    All inputs `[B, T]`, `mask` bool. Returns `(loss, stats)`; stats are detached scalars:
+    `clipfrac` (fraction of tokens where the clipped term is the active one), `approxkl`
+    (0.5 * mean logratio^2), `ratio_mean`, and `ratio_var` (variance of the ratio over this batch's
+    real tokens, unbiased=False). TRL's `val/ratio_var` is the variance of `ratio_mean` across
+    micro-batches; the trainer computes that from the collected `ratio_mean`s.
+    """
+    # Padding may hold anything (TRL's INVALID_LOGPROB, NaN); zero it so no NaN reaches a gradient.
+    logratio = torch.where(mask, new_logprobs - old_logprobs, 0.0)
+    advantages = torch.where(mask, advantages, 0.0)
+    ratio = torch.exp(logratio)
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((pg_loss2 > pg_loss1).to(ratio.dtype), mask),
+            "approxkl": 0.5 * masked_mean(logratio**2, mask),
+            "ratio_mean": masked_mean(ratio, mask),
+            "ratio_var": masked_var(ratio, mask, unbiased=False),
+        }
+    return loss, stats
+
+
+def value_loss(
+    new_values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, cliprange_value: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value loss of PPO: 0.5 * masked mean of max(unclipped, clipped) squared error.
+
+    All inputs `[B, T]`, `mask` bool. Returns `(loss, stats)`; stats are detached scalars:
+    `clipfrac` (fraction of tokens where the clipped error is the active one).
+    """
+    new_values, old_values, returns = (
+        torch.where(mask, x, 0.0) for x in (new_values, old_values, returns)
+    )
+    v_clipped = old_values + torch.clamp(new_values - old_values, -cliprange_value, cliprange_value)
+    vf_loss1 = (new_values - returns) ** 2
+    vf_loss2 = (v_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(vf_loss1, vf_loss2), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((vf_loss2 > vf_loss1).to(vf_loss1.dtype), mask)}
+    return loss, stats
+
+
+def first_true_index(bools: Tensor) -> Tensor:
+    """Index of the first True in each row, or T if the row has none. `bools: [B, T]` -> `[B]`."""
+    positions = torch.arange(bools.shape[-1], device=bools.device)
+    return torch.where(bools, positions, bools.shape[-1]).min(dim=-1).values
+
+
+def truncate_after_stop(responses: Tensor, stop_token_id: int, pad_token_id: int) -> Tensor:
+    """Keep each response up to and including its first stop token; pad everything after it.
+
+    `responses: [B, T]` -> `[B, T]` (TRL's `truncate_response`). Rows without a stop token are kept.
+    """
+    stop_index = first_true_index(responses == stop_token_id)
+    positions = torch.arange(responses.shape[-1], device=responses.device)
+    return responses.masked_fill(positions > stop_index[:, None], pad_token_id)
+
+
+def response_mask(responses: Tensor, pad_token_id: int) -> Tensor:
+    """True on the tokens before each row's first pad token. `responses: [B, T]` -> bool `[B, T]`.
+
+    Contiguous from the left by construction. If the pad token is also the stop token, the stop
+    token itself counts as padding (as in TRL); use a distinct pad token to keep it.
+    """
+    positions = torch.arange(responses.shape[-1], device=responses.device)
+    return positions < first_true_index(responses == pad_token_id)[:, None]
