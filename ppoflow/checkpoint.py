@@ -1,0 +1,153 @@
+"""Atomic, checksummed training checkpoints.
+
+A checkpoint is a directory `checkpoints/step-NNNNNN/` holding the policy (or LoRA adapter) and
+value model as safetensors, the optimizer and scheduler states, every process's RNG states and
+`state.json` (counters). It is written under a `.partial-*` name, every file fsynced, then a
+`manifest.json` with each file's sha256 is written last and the directory renamed into place.
+A directory without a manifest, or whose files no longer match it, is never loaded: the loader
+reports it and falls back to the previous good one. Tensors are loaded with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ppoflow.errors import CheckpointError
+from ppoflow.manifests import sha256_file
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STATE = "state.json"
+
+
+def checkpoint_dir(root: Path, update: int) -> Path:
+    return root / f"step-{update:06d}"
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's random number generator states (torch CPU/CUDA and Python's `random`)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(root: Path) -> dict[str, str]:
+    """fsync every file below root and return their sha256 by relative path."""
+    digests = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+        digests[str(path.relative_to(root))] = sha256_file(path)
+    return digests
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(root: Path, update: int, write_payload: Callable[[Path], None], state: dict[str, Any]) -> Path:
+    """Write a checkpoint atomically. `write_payload(tmp_dir)` saves models and tensors into tmp_dir."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir(root, update)
+    partial = root / f".partial-{final.name}-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    try:
+        write_payload(partial)
+        (partial / STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
+        files = _fsync_tree(partial)
+        manifest = {"format": FORMAT_VERSION, "update": update, "files": files}
+        with open(partial / MANIFEST, "w") as handle:
+            json.dump(manifest, handle, indent=2, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if final.exists():
+            stale = root / f".stale-{final.name}-{os.getpid()}"
+            final.rename(stale)
+            shutil.rmtree(stale)
+        partial.rename(final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return final
+
+
+def verify_checkpoint(path: Path) -> str:
+    """Check every file against the manifest; return the manifest's digest (the checkpoint's identity)."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{path}: no {MANIFEST} (an interrupted write)")
+    raw = manifest_path.read_bytes()
+    try:
+        manifest = json.loads(raw)
+        files = manifest["files"]
+    except (ValueError, KeyError):
+        raise CheckpointError(f"{path}: {MANIFEST} is unreadable") from None
+    for relative, expected in files.items():
+        file = path / relative
+        if not file.is_file():
+            raise CheckpointError(f"{path}: {relative} is missing")
+        if sha256_file(file) != expected:
+            raise CheckpointError(f"{path}: {relative} does not match its checksum")
+    return hashlib.sha256(raw).hexdigest()
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete-looking checkpoint directories, newest first (not yet verified)."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: p.name, reverse=True)
+
+
+def newest_valid_checkpoint(root: Path) -> tuple[Path, str] | None:
+    """The newest checkpoint that verifies, skipping (and reporting) corrupt or partial ones."""
+    for path in list_checkpoints(root):
+        try:
+            return path, verify_checkpoint(path)
+        except CheckpointError as exc:
+            log.warning("skipping unusable checkpoint: %s", exc)
+    return None
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / STATE).read_text())
+
+
+def load_tensors(path: Path) -> Any:
+    """Optimizer, scheduler or RNG state saved with torch.save; never unpickled beyond tensors."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints. Step 0 (the initial state) is always kept."""
+    for path in list_checkpoints(root)[keep:]:
+        if path.name != checkpoint_dir(root, 0).name:
+            shutil.rmtree(path, ignore_errors=True)
+    for leftover in root.glob(".partial-*"):
+        shutil.rmtree(leftover, ignore_errors=True)

@@ -1,0 +1,311 @@
+"""The run configuration: one pydantic model, loaded from YAML, with dotted `--set` overrides.
+
+PPO hyperparameters keep TRL's `PPOConfig` names and batch arithmetic so configs port over.
+Unknown keys are refused (`extra="forbid"`), and every validation failure becomes a one-line
+`ConfigError` naming the dotted field and the fix, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ppoflow.errors import ConfigError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelsConfig(_Section):
+    """Where the four models come from. Each is a local directory or a Hugging Face Hub id."""
+
+    policy: str = Field(description="The SFT checkpoint the policy starts from (causal LM).")
+    reward: str = Field(description="A sequence classifier with num_labels=1 (the reward model).")
+    value: str | None = Field(None, description="Value model start; default: the reward checkpoint.")
+    ref: str | None = Field(None, description="Frozen reference; default: the policy checkpoint. Unused with LoRA.")
+    tokenizer: str | None = Field(None, description="Tokenizer source; default: the policy checkpoint.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for Hub ids.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="One dtype for all models; auto = bf16 on a GPU that supports it, else fp32."
+    )
+    trust_remote_code: bool = Field(False, description="Run model code shipped with a Hub checkpoint.")
+
+
+class DataConfig(_Section):
+    """The prompt dataset."""
+
+    path: str = Field(description="JSONL or Parquet file, a saved dataset directory, or a Hub dataset id.")
+    prompt_column: str = Field("prompt", description="Column holding the prompt text.")
+    split: str = Field("train", description="Split to read from a Hub dataset or saved DatasetDict.")
+    revision: str | None = Field(None, description="Hub dataset revision.")
+    max_prompt_length: int = Field(64, gt=0, description="Prompts longer than this many tokens are dropped.")
+    eval_size: int = Field(64, ge=0, description="Prompts held out (deterministically) for evaluation.")
+    eos_prompts: Literal["strip", "drop"] = Field(
+        "strip", description="What to do with prompts that end with the EOS token."
+    )
+
+
+class PPOConfig(_Section):
+    """PPO hyperparameters, with TRL `PPOConfig` names and meanings."""
+
+    total_episodes: int = Field(1024, gt=0, description="Number of prompts to roll out over the whole run.")
+    per_device_train_batch_size: int = Field(8, gt=0, description="Micro-batch size per process.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per mini-batch (one optimizer step).")
+    num_ppo_epochs: int = Field(4, gt=0, description="Passes over each rollout batch.")
+    num_mini_batches: int = Field(1, gt=0, description="Mini-batches (optimizer steps) per PPO epoch.")
+    local_rollout_forward_batch_size: int = Field(64, gt=0, description="Prompts per generate/forward chunk.")
+    response_length: int = Field(53, gt=0, description="Maximum new tokens per response.")
+    stop_token: Literal["eos"] | None = Field(None, description="'eos' stops responses at the tokenizer's EOS.")
+    stop_token_id: int | None = Field(None, ge=0, description="Token id that ends a response (overrides stop_token).")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature for rollouts.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling; 0 disables.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass; 1.0 disables.")
+    missing_eos_penalty: float | None = Field(None, ge=0, description="Subtracted from the score of responses without EOS.")
+    kl_coef: float = Field(0.05, ge=0, description="Weight of the per-token KL penalty.")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="KL estimator: k1 (log-ratio) or k3 (unbiased, >= 0).")
+    cliprange: float = Field(0.2, gt=0, description="PPO policy ratio clip range.")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    cliprange_value: float = Field(0.2, gt=0, description="Value prediction clip range.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount factor.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    whiten_rewards: bool = Field(False, description="Whiten per-token rewards before GAE.")
+    learning_rate: float = Field(3e-6, gt=0, description="Peak AdamW learning rate (policy and value).")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule over all optimizer steps."
+    )
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of optimizer steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Global gradient-norm clip; null disables.")
+    seed: int = Field(42, ge=0, description="Seeds data order, sampling and initialisation.")
+    checkpoint_every: int = Field(10, gt=0, description="Write a checkpoint every this many updates (and at the end).")
+    keep_checkpoints: int = Field(2, gt=0, description="Newest complete checkpoints kept on disk.")
+
+
+class PeftConfig(_Section):
+    """LoRA on the policy. The base model with the adapter disabled serves as reference."""
+
+    enabled: bool = Field(False, description="Train a LoRA adapter instead of all policy weights.")
+    r: int = Field(8, gt=0, description="LoRA rank.")
+    lora_alpha: int = Field(16, gt=0, description="LoRA scaling numerator.")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"], description="Module names LoRA wraps."
+    )
+    merge_on_save: bool = Field(False, description="Also save the adapter merged into the base weights.")
+
+
+class RewardFunctionConfig(_Section):
+    """A Python reward function `module:function` with signature (prompts, completions) -> list[float]."""
+
+    path: str = Field(description="Import path, `package.module:function`.")
+    weight: float = Field(0.0, description="Added to the score with this weight; 0 = logged as a metric only.")
+    name: str | None = Field(None, description="Metric name; default: the function's name.")
+
+    @field_validator("path")
+    @classmethod
+    def _import_path(cls, value: str) -> str:
+        if not re.fullmatch(r"[\w.]+:[\w]+", value):
+            raise ValueError("must look like `package.module:function`")
+        return value
+
+    @property
+    def metric_name(self) -> str:
+        return self.name or self.path.split(":")[1]
+
+
+class EvalConfig(_Section):
+    """Evaluation of the trained policy against the reference on the held-out prompts."""
+
+    batch_size: int = Field(64, gt=0, description="Prompts per evaluation generate call.")
+    sample_table_size: int = Field(16, ge=0, description="Rows in the sample-completions table.")
+    seed: int = Field(1234, ge=0, description="Sampling seed, the same for policy and reference.")
+
+
+class TrackingConfig(_Section):
+    """MLflow tracking (used by `ppoflow run`). The tracking URI comes from MLFLOW_TRACKING_URI."""
+
+    experiment: str = Field("ppoflow", description="MLflow experiment name.")
+    registered_model_name: str = Field("ppoflow-policy", description="Model Registry name of the trained policy.")
+    alias: str = Field("candidate", description="Alias given to the newly registered version.")
+    log_model: bool = Field(True, description="Log and register the trained policy.")
+    system_metrics: bool = Field(True, description="Log CPU/memory system metrics during the run.")
+    push_to_hub: bool = Field(False, description="Push the trained policy to the Hugging Face Hub.")
+    hub_repo_id: str | None = Field(None, description="Hub repository for push_to_hub.")
+    hub_private: bool = Field(True, description="Create the Hub repository as private.")
+
+    @model_validator(mode="after")
+    def _hub_repo(self) -> TrackingConfig:
+        if self.push_to_hub and not self.hub_repo_id:
+            raise ValueError("push_to_hub needs tracking.hub_repo_id (e.g. my-org/my-policy)")
+        return self
+
+
+class FlowConfig(_Section):
+    """Orchestration knobs for the Prefect flow; they never change results."""
+
+    retries: int = Field(2, ge=0, description="Retries of each stage after a transient failure.")
+    retry_delay_seconds: list[float] = Field(
+        default_factory=lambda: [2.0, 10.0, 30.0], description="Backoff between retries."
+    )
+    result_storage: str | None = Field(
+        None, description="Where stage results are persisted; default: .ppoflow/prefect-results."
+    )
+
+
+class RunConfig(_Section):
+    """A whole ppoflow run."""
+
+    output_dir: Path = Field(Path("runs/toy"), description="Run workspace: checkpoints, metrics, final model.")
+    models: ModelsConfig
+    data: DataConfig
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    peft: PeftConfig = Field(default_factory=PeftConfig)
+    reward_functions: list[RewardFunctionConfig] = Field(default_factory=list)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    flow: FlowConfig = Field(default_factory=FlowConfig)
+
+    def config_hash(self) -> str:
+        """Identity of the training job: everything that changes its results, not tracking or retries."""
+        identity = self.model_dump(mode="json", exclude={"tracking", "flow"})
+        canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+class BatchPlan(BaseModel):
+    """Derived batch arithmetic, as in TRL: a mini-batch is `gradient_accumulation_steps`
+    micro-batches of `per_device_train_batch_size`; a rollout batch is `num_mini_batches` of them."""
+
+    model_config = ConfigDict(frozen=True)
+
+    world_size: int
+    micro_batch_size: int
+    local_mini_batch_size: int
+    local_batch_size: int
+    mini_batch_size: int
+    batch_size: int
+    num_updates: int
+    optimizer_steps: int
+    rollout_chunks: int
+
+    @classmethod
+    def derive(cls, ppo: PPOConfig, world_size: int = 1) -> BatchPlan:
+        local_mini = ppo.per_device_train_batch_size * ppo.gradient_accumulation_steps
+        local_batch = local_mini * ppo.num_mini_batches
+        batch = local_batch * world_size
+        if ppo.total_episodes < batch:
+            raise ConfigError(
+                "ppo.total_episodes",
+                f"{ppo.total_episodes} is smaller than one rollout batch of {batch} "
+                f"(per_device_train_batch_size × gradient_accumulation_steps × num_mini_batches × {world_size} processes)",
+                f"set it to at least {batch} or shrink the batch",
+            )
+        num_updates = math.ceil(ppo.total_episodes / batch)
+        return cls(
+            world_size=world_size,
+            micro_batch_size=ppo.per_device_train_batch_size * world_size,
+            local_mini_batch_size=local_mini,
+            local_batch_size=local_batch,
+            mini_batch_size=local_mini * world_size,
+            batch_size=batch,
+            num_updates=num_updates,
+            optimizer_steps=num_updates * ppo.num_ppo_epochs * ppo.num_mini_batches,
+            rollout_chunks=math.ceil(local_batch / ppo.local_rollout_forward_batch_size),
+        )
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for depth, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(".".join(keys[: depth + 1]), "is a value, not a section", f"check the --set path `{dotted}`")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`ppo.learning_rate=1e-5` -> ("ppo.learning_rate", 1e-5); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key.strip()):
+        raise ConfigError(text, "is not a `key.path=value` override", "write it like `ppo.learning_rate=1e-5`")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(key, f"value {raw!r} is not valid YAML ({exc.__class__.__name__})", "quote strings") from None
+    return key.strip(), value
+
+
+def _first_error(exc: ValidationError) -> ConfigError:
+    error = exc.errors()[0]
+    field = ".".join(str(part) for part in error["loc"]) or "<root>"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return ConfigError(field, "is not a known setting", "check the spelling against configs/toy.yaml or docs")
+    if kind == "missing":
+        return ConfigError(field, "is required", "add it to the config file or pass --set")
+    given = error.get("input")
+    shown = "" if isinstance(given, dict) else f" (got {given!r})"
+    return ConfigError(field, f"{error['msg'].removeprefix('Value error, ')}{shown}", "fix the value")
+
+
+def build_config(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Validate a config tree with `key.path=value` overrides applied on top."""
+    tree = json.loads(json.dumps(tree, default=str))
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise _first_error(exc) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML config file and apply overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("--config", f"file {path} does not exist", "pass the path of a YAML config such as configs/toy.yaml")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError("--config", f"{path} is not valid YAML: {str(exc).splitlines()[0]}", "fix the file") from None
+    if not isinstance(tree, dict):
+        raise ConfigError("--config", f"{path} must hold a mapping of sections", "see configs/toy.yaml")
+    return build_config(tree, overrides)
+
+
+def check_model_source(field: str, source: str) -> None:
+    """A local path must exist; anything else must at least look like a Hub id."""
+    if Path(source).expanduser().exists():
+        return
+    if not HUB_ID.fullmatch(source):
+        raise ConfigError(field, f"{source!r} is neither an existing directory nor a Hub id", "fix the path (build the toy with `ppoflow toy --out DIR`)")
+
+
+def validate_sources(config: RunConfig) -> None:
+    """Cheap existence checks on every path the config names, before anything is loaded."""
+    models = config.models
+    for field in ("policy", "reward", "value", "ref", "tokenizer"):
+        source = getattr(models, field)
+        if source is not None:
+            check_model_source(f"models.{field}", source)
+    data_path = config.data.path
+    if not Path(data_path).expanduser().exists() and not HUB_ID.fullmatch(data_path):
+        raise ConfigError("data.path", f"{data_path!r} does not exist", "point it at a JSONL/Parquet file, a saved dataset or a Hub id")
+    if config.peft.enabled and models.ref is not None:
+        raise ConfigError("models.ref", "is set while peft.enabled is true", "remove it: with LoRA the base model with the adapter disabled is the reference")
+    if config.ppo.stop_token_id is not None and config.ppo.stop_token is not None:
+        raise ConfigError("ppo.stop_token_id", "is set together with ppo.stop_token", "set only one of them")

@@ -1,0 +1,143 @@
+"""Stage 6: save the trained policy and compare it with the reference on the held-out prompts.
+
+Both models sample from the same eval prompts with the same seed and sampling settings as in
+training. Reported: mean reward-model score of each (`reward_policy`, `reward_ref`), the policy's
+win rate against the reference (ties count half), the mean per-sequence KL(policy‖ref) on the
+policy's samples, the policy's EOS rate, and each reward function's mean on both
+(`<name>_policy`, `<name>_ref`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from ppoflow.config import RunConfig
+from ppoflow.data import load_prompts
+from ppoflow.losses import logprobs_of
+from ppoflow.manifests import ModelManifest
+from ppoflow.models import load_causal_lm, load_classifier, load_tokenizer, resolve_dtype
+from ppoflow.rewards import load_reward_functions
+from ppoflow.rollout import RolloutWorker, end_scores, left_pad, model_inputs, response_logits, trim_padding
+
+
+def load_trained_policy(config: RunConfig, models: ModelManifest, checkpoint: Path, dtype: torch.dtype) -> PreTrainedModel:
+    """The policy of a checkpoint: full weights, or the base model with the LoRA adapter."""
+    if not config.peft.enabled:
+        return load_causal_lm(checkpoint / "policy", dtype, config.models.trust_remote_code)
+    from peft import PeftModel
+
+    base = load_causal_lm(models.policy.local_dir, dtype, config.models.trust_remote_code)
+    return PeftModel.from_pretrained(base, checkpoint / "policy")
+
+
+def save_policy(config: RunConfig, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, models: ModelManifest, out_dir: Path) -> Path | None:
+    """Write `out_dir` (HF format with tokenizer and generation config) atomically; with LoRA the
+    adapter, plus `out_dir`-merged when asked. Returns the merged directory, if any."""
+    generation = GenerationConfig(
+        eos_token_id=models.eos_token_id, pad_token_id=models.pad_token_id,
+        do_sample=True, temperature=config.ppo.temperature, max_new_tokens=config.ppo.response_length,
+    )
+
+    def write(target: Path, model: PreTrainedModel) -> None:
+        partial = target.with_name(f".partial-{target.name}")
+        shutil.rmtree(partial, ignore_errors=True)
+        model.save_pretrained(partial, safe_serialization=True)
+        tokenizer.save_pretrained(partial)
+        generation.save_pretrained(partial)
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+
+    write(out_dir, policy)
+    if config.peft.enabled and config.peft.merge_on_save:
+        merged_dir = out_dir.with_name(out_dir.name + "-merged")
+        write(merged_dir, policy.merge_and_unload())
+        return merged_dir
+    return None
+
+
+@torch.no_grad()
+def evaluate_policy(config: RunConfig, models: ModelManifest, eval_dir: Path, policy: PreTrainedModel, device: torch.device) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Eval metrics and the sample-completions rows (prompt, both completions, their scores)."""
+    dtype = resolve_dtype(config.models.dtype)
+    tokenizer = load_tokenizer(models.tokenizer_dir)
+    reward = load_classifier(models.reward.local_dir, dtype).eval().to(device)
+    ref = None if config.peft.enabled else load_causal_lm(models.ref.local_dir, dtype).eval().to(device)
+    policy = policy.eval().to(device)
+    stop_ids = [models.eos_token_id] + ([models.stop_token_id] if models.stop_token_id not in (None, models.eos_token_id) else [])
+    ppo = config.ppo
+    worker = RolloutWorker(
+        policy, ref, reward, reward, pad_token_id=models.pad_token_id, stop_token_ids=stop_ids,
+        response_length=ppo.response_length, temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p,
+        chunk_size=config.eval.batch_size,
+    )
+    functions = load_reward_functions(config.reward_functions)
+    rows = load_prompts(eval_dir)
+    results: dict[str, list] = {key: [] for key in ("prompt", "policy", "ref", "score_policy", "score_ref", "kl", "stop")}
+    function_values: dict[str, list[float]] = {f"{fn.metric_name}_{who}": [] for fn in functions for who in ("policy", "ref")}
+    saved_rng = torch.get_rng_state()
+    for start in range(0, len(rows), config.eval.batch_size):
+        chunk = rows.select(range(start, min(start + config.eval.batch_size, len(rows))))
+        queries, query_mask = left_pad(chunk["input_ids"], models.pad_token_id, device)
+        completions = {}
+        for who in ("policy", "ref"):
+            torch.manual_seed(config.eval.seed + start)
+            model, context = (policy, nullcontext()) if who == "policy" else worker.reference()
+            with context:
+                responses, mask = worker.generate(queries, query_mask, model)
+            q, qm, r, m = trim_padding(queries, query_mask, responses, mask)
+            inputs = model_inputs(q, qm, r, m)
+            results[f"score_{who}"].extend(end_scores(reward, inputs, m).tolist())
+            completions[who] = [tokenizer.decode(row[keep].tolist(), skip_special_tokens=True) for row, keep in zip(r, m)]
+            if who == "policy":
+                stop = torch.isin(r, torch.tensor(stop_ids, device=r.device)).logical_and(m).any(1)
+                results["stop"].extend(stop.tolist())
+                policy_logprobs = logprobs_of(response_logits(policy, inputs, r.shape[1]).float(), r, ppo.temperature)
+                ref_model, context = worker.reference()
+                with context:
+                    ref_logprobs = logprobs_of(response_logits(ref_model, inputs, r.shape[1]).float(), r, ppo.temperature)
+                results["kl"].extend(((policy_logprobs - ref_logprobs) * m).sum(1).tolist())
+        results["prompt"].extend(chunk["prompt"])
+        results["policy"].extend(completions["policy"])
+        results["ref"].extend(completions["ref"])
+        for fn in functions:
+            for who in ("policy", "ref"):
+                function_values[f"{fn.metric_name}_{who}"].extend(fn.function(chunk["prompt"], completions[who]))
+    torch.set_rng_state(saved_rng)
+    count = len(results["prompt"])
+    wins = sum(1.0 if p > r else 0.5 if p == r else 0.0 for p, r in zip(results["score_policy"], results["score_ref"]))
+    metrics = {
+        "reward_policy": sum(results["score_policy"]) / count,
+        "reward_ref": sum(results["score_ref"]) / count,
+        "win_rate": wins / count,
+        "kl": sum(results["kl"]) / count,
+        "eos_rate": sum(results["stop"]) / count,
+        "num_prompts": float(count),
+        **{name: sum(values) / count for name, values in function_values.items()},
+    }
+    table = [
+        {
+            "prompt": results["prompt"][i],
+            "ref_completion": results["ref"][i],
+            "policy_completion": results["policy"][i],
+            "ref_score": results["score_ref"][i],
+            "policy_score": results["score_policy"][i],
+        }
+        for i in range(min(config.eval.sample_table_size, count))
+    ]
+    return metrics, table
+
+
+def write_eval(output_dir: Path, metrics: dict[str, float], samples: list[dict[str, Any]]) -> Path:
+    path = output_dir / "eval.json"
+    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    with open(output_dir / "samples.jsonl", "w") as handle:
+        for row in samples:
+            handle.write(json.dumps(row) + "\n")
+    return path

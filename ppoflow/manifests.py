@@ -1,0 +1,136 @@
+"""What each stage hands to the next: small pydantic records of paths, hashes and counts.
+
+Heavy state (weights, tokenized data, checkpoints) stays on disk in the run workspace. A manifest
+can say whether its files are still there and unchanged (`is_intact`), so a cached one whose files
+were deleted or altered is recomputed, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from ppoflow.config import BatchPlan, RunConfig
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_tree(root: Path, patterns: tuple[str, ...] = ("*",)) -> str:
+    """One digest over the relative names and contents of the files below `root`."""
+    digest = hashlib.sha256()
+    files = sorted({p for pattern in patterns for p in root.rglob(pattern) if p.is_file()})
+    for path in files:
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    def is_intact(self) -> bool:
+        """True when every file the manifest points to is present and unchanged."""
+        return True
+
+
+class RunPlan(Manifest):
+    """Stage 1: the validated config, its hash, the workspace and the batch arithmetic."""
+
+    config: RunConfig
+    config_hash: str
+    output_dir: Path
+    batch: BatchPlan
+
+
+class ModelSource(Manifest):
+    role: str
+    source: str
+    revision: str | None
+    local_dir: Path
+    sha256: str
+    model_class: str
+    num_parameters: int
+
+
+class ModelManifest(Manifest):
+    """Stage 2: the four models' provenance and the prepared tokenizer."""
+
+    policy: ModelSource
+    ref: ModelSource | None
+    reward: ModelSource
+    value: ModelSource
+    tokenizer_dir: Path
+    tokenizer_sha256: str
+    pad_token_id: int
+    eos_token_id: int
+    stop_token_id: int | None
+
+    def is_intact(self) -> bool:
+        return self.tokenizer_dir.is_dir() and sha256_tree(self.tokenizer_dir) == self.tokenizer_sha256
+
+
+class DatasetManifest(Manifest):
+    """Stage 3: tokenized train/eval prompts on disk, their fingerprint and row counts."""
+
+    train_dir: Path
+    eval_dir: Path
+    fingerprint: str
+    source: str
+    rows_read: int
+    rows_kept: int
+    dropped_too_long: int
+    dropped_empty: int
+    eos_stripped: int
+    eos_dropped: int
+    train_rows: int
+    eval_rows: int
+    train_digest: str
+    eval_digest: str
+
+    def is_intact(self) -> bool:
+        return (
+            self.train_dir.is_dir()
+            and self.eval_dir.is_dir()
+            and sha256_tree(self.train_dir) == self.train_digest
+            and sha256_tree(self.eval_dir) == self.eval_digest
+        )
+
+
+class CheckpointManifest(Manifest):
+    """Stages 4 and 5: a complete checkpoint and where training stands."""
+
+    path: Path
+    update: int
+    episode: int
+    num_updates: int
+    sha256: str
+
+    def is_intact(self) -> bool:
+        from ppoflow.checkpoint import verify_checkpoint
+
+        return self.path.is_dir() and verify_checkpoint(self.path) == self.sha256
+
+
+class Release(Manifest):
+    """Stage 6: the trained policy on disk, its evaluation, and where tracking put it."""
+
+    policy_dir: Path
+    policy_sha256: str
+    eval_path: Path
+    eval_metrics: dict[str, float]
+    merged_dir: Path | None = None
+    mlflow_run_id: str | None = None
+    model_uri: str | None = None
+    registered_model: str | None = None
+    registered_version: str | None = None
+
+    def is_intact(self) -> bool:
+        return self.policy_dir.is_dir() and sha256_tree(self.policy_dir) == self.policy_sha256

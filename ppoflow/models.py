@@ -1,0 +1,228 @@
+"""Stage 2: find, fingerprint and load the four models and the shared tokenizer.
+
+The reward and value models are `*ForSequenceClassification` heads on a decoder backbone; their
+per-token scores come from the backbone's hidden states through the `score` head, so the reward is
+read at the last real token we choose (not where the model guesses padding starts) and the value
+model gives one value per response token.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from ppoflow.config import ModelsConfig, PeftConfig, RunConfig
+from ppoflow.errors import ModelError
+from ppoflow.manifests import ModelSource, sha256_tree
+
+log = logging.getLogger(__name__)
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.json", "*.model", "*.txt")
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto` is bf16 on a GPU that supports it, fp32 otherwise (bf16 is slow on CPUs without AMX)."""
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def resolve_source(field: str, source: str, revision: str | None) -> Path:
+    """A local directory as is, or a Hub id downloaded (or found in the cache when offline)."""
+    local = Path(source).expanduser()
+    if local.is_dir():
+        return local.resolve()
+    if local.exists():
+        raise ModelError(f"models.{field}: {source} is a file, not a model directory — point it at the directory")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, revision=revision, allow_patterns=list(WEIGHT_PATTERNS)))
+    except Exception as exc:  # the Hub client raises many types; all mean "not available"
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (HF_HUB_OFFLINE=1: only cached models can be used)" if offline else ""
+        raise ModelError(
+            f"models.{field}: {source!r} is not a local directory and could not be fetched from the Hub{hint}: "
+            f"{type(exc).__name__} — use a local path or a reachable Hub id"
+        ) from None
+
+
+def count_parameters(model_dir: Path) -> int:
+    """Parameter count read from the safetensors headers, without loading the weights."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{model_dir} has no .safetensors weights — ppoflow loads safetensors only (re-save with save_pretrained)")
+    total = 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                numel = 1
+                for size in handle.get_slice(name).get_shape():
+                    numel *= size
+                total += numel
+    return total
+
+
+def describe_source(role: str, field: str, source: str, revision: str | None, *, classifier: bool, trust_remote_code: bool) -> ModelSource:
+    """Locate a model, check it fits its role from its config alone, and fingerprint its files."""
+    local_dir = resolve_source(field, source, revision)
+    try:
+        config = AutoConfig.from_pretrained(local_dir, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelError(f"models.{field}: {local_dir} has no readable config.json ({type(exc).__name__}) — is it a Hugging Face model directory?") from None
+    architectures = config.architectures or []
+    if classifier:
+        if not any(name.endswith("ForSequenceClassification") for name in architectures):
+            raise ModelError(
+                f"models.{field}: {source} is a {architectures or 'model of unknown class'}, not a sequence classifier — "
+                "use an AutoModelForSequenceClassification checkpoint with num_labels=1"
+            )
+        if config.num_labels != 1:
+            raise ModelError(f"models.{field}: {source} has num_labels={config.num_labels} — a reward/value model needs num_labels=1")
+    elif not any(name.endswith("ForCausalLM") for name in architectures):
+        raise ModelError(f"models.{field}: {source} is a {architectures or 'model of unknown class'}, not a causal LM — use an AutoModelForCausalLM checkpoint")
+    return ModelSource(
+        role=role,
+        source=source,
+        revision=revision,
+        local_dir=local_dir,
+        sha256=sha256_tree(local_dir, WEIGHT_PATTERNS),
+        model_class=architectures[0],
+        num_parameters=count_parameters(local_dir),
+    )
+
+
+def describe_models(models: ModelsConfig, peft: PeftConfig) -> dict[str, ModelSource | None]:
+    """Provenance of policy, reference (none with LoRA), reward and value models."""
+    common = {"revision": models.revision, "trust_remote_code": models.trust_remote_code}
+    policy = describe_source("policy", "policy", models.policy, classifier=False, **common)
+    reward = describe_source("reward", "reward", models.reward, classifier=True, **common)
+    if peft.enabled:
+        ref = None
+    elif models.ref is None or models.ref == models.policy:
+        ref = policy.model_copy(update={"role": "ref"})
+    else:
+        ref = describe_source("ref", "ref", models.ref, classifier=False, **common)
+    if models.value is None or models.value == models.reward:
+        value = reward.model_copy(update={"role": "value"})
+    else:
+        value = describe_source("value", "value", models.value, classifier=True, **common)
+    return {"policy": policy, "ref": ref, "reward": reward, "value": value}
+
+
+def _vocab_identity(tokenizer: PreTrainedTokenizerBase) -> dict:
+    return {"vocab": sorted(tokenizer.get_vocab().items()), "eos": tokenizer.eos_token_id}
+
+
+def prepare_tokenizer(config: RunConfig, sources: dict[str, ModelSource | None], out_dir: Path) -> PreTrainedTokenizerBase:
+    """Load the shared tokenizer, check it against the reward model's, left-pad, and set a pad token.
+
+    A missing pad token becomes the UNK token when there is one (so pad != EOS and no embedding
+    resize is needed); only as a last resort is EOS reused, which the rollout handles because it
+    finds response ends by the stop token, not by padding.
+    """
+    models = config.models
+    policy_dir = sources["policy"].local_dir
+    tokenizer_dir = resolve_source("tokenizer", models.tokenizer, models.revision) if models.tokenizer else policy_dir
+    tokenizer = _load_tokenizer("tokenizer" if models.tokenizer else "policy", tokenizer_dir, models.trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"models.{'tokenizer' if models.tokenizer else 'policy'}: the tokenizer has no EOS token — set eos_token in its tokenizer_config.json")
+    reward_tokenizer = _load_tokenizer("reward", sources["reward"].local_dir, models.trust_remote_code)
+    if _vocab_identity(reward_tokenizer) != _vocab_identity(tokenizer):
+        raise ModelError(
+            "models.reward: its tokenizer differs from the policy's (vocabulary or EOS) — the reward model must share the "
+            "policy tokenizer; retrain it on the policy tokenizer or point models.tokenizer at the shared one"
+        )
+    if tokenizer.pad_token_id is None:
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            log.warning("tokenizer has no pad or unk token: padding with EOS")
+            tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    vocab_size = AutoConfig.from_pretrained(policy_dir, trust_remote_code=models.trust_remote_code).vocab_size
+    if len(tokenizer) > vocab_size:
+        raise ModelError(f"models.policy: the tokenizer has {len(tokenizer)} tokens but the model only {vocab_size} embeddings — use the tokenizer the model was trained with")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+def _load_tokenizer(field: str, directory: Path, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelError(f"models.{field}: no usable tokenizer in {directory} ({type(exc).__name__}) — save the tokenizer beside the model") from None
+
+
+def load_tokenizer(tokenizer_dir: Path) -> PreTrainedTokenizerBase:
+    """The prepared tokenizer of stage 2 (left padding, pad token set)."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """PPO's ratio must be 1 on the first pass over fresh rollouts: no dropout anywhere."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def load_causal_lm(directory: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> PreTrainedModel:
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
+    disable_dropout(model)
+    return model
+
+
+def load_classifier(directory: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> PreTrainedModel:
+    model = AutoModelForSequenceClassification.from_pretrained(
+        directory, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, num_labels=1
+    )
+    disable_dropout(model)
+    if not isinstance(getattr(model, "score", None), nn.Module):
+        raise ModelError(f"{directory}: {type(model).__name__} has no `score` head — ppoflow needs a decoder classifier such as LlamaForSequenceClassification")
+    return model
+
+
+def add_lora(policy: PreTrainedModel, peft: PeftConfig) -> PreTrainedModel:
+    """Wrap the policy with a LoRA adapter; a target module missing from the model is an error."""
+    from peft import LoraConfig, get_peft_model
+
+    if peft.target_modules != "all-linear":
+        names = {name.rsplit(".", 1)[-1] for name, _ in policy.named_modules()}
+        missing = [target for target in peft.target_modules if target not in names]
+        if missing:
+            linear = sorted({name.rsplit(".", 1)[-1] for name, module in policy.named_modules() if isinstance(module, nn.Linear)})
+            raise ModelError(f"peft.target_modules: {missing} not found in the policy — choose among {linear} or 'all-linear'")
+    lora = LoraConfig(
+        r=peft.r,
+        lora_alpha=peft.lora_alpha,
+        lora_dropout=peft.lora_dropout,
+        target_modules=peft.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(policy, lora)
+
+
+def token_scores(classifier: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """Per-position scalar outputs of a `*ForSequenceClassification` model: [B, L]."""
+    backbone = getattr(classifier, classifier.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+    return classifier.score(hidden).squeeze(-1)
+

@@ -1,0 +1,186 @@
+"""The six stages of a run, as plain functions over manifests.
+
+`ppoflow train` calls them in order in one process (or in each process under `accelerate
+launch`); the Prefect flow wraps each in a task. Every stage is idempotent on the run workspace:
+run again, it reuses what a previous attempt finished (the step-0 checkpoint, the newest training
+checkpoint) instead of redoing or overwriting it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import PartialState
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from ppoflow.checkpoint import newest_valid_checkpoint, read_state
+from ppoflow.config import BatchPlan, RunConfig, validate_sources
+from ppoflow.data import prepare_prompts
+from ppoflow.errors import ConfigError, ModelError
+from ppoflow.evaluate import evaluate_policy, load_trained_policy, save_policy, write_eval
+from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, Release, RunPlan, sha256_tree
+from ppoflow.models import describe_models, prepare_tokenizer, resolve_dtype
+from ppoflow.rewards import load_reward_functions
+from ppoflow.trainer import MetricsCallback, PPOTrainer
+
+log = logging.getLogger(__name__)
+
+
+def _state() -> PartialState:
+    return PartialState()
+
+
+def _check_writable(output_dir: Path) -> None:
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".write-probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError("output_dir", f"{output_dir} is not writable ({exc.strerror})", "choose a directory you can write to") from None
+
+
+def configure(config: RunConfig, world_size: int | None = None) -> RunPlan:
+    """Stage 1: validate everything cheap to check, derive the batch plan, claim the workspace."""
+    validate_sources(config)
+    load_reward_functions(config.reward_functions)
+    batch = BatchPlan.derive(config.ppo, world_size or _state().num_processes)
+    output_dir = config.output_dir.expanduser().resolve()
+    config_hash = config.config_hash()
+    found = newest_valid_checkpoint(output_dir / "checkpoints")
+    if found is not None and read_state(found[0])["config_hash"] != config_hash:
+        raise ConfigError(
+            "output_dir",
+            f"{output_dir} holds checkpoints of another config ({read_state(found[0])['config_hash']})",
+            "use a new output_dir for a changed config, or delete the old run",
+        )
+    if _state().is_main_process:
+        _check_writable(output_dir)
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    return RunPlan(config=config, config_hash=config_hash, output_dir=output_dir, batch=batch)
+
+
+def load_models(plan: RunPlan) -> ModelManifest:
+    """Stage 2: fingerprint the four models, check their roles, and prepare the shared tokenizer."""
+    config = plan.config
+    sources = describe_models(config.models, config.peft)
+    tokenizer_dir = plan.output_dir / "tokenizer"
+    if _state().is_main_process:
+        tokenizer = prepare_tokenizer(config, sources, tokenizer_dir)
+    _state().wait_for_everyone()
+    if not _state().is_main_process:
+        from ppoflow.models import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_dir)
+    vocab_size = AutoConfig.from_pretrained(sources["policy"].local_dir).vocab_size
+    stop_token_id = config.ppo.stop_token_id
+    if stop_token_id is not None and stop_token_id >= vocab_size:
+        raise ConfigError("ppo.stop_token_id", f"{stop_token_id} is outside the vocabulary of {vocab_size} tokens", "use a token id of the tokenizer")
+    if config.peft.enabled:
+        _check_lora_targets(sources["policy"].local_dir, config)
+    return ModelManifest(
+        policy=sources["policy"],
+        ref=sources["ref"],
+        reward=sources["reward"],
+        value=sources["value"],
+        tokenizer_dir=tokenizer_dir,
+        tokenizer_sha256=sha256_tree(tokenizer_dir),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        stop_token_id=stop_token_id,
+    )
+
+
+def _check_lora_targets(policy_dir: Path, config: RunConfig) -> None:
+    """Build the policy on the meta device (no memory, no weights) and try wrapping it."""
+    from ppoflow.models import add_lora
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(policy_dir))
+    add_lora(skeleton, config.peft)
+
+
+def prepare_dataset(plan: RunPlan, models: ModelManifest) -> DatasetManifest:
+    """Stage 3: tokenize, filter and split the prompts once, on the main process."""
+    out_dir = plan.output_dir / "data"
+    if _state().is_main_process:
+        from ppoflow.models import load_tokenizer
+
+        manifest = prepare_prompts(plan.config.data, load_tokenizer(models.tokenizer_dir), out_dir, seed=plan.config.ppo.seed)
+    _state().wait_for_everyone()
+    if not _state().is_main_process:
+        manifest = DatasetManifest.model_validate_json((out_dir / "dataset.json").read_text())
+    if manifest.train_rows < plan.batch.local_batch_size // max(plan.config.ppo.num_mini_batches, 1):
+        log.warning("only %d training prompts for rollout batches of %d: prompts repeat within a batch", manifest.train_rows, plan.batch.batch_size)
+    return manifest
+
+
+def init_trainer(plan: RunPlan, models: ModelManifest, data: DatasetManifest) -> CheckpointManifest:
+    """Stage 4: the step-0 checkpoint (policy, value from the reward model, fresh optimizer).
+    An intact one from an earlier attempt is reused."""
+    step_zero = plan.output_dir / "checkpoints" / "step-000000"
+    if step_zero.is_dir():
+        try:
+            from ppoflow.checkpoint import verify_checkpoint
+
+            digest = verify_checkpoint(step_zero)
+            if read_state(step_zero)["config_hash"] == plan.config_hash:
+                return CheckpointManifest(path=step_zero, update=0, episode=0, num_updates=plan.batch.num_updates, sha256=digest)
+        except Exception as exc:  # a damaged step-0 is rewritten below
+            log.warning("rewriting the initial checkpoint: %s", exc)
+    trainer = PPOTrainer.from_checkpoint(plan, models, data, checkpoint=None)
+    return trainer.save_checkpoint()
+
+
+def train(plan: RunPlan, models: ModelManifest, data: DatasetManifest, callbacks: Sequence[MetricsCallback] = ()) -> CheckpointManifest:
+    """Stage 5: train from the newest intact checkpoint to the last update."""
+    found = newest_valid_checkpoint(plan.output_dir / "checkpoints")
+    if found is None:
+        raise ModelError(f"no intact checkpoint in {plan.output_dir / 'checkpoints'} — run stage 4 (init_trainer) first")
+    path, digest = found
+    state = read_state(path)
+    if state["update"] >= plan.batch.num_updates:
+        return CheckpointManifest(path=path, update=state["update"], episode=state["episode"], num_updates=plan.batch.num_updates, sha256=digest)
+    if state["update"] > 0:
+        log.info("resuming from %s (update %d of %d)", path.name, state["update"], plan.batch.num_updates)
+    trainer = PPOTrainer.from_checkpoint(plan, models, data, checkpoint=path)
+    return trainer.train(callbacks)
+
+
+def save_and_evaluate(plan: RunPlan, models: ModelManifest, data: DatasetManifest, final: CheckpointManifest) -> Release:
+    """Stage 6: the trained policy in Hugging Face format, and its evaluation against the reference."""
+    config = plan.config
+    policy_dir = plan.output_dir / "final"
+    state = _state()
+    if state.is_main_process:
+        from ppoflow.models import load_tokenizer
+
+        policy = load_trained_policy(config, models, final.path, resolve_dtype(config.models.dtype))
+        merged_dir = save_policy(config, policy, load_tokenizer(models.tokenizer_dir), models, policy_dir)
+        metrics, samples = evaluate_policy(config, models, data.eval_dir, policy, state.device)
+        eval_path = write_eval(plan.output_dir, metrics, samples)
+    state.wait_for_everyone()
+    eval_path = plan.output_dir / "eval.json"
+    merged = policy_dir.with_name("final-merged")
+    return Release(
+        policy_dir=policy_dir,
+        policy_sha256=sha256_tree(policy_dir),
+        eval_path=eval_path,
+        eval_metrics=json.loads(eval_path.read_text()),
+        merged_dir=merged if merged.is_dir() else None,
+    )
+
+
+def run_all(config: RunConfig, callbacks: Sequence[MetricsCallback] = ()) -> tuple[RunPlan, Release]:
+    """The six stages in one process: what `ppoflow train` does."""
+    plan = configure(config)
+    models = load_models(plan)
+    data = prepare_dataset(plan, models)
+    init_trainer(plan, models, data)
+    final = train(plan, models, data, callbacks)
+    return plan, save_and_evaluate(plan, models, data, final)

@@ -1,0 +1,48 @@
+"""Python reward functions named in the config as `module:function`.
+
+Each is called with the batch's prompt texts and completion texts and returns one float per pair.
+Its value is added to the reward-model score with the configured weight (0: logged only).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ppoflow.config import RewardFunctionConfig
+from ppoflow.errors import ConfigError
+
+RewardFunction = Callable[[list[str], list[str]], list[float]]
+
+
+@dataclass(frozen=True)
+class LoadedRewardFunction:
+    metric_name: str
+    weight: float
+    function: RewardFunction
+
+
+def import_reward_function(index: int, path: str) -> RewardFunction:
+    """Import `package.module:function`, with an error naming the config entry when it fails."""
+    field = f"reward_functions.{index}.path"
+    module_name, _, attribute = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(field, f"cannot import module {module_name!r} ({exc})", "check the module path and that it is installed") from None
+    function = getattr(module, attribute, None)
+    if not callable(function):
+        raise ConfigError(field, f"{module_name!r} has no callable {attribute!r}", "name a function with signature (prompts, completions) -> list[float]")
+    return function
+
+
+def load_reward_functions(configs: list[RewardFunctionConfig]) -> list[LoadedRewardFunction]:
+    names = [config.metric_name for config in configs]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ConfigError("reward_functions", f"metric names {duplicates} are used twice", "give each entry a distinct `name`")
+    return [
+        LoadedRewardFunction(config.metric_name, config.weight, import_reward_function(index, config.path))
+        for index, config in enumerate(configs)
+    ]

@@ -1,0 +1,228 @@
+"""Rollouts: sample responses, then score them and compute the log-probs and values PPO needs.
+
+Shapes: B prompts, Q query width (left-padded), T response width (right-padded after the stop).
+A response ends at (and includes) its first stop token: the tokenizer's EOS or `stop_token_id`.
+Response ends are found from the stop tokens, never from padding, so a tokenizer whose pad token
+is EOS still works.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import GenerationConfig, PreTrainedModel
+
+from ppoflow.losses import first_true_index, logprobs_of
+from ppoflow.models import token_scores
+
+
+@dataclass
+class Rollout:
+    """One local batch of experience. Tensors are on the training device."""
+
+    queries: torch.Tensor  # [B, Q] left-padded prompt ids
+    query_mask: torch.Tensor  # [B, Q] bool
+    responses: torch.Tensor  # [B, T] response ids, pad after the end
+    response_mask: torch.Tensor  # [B, T] bool, True up to and including the stop token
+    logprobs: torch.Tensor  # [B, T] policy log-probs of the response tokens (0 on padding)
+    ref_logprobs: torch.Tensor  # [B, T]
+    values: torch.Tensor  # [B, T] value of the state before each response token (0 on padding)
+    scores: torch.Tensor  # [B] total score: reward model + weighted reward functions − missing-EOS penalty
+    rm_scores: torch.Tensor  # [B] reward-model score alone
+    contains_stop: torch.Tensor  # [B] bool
+    function_scores: dict[str, torch.Tensor] = field(default_factory=dict)  # [B] each
+    completions: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def left_pad(sequences: list[list[int]], pad_token_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists to one width: ([B, Q] ids, [B, Q] bool mask)."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq) :] = True
+    return ids.to(device), mask.to(device)
+
+
+def model_inputs(queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Forward inputs for prompt+response with positions counted from the first real token,
+    the same positions `generate` used for left-padded prompts."""
+    attention_mask = torch.cat([query_mask, response_mask], dim=1)
+    position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+    return {"input_ids": torch.cat([queries, responses], dim=1), "attention_mask": attention_mask.long(), "position_ids": position_ids}
+
+
+def trim_padding(queries, query_mask, responses, response_mask):
+    """Drop query columns that are padding in every row and response columns past the longest response."""
+    first_real = int((~query_mask.any(0)).long().cumprod(0).sum())
+    longest = int(response_mask.sum(1).max())
+    return queries[:, first_real:], query_mask[:, first_real:], responses[:, :longest], response_mask[:, :longest]
+
+
+def response_logits(policy: nn.Module, inputs: dict[str, torch.Tensor], width: int) -> torch.Tensor:
+    """Logits predicting each of the last `width` tokens: [B, width, V] (only those are computed)."""
+    return policy(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :-1]
+
+
+def response_values(value_model: PreTrainedModel, inputs: dict[str, torch.Tensor], width: int) -> torch.Tensor:
+    """Value of the state before each of the last `width` tokens: [B, width]."""
+    return token_scores(value_model, **inputs)[:, -width - 1 : -1]
+
+
+def end_scores(reward_model: PreTrainedModel, inputs: dict[str, torch.Tensor], response_mask: torch.Tensor) -> torch.Tensor:
+    """Reward-model score at each sequence's last real response token: [B]."""
+    per_token = token_scores(reward_model, **inputs)
+    width = response_mask.shape[1]
+    last = per_token.shape[1] - width + response_mask.sum(1) - 1
+    return per_token.gather(1, last[:, None]).squeeze(1).float()
+
+
+class RolloutWorker:
+    """Generates and evaluates responses for the policy against the frozen models."""
+
+    def __init__(
+        self,
+        policy: PreTrainedModel,
+        ref: PreTrainedModel | None,
+        reward: PreTrainedModel,
+        value: PreTrainedModel,
+        *,
+        pad_token_id: int,
+        stop_token_ids: list[int],
+        response_length: int,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        chunk_size: int,
+    ):
+        self.policy, self.ref, self.reward, self.value = policy, ref, reward, value
+        self.pad_token_id = pad_token_id
+        self.stop_token_ids = stop_token_ids
+        self.temperature = temperature
+        self.chunk_size = chunk_size
+        self.generation_config = GenerationConfig(
+            max_new_tokens=response_length,
+            do_sample=True,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=stop_token_ids,
+            pad_token_id=pad_token_id,
+        )
+
+    def reference(self):
+        """The reference model and the context to run it in (the policy with its LoRA adapter off)."""
+        if self.ref is not None:
+            return self.ref, nullcontext()
+        return self.policy, self.policy.disable_adapter()
+
+    @torch.no_grad()
+    def generate(self, queries: torch.Tensor, query_mask: torch.Tensor, model: PreTrainedModel | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample responses from `model` (default: the policy): ([B, T] ids, pad after the stop; [B, T] bool mask)."""
+        sequences = (model or self.policy).generate(
+            input_ids=queries, attention_mask=query_mask.long(), generation_config=self.generation_config
+        )
+        responses = sequences[:, queries.shape[1] :]
+        is_stop = torch.isin(responses, torch.tensor(self.stop_token_ids, device=responses.device))
+        lengths = (first_true_index(is_stop) + 1).clamp(max=responses.shape[1])
+        mask = torch.arange(responses.shape[1], device=responses.device)[None, :] < lengths[:, None]
+        return responses.masked_fill(~mask, self.pad_token_id), mask
+
+    @torch.no_grad()
+    def evaluate(self, queries, query_mask, responses, response_mask) -> dict[str, torch.Tensor]:
+        """Log-probs (policy, reference), values and reward-model scores for given responses."""
+        queries, query_mask, responses, response_mask = trim_padding(queries, query_mask, responses, response_mask)
+        inputs = model_inputs(queries, query_mask, responses, response_mask)
+        width = responses.shape[1]
+        timings = {}
+        start = time.perf_counter()
+        logprobs = logprobs_of(response_logits(self.policy, inputs, width).float(), responses, self.temperature)
+        timings["policy"] = time.perf_counter() - start
+        start = time.perf_counter()
+        ref_model, adapter_off = self.reference()
+        with adapter_off:
+            ref_logprobs = logprobs_of(response_logits(ref_model, inputs, width).float(), responses, self.temperature)
+        timings["ref"] = time.perf_counter() - start
+        start = time.perf_counter()
+        values = response_values(self.value, inputs, width).float()
+        timings["value"] = time.perf_counter() - start
+        start = time.perf_counter()
+        rm_scores = end_scores(self.reward, inputs, response_mask)
+        timings["score"] = time.perf_counter() - start
+        return {
+            "logprobs": logprobs.masked_fill(~response_mask, 0.0),
+            "ref_logprobs": ref_logprobs.masked_fill(~response_mask, 0.0),
+            "values": values.masked_fill(~response_mask, 0.0),
+            "rm_scores": rm_scores,
+            "timings": timings,
+        }
+
+    def rollout(
+        self,
+        queries: torch.Tensor,
+        query_mask: torch.Tensor,
+        prompts: list[str],
+        decode: Callable[[torch.Tensor, torch.Tensor], list[str]],
+        reward_functions: list[tuple[str, float, Callable]],
+        missing_eos_penalty: float | None,
+    ) -> Rollout:
+        """Generate and evaluate a local batch in chunks of `chunk_size` prompts."""
+        timings = {"rollout": 0.0, "policy": 0.0, "ref": 0.0, "value": 0.0, "score": 0.0}
+        pieces: list[dict] = []
+        for start in range(0, queries.shape[0], self.chunk_size):
+            chunk_q, chunk_m = queries[start : start + self.chunk_size], query_mask[start : start + self.chunk_size]
+            began = time.perf_counter()
+            responses, response_mask = self.generate(chunk_q, chunk_m)
+            timings["rollout"] += time.perf_counter() - began
+            evaluated = self.evaluate(chunk_q, chunk_m, responses, response_mask)
+            for key, seconds in evaluated.pop("timings").items():
+                timings[key] += seconds
+            pieces.append({"responses": responses, "response_mask": response_mask, **evaluated})
+        width = max(piece["responses"].shape[1] for piece in pieces)
+        responses = torch.cat([_pad_right(p["responses"], width, self.pad_token_id) for p in pieces])
+        response_mask = torch.cat([_pad_right(p["response_mask"], width, False) for p in pieces])
+        logprobs, ref_logprobs, values = (
+            torch.cat([_pad_right(p[key], width, 0.0) for p in pieces]) for key in ("logprobs", "ref_logprobs", "values")
+        )
+        rm_scores = torch.cat([p["rm_scores"] for p in pieces])
+        contains_stop = torch.isin(responses, torch.tensor(self.stop_token_ids, device=responses.device)).any(1)
+        began = time.perf_counter()
+        completions = decode(responses, response_mask)
+        scores = rm_scores.clone()
+        function_scores = {}
+        for name, weight, function in reward_functions:
+            values_of_fn = torch.tensor(function(prompts, completions), dtype=torch.float32, device=scores.device)
+            function_scores[name] = values_of_fn
+            scores = scores + weight * values_of_fn
+        if missing_eos_penalty is not None:
+            scores = scores - missing_eos_penalty * (~contains_stop).float()
+        timings["score"] += time.perf_counter() - began
+        return Rollout(
+            queries=queries,
+            query_mask=query_mask,
+            responses=responses,
+            response_mask=response_mask,
+            logprobs=logprobs,
+            ref_logprobs=ref_logprobs,
+            values=values,
+            scores=scores,
+            rm_scores=rm_scores,
+            contains_stop=contains_stop,
+            function_scores=function_scores,
+            completions=completions,
+            timings=timings,
+        )
+
+
+def _pad_right(tensor: torch.Tensor, width: int, value) -> torch.Tensor:
+    missing = width - tensor.shape[1]
+    if missing == 0:
+        return tensor
+    return torch.nn.functional.pad(tensor, (0, missing), value=value)

@@ -1,0 +1,398 @@
+"""The PPO trainer: stage 4 (initial checkpoint) and stage 5 (the training loop, resumable).
+
+Per update (DESIGN.md): roll out a local batch, compute per-token rewards (−kl_coef·KL with the
+score at the last real token), GAE advantages and returns, then `num_ppo_epochs` passes over
+shuffled mini-batches of `gradient_accumulation_steps` micro-batches each, with one optimizer
+step per mini-batch. Every update is a resumable boundary: a checkpoint holds everything the next
+update reads (weights, optimizer, scheduler, RNG states), and the data order is a pure function
+of the seed and the update index, so a resumed run repeats the uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, get_scheduler
+
+from ppoflow import advantages as adv
+from ppoflow.checkpoint import (
+    capture_rng,
+    load_tensors,
+    newest_valid_checkpoint,
+    prune_checkpoints,
+    read_state,
+    restore_rng,
+    verify_checkpoint,
+    write_checkpoint,
+)
+from ppoflow.data import load_prompts
+from ppoflow.errors import CheckpointError, InjectedFault, TrainingDiverged
+from ppoflow.losses import entropy_from_logits, logprobs_of, policy_loss, value_loss
+from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, RunPlan
+from ppoflow.models import add_lora, load_causal_lm, load_classifier, load_tokenizer, resolve_dtype, token_scores
+from ppoflow.rewards import load_reward_functions
+from ppoflow.rollout import Rollout, RolloutWorker, left_pad, model_inputs, trim_padding
+
+log = logging.getLogger(__name__)
+
+MetricsCallback = Callable[[dict[str, Any]], None]
+FAULT_ENV = "PPOFLOW_FAULT_AFTER_UPDATE"
+
+
+class PolicyAndValue(nn.Module):
+    """Both trainable models behind one forward, so one DDP wrapper syncs both gradients."""
+
+    def __init__(self, policy: PreTrainedModel, value: PreTrainedModel):
+        super().__init__()
+        self.policy = policy
+        self.value = value
+
+    def forward(self, input_ids, attention_mask, position_ids, response_width: int):
+        logits = self.policy(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            logits_to_keep=response_width + 1, use_cache=False,
+        ).logits[:, :-1]
+        values = token_scores(self.value, input_ids, attention_mask, position_ids)[:, -response_width - 1 : -1]
+        return logits, values
+
+
+def batch_indices(num_rows: int, batch_size: int, update: int, seed: int) -> list[int]:
+    """Rows of the global batch of `update`: a stream of seeded permutations, cut in batches."""
+    start, stop = update * batch_size, (update + 1) * batch_size
+    rows: list[int] = []
+    for epoch in range(start // num_rows, (stop - 1) // num_rows + 1):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(num_rows, generator=generator).tolist()
+        lo, hi = max(start - epoch * num_rows, 0), min(stop - epoch * num_rows, num_rows)
+        rows.extend(order[lo:hi])
+    return rows
+
+
+def stop_token_ids(plan: RunPlan, models: ModelManifest) -> list[int]:
+    ids = [models.eos_token_id]
+    if models.stop_token_id is not None and models.stop_token_id not in ids:
+        ids.append(models.stop_token_id)
+    return ids
+
+
+class PPOTrainer:
+    """Owns the four models, the optimizer and the loop. Build it with `from_checkpoint`."""
+
+    def __init__(self, plan: RunPlan, models: ModelManifest, data: DatasetManifest, accelerator: Accelerator | None = None):
+        self.plan, self.models, self.data = plan, models, data
+        self.config = plan.config
+        self.ppo = plan.config.ppo
+        self.batch = plan.batch
+        self.accelerator = accelerator or Accelerator()
+        if self.accelerator.num_processes != self.batch.world_size:
+            raise CheckpointError(
+                f"the run plan is for {self.batch.world_size} process(es) but {self.accelerator.num_processes} are running — "
+                "re-run stage 1 with the same number of processes"
+            )
+        self.output_dir = plan.output_dir
+        self.checkpoint_root = self.output_dir / "checkpoints"
+        self.tokenizer = load_tokenizer(models.tokenizer_dir)
+        self.dtype = resolve_dtype(self.config.models.dtype)
+        self.reward_functions = load_reward_functions(self.config.reward_functions)
+        self.train_rows = load_prompts(data.train_dir)
+        self.update = 0
+        self.episode = 0
+        self.optimizer_steps = 0
+
+    # ----------------------------------------------------------------- building and checkpoints
+    def _build(self, checkpoint: Path | None) -> None:
+        """Load models (from the sources, or from a checkpoint) and the optimizer state."""
+        trust = self.config.models.trust_remote_code
+        device = self.accelerator.device
+        if self.config.peft.enabled:
+            from peft import PeftModel
+
+            base = load_causal_lm(self.models.policy.local_dir, self.dtype, trust)
+            if checkpoint is None:
+                policy = add_lora(base, self.config.peft)
+            else:
+                policy = PeftModel.from_pretrained(base, checkpoint / "policy", is_trainable=True)
+            ref = None
+        else:
+            policy = load_causal_lm(checkpoint / "policy" if checkpoint else self.models.policy.local_dir, self.dtype, trust)
+            ref = load_causal_lm(self.models.ref.local_dir, self.dtype, trust).requires_grad_(False).eval().to(device)
+        value = load_classifier(checkpoint / "value" if checkpoint else self.models.value.local_dir, self.dtype, trust)
+        reward = load_classifier(self.models.reward.local_dir, self.dtype, trust).requires_grad_(False).eval().to(device)
+        self.wrapper = self.accelerator.prepare_model(PolicyAndValue(policy, value))
+        inner = self.accelerator.unwrap_model(self.wrapper)
+        self.policy, self.value = inner.policy, inner.value
+        self.policy.eval()
+        self.value.eval()
+        self.trainable = [p for p in inner.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.trainable, lr=self.ppo.learning_rate, eps=self.ppo.adam_epsilon, weight_decay=self.ppo.weight_decay
+        )
+        self.scheduler = get_scheduler(
+            self.ppo.lr_scheduler_type,
+            self.optimizer,
+            num_warmup_steps=math.floor(self.ppo.warmup_ratio * self.batch.optimizer_steps),
+            num_training_steps=self.batch.optimizer_steps,
+        )
+        self.worker = RolloutWorker(
+            self.policy, ref, reward, self.value,
+            pad_token_id=self.models.pad_token_id,
+            stop_token_ids=stop_token_ids(self.plan, self.models),
+            response_length=self.ppo.response_length,
+            temperature=self.ppo.temperature,
+            top_k=self.ppo.top_k,
+            top_p=self.ppo.top_p,
+            chunk_size=self.ppo.local_rollout_forward_batch_size,
+        )
+        if checkpoint is not None:
+            self._load_state(checkpoint)
+
+    def _load_state(self, checkpoint: Path) -> None:
+        state = read_state(checkpoint)
+        if state["config_hash"] != self.plan.config_hash:
+            raise CheckpointError(
+                f"{checkpoint} belongs to config {state['config_hash']}, not {self.plan.config_hash} — "
+                "use a fresh output_dir for a changed config"
+            )
+        self.optimizer.load_state_dict(load_tensors(checkpoint / "optimizer.pt"))
+        self.scheduler.load_state_dict(load_tensors(checkpoint / "scheduler.pt"))
+        rng = load_tensors(checkpoint / "rng.pt")
+        restore_rng(rng[self.accelerator.process_index])
+        self.update, self.episode, self.optimizer_steps = state["update"], state["episode"], state["optimizer_steps"]
+
+    @classmethod
+    def from_checkpoint(cls, plan, models, data, checkpoint: Path | None, accelerator: Accelerator | None = None) -> PPOTrainer:
+        trainer = cls(plan, models, data, accelerator)
+        if checkpoint is None:
+            torch.manual_seed(plan.config.ppo.seed + trainer.accelerator.process_index)
+        trainer._build(checkpoint)
+        return trainer
+
+    def save_checkpoint(self) -> CheckpointManifest:
+        """All processes call this; the main process writes. Returns the checkpoint's manifest."""
+        rng_states = gather_object([capture_rng()])
+        path = None
+        if self.accelerator.is_main_process:
+            state = {
+                "update": self.update,
+                "episode": self.episode,
+                "optimizer_steps": self.optimizer_steps,
+                "num_updates": self.batch.num_updates,
+                "config_hash": self.plan.config_hash,
+                "world_size": self.batch.world_size,
+            }
+
+            def payload(directory: Path) -> None:
+                self.policy.save_pretrained(directory / "policy", safe_serialization=True)
+                self.value.save_pretrained(directory / "value", safe_serialization=True)
+                torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+                torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
+                torch.save(rng_states, directory / "rng.pt")
+
+            path = write_checkpoint(self.checkpoint_root, self.update, payload, state)
+            prune_checkpoints(self.checkpoint_root, self.ppo.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+        path = gather_object([path])[0] if self.accelerator.num_processes > 1 else path
+        return CheckpointManifest(
+            path=path, update=self.update, episode=self.episode, num_updates=self.batch.num_updates,
+            sha256=verify_checkpoint(path),
+        )
+
+    # ----------------------------------------------------------------------------- the loop
+    def _local_prompts(self, update: int) -> tuple[list[list[int]], list[str]]:
+        rows = batch_indices(len(self.train_rows), self.batch.batch_size, update, self.ppo.seed)
+        rank = self.accelerator.process_index
+        mine = rows[rank * self.batch.local_batch_size : (rank + 1) * self.batch.local_batch_size]
+        picked = self.train_rows.select(mine)
+        return picked["input_ids"], picked["prompt"]
+
+    def _decode(self, responses: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        return [self.tokenizer.decode(row[m].tolist(), skip_special_tokens=True) for row, m in zip(responses, mask)]
+
+    def train(self, callbacks: Sequence[MetricsCallback] = ()) -> CheckpointManifest:
+        """Run the remaining updates; checkpoint every `checkpoint_every` and at the end."""
+        metrics_path = self.output_dir / "metrics.jsonl"
+        if self.accelerator.is_main_process:
+            _truncate_metrics(metrics_path, self.update)
+        progress = tqdm(
+            total=self.batch.num_updates, initial=self.update, desc="ppo", unit="update",
+            disable=not self.accelerator.is_main_process,
+        )
+        fault_at = os.environ.get(FAULT_ENV)
+        manifest = None
+        while self.update < self.batch.num_updates:
+            metrics = self.step()
+            if self.accelerator.is_main_process:
+                with open(metrics_path, "a") as handle:
+                    handle.write(json.dumps(metrics) + "\n")
+                for callback in callbacks:
+                    callback(metrics)
+            progress.update(1)
+            progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+            if self.update % self.ppo.checkpoint_every == 0 or self.update == self.batch.num_updates:
+                manifest = self.save_checkpoint()
+            if fault_at is not None and self.update == int(fault_at):
+                _inject_fault_once(self.output_dir, self.update)
+        progress.close()
+        if manifest is None:
+            found = newest_valid_checkpoint(self.checkpoint_root)
+            path, digest = found
+            manifest = CheckpointManifest(path=path, update=self.update, episode=self.episode, num_updates=self.batch.num_updates, sha256=digest)
+        return manifest
+
+    def step(self) -> dict[str, Any]:
+        """One PPO update: rollout, advantages, optimisation. Returns the update's metrics."""
+        began = time.perf_counter()
+        ppo = self.ppo
+        device = self.accelerator.device
+        prompt_ids, prompts = self._local_prompts(self.update)
+        queries, query_mask = left_pad(prompt_ids, self.models.pad_token_id, device)
+        rollout = self.worker.rollout(
+            queries, query_mask, prompts, self._decode,
+            [(fn.metric_name, fn.weight, fn.function) for fn in self.reward_functions],
+            ppo.missing_eos_penalty,
+        )
+        self._check_finite({"objective/scores": rollout.scores, "values": rollout.values})
+        mask = rollout.response_mask
+        kl = adv.kl_penalty(rollout.logprobs, rollout.ref_logprobs, ppo.kl_estimator).masked_fill(~mask, 0.0)
+        rewards, non_score_reward = adv.per_token_rewards(rollout.scores, kl, mask, ppo.kl_coef)
+        if ppo.whiten_rewards:
+            rewards = adv.masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = adv.gae(rewards, rollout.values, mask, ppo.gamma, ppo.lam)
+        advantages = adv.masked_whiten(advantages, mask)
+
+        train_began = time.perf_counter()
+        stats = self._optimise(rollout, advantages, returns)
+        train_seconds = time.perf_counter() - train_began
+
+        self.update += 1
+        self.episode += self.batch.batch_size
+        step_seconds = time.perf_counter() - began
+        reduce = self._mean_across_processes
+        response_tokens = self.accelerator.reduce(mask.sum().float(), "sum").item()
+        metrics: dict[str, Any] = {
+            "update": self.update,
+            "episode": self.episode,
+            "objective/kl": reduce(kl.sum(1).mean()),
+            "objective/entropy": reduce((-rollout.logprobs).sum(1).mean()),
+            "objective/non_score_reward": reduce(non_score_reward.sum(1).mean()),
+            "objective/rlhf_reward": reduce((rollout.scores + non_score_reward.sum(1)).mean()),
+            "objective/scores": reduce(rollout.scores.mean()),
+            "reward/model_score": reduce(rollout.rm_scores.mean()),
+            **{f"reward/{name}": reduce(values.mean()) for name, values in rollout.function_scores.items()},
+            **stats,
+            "val/num_eos_tokens": self.accelerator.reduce((rollout.responses == self.models.eos_token_id).logical_and(mask).sum().float(), "sum").item(),
+            "response/length_mean": reduce(mask.sum(1).float().mean()),
+            "response/stop_rate": reduce(rollout.contains_stop.float().mean()),
+            "lr": self.scheduler.get_last_lr()[0],
+            **{f"timing/{key}": value for key, value in rollout.timings.items()},
+            "timing/train": train_seconds,
+            "timing/step": step_seconds,
+            "perf/tokens_per_s": response_tokens / step_seconds,
+            "perf/episodes_per_s": self.batch.batch_size / step_seconds,
+        }
+        self._check_finite({name: torch.tensor(value) for name, value in metrics.items() if isinstance(value, float)})
+        return metrics
+
+    def _optimise(self, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
+        """`num_ppo_epochs` × `num_mini_batches` optimizer steps, each over `gradient_accumulation_steps` micro-batches."""
+        ppo, batch = self.ppo, self.batch
+        accumulation = ppo.gradient_accumulation_steps
+        records: dict[str, list[torch.Tensor]] = {key: [] for key in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "entropy", "ratio")}
+        self.wrapper.train()
+        for _epoch in range(ppo.num_ppo_epochs):
+            order = torch.randperm(batch.local_batch_size)
+            for mini in range(ppo.num_mini_batches):
+                mini_rows = order[mini * batch.local_mini_batch_size : (mini + 1) * batch.local_mini_batch_size]
+                for micro in range(accumulation):
+                    rows = mini_rows[micro * ppo.per_device_train_batch_size : (micro + 1) * ppo.per_device_train_batch_size]
+                    last_micro = micro == accumulation - 1
+                    with nullcontext() if last_micro else self.accelerator.no_sync(self.wrapper):
+                        record = self._micro_batch(rollout, advantages, returns, rows)
+                    for key, value in record.items():
+                        records[key].append(value)
+                self._optimizer_step()
+        self.wrapper.eval()
+        ratios = torch.stack(records["ratio"])
+        return {
+            "policy/approxkl_avg": self._mean_across_processes(torch.stack(records["approxkl"]).mean()),
+            "policy/clipfrac_avg": self._mean_across_processes(torch.stack(records["pg_clipfrac"]).mean()),
+            "loss/policy_avg": self._mean_across_processes(torch.stack(records["pg_loss"]).mean()),
+            "loss/value_avg": self._mean_across_processes(torch.stack(records["vf_loss"]).mean()),
+            "val/clipfrac_avg": self._mean_across_processes(torch.stack(records["vf_clipfrac"]).mean()),
+            "policy/entropy_avg": self._mean_across_processes(torch.stack(records["entropy"]).mean()),
+            "val/ratio": self._mean_across_processes(ratios.mean()),
+            "val/ratio_var": self._mean_across_processes(ratios.var(unbiased=False)),
+        }
+
+    def _micro_batch(self, rollout: Rollout, advantages, returns, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        ppo = self.ppo
+        queries, query_mask, responses, mask = trim_padding(
+            rollout.queries[rows], rollout.query_mask[rows], rollout.responses[rows], rollout.response_mask[rows]
+        )
+        width = responses.shape[1]
+        inputs = model_inputs(queries, query_mask, responses, mask)
+        logits, new_values = self.wrapper(**inputs, response_width=width)
+        new_logprobs = logprobs_of(logits.float(), responses, ppo.temperature)
+        pg_loss, pg_stats = policy_loss(new_logprobs, rollout.logprobs[rows, :width], advantages[rows, :width], mask, ppo.cliprange)
+        vf_loss, vf_stats = value_loss(new_values.float(), rollout.values[rows, :width], returns[rows, :width], mask, ppo.cliprange_value)
+        loss = pg_loss + ppo.vf_coef * vf_loss
+        self._check_finite({"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach()})
+        self.accelerator.backward(loss / ppo.gradient_accumulation_steps)
+        with torch.no_grad():
+            entropy = adv.masked_mean(entropy_from_logits(logits.detach().float(), ppo.temperature), mask)
+        return {
+            "pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(),
+            "pg_clipfrac": pg_stats["clipfrac"], "vf_clipfrac": vf_stats["clipfrac"],
+            "approxkl": pg_stats["approxkl"], "entropy": entropy, "ratio": pg_stats["ratio_mean"],
+        }
+
+    def _optimizer_step(self) -> None:
+        if self.ppo.max_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.ppo.max_grad_norm)
+            self._check_finite({"grad_norm": grad_norm})
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_steps += 1
+
+    def _mean_across_processes(self, value: torch.Tensor) -> float:
+        return self.accelerator.reduce(value.detach().float().to(self.accelerator.device), "mean").item()
+
+    def _check_finite(self, named: dict[str, torch.Tensor]) -> None:
+        for name, value in named.items():
+            if not torch.isfinite(value).all():
+                raise TrainingDiverged(
+                    f"update {self.update + 1}: `{name}` is not finite — lower ppo.learning_rate, check the reward model "
+                    f"and reward functions; the last good checkpoint is kept in {self.checkpoint_root}"
+                )
+
+
+def _truncate_metrics(path: Path, update: int) -> None:
+    """Drop metric lines past the checkpoint we resume from (written before a crash)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["update"] <= update]
+    if len(kept) != len(lines):
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def _inject_fault_once(output_dir: Path, update: int) -> None:
+    """Tests only: fail once after `update` (marker file), as a crash would."""
+    marker = output_dir / f".fault-injected-{update}"
+    if not marker.exists():
+        marker.write_text("injected\n")
+        raise InjectedFault(f"fault injected after update {update} ({FAULT_ENV})")
