@@ -1,0 +1,193 @@
+"""End-to-end behaviour of the PPO engine on the toy world (no Prefect, no MLflow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from ppoflow import pipeline
+from ppoflow.checkpoint import list_checkpoints, read_state
+from ppoflow.config import RunConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(policy_dir: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(policy_dir.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    left, right = weights(a), weights(b)
+    assert left.keys() == right.keys()
+    differing = [name for name in left if not torch.equal(left[name], right[name])]
+    assert not differing, f"tensors differ: {differing[:5]}"
+
+
+def write_config(config: RunConfig, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    return path
+
+
+def test_first_ratio_is_one_and_one_step_per_mini_batch(make_config):
+    # One micro-batch per mini-batch and one epoch: the first forward happens before any optimizer
+    # step, so the rollout's log-probs must equal the training forward's (ratio 1, approxkl 0).
+    config = make_config(
+        "ppo.total_episodes=16", "ppo.per_device_train_batch_size=16", "ppo.num_mini_batches=1",
+        "ppo.local_rollout_forward_batch_size=8",
+    )
+    plan = pipeline.configure(config)
+    models = pipeline.load_models(plan)
+    data = pipeline.prepare_dataset(plan, models)
+    pipeline.init_trainer(plan, models, data)
+    pipeline.train(plan, models, data)
+    (first,) = read_metrics(plan.output_dir)
+    assert first["val/ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert first["policy/approxkl_avg"] < 1e-9
+    assert first["policy/clipfrac_avg"] == 0.0
+
+
+def test_optimizer_steps_follow_num_mini_batches(make_config):
+    # TRL 1.12 stepped once per epoch whatever num_mini_batches was; we step once per mini-batch:
+    # 2 updates × 3 epochs × 2 mini-batches = 12 steps, each over 2 accumulated micro-batches.
+    config = make_config(
+        "ppo.total_episodes=32", "ppo.per_device_train_batch_size=4", "ppo.gradient_accumulation_steps=2",
+        "ppo.num_mini_batches=2", "ppo.num_ppo_epochs=3", "ppo.checkpoint_every=5",
+    )
+    plan = pipeline.configure(config)
+    assert (plan.batch.local_mini_batch_size, plan.batch.batch_size, plan.batch.num_updates) == (8, 16, 2)
+    models = pipeline.load_models(plan)
+    data = pipeline.prepare_dataset(plan, models)
+    pipeline.init_trainer(plan, models, data)
+    final = pipeline.train(plan, models, data)
+    state = read_state(final.path)
+    assert state["optimizer_steps"] == 12
+    scheduler = torch.load(final.path / "scheduler.pt", weights_only=True)
+    assert scheduler["last_epoch"] == 12
+    assert [m["episode"] for m in read_metrics(plan.output_dir)] == [16, 32]
+
+
+@pytest.mark.slow
+def test_toy_run_improves_reward_and_oracle(make_config):
+    config = make_config(
+        "ppo.total_episodes=768", "ppo.per_device_train_batch_size=16", "ppo.num_mini_batches=4",
+        "ppo.local_rollout_forward_batch_size=64", "ppo.num_ppo_epochs=2", "ppo.response_length=20",
+        "ppo.learning_rate=1e-4", "ppo.checkpoint_every=100", "data.eval_size=96", "eval.batch_size=96",
+    )
+    plan, release = pipeline.run_all(config)
+    metrics = read_metrics(plan.output_dir)
+    assert len(metrics) == 12
+    early = sum(m["objective/scores"] for m in metrics[:3]) / 3
+    late = sum(m["objective/scores"] for m in metrics[-3:]) / 3
+    assert late > early + 0.2, (early, late)
+    assert max(m["objective/kl"] for m in metrics) < 5.0
+    result = json.loads((plan.output_dir / "eval.json").read_text())
+    assert result == release.eval_metrics
+    assert result["reward_policy"] > result["reward_ref"] + 0.2
+    assert result["oracle_policy"] > result["oracle_ref"] + 0.1
+    assert result["win_rate"] > 0.6
+    assert 0.0 <= result["kl"] < 5.0
+    assert result["eos_rate"] > 0.8
+    samples = [json.loads(line) for line in (plan.output_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and {"prompt", "policy_completion", "ref_completion", "policy_score", "ref_score"} <= samples[0].keys()
+
+
+def run_train(config_path: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "ppoflow.cli", "train", "--config", str(config_path)],
+        cwd=REPO, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+    )
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(make_config, tmp_path):
+    overrides = ("ppo.total_episodes=96", "ppo.per_device_train_batch_size=8", "ppo.num_mini_batches=2")
+    reference = make_config(*overrides, output_dir=tmp_path / "uninterrupted")
+    killed = make_config(*overrides, output_dir=tmp_path / "killed")
+    assert reference.config_hash() != killed.config_hash()  # different output dirs, same training
+
+    log = tmp_path / "train.log"
+    assert run_train(write_config(reference, tmp_path / "a.yaml"), log).wait(timeout=600) == 0
+
+    rng = random.Random(20261124)
+    config_path = write_config(killed, tmp_path / "b.yaml")
+    kills = 0
+    for attempt in range(12):
+        process = run_train(config_path, log)
+        if kills < 4:
+            try:
+                process.wait(timeout=rng.uniform(6.0, 16.0))
+            except subprocess.TimeoutExpired:
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                kills += 1
+                continue
+        assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
+        break
+    assert kills >= 2, "the run finished before it could be killed twice: lengthen it"
+    assert_same_weights(tmp_path / "uninterrupted" / "final", tmp_path / "killed" / "final")
+    updates = [m["update"] for m in read_metrics(tmp_path / "killed")]
+    assert updates == list(range(1, 7)), updates  # 96 episodes / 16 per batch
+
+
+@pytest.mark.slow
+def test_lora_run_has_no_reference_copy(make_config):
+    from ppoflow.trainer import PPOTrainer
+
+    config = make_config("peft.enabled=true", "peft.target_modules=[q_proj,v_proj]", "ppo.learning_rate=1e-3", "peft.merge_on_save=true")
+    plan = pipeline.configure(config)
+    models = pipeline.load_models(plan)
+    assert models.ref is None
+    data = pipeline.prepare_dataset(plan, models)
+    start = pipeline.init_trainer(plan, models, data)
+    trainer = PPOTrainer.from_checkpoint(plan, models, data, start.path)
+    assert trainer.worker.ref is None
+    lora_parameters = sum(p.numel() for p in trainer.policy.parameters() if p.requires_grad)
+    assert 0 < lora_parameters < 0.1 * models.policy.num_parameters
+    final = trainer.train()
+    release = pipeline.save_and_evaluate(plan, models, data, final)
+    assert (release.policy_dir / "adapter_config.json").is_file()
+    assert release.merged_dir is not None and (release.merged_dir / "config.json").is_file()
+    assert list_checkpoints(plan.output_dir / "checkpoints")[0].joinpath("policy", "adapter_model.safetensors").is_file()
+    assert set(release.eval_metrics) >= {"reward_policy", "reward_ref", "win_rate", "kl", "eos_rate", "oracle_policy", "oracle_ref"}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_under_accelerate_launch(make_config, tmp_path):
+    config = make_config("ppo.total_episodes=64", "ppo.per_device_train_batch_size=8", "ppo.num_mini_batches=1", "ppo.checkpoint_every=2")
+    config_path = write_config(config, tmp_path / "dist.yaml")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ppoflow.cli", "train", "--config", str(config_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    summaries = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1, "only the main process prints the summary"
+    summary = json.loads(summaries[0])
+    assert summary["episodes"] == 64 and summary["updates"] == 4  # batch = 8 × 2 processes
+    metrics = read_metrics(Path(summary["output_dir"]))
+    assert [m["update"] for m in metrics] == [1, 2, 3, 4]
+    checkpoints = [p.name for p in list_checkpoints(Path(summary["output_dir"]) / "checkpoints")]
+    assert checkpoints == ["step-000004", "step-000002", "step-000000"]
+    assert read_state(Path(summary["output_dir"]) / "checkpoints" / "step-000004")["world_size"] == 2

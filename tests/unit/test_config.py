@@ -1,0 +1,124 @@
+"""The run config: validation with the field named, overrides, batch arithmetic, config hash."""
+
+from __future__ import annotations
+
+import pytest
+
+from ppoflow.config import BatchPlan, PPOConfig, build_config, load_config, parse_override
+from ppoflow.errors import ConfigError
+from ppoflow.pipeline import configure
+
+
+@pytest.fixture
+def tree(tmp_path):
+    for name in ("policy", "reward"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "hello"}\n')
+    return {
+        "output_dir": str(tmp_path / "out"),
+        "models": {"policy": str(tmp_path / "policy"), "reward": str(tmp_path / "reward")},
+        "data": {"path": str(tmp_path / "prompts.jsonl")},
+    }
+
+
+def test_batch_plan_matches_trl_arithmetic():
+    # per device: 4 × 2 accumulation = 8 per mini-batch, × 3 mini-batches = 24 per rollout;
+    # 2 processes → 48 per batch; ceil(100 / 48) = 3 updates; 3 × 2 epochs × 3 mini-batches = 18 steps.
+    ppo = PPOConfig(total_episodes=100, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                    num_mini_batches=3, num_ppo_epochs=2, local_rollout_forward_batch_size=10)
+    plan = BatchPlan.derive(ppo, world_size=2)
+    assert plan.local_mini_batch_size == 8
+    assert plan.local_batch_size == 24
+    assert plan.batch_size == 48
+    assert plan.mini_batch_size == 16
+    assert plan.micro_batch_size == 8
+    assert plan.num_updates == 3
+    assert plan.optimizer_steps == 18
+    assert plan.rollout_chunks == 3  # ceil(24 / 10)
+
+
+def test_overrides_are_yaml_values(tree):
+    config = build_config(tree, ["ppo.learning_rate=1e-5", "peft.enabled=true", "peft.target_modules=[q_proj]", "ppo.stop_token=eos"])
+    assert config.ppo.learning_rate == 1e-5
+    assert config.peft.enabled is True
+    assert config.peft.target_modules == ["q_proj"]
+    assert parse_override("data.prompt_column=text") == ("data.prompt_column", "text")
+
+
+def test_config_hash_ignores_tracking_and_retries_but_not_training(tree):
+    base = build_config(tree)
+    assert build_config(tree, ["tracking.experiment=other", "flow.retries=5"]).config_hash() == base.config_hash()
+    assert build_config(tree, ["ppo.learning_rate=1e-5"]).config_hash() != base.config_hash()
+
+
+BAD = [
+    (["ppo.learnign_rate=1e-5"], "ppo.learnign_rate", "not a known setting"),
+    (["ppo.learning_rate=abc"], "ppo.learning_rate", "valid number"),
+    (["ppo.learning_rate=0"], "ppo.learning_rate", "greater than 0"),
+    (["ppo.temperature=-1"], "ppo.temperature", "greater than 0"),
+    (["ppo.response_length=0"], "ppo.response_length", "greater than 0"),
+    (["data.max_prompt_length=0"], "data.max_prompt_length", "greater than 0"),
+    (["ppo.per_device_train_batch_size=0"], "ppo.per_device_train_batch_size", "greater than 0"),
+    (["ppo.top_p=1.5"], "ppo.top_p", "less than or equal to 1"),
+    (["ppo.gamma=2"], "ppo.gamma", "less than or equal to 1"),
+    (["ppo.kl_estimator=k2"], "ppo.kl_estimator", "'k1' or 'k3'"),
+    (["ppo.stop_token=newline"], "ppo.stop_token", "'eos'"),
+    (["models.dtype=float8"], "models.dtype", "auto"),
+    (["data.eval_size=-1"], "data.eval_size", "greater than or equal to 0"),
+    (["reward_functions=[{path: 'not a path'}]"], "reward_functions.0.path", "package.module:function"),
+    (["tracking.push_to_hub=true"], "tracking", "hub_repo_id"),
+    (["models=null"], "models", "valid dictionary"),
+    (["ppo=3"], "ppo", "valid dictionary"),
+    (["ppo.seed=1.5"], "ppo.seed", "valid integer"),
+    (["ppo.learning_rate"], "ppo.learning_rate", "key.path=value"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "field", "text"), BAD, ids=[b[1] + ":" + b[2][:12] for b in BAD])
+def test_bad_values_name_the_field(tree, overrides, field, text):
+    with pytest.raises(ConfigError) as caught:
+        build_config(tree, overrides)
+    message = str(caught.value)
+    assert f"`{field}" in message and text in message
+    assert "\n" not in message
+
+
+def test_missing_section_is_named(tree):
+    del tree["models"]
+    with pytest.raises(ConfigError, match="`models`: is required"):
+        build_config(tree)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="--config"):
+        load_config(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("models: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(listed)
+
+
+STAGE_ONE_BAD = [
+    (["ppo.total_episodes=10", "ppo.per_device_train_batch_size=8", "ppo.num_mini_batches=2"], "ppo.total_episodes", "smaller than one rollout batch"),
+    (["models.policy=/does/not/exist"], "models.policy", "neither an existing directory nor a Hub id"),
+    (["models.reward=./missing/reward/dir"], "models.reward", "neither an existing directory nor a Hub id"),
+    (["data.path=/no/such/prompts.jsonl"], "data.path", "does not exist"),
+    (["reward_functions=[{path: 'no_such_module:score'}]"], "reward_functions.0.path", "cannot import module"),
+    (["reward_functions=[{path: 'ppoflow.toy:no_such_function'}]"], "reward_functions.0.path", "no callable"),
+    (["reward_functions=[{path: 'ppoflow.toy:oracle_score'}, {path: 'ppoflow.toy:oracle_score'}]"], "reward_functions", "used twice"),
+    (["peft.enabled=true", "models.ref=/tmp"], "models.ref", "with LoRA"),
+    (["ppo.stop_token=eos", "ppo.stop_token_id=5"], "ppo.stop_token_id", "only one"),
+    (["output_dir=/proc/ppoflow-run"], "output_dir", "not writable"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "field", "text"), STAGE_ONE_BAD, ids=[b[1] + ":" + b[2][:12] for b in STAGE_ONE_BAD])
+def test_stage_one_refuses_before_any_work(tree, overrides, field, text):
+    config = build_config(tree, overrides)
+    with pytest.raises(ConfigError) as caught:
+        configure(config)
+    assert f"`{field}`" in str(caught.value) and text in str(caught.value)
