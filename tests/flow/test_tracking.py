@@ -1,0 +1,326 @@
+"""ppoflow.tracking against a real embedded SQLite MLflow store (no server).
+
+One store serves the whole module (creating its schema takes seconds); each test opens its own run
+by giving its plan its own output directory (part of the config hash). The "server down" case uses
+a real closed TCP port as the tracking URI, then resumes the run against the SQLite store.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from ppoflow.config import BatchPlan, DataConfig, ModelsConfig, PPOConfig, RunConfig, TrackingConfig
+from ppoflow.errors import TrackingError
+from ppoflow.manifests import DatasetManifest, ModelManifest, ModelSource, Release, RunPlan
+from ppoflow.tracking import (
+    SPOOL_FILE,
+    TrackingRun,
+    check_reachable,
+    default_tracking_uri,
+    open_run,
+    redact,
+    resolve_tracking_uri,
+)
+
+pytestmark = pytest.mark.flow
+
+VOCAB = ["<pad>", "<bos>", "<eos>", "<unk>", "great", "awful", "movie", "plot", "acting", ","]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    return default_tracking_uri(tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama (a few thousand parameters) with a WordLevel tokenizer, saved offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    directory = tmp_path_factory.mktemp("policy")
+    backend = Tokenizer(models.WordLevel(vocab={word: index for index, word in enumerate(VOCAB)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+    config = LlamaConfig(
+        vocab_size=len(VOCAB), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    model = LlamaForCausalLM(config)
+    assert model.num_parameters() < 1_000_000
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def make_plan(tmp_path, policy_dir):
+    def build(name: str = "job", **sections) -> RunPlan:
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text('{"prompt": "great movie"}\n{"prompt": "awful plot"}\n')
+        config = RunConfig(
+            output_dir=tmp_path / name,
+            models=ModelsConfig(policy=str(policy_dir), reward=str(policy_dir)),
+            data=sections.pop("data", DataConfig(path=str(prompts), eval_size=1)),
+            ppo=sections.pop("ppo", PPOConfig(total_episodes=16, per_device_train_batch_size=4, learning_rate=1e-5)),
+            tracking=sections.pop("tracking", TrackingConfig(experiment="ppoflow-test", registered_model_name="ppoflow-test")),
+            **sections,
+        )
+        return RunPlan(
+            config=config, config_hash=config.config_hash(), output_dir=config.output_dir, batch=BatchPlan.derive(config.ppo)
+        )
+
+    return build
+
+
+def update(step: int, kl: float | None = None) -> dict:
+    return {
+        "update": step, "episode": 4 * (step + 1), "objective/kl": kl if kl is not None else 0.1 * step,
+        "objective/scores": 1.0 + step, "objective/rlhf_reward": 0.9 + step, "loss/policy_avg": -0.01 * step,
+        "loss/value_avg": 0.5 / (step + 1), "timing/rollout": 0.25, "note": "not a number",
+    }
+
+
+def steps_of(run: TrackingRun, key: str) -> list[int]:
+    return sorted(point.step for point in run.client.get_metric_history(run.run_id, key))
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_tracking_uri_defaults_to_sqlite_below_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri() == f"sqlite:///{tmp_path.resolve()}/.ppoflow/mlflow/mlflow.db"
+    assert resolve_tracking_uri().startswith("sqlite:////")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert resolve_tracking_uri() == "http://127.0.0.1:5000"
+    assert resolve_tracking_uri("sqlite:////x/y.db") == "sqlite:////x/y.db"
+
+
+def test_redact_hides_secret_keys_and_uri_passwords():
+    assert redact("postgresql://mlflow:hunter2@db:5432/mlflow") == "postgresql://mlflow:***@db:5432/mlflow"
+    assert redact("https://user:p@ss@host/x") == "https://user:***@host/x"
+    assert redact("http://127.0.0.1:5000/path") == "http://127.0.0.1:5000/path"
+    tree = {
+        "hub_token": "hf_abc", "HF_TOKEN": "hf_def", "password": "pw", "client_secret": "s", "api_key": "k",
+        "stop_token": "eos", "pad_token_id": 0, "tokenizer": "dir", "nested": [{"access_token": "t", "url": "s3://a:b@c/d"}],
+    }
+    assert redact(tree) == {
+        "hub_token": "***", "HF_TOKEN": "***", "password": "***", "client_secret": "***", "api_key": "***",
+        "stop_token": "eos", "pad_token_id": 0, "tokenizer": "dir", "nested": [{"access_token": "***", "url": "s3://a:***@c/d"}],
+    }
+
+
+def test_check_reachable_fails_fast_and_names_the_fix(tmp_path):
+    started = time.monotonic()
+    with pytest.raises(TrackingError) as caught:
+        check_reachable(f"http://alice:hunter2@127.0.0.1:{closed_port()}")
+    assert time.monotonic() - started < 5
+    message = str(caught.value)
+    assert "MLFLOW_TRACKING_URI" in message and "does not answer" in message and "\n" not in message
+    assert "hunter2" not in message and "alice:***@" in message
+    with pytest.raises(TrackingError, match="file stores"):
+        check_reachable(f"file://{tmp_path}")
+    check_reachable(default_tracking_uri(tmp_path))
+    assert (tmp_path / ".ppoflow" / "mlflow").is_dir()
+
+
+def test_open_run_logs_the_plan_once_and_continues_the_same_run(store, make_plan, tmp_path):
+    plan = make_plan(data=DataConfig(path="s3://reader:hunter2@bucket/prompts.jsonl"))
+    run = open_run(plan, tracking_uri=store)
+    run.log_plan(plan)
+    again = open_run(plan, tracking_uri=store)
+    again.log_plan(plan)  # a resumed job re-logs the same params without error
+    assert again.run_id == run.run_id
+
+    logged = run.client.get_run(run.run_id)
+    assert logged.info.run_name == f"{Path(plan.config.models.policy).name}-{plan.config_hash[:8]}"
+    params = logged.data.params
+    assert params["ppo.learning_rate"] == "1e-05"
+    assert params["batch.batch_size"] == str(plan.batch.batch_size)
+    assert json.loads(params["peft.target_modules"]) == ["q_proj", "v_proj"]
+    assert params["version.mlflow"] == mlflow.__version__ and "version.python" in params
+    assert params["data.path"] == "s3://reader:***@bucket/prompts.jsonl"
+    assert logged.data.tags["ppoflow.config_hash"] == plan.config_hash
+    config_yaml = Path(run.client.download_artifacts(run.run_id, "config/config.yaml", str(tmp_path))).read_text()
+    assert "learning_rate: 1.0e-05" in config_yaml and "hunter2" not in config_yaml
+    assert not any("hunter2" in value for value in [*params.values(), *logged.data.tags.values()])
+
+    # tracking settings are not part of the job's identity: changing them on resume is no collision
+    retargeted = plan.model_copy(update={"config": plan.config.model_copy(update={"tracking": TrackingConfig(alias="staging")})})
+    run.log_plan(retargeted)
+    assert run.client.get_run(run.run_id).data.tags["ppoflow.changed.tracking.alias"] == "staging"
+    # a different job under the same hash is refused
+    faster = plan.config.ppo.model_copy(update={"learning_rate": 1.0})
+    collided = plan.model_copy(update={"config": plan.config.model_copy(update={"ppo": faster})})
+    with pytest.raises(TrackingError, match="ppo.learning_rate"):
+        run.log_plan(collided)
+
+
+def test_a_finished_job_reuses_its_run_and_a_new_output_dir_gets_a_new_one(store, make_plan):
+    plan = make_plan()
+    run = open_run(plan, tracking_uri=store)
+    run.finish()
+    assert run.client.get_run(run.run_id).info.status == "FINISHED"
+    reopened = open_run(plan, tracking_uri=store)
+    assert reopened.run_id == run.run_id
+    assert reopened.client.get_run(run.run_id).info.status == "RUNNING"
+    assert open_run(make_plan("other"), tracking_uri=store).run_id != run.run_id
+
+
+def test_metrics_sink_logs_each_update_once_across_a_resume(store, make_plan):
+    plan = make_plan()
+    run = open_run(plan, tracking_uri=store)
+    sink = run.metrics_sink()
+    for step in range(5):
+        sink(update(step))
+    assert run.flush(timeout=20)
+
+    resumed = TrackingRun.attach(run.run_id, output_dir=plan.output_dir, tracking_uri=store)
+    resumed_sink = resumed.metrics_sink()
+    for step in range(3, 7):
+        resumed_sink(update(step, kl=99.0))
+    assert resumed.flush(timeout=20)
+
+    assert steps_of(run, "objective/kl") == list(range(7))
+    assert steps_of(run, "episode") == list(range(7))
+    assert "note" not in run.client.get_run(run.run_id).data.metrics
+    kl = {point.step: point.value for point in run.client.get_metric_history(run.run_id, "objective/kl")}
+    assert kl[4] == pytest.approx(0.4) and kl[5] == 99.0
+    assert not (plan.output_dir / SPOOL_FILE).exists()
+
+
+def test_metrics_survive_an_unreachable_server_through_the_spool(store, make_plan, monkeypatch):
+    plan = make_plan()
+    run = open_run(plan, tracking_uri=store)
+    sink = run.metrics_sink()
+    for step in range(3):
+        sink(update(step))
+    assert sink.flush(timeout=20)
+
+    # The same run seen through a tracking URI where nothing listens: training must not notice.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    down = TrackingRun(mlflow.MlflowClient(tracking_uri=f"http://127.0.0.1:{closed_port()}"), run.run_id, run.experiment_id, plan.output_dir)
+    down_sink = down.metrics_sink()
+    started = time.monotonic()
+    for step in range(3, 6):
+        down_sink(update(step))
+    assert time.monotonic() - started < 1.0
+    assert not down_sink.close(timeout=1.0)
+    spooled = [json.loads(line) for line in (plan.output_dir / SPOOL_FILE).read_text().splitlines()]
+    assert [record["step"] for record in spooled] == [3, 4, 5]
+
+    # The job resumes against the real store (from a checkpoint at update 4): the spool is
+    # re-delivered and the repeated update is not logged twice.
+    resumed = TrackingRun.attach(run.run_id, output_dir=plan.output_dir, tracking_uri=store)
+    resumed_sink = resumed.metrics_sink()
+    for step in range(5, 8):
+        resumed_sink(update(step))
+    resumed.finish()
+    assert steps_of(run, "objective/scores") == list(range(8))
+    assert not (plan.output_dir / SPOOL_FILE).exists()
+
+
+def test_datasets_are_logged_once_with_digests_and_contexts(store, make_plan, tmp_path):
+    plan = make_plan()
+    run = open_run(plan, tracking_uri=store)
+    manifest = DatasetManifest(
+        train_dir=tmp_path / "train", eval_dir=tmp_path / "eval", fingerprint="f" * 16, source=plan.config.data.path,
+        rows_read=10, rows_kept=9, dropped_too_long=1, dropped_empty=0, eos_stripped=2, eos_dropped=0,
+        train_rows=8, eval_rows=1, train_digest="a" * 64, eval_digest="b" * 64,
+    )
+    train = pd.DataFrame({"prompt": ["great movie"] * 8, "input_ids": [[1, 4, 6]] * 8})
+    evaluation = pd.DataFrame({"prompt": ["awful plot"], "input_ids": [[1, 5, 7]]})
+    run.log_datasets(manifest, train, evaluation)
+    run.log_datasets(manifest, train, evaluation)
+
+    logged = run.client.get_run(run.run_id)
+    inputs = {
+        tag.value: entry.dataset for entry in logged.inputs.dataset_inputs for tag in entry.tags if tag.key == "mlflow.data.context"
+    }
+    assert len(logged.inputs.dataset_inputs) == 2
+    assert inputs["training"].digest == "a" * 36 and inputs["evaluation"].digest == "b" * 36
+    assert inputs["training"].name == "prompts-train"
+    assert logged.data.tags["ppoflow.data.rows_kept"] == "9"
+
+
+def test_models_and_flow_runs_are_tagged(store, make_plan, policy_dir):
+    run = open_run(make_plan(), tracking_uri=store)
+    source = ModelSource(
+        role="policy", source=str(policy_dir), revision=None, local_dir=policy_dir, sha256="c" * 64,
+        model_class="LlamaForCausalLM", num_parameters=2864,
+    )
+    run.log_models(ModelManifest(
+        policy=source, ref=source, reward=source, value=source, tokenizer_dir=policy_dir, tokenizer_sha256="d" * 64,
+        pad_token_id=0, eos_token_id=2, stop_token_id=None,
+    ))
+    run.tag_flow_run("flow-1", "brave-otter", None, "http://127.0.0.1:4200/runs/flow-run/flow-1")
+    run.tag_flow_run("flow-2", "calm-heron", "ppo/nightly", None)
+    run.tag_flow_run("flow-2", "calm-heron", "ppo/nightly", None)
+    tags = run.client.get_run(run.run_id).data.tags
+    assert tags["ppoflow.policy.sha256"] == "c" * 64 and tags["ppoflow.value.num_parameters"] == "2864"
+    assert tags["ppoflow.ref.class"] == "LlamaForCausalLM" and tags["ppoflow.tokenizer.sha256"] == "d" * 64
+    assert tags["prefect.flow_run_ids"] == "flow-1,flow-2" and tags["prefect.last_flow_run_id"] == "flow-2"
+    assert json.loads(tags["prefect.flow_run.flow-2"]) == {"name": "calm-heron", "deployment": "ppo/nightly", "url": None}
+
+
+def test_system_metrics_are_sampled_into_the_run(store, make_plan):
+    run = open_run(make_plan(), tracking_uri=store)
+    run.start_system_metrics(sampling_interval=0.2)
+    time.sleep(1.0)
+    run.stop_system_metrics()
+    assert "system/cpu_utilization_percentage" in run.client.get_run(run.run_id).data.metrics
+
+
+def test_log_release_registers_the_policy_with_alias_and_eval_tags(store, make_plan, policy_dir, tmp_path):
+    plan = make_plan()
+    run = open_run(plan, tracking_uri=store)
+    history = [update(step) for step in range(4)]
+    release = Release(policy_dir=policy_dir, policy_sha256="e" * 64, eval_path=tmp_path / "eval.json", eval_metrics={"win_rate": 0.75})
+    report = {"reward_policy": 1.5, "reward_ref": 0.5, "win_rate": 0.75, "kl": 0.2, "eos_rate": 1.0, "oracle_policy": 0.8}
+    samples = pd.DataFrame({"prompt": ["great movie"], "policy": ["great acting"], "ref": ["awful plot"], "reward": [1.2]})
+    arguments = dict(
+        samples=samples, metrics_history=history, eval_report=report, policy_dir=policy_dir,
+        registered_model_name="ppoflow-test-policy", alias="candidate", log_model=True,
+    )
+
+    with pytest.raises(TrackingError, match="tracking.registered_model_name"):
+        run.log_release(release, **{**arguments, "registered_model_name": "team/policy"})
+    with pytest.raises(TrackingError, match="config.json"):
+        run.log_release(release, **{**arguments, "policy_dir": tmp_path})
+    assert run.client.list_artifacts(run.run_id) == []  # refused before any work
+    released = run.log_release(release, **arguments)
+
+    assert released.mlflow_run_id == run.run_id and released.registered_version == "1"
+    assert released.registered_model == "ppoflow-test-policy" and released.model_uri.startswith("models:/m-")
+    version = run.client.get_model_version_by_alias("ppoflow-test-policy", "candidate")
+    assert str(version.version) == "1" and version.run_id == run.run_id
+    assert version.source == released.model_uri
+    assert version.tags["ppoflow.config_hash"] == plan.config_hash and float(version.tags["eval.win_rate"]) == 0.75
+    logged_model = run.client.get_logged_model(released.model_uri.removeprefix("models:/"))
+    assert logged_model.source_run_id == run.run_id and logged_model.experiment_id == run.experiment_id
+    assert str(logged_model.status) in ("READY", "LoggedModelStatus.READY")
+
+    logged = run.client.get_run(run.run_id)
+    assert logged.data.metrics["eval/win_rate"] == 0.75
+    assert [output.model_id for output in logged.outputs.model_outputs] == [logged_model.model_id]
+    artifacts = {info.path for folder in ("eval", "plots") for info in run.client.list_artifacts(run.run_id, folder)}
+    assert artifacts >= {"eval/samples.json", "eval/samples.csv", "eval/eval.json", "plots/reward.png", "plots/kl.png", "plots/losses.png"}
+
+    # a retried release stage finds its version instead of registering the same weights again
+    assert run.log_release(release, **arguments).registered_version == "1"
+    assert len(run.client.search_model_versions("name = 'ppoflow-test-policy'")) == 1
+    assert [point.step for point in run.client.get_metric_history(run.run_id, "eval/win_rate")] == [3]
