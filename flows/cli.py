@@ -1,0 +1,68 @@
+"""The installed `ppoflow` command: the engine's `toy` and `train`, plus `run`, the Prefect flow.
+
+`ppoflow run --config FILE [--set key.path=value ...]` runs `flows.rlhf_ppo` against the Prefect API
+of `PREFECT_API_URL`, or an ephemeral one when it is unset, with MLflow tracking from
+`MLFLOW_TRACKING_URI` (else the SQLite store in `.ppoflow/mlflow`). A config error is reported
+before Prefect starts. Logs go to stderr; the last stdout line is the JSON summary, with the Prefect
+flow run id, the MLflow run id and the registered model version. After a failure, the same command
+again (or `prefect flow-run retry <id>`) reuses the finished stages and resumes training.
+
+Prefect settings it sets only when unset are in `PREFECT_DEFAULTS`. `PREFECT_HOME` is left alone, so
+the user's Prefect profiles keep applying; ephemeral runs keep their history in its database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from ppoflow.cli import COMMANDS, add_config_arguments, run_command
+from ppoflow.cli import build_parser as build_engine_parser
+
+log = logging.getLogger("flows.cli")
+
+PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # a cold ephemeral server needs ~12 s on 2 cores
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # the machines are offline
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "ppoflow",  # the engine's logs in the Prefect UI, beside the flow's
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = build_engine_parser()
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    run = commands.add_parser("run", help="run the whole pipeline as a Prefect flow with MLflow tracking")
+    add_config_arguments(run)
+    return parser
+
+
+def command_run(args: argparse.Namespace) -> dict[str, Any]:
+    from ppoflow.config import load_config
+
+    began = time.perf_counter()
+    config = load_config(args.config, args.overrides)
+    from flows.rlhf_ppo import rlhf_ppo
+
+    state = rlhf_ppo(config=config, return_state=True)
+    flow_run_id = state.state_details.flow_run_id
+    if not state.is_completed():
+        log.error(
+            "flow run %s ended %s: run the same command again (or `prefect flow-run retry %s`) to resume",
+            flow_run_id, state.name, flow_run_id,
+        )
+    summary = state.result()  # raises the stage's error for a failed run
+    return {**summary, "wall_seconds": round(time.perf_counter() - began, 2)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    for key, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    return run_command(build_parser(), {**COMMANDS, "run": command_run}, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""The RLHF PPO pipeline as one Prefect flow: six cached, retried stages with MLflow lineage.
+
+```
+RunConfig ─1 configure────────→ RunPlan          MLflow: the run of this config hash, plan as params
+          ─2 load_models──────→ ModelManifest    MLflow: model lineage tags
+          ─3 prepare_dataset──→ DatasetManifest  MLflow: dataset inputs with digests
+          ─4 init_trainer─────→ Checkpoint       step 0
+          ─5 train_ppo────────→ Checkpoint       MLflow: per-update metrics; Prefect: progress
+          ─6 save_and_evaluate→ Release          MLflow: logged + registered model with alias
+```
+
+A stage whose inputs and source are unchanged comes back `Cached` in any later flow run, unless
+the files its manifest names are gone or changed (`tasks.common`). A failed flow run re-run (or
+retried) finds stages 1–4 cached and resumes training from its newest checkpoint.
+
+Parameters: `config`, a whole `RunConfig` (the UI renders it as a form and a deployment stores it as
+JSON), and `overrides`, `key.path=value` strings applied on top (as `--set` does).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.runtime import deployment, flow_run
+from prefect.settings import PREFECT_UI_URL
+
+from ppoflow import tracking
+from ppoflow.cli import final_metrics
+from ppoflow.config import RunConfig, build_config
+from ppoflow.manifests import DatasetManifest, ModelManifest, Release, RunPlan
+from tasks import Stages
+
+
+def run_name() -> str:
+    """`policy-3f2a9c01`: the policy model's name and the config hash (as the MLflow run is named)."""
+    parameters = flow_run.parameters
+    try:
+        config = effective_config(RunConfig.model_validate(parameters["config"]), parameters.get("overrides"))
+    except Exception:  # the flow body reports a bad config with its message
+        return "rlhf-ppo-invalid-config"
+    policy = Path(config.models.policy.rstrip("/")).name or "policy"
+    return f"{policy}-{config.config_hash()[:8]}"
+
+
+@flow(name="rlhf-ppo", flow_run_name=run_name, description="RLHF with PPO: policy, reference, reward and value models.")
+def rlhf_ppo(config: RunConfig, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train a policy with PPO against a reward model; return the run summary."""
+    config = effective_config(config, overrides)
+    stages = Stages(config.flow)
+    tracking.check_reachable(tracking.resolve_tracking_uri())  # fail before any expensive work
+
+    plan = stages.configure(config)
+    with mlflow_run(plan) as run:
+        models = stages.load_models(plan, run.run_id)
+        data = stages.prepare_dataset(plan, models, run.run_id)
+        start = stages.init_trainer(plan, models, data)
+        final = stages.train_ppo(plan, models, data, start, run.run_id)
+        release = stages.save_and_evaluate(plan, models, data, final, run.run_id)
+        publish_artifacts(plan, models, data, release, run)
+    return summary(plan, release)
+
+
+def effective_config(config: RunConfig, overrides: list[str] | None) -> RunConfig:
+    """`config` with the overrides applied and local paths made absolute: a flow run's cache keys and
+    config hash must not depend on the directory it happens to start in."""
+    if overrides:
+        config = build_config(config.model_dump(mode="json"), overrides)
+    models = {field: _absolute(getattr(config.models, field)) for field in ("policy", "reward", "value", "ref", "tokenizer")}
+    update: dict[str, Any] = {
+        "output_dir": config.output_dir.expanduser().resolve(),
+        "models": config.models.model_copy(update=models),
+        "data": config.data.model_copy(update={"path": _absolute(config.data.path)}),
+    }
+    if config.flow.result_storage:
+        update["flow"] = config.flow.model_copy(update={"result_storage": str(Path(config.flow.result_storage).expanduser().resolve())})
+    return config.model_copy(update=update)
+
+
+def _absolute(source: str | None) -> str | None:
+    """A path that exists locally, made absolute; a Hub id (or None) unchanged."""
+    if source is None or not Path(source).expanduser().exists():
+        return source
+    return str(Path(source).expanduser().resolve())
+
+
+@contextmanager
+def mlflow_run(plan: RunPlan) -> Iterator[tracking.TrackingRun]:
+    """The MLflow run of this config hash (continued when a retry or re-run finds it), tagged with this
+    flow run, ended FINISHED when the flow body gets through and FAILED when a stage fails."""
+    run = tracking.open_run(plan)
+    ui_url = flow_run.ui_url if PREFECT_UI_URL.value() else None
+    run.tag_flow_run(flow_run.id, flow_run.name, deployment.name, ui_url)
+    run.log_plan(plan)
+    if plan.config.tracking.system_metrics:
+        run.start_system_metrics()
+    try:
+        yield run
+    except BaseException as exc:
+        run.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    run.finish("FINISHED")
+
+
+def publish_artifacts(plan: RunPlan, models: ModelManifest, data: DatasetManifest, release: Release, run: tracking.TrackingRun) -> None:
+    """Prefect artifacts of this flow run: where the MLflow run is, a summary, sample completions."""
+    uri = tracking.redact(run.tracking_uri)
+    if uri.startswith(("http://", "https://")):
+        create_link_artifact(
+            key="mlflow-run", link=f"{uri.rstrip('/')}/#/experiments/{run.experiment_id}/runs/{run.run_id}",
+            link_text=f"MLflow run {run.run_id}", description="The MLflow run of this training job",
+        )
+    else:
+        create_markdown_artifact(
+            key="mlflow-run", description="The MLflow run of this training job",
+            markdown=f"MLflow run `{run.run_id}` in `{uri}`. Browse it with\n\n```\nmlflow ui --backend-store-uri {uri}\n```\n",
+        )
+    create_markdown_artifact(key="rlhf-ppo-summary", markdown=summary_markdown(plan, models, data, release), description="Run summary")
+    samples_path = plan.output_dir / "samples.jsonl"
+    if samples_path.is_file():
+        rows = [json.loads(line) for line in samples_path.read_text().splitlines() if line.strip()]
+        create_table_artifact(key="sample-completions", table=rows, description="Policy and reference completions of eval prompts")
+
+
+def summary_markdown(plan: RunPlan, models: ModelManifest, data: DatasetManifest, release: Release) -> str:
+    last = final_metrics(plan.output_dir)
+    lines = [
+        f"# PPO run `{plan.config_hash}`",
+        "",
+        f"Workspace `{plan.output_dir}`; {plan.batch.num_updates} updates of {plan.batch.batch_size} episodes.",
+        "",
+        "| model | source | sha256 | parameters |",
+        "|---|---|---|---|",
+    ]
+    for source in (models.policy, models.ref, models.reward, models.value):
+        if source is not None:
+            lines.append(f"| {source.role} | `{source.source}` | `{source.sha256[:12]}` | {source.num_parameters:,} |")
+    lines += [
+        "",
+        f"Prompts: {data.rows_read} read, {data.rows_kept} kept ({data.dropped_too_long} too long, {data.dropped_empty} empty), "
+        f"{data.train_rows} train / {data.eval_rows} eval.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    shown = {f"final {key}": value for key, value in last.items() if key.startswith(("objective/", "loss/"))}
+    shown |= {f"eval {key}": value for key, value in release.eval_metrics.items()}
+    lines += [f"| {key} | {value:.4g} |" for key, value in shown.items() if isinstance(value, (int, float))]
+    if release.registered_model:
+        lines += ["", f"Registered model **{release.registered_model}** version **{release.registered_version}** (`{release.model_uri}`)."]
+    return "\n".join(lines) + "\n"
+
+
+def summary(plan: RunPlan, release: Release) -> dict[str, Any]:
+    """The JSON summary `ppoflow run` prints (the CLI adds wall seconds)."""
+    last = final_metrics(plan.output_dir)
+    return {
+        "output_dir": str(plan.output_dir),
+        "config_hash": plan.config_hash,
+        "updates": last.get("update"),
+        "episodes": last.get("episode"),
+        "final_metrics": {key: value for key, value in last.items() if key.startswith(("objective/", "loss/", "policy/"))},
+        "eval": release.eval_metrics,
+        "policy_dir": str(release.policy_dir),
+        "prefect_flow_run_id": str(flow_run.id),
+        "mlflow_run_id": release.mlflow_run_id,
+        "model_uri": release.model_uri,
+        "registered_model": {"name": release.registered_model, "version": release.registered_version},
+    }

@@ -1,0 +1,110 @@
+"""What the six stage tasks share: a cache that never trusts a stale manifest, the retry rule, run names.
+
+Caching. A stage's cache key is its inputs (pydantic manifests, hashed as JSON: the same bytes in
+every process) plus the task's source, never the flow run id, so any later flow run with the same
+inputs reuses the result. Results are persisted as JSON records in `config.flow.result_storage`
+(default `.ppoflow/prefect-results`). A stored manifest is only a hit while `is_intact()` holds:
+when its files are gone or changed, the key moves to the next generation (see `IntactManifests`)
+and the stage runs again.
+
+Retries. Every stage retries transient failures (a crash, a lost connection, an injected fault)
+with the backoff of `config.flow`; a `PpoflowError` (bad config, bad data, a model that does not fit
+its role) is a user error that no retry can fix, so it fails at once with its message.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import Task
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+from prefect.client.schemas.objects import TaskRun
+from prefect.context import TaskRunContext
+from prefect.results import ResultStore
+from prefect.runtime import task_run
+from prefect.states import State
+from prefect.utilities.hashing import hash_objects
+
+from ppoflow.config import FlowConfig
+from ppoflow.manifests import Manifest
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RESULT_STORAGE = Path(".ppoflow/prefect-results")
+
+
+@dataclass
+class IntactManifests(CachePolicy):
+    """INPUTS + TASK_SOURCE, where a stored manifest whose files are missing or changed is no hit.
+
+    Prefect counts any record stored under the key as a hit, so the check happens while the key is
+    computed: a record at the key whose manifest is not intact sends the key on to
+    `hash(key, stale manifest)`, and so on, until a key without a record (the stage runs and stores
+    its fresh manifest there) or one with an intact manifest (a hit). The walk is deterministic, so
+    the next flow run follows the same chain to the fresh result; nothing is deleted, and a stale
+    record whose files come back unchanged is valid again.
+    """
+
+    base: CachePolicy = field(default_factory=lambda: INPUTS + TASK_SOURCE)
+
+    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
+        key = self.base.compute_key(task_ctx=task_ctx, inputs=inputs, flow_parameters=flow_parameters, **kwargs)
+        store = task_ctx.result_store if task_ctx else None
+        while key is not None and store is not None and store.exists(key):
+            stale = _stale_manifest(store, key)
+            if stale is None:
+                return key
+            log.warning("%s: the cached result's files are missing or changed — running the stage again", task_ctx.task.name)
+            key = hash_objects(key, stale, raise_on_failure=True)
+        return key
+
+
+def _stale_manifest(store: ResultStore, key: str) -> Any:
+    """None when the record at `key` can be reused; else what to fold into the next key."""
+    try:
+        cached = store.read(key).result
+    except Exception as exc:  # unreadable record (another serializer, a removed class): never trusted
+        return f"unreadable: {type(exc).__name__}"
+    if isinstance(cached, Manifest) and not cached.is_intact():
+        return cached
+    return None
+
+
+def retry_unless_user_error(task: Task, task_run: TaskRun, state: State) -> bool:
+    """Prefect's `retry_condition_fn`: retry anything but a `PpoflowError` (its `retryable` is False)."""
+    try:
+        state.result()
+    except Exception as exc:
+        return getattr(exc, "retryable", True)
+    return True
+
+
+def result_storage(flow: FlowConfig) -> Path:
+    """An absolute path (Prefect reads a plain string as a storage block slug)."""
+    return Path(flow.result_storage or DEFAULT_RESULT_STORAGE).expanduser().resolve()
+
+
+def flow_options(flow: FlowConfig) -> dict[str, Any]:
+    """The `with_options` a flow run applies to every stage: retries, backoff, where results live."""
+    return {"retries": flow.retries, "retry_delay_seconds": list(flow.retry_delay_seconds), "result_storage": result_storage(flow)}
+
+
+def stage_run_name(parameters: dict[str, Any]) -> str:
+    """`load_models[policy-3f2a9c01]`: the stage, the policy model's name and the config hash."""
+    plan = parameters.get("plan")
+    config = plan.config if plan is not None else parameters["config"]
+    config_hash = plan.config_hash if plan is not None else config.config_hash()
+    policy = Path(config.models.policy.rstrip("/")).name or "policy"
+    return f"{task_run.task_name}[{policy}-{config_hash[:8]}]"
+
+
+STAGE_OPTIONS: dict[str, Any] = {
+    "cache_policy": IntactManifests(),
+    "persist_result": True,
+    "result_serializer": "json",
+    "retry_condition_fn": retry_unless_user_error,
+    "task_run_name": stage_run_name,
+}

@@ -1,0 +1,51 @@
+"""Stage 5: PPO updates from the newest intact checkpoint to the last one.
+
+A retried or re-run stage resumes where the crashed attempt last checkpointed (the engine finds the
+checkpoint; the data order and RNG states make the result bitwise that of an uninterrupted run).
+Each update's metrics go to the MLflow run and move a Prefect progress artifact; both callbacks run
+on the task's own thread, inside the trainer loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+from ppoflow import pipeline
+from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, RunPlan
+from ppoflow.tracking import TrackingRun
+from tasks.common import STAGE_OPTIONS
+
+log = logging.getLogger(__name__)
+
+
+@task(name="train_ppo", **STAGE_OPTIONS)
+def train_ppo(plan: RunPlan, models: ModelManifest, data: DatasetManifest, start: CheckpointManifest, mlflow_run_id: str) -> CheckpointManifest:
+    """`start` (the step-0 checkpoint) orders the stages and keys the cache; training itself resumes
+    from the newest intact checkpoint on disk. Returns the final checkpoint."""
+    run = TrackingRun.attach(mlflow_run_id, output_dir=plan.output_dir)
+    try:
+        return pipeline.train(plan, models, data, callbacks=[run.metrics_sink(), TrainingProgress(plan)])
+    finally:
+        run.flush()
+
+
+class TrainingProgress:
+    """A Prefect progress artifact at `update / num_updates`; a failed update of it never stops training."""
+
+    def __init__(self, plan: RunPlan):
+        self.num_updates = plan.batch.num_updates
+        self.artifact_id = create_progress_artifact(
+            progress=0.0, key="ppo-training-progress", description=f"PPO updates of config {plan.config_hash}"
+        )
+
+    def __call__(self, metrics: dict[str, Any]) -> None:
+        update = metrics["update"]
+        description = f"update {update}/{self.num_updates}: score {metrics['objective/scores']:.3f}, KL {metrics['objective/kl']:.3f}"
+        try:
+            update_progress_artifact(self.artifact_id, progress=100.0 * update / self.num_updates, description=description)
+        except Exception as exc:  # the Prefect API is down: training goes on, the UI catches up later
+            log.warning("progress artifact not updated: %s", exc)
