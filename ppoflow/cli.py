@@ -85,9 +85,9 @@ def run_command(parser: argparse.ArgumentParser, commands: dict[str, Callable], 
     except PpoflowError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    from accelerate import PartialState
+    from ppoflow.runtime import process_state
 
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         print(json.dumps(summary, default=str))
     return 0
 

@@ -15,24 +15,20 @@ from pathlib import Path
 
 import torch
 import yaml
-from accelerate import PartialState
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ppoflow.checkpoint import newest_valid_checkpoint, read_state
+from ppoflow.checkpoint import newest_valid_checkpoint, read_state, verify_checkpoint
 from ppoflow.config import BatchPlan, RunConfig, validate_sources
 from ppoflow.data import prepare_prompts
 from ppoflow.errors import ConfigError, ModelError
 from ppoflow.evaluate import evaluate_policy, load_trained_policy, save_policy, write_eval
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, Release, RunPlan, sha256_tree
-from ppoflow.models import describe_models, prepare_tokenizer, resolve_dtype
+from ppoflow.models import describe_models, load_tokenizer, prepare_tokenizer, resolve_dtype
 from ppoflow.rewards import load_reward_functions
+from ppoflow.runtime import process_state
 from ppoflow.trainer import MetricsCallback, PPOTrainer
 
 log = logging.getLogger(__name__)
-
-
-def _state() -> PartialState:
-    return PartialState()
 
 
 def _check_writable(output_dir: Path) -> None:
@@ -49,7 +45,7 @@ def configure(config: RunConfig, world_size: int | None = None) -> RunPlan:
     """Stage 1: validate everything cheap to check, derive the batch plan, claim the workspace."""
     validate_sources(config)
     load_reward_functions(config.reward_functions)
-    batch = BatchPlan.derive(config.ppo, world_size or _state().num_processes)
+    batch = BatchPlan.derive(config.ppo, world_size or process_state().num_processes)
     output_dir = config.output_dir.expanduser().resolve()
     config_hash = config.config_hash()
     found = newest_valid_checkpoint(output_dir / "checkpoints")
@@ -59,7 +55,7 @@ def configure(config: RunConfig, world_size: int | None = None) -> RunPlan:
             f"{output_dir} holds checkpoints of another config ({read_state(found[0])['config_hash']})",
             "use a new output_dir for a changed config, or delete the old run",
         )
-    if _state().is_main_process:
+    if process_state().is_main_process:
         _check_writable(output_dir)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     return RunPlan(config=config, config_hash=config_hash, output_dir=output_dir, batch=batch)
@@ -70,12 +66,10 @@ def load_models(plan: RunPlan) -> ModelManifest:
     config = plan.config
     sources = describe_models(config.models, config.peft)
     tokenizer_dir = plan.output_dir / "tokenizer"
-    if _state().is_main_process:
+    if process_state().is_main_process:
         tokenizer = prepare_tokenizer(config, sources, tokenizer_dir)
-    _state().wait_for_everyone()
-    if not _state().is_main_process:
-        from ppoflow.models import load_tokenizer
-
+    process_state().wait_for_everyone()
+    if not process_state().is_main_process:
         tokenizer = load_tokenizer(tokenizer_dir)
     vocab_size = AutoConfig.from_pretrained(sources["policy"].local_dir).vocab_size
     stop_token_id = config.ppo.stop_token_id
@@ -108,12 +102,10 @@ def _check_lora_targets(policy_dir: Path, config: RunConfig) -> None:
 def prepare_dataset(plan: RunPlan, models: ModelManifest) -> DatasetManifest:
     """Stage 3: tokenize, filter and split the prompts once, on the main process."""
     out_dir = plan.output_dir / "data"
-    if _state().is_main_process:
-        from ppoflow.models import load_tokenizer
-
+    if process_state().is_main_process:
         manifest = prepare_prompts(plan.config.data, load_tokenizer(models.tokenizer_dir), out_dir, seed=plan.config.ppo.seed)
-    _state().wait_for_everyone()
-    if not _state().is_main_process:
+    process_state().wait_for_everyone()
+    if not process_state().is_main_process:
         manifest = DatasetManifest.model_validate_json((out_dir / "dataset.json").read_text())
     if manifest.train_rows < plan.batch.local_batch_size // max(plan.config.ppo.num_mini_batches, 1):
         log.warning("only %d training prompts for rollout batches of %d: prompts repeat within a batch", manifest.train_rows, plan.batch.batch_size)
@@ -126,8 +118,6 @@ def init_trainer(plan: RunPlan, models: ModelManifest, data: DatasetManifest) ->
     step_zero = plan.output_dir / "checkpoints" / "step-000000"
     if step_zero.is_dir():
         try:
-            from ppoflow.checkpoint import verify_checkpoint
-
             digest = verify_checkpoint(step_zero)
             if read_state(step_zero)["config_hash"] == plan.config_hash:
                 return CheckpointManifest(path=step_zero, update=0, episode=0, num_updates=plan.batch.num_updates, sha256=digest)
@@ -156,14 +146,12 @@ def save_and_evaluate(plan: RunPlan, models: ModelManifest, data: DatasetManifes
     """Stage 6: the trained policy in Hugging Face format, and its evaluation against the reference."""
     config = plan.config
     policy_dir = plan.output_dir / "final"
-    state = _state()
+    state = process_state()
     if state.is_main_process:
-        from ppoflow.models import load_tokenizer
-
         policy = load_trained_policy(config, models, final.path, resolve_dtype(config.models.dtype))
-        merged_dir = save_policy(config, policy, load_tokenizer(models.tokenizer_dir), models, policy_dir)
         metrics, samples = evaluate_policy(config, models, data.eval_dir, policy, state.device)
-        eval_path = write_eval(plan.output_dir, metrics, samples)
+        write_eval(plan.output_dir, metrics, samples)
+        save_policy(config, policy, load_tokenizer(models.tokenizer_dir), models, policy_dir)  # merging LoRA mutates: last
     state.wait_for_everyone()
     eval_path = plan.output_dir / "eval.json"
     merged = policy_dir.with_name("final-merged")

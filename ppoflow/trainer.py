@@ -44,6 +44,7 @@ from ppoflow.losses import entropy_from_logits, logprobs_of, policy_loss, value_
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, RunPlan
 from ppoflow.models import add_lora, load_causal_lm, load_classifier, load_tokenizer, resolve_dtype, token_scores
 from ppoflow.rewards import load_reward_functions
+from ppoflow.runtime import make_accelerator
 from ppoflow.rollout import Rollout, RolloutWorker, left_pad, model_inputs, trim_padding
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class PPOTrainer:
         self.config = plan.config
         self.ppo = plan.config.ppo
         self.batch = plan.batch
-        self.accelerator = accelerator or Accelerator()
+        self.accelerator = accelerator or make_accelerator()
         if self.accelerator.num_processes != self.batch.world_size:
             raise CheckpointError(
                 f"the run plan is for {self.batch.world_size} process(es) but {self.accelerator.num_processes} are running — "

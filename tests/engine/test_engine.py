@@ -177,7 +177,7 @@ def test_two_processes_under_accelerate_launch(make_config, tmp_path):
     config_path = write_config(config, tmp_path / "dist.yaml")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ppoflow.cli", "train", "--config", str(config_path)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
