@@ -44,15 +44,17 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
     from ppoflow.config import load_config
 
     began = time.perf_counter()
-    config = load_config(args.config, args.overrides)
-    from flows.rlhf_ppo import rlhf_ppo
+    config = load_config(args.config, args.overrides)  # a bad config stops here, before Prefect starts
+    from flows import rlhf_ppo as flow_module
 
-    state = rlhf_ppo(config=config, return_state=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
+    state = flow_module.rlhf_ppo(config=config, return_state=True)
     flow_run_id = state.state_details.flow_run_id
     if not state.is_completed():
         log.error(
-            "flow run %s ended %s: run the same command again (or `prefect flow-run retry %s`) to resume",
-            flow_run_id, state.name, flow_run_id,
+            "flow run %s ended %s: run the same command again, or `prefect flow-run retry %s --entrypoint %s:rlhf_ppo`, "
+            "to reuse the finished stages and resume training",
+            flow_run_id, state.name, flow_run_id, flow_module.__file__,
         )
     summary = state.result()  # raises the stage's error for a failed run
     return {**summary, "wall_seconds": round(time.perf_counter() - began, 2)}

@@ -26,11 +26,11 @@ log = logging.getLogger(__name__)
 def train_ppo(plan: RunPlan, models: ModelManifest, data: DatasetManifest, start: CheckpointManifest, mlflow_run_id: str) -> CheckpointManifest:
     """`start` (the step-0 checkpoint) orders the stages and keys the cache; training itself resumes
     from the newest intact checkpoint on disk. Returns the final checkpoint."""
-    run = TrackingRun.attach(mlflow_run_id, output_dir=plan.output_dir)
+    sink = TrackingRun.attach(mlflow_run_id, output_dir=plan.output_dir).metrics_sink()
     try:
-        return pipeline.train(plan, models, data, callbacks=[run.metrics_sink(), TrainingProgress(plan)])
+        return pipeline.train(plan, models, data, callbacks=[sink, TrainingProgress(plan)])
     finally:
-        run.flush()
+        sink.close()  # delivers what is buffered (the rest waits in the spool for the resume)
 
 
 class TrainingProgress:

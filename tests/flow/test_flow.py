@@ -1,0 +1,262 @@
+"""The Prefect flow end to end: an embedded Prefect server, a SQLite MLflow store, the toy world.
+
+One uninterrupted run (through the `ppoflow run` CLI) serves as the reference the others are
+compared with: a re-run of it is all cached, deleted or changed files are recomputed, a run that
+crashes mid-training resumes to bitwise the same policy, and a bad config fails in stage 1 at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import mlflow
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from ppoflow.config import RunConfig
+from ppoflow.errors import ConfigError, InjectedFault, TrackingError
+from ppoflow.manifests import DatasetManifest
+
+pytestmark = [pytest.mark.flow, pytest.mark.slow]
+
+STAGES = ["configure", "load_models", "prepare_dataset", "init_trainer", "train_ppo", "save_and_evaluate"]
+
+
+def run_cli(*argv: str) -> tuple[int, str]:
+    from flows.cli import main
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(list(argv))
+    return code, stdout.getvalue()
+
+
+def run_flow(tree: dict[str, Any]):
+    from flows.rlhf_ppo import rlhf_ppo
+
+    return rlhf_ppo(config=RunConfig.model_validate(tree), return_state=True)
+
+
+def task_runs(flow_run_id: str | UUID) -> dict[str, Any]:
+    """The flow run's task runs by stage name, read back from the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(str(flow_run_id))])))
+    return {run.name.split("[")[0]: run for run in runs}
+
+
+def stage_states(flow_run_id: str | UUID) -> dict[str, str]:
+    return {stage: run.state.name for stage, run in task_runs(flow_run_id).items()}
+
+
+def flow_artifacts(flow_run_id: str | UUID) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(str(flow_run_id))])))
+
+
+def metric_lines(output_dir: Path) -> list[str]:
+    return [line for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def policy_tensors(policy_dir: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(policy_dir.glob("*.safetensors")):
+        tensors |= load_file(file)
+    assert tensors, f"no safetensors in {policy_dir}"
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def reference(flow_env, make_flow_config, flow_workspace) -> dict[str, Any]:
+    """One uninterrupted run through `ppoflow run`: its config tree and the CLI's JSON summary."""
+    tree = make_flow_config("reference")
+    config_file = flow_workspace / "reference.yaml"
+    config_file.write_text(yaml.safe_dump(tree, sort_keys=False))
+    code, stdout = run_cli("run", "--config", str(config_file))
+    assert code == 0, stdout
+    return {"tree": tree, "summary": json.loads(stdout.strip().splitlines()[-1]), "output_dir": Path(tree["output_dir"])}
+
+
+def test_a_full_run_leaves_its_lineage_in_mlflow_and_prefect(reference, flow_env):
+    summary, output_dir = reference["summary"], reference["output_dir"]
+    assert summary["output_dir"] == str(output_dir)
+    assert summary["updates"] == 3 and summary["episodes"] == 48
+    assert {"reward_policy", "reward_ref", "win_rate", "kl", "oracle_policy"} <= summary["eval"].keys()
+    assert summary["wall_seconds"] > 0 and "objective/scores" in summary["final_metrics"]
+
+    client = mlflow.MlflowClient(tracking_uri=flow_env)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["ppo.learning_rate"] == "5e-05" and run.data.params["batch.num_updates"] == "3"
+    assert run.data.tags["ppoflow.config_hash"] == summary["config_hash"]
+    assert summary["prefect_flow_run_id"] in run.data.tags["prefect.flow_run_ids"].split(",")
+    assert run.data.tags["ppoflow.policy.sha256"] and run.data.tags["ppoflow.reward.class"]
+    for key in ("objective/scores", "objective/kl", "loss/policy_avg"):
+        assert [point.step for point in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3]
+    assert client.get_metric_history(run.info.run_id, "eval/win_rate")[0].value == pytest.approx(summary["eval"]["win_rate"])
+
+    manifest = DatasetManifest.model_validate_json((output_dir / "data" / "dataset.json").read_text())
+    datasets = {tag.value: entry.dataset for entry in run.inputs.dataset_inputs for tag in entry.tags if tag.key == "mlflow.data.context"}
+    assert datasets["training"].digest == manifest.train_digest[:36]
+    assert datasets["evaluation"].digest == manifest.eval_digest[:36]
+
+    name, version = summary["registered_model"]["name"], summary["registered_model"]["version"]
+    assert name == "ppoflow-flow-test-policy"
+    aliased = client.get_model_version_by_alias(name, "candidate")
+    assert str(aliased.version) == version and aliased.run_id == run.info.run_id
+    logged = client.get_logged_model(summary["model_uri"].removeprefix("models:/"))
+    assert logged.source_run_id == run.info.run_id
+    artifacts = {artifact.path for folder in ("eval", "config") for artifact in client.list_artifacts(run.info.run_id, folder)}
+    assert {"eval/eval.json", "eval/samples.json", "config/config.yaml"} <= artifacts
+
+    flow_run_id = summary["prefect_flow_run_id"]
+    runs = task_runs(flow_run_id)
+    assert sorted(runs) == sorted(STAGES)
+    assert all(run.state.name == "Completed" for run in runs.values())
+    assert runs["train_ppo"].name == f"train_ppo[policy-{summary['config_hash'][:8]}]"
+    by_key = {artifact.key: artifact for artifact in flow_artifacts(flow_run_id)}
+    assert run.info.run_id in by_key["mlflow-run"].data and "mlflow ui --backend-store-uri" in by_key["mlflow-run"].data
+    assert summary["config_hash"] in by_key["rlhf-ppo-summary"].data
+    assert len(json.loads(by_key["sample-completions"].data)) == 4
+    progress = by_key["ppo-training-progress"]
+    assert progress.type == "progress" and float(progress.data) == 100.0
+    assert progress.task_run_id == runs["train_ppo"].id
+
+
+def test_the_same_config_again_is_all_cached_in_the_same_mlflow_run(reference, flow_env):
+    state = run_flow(reference["tree"])
+    summary = state.result()
+    flow_run_id = state.state_details.flow_run_id
+
+    assert stage_states(flow_run_id) == {stage: "Cached" for stage in STAGES}
+    assert summary["mlflow_run_id"] == reference["summary"]["mlflow_run_id"]
+    assert summary["registered_model"] == reference["summary"]["registered_model"]
+    tags = mlflow.MlflowClient(tracking_uri=flow_env).get_run(summary["mlflow_run_id"]).data.tags
+    assert {reference["summary"]["prefect_flow_run_id"], str(flow_run_id)} <= set(tags["prefect.flow_run_ids"].split(","))
+
+
+def test_a_cached_stage_whose_files_are_gone_or_changed_runs_again(reference):
+    output_dir = reference["output_dir"]
+    shutil.rmtree(output_dir / "data")
+    tokenizer_config = output_dir / "tokenizer" / "tokenizer_config.json"
+    tokenizer_config.write_text(tokenizer_config.read_text() + " ")
+
+    state = run_flow(reference["tree"])
+
+    assert state.is_completed()
+    expected = {stage: "Cached" for stage in STAGES} | {"load_models": "Completed", "prepare_dataset": "Completed"}
+    assert stage_states(state.state_details.flow_run_id) == expected
+    assert DatasetManifest.model_validate_json((output_dir / "data" / "dataset.json").read_text()).is_intact()
+
+
+def test_a_crashed_training_resumes_from_its_checkpoint_to_the_same_policy(reference, flow_env, make_flow_config, monkeypatch, caplog):
+    tree = make_flow_config("crashed", "flow.retries=0", "tracking.log_model=false")
+    output_dir = Path(tree["output_dir"])
+    monkeypatch.setenv("PPOFLOW_FAULT_AFTER_UPDATE", "2")  # after the checkpoint of update 2
+
+    failed = run_flow(tree)
+
+    assert failed.is_failed()
+    with pytest.raises(InjectedFault):
+        failed.result()
+    states = stage_states(failed.state_details.flow_run_id)
+    assert states == {"configure": "Completed", "load_models": "Completed", "prepare_dataset": "Completed", "init_trainer": "Completed", "train_ppo": "Failed"}
+    before = metric_lines(output_dir)
+    assert [json.loads(line)["update"] for line in before] == [1, 2]
+
+    caplog.set_level(logging.INFO, logger="ppoflow")
+    resumed = run_flow(tree)
+
+    summary = resumed.result()
+    assert stage_states(resumed.state_details.flow_run_id) == {
+        "configure": "Cached", "load_models": "Cached", "prepare_dataset": "Cached", "init_trainer": "Cached",
+        "train_ppo": "Completed", "save_and_evaluate": "Completed",
+    }
+    assert "resuming from step-000002 (update 2 of 3)" in caplog.text
+    after = metric_lines(output_dir)
+    assert after[:2] == before and json.loads(after[2])["update"] == 3  # updates 1-2 were not trained again
+
+    client = mlflow.MlflowClient(tracking_uri=flow_env)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    flow_runs = set(run.data.tags["prefect.flow_run_ids"].split(","))
+    assert {str(failed.state_details.flow_run_id), str(resumed.state_details.flow_run_id)} <= flow_runs
+    assert [point.step for point in client.get_metric_history(run.info.run_id, "objective/scores")] == [1, 2, 3]
+
+    expected = policy_tensors(reference["output_dir"] / "final")
+    actual = policy_tensors(output_dir / "final")
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+
+
+def test_a_bad_config_fails_in_stage_one_without_retries(flow_env, make_flow_config, flow_workspace, capsys):
+    tree = make_flow_config("bad", "ppo.num_mini_batches=8")  # a rollout batch of 128 > 48 episodes
+
+    state = run_flow(tree)
+
+    assert state.is_failed()
+    with pytest.raises(ConfigError, match="ppo.total_episodes"):
+        state.result()
+    runs = task_runs(state.state_details.flow_run_id)
+    assert list(runs) == ["configure"]
+    assert runs["configure"].state.is_failed() and runs["configure"].run_count == 1  # retries: 2, none used
+    assert "ppo.total_episodes" in runs["configure"].state.message
+
+    config_file = flow_workspace / "typo.yaml"
+    config_file.write_text(yaml.safe_dump(make_flow_config("typo"), sort_keys=False))
+    code, stdout = run_cli("run", "--config", str(config_file), "--set", "ppo.learning_rat=1e-5")
+    assert code == 2 and stdout == ""
+    assert "config field `ppo.learning_rat`: is not a known setting" in capsys.readouterr().err
+
+
+def test_transient_failures_are_retried_and_user_errors_are_not(flow_env):
+    from prefect import flow, task
+
+    from tasks.common import retry_unless_user_error
+
+    attempts: list[str] = []
+
+    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=retry_unless_user_error)
+    def fails_once(error: Exception) -> str:
+        attempts.append(type(error).__name__)
+        if attempts.count(type(error).__name__) == 1:
+            raise error
+        return "done"
+
+    @flow
+    def both() -> list[Any]:
+        crash = fails_once(InjectedFault("crash"), return_state=True)
+        user_error = fails_once(ConfigError("ppo.seed", "is wrong"), return_state=True)
+        return [crash, user_error]
+
+    crash, user_error = both()
+    assert crash.is_completed() and user_error.is_failed()
+    assert attempts == ["InjectedFault", "InjectedFault", "ConfigError"]
+
+
+def test_an_unreachable_tracking_server_stops_the_flow_before_any_stage(flow_env, make_flow_config, monkeypatch):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+
+    state = run_flow(make_flow_config("unreachable"))
+
+    with pytest.raises(TrackingError, match="does not answer"):
+        state.result()
+    assert task_runs(state.state_details.flow_run_id) == {}
