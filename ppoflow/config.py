@@ -59,10 +59,12 @@ class PPOConfig(_Section):
     """PPO hyperparameters, with TRL `PPOConfig` names and meanings."""
 
     total_episodes: int = Field(1024, gt=0, description="Number of prompts to roll out over the whole run.")
-    per_device_train_batch_size: int = Field(8, gt=0, description="Micro-batch size per process.")
-    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per mini-batch (one optimizer step).")
+    per_device_train_batch_size: int = Field(8, gt=0, description="Largest micro-batch per process.")
+    gradient_accumulation_steps: int = Field(
+        1, gt=0, description="Rollout batch per process = per_device_train_batch_size × this (TRL's meaning)."
+    )
     num_ppo_epochs: int = Field(4, gt=0, description="Passes over each rollout batch.")
-    num_mini_batches: int = Field(1, gt=0, description="Mini-batches (optimizer steps) per PPO epoch.")
+    num_mini_batches: int = Field(1, gt=0, description="Mini-batches per epoch; one optimizer step each.")
     local_rollout_forward_batch_size: int = Field(64, gt=0, description="Prompts per generate/forward chunk.")
     response_length: int = Field(53, gt=0, description="Maximum new tokens per response.")
     stop_token: Literal["eos"] | None = Field(None, description="'eos' stops responses at the tokenizer's EOS.")
@@ -184,41 +186,62 @@ class RunConfig(_Section):
 
 
 class BatchPlan(BaseModel):
-    """Derived batch arithmetic, as in TRL: a mini-batch is `gradient_accumulation_steps`
-    micro-batches of `per_device_train_batch_size`; a rollout batch is `num_mini_batches` of them."""
+    """Derived batch arithmetic, exactly TRL 1.12's `PPOConfig`: a rollout batch is
+    `per_device_train_batch_size × gradient_accumulation_steps` prompts per process, split into
+    `num_mini_batches` mini-batches; each mini-batch is processed in micro-batches of at most
+    `per_device_train_batch_size` and ends with one optimizer step (TRL stepped only every
+    `gradient_accumulation_steps` micro-batches, i.e. once per epoch, whatever `num_mini_batches`)."""
 
     model_config = ConfigDict(frozen=True)
 
     world_size: int
-    micro_batch_size: int
-    local_mini_batch_size: int
     local_batch_size: int
-    mini_batch_size: int
     batch_size: int
+    local_mini_batch_size: int
+    mini_batch_size: int
+    local_micro_batch_size: int
+    micro_batch_size: int
+    micro_batches_per_mini_batch: int
     num_updates: int
     optimizer_steps: int
     rollout_chunks: int
 
     @classmethod
     def derive(cls, ppo: PPOConfig, world_size: int = 1) -> BatchPlan:
-        local_mini = ppo.per_device_train_batch_size * ppo.gradient_accumulation_steps
-        local_batch = local_mini * ppo.num_mini_batches
+        local_batch = ppo.per_device_train_batch_size * ppo.gradient_accumulation_steps
         batch = local_batch * world_size
+        if local_batch % ppo.num_mini_batches:
+            raise ConfigError(
+                "ppo.num_mini_batches",
+                f"{ppo.num_mini_batches} does not divide the per-process rollout batch of {local_batch} "
+                "(per_device_train_batch_size × gradient_accumulation_steps)",
+                f"choose a divisor of {local_batch}",
+            )
+        local_mini = local_batch // ppo.num_mini_batches
+        local_micro = min(ppo.per_device_train_batch_size, local_mini)
+        if local_mini % local_micro:
+            raise ConfigError(
+                "ppo.per_device_train_batch_size",
+                f"{local_micro} does not divide the per-process mini-batch of {local_mini}",
+                "make gradient_accumulation_steps a multiple of num_mini_batches",
+            )
         if ppo.total_episodes < batch:
             raise ConfigError(
                 "ppo.total_episodes",
                 f"{ppo.total_episodes} is smaller than one rollout batch of {batch} "
-                f"(per_device_train_batch_size × gradient_accumulation_steps × num_mini_batches × {world_size} processes)",
+                f"(per_device_train_batch_size × gradient_accumulation_steps × {world_size} processes)",
                 f"set it to at least {batch} or shrink the batch",
             )
         num_updates = math.ceil(ppo.total_episodes / batch)
         return cls(
             world_size=world_size,
-            micro_batch_size=ppo.per_device_train_batch_size * world_size,
-            local_mini_batch_size=local_mini,
             local_batch_size=local_batch,
-            mini_batch_size=local_mini * world_size,
             batch_size=batch,
+            local_mini_batch_size=local_mini,
+            mini_batch_size=local_mini * world_size,
+            local_micro_batch_size=local_micro,
+            micro_batch_size=local_micro * world_size,
+            micro_batches_per_mini_batch=local_mini // local_micro,
             num_updates=num_updates,
             optimizer_steps=num_updates * ppo.num_ppo_epochs * ppo.num_mini_batches,
             rollout_chunks=math.ceil(local_batch / ppo.local_rollout_forward_batch_size),

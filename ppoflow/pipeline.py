@@ -107,7 +107,7 @@ def prepare_dataset(plan: RunPlan, models: ModelManifest) -> DatasetManifest:
     process_state().wait_for_everyone()
     if not process_state().is_main_process:
         manifest = DatasetManifest.model_validate_json((out_dir / "dataset.json").read_text())
-    if manifest.train_rows < plan.batch.local_batch_size // max(plan.config.ppo.num_mini_batches, 1):
+    if manifest.train_rows < plan.batch.batch_size:
         log.warning("only %d training prompts for rollout batches of %d: prompts repeat within a batch", manifest.train_rows, plan.batch.batch_size)
     return manifest
 

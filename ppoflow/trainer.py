@@ -2,8 +2,8 @@
 
 Per update (DESIGN.md): roll out a local batch, compute per-token rewards (−kl_coef·KL with the
 score at the last real token), GAE advantages and returns, then `num_ppo_epochs` passes over
-shuffled mini-batches of `gradient_accumulation_steps` micro-batches each, with one optimizer
-step per mini-batch. Every update is a resumable boundary: a checkpoint holds everything the next
+`num_mini_batches` shuffled mini-batches, each accumulated over its micro-batches and ended by
+one optimizer step. Every update is a resumable boundary: a checkpoint holds everything the next
 update reads (weights, optimizer, scheduler, RNG states), and the data order is a pure function
 of the seed and the update index, so a resumed run repeats the uninterrupted one bit for bit.
 """
@@ -311,20 +311,20 @@ class PPOTrainer:
         return metrics
 
     def _optimise(self, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
-        """`num_ppo_epochs` × `num_mini_batches` optimizer steps, each over `gradient_accumulation_steps` micro-batches."""
+        """`num_ppo_epochs` × `num_mini_batches` optimizer steps, each accumulating its micro-batches."""
         ppo, batch = self.ppo, self.batch
-        accumulation = ppo.gradient_accumulation_steps
+        micro_batches = batch.micro_batches_per_mini_batch
         records: dict[str, list[torch.Tensor]] = {key: [] for key in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "entropy", "ratio")}
         self.wrapper.train()
         for _epoch in range(ppo.num_ppo_epochs):
             order = torch.randperm(batch.local_batch_size)
             for mini in range(ppo.num_mini_batches):
                 mini_rows = order[mini * batch.local_mini_batch_size : (mini + 1) * batch.local_mini_batch_size]
-                for micro in range(accumulation):
-                    rows = mini_rows[micro * ppo.per_device_train_batch_size : (micro + 1) * ppo.per_device_train_batch_size]
-                    last_micro = micro == accumulation - 1
+                for micro in range(micro_batches):
+                    rows = mini_rows[micro * batch.local_micro_batch_size : (micro + 1) * batch.local_micro_batch_size]
+                    last_micro = micro == micro_batches - 1
                     with nullcontext() if last_micro else self.accelerator.no_sync(self.wrapper):
-                        record = self._micro_batch(rollout, advantages, returns, rows)
+                        record = self._micro_batch(rollout, advantages, returns, rows, micro_batches)
                     for key, value in record.items():
                         records[key].append(value)
                 self._optimizer_step()
@@ -341,7 +341,7 @@ class PPOTrainer:
             "val/ratio_var": self._mean_across_processes(ratios.var(unbiased=False)),
         }
 
-    def _micro_batch(self, rollout: Rollout, advantages, returns, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _micro_batch(self, rollout: Rollout, advantages, returns, rows: torch.Tensor, micro_batches: int) -> dict[str, torch.Tensor]:
         ppo = self.ppo
         queries, query_mask, responses, mask = trim_padding(
             rollout.queries[rows], rollout.query_mask[rows], rollout.responses[rows], rollout.response_mask[rows]
@@ -354,7 +354,7 @@ class PPOTrainer:
         vf_loss, vf_stats = value_loss(new_values.float(), rollout.values[rows, :width], returns[rows, :width], mask, ppo.cliprange_value)
         loss = pg_loss + ppo.vf_coef * vf_loss
         self._check_finite({"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach()})
-        self.accelerator.backward(loss / ppo.gradient_accumulation_steps)
+        self.accelerator.backward(loss / micro_batches)
         with torch.no_grad():
             entropy = adv.masked_mean(entropy_from_logits(logits.detach().float(), ppo.temperature), mask)
         return {

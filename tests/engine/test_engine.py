@@ -66,9 +66,10 @@ def test_first_ratio_is_one_and_one_step_per_mini_batch(make_config):
 
 def test_optimizer_steps_follow_num_mini_batches(make_config):
     # TRL 1.12 stepped once per epoch whatever num_mini_batches was; we step once per mini-batch:
-    # 2 updates × 3 epochs × 2 mini-batches = 12 steps, each over 2 accumulated micro-batches.
+    # batches of 4 × 4 = 16 prompts in 2 mini-batches of 8 (2 micro-batches of 4 each);
+    # 2 updates × 3 epochs × 2 mini-batches = 12 steps.
     config = make_config(
-        "ppo.total_episodes=32", "ppo.per_device_train_batch_size=4", "ppo.gradient_accumulation_steps=2",
+        "ppo.total_episodes=32", "ppo.per_device_train_batch_size=4", "ppo.gradient_accumulation_steps=4",
         "ppo.num_mini_batches=2", "ppo.num_ppo_epochs=3", "ppo.checkpoint_every=5",
     )
     plan = pipeline.configure(config)
@@ -87,7 +88,7 @@ def test_optimizer_steps_follow_num_mini_batches(make_config):
 @pytest.mark.slow
 def test_toy_run_improves_reward_and_oracle(make_config):
     config = make_config(
-        "ppo.total_episodes=768", "ppo.per_device_train_batch_size=16", "ppo.num_mini_batches=4",
+        "ppo.total_episodes=768", "ppo.per_device_train_batch_size=16", "ppo.gradient_accumulation_steps=4", "ppo.num_mini_batches=4",
         "ppo.local_rollout_forward_batch_size=64", "ppo.num_ppo_epochs=2", "ppo.response_length=20",
         "ppo.learning_rate=1e-4", "ppo.missing_eos_penalty=2.0", "ppo.checkpoint_every=100", "data.eval_size=96", "eval.batch_size=96",
     )
@@ -119,7 +120,7 @@ def run_train(config_path: Path, log: Path) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(make_config, tmp_path):
-    overrides = ("ppo.total_episodes=96", "ppo.per_device_train_batch_size=8", "ppo.num_mini_batches=2")
+    overrides = ("ppo.total_episodes=96", "ppo.per_device_train_batch_size=8", "ppo.gradient_accumulation_steps=2", "ppo.num_mini_batches=2")
     reference = make_config(*overrides, output_dir=tmp_path / "uninterrupted")
     killed = make_config(*overrides, output_dir=tmp_path / "killed")
     assert reference.config_hash() != killed.config_hash()  # different output dirs, same training

@@ -22,19 +22,40 @@ def tree(tmp_path):
 
 
 def test_batch_plan_matches_trl_arithmetic():
-    # per device: 4 × 2 accumulation = 8 per mini-batch, × 3 mini-batches = 24 per rollout;
-    # 2 processes → 48 per batch; ceil(100 / 48) = 3 updates; 3 × 2 epochs × 3 mini-batches = 18 steps.
-    ppo = PPOConfig(total_episodes=100, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+    # TRL 1.12: per process 4 × 6 accumulation = 24 prompts per rollout, in 3 mini-batches of 8,
+    # each in micro-batches of 4 (2 per mini-batch); 2 processes → 48 per batch;
+    # ceil(100 / 48) = 3 updates; 3 × 2 epochs × 3 mini-batches = 18 optimizer steps.
+    ppo = PPOConfig(total_episodes=100, per_device_train_batch_size=4, gradient_accumulation_steps=6,
                     num_mini_batches=3, num_ppo_epochs=2, local_rollout_forward_batch_size=10)
     plan = BatchPlan.derive(ppo, world_size=2)
-    assert plan.local_mini_batch_size == 8
     assert plan.local_batch_size == 24
     assert plan.batch_size == 48
+    assert plan.local_mini_batch_size == 8
     assert plan.mini_batch_size == 16
+    assert plan.local_micro_batch_size == 4
     assert plan.micro_batch_size == 8
+    assert plan.micro_batches_per_mini_batch == 2
     assert plan.num_updates == 3
     assert plan.optimizer_steps == 18
     assert plan.rollout_chunks == 3  # ceil(24 / 10)
+
+
+def test_mini_batch_smaller_than_micro_batch_is_one_micro_batch():
+    # TRL's toy setting: 64 prompts per process in 4 mini-batches of 16; the micro-batch shrinks to 16.
+    plan = BatchPlan.derive(PPOConfig(total_episodes=64, per_device_train_batch_size=64, num_mini_batches=4))
+    assert (plan.local_batch_size, plan.local_mini_batch_size, plan.local_micro_batch_size, plan.micro_batches_per_mini_batch) == (64, 16, 16, 1)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "text"),
+    [
+        ({"per_device_train_batch_size": 6, "num_mini_batches": 4}, "ppo.num_mini_batches", "does not divide"),
+        ({"per_device_train_batch_size": 4, "gradient_accumulation_steps": 3, "num_mini_batches": 2}, "ppo.per_device_train_batch_size", "does not divide"),
+    ],
+)
+def test_batch_shapes_that_do_not_divide_are_refused(fields, field, text):
+    with pytest.raises(ConfigError, match=f"`{field}`.*{text}"):
+        BatchPlan.derive(PPOConfig(total_episodes=1000, **fields))
 
 
 def test_overrides_are_yaml_values(tree):
@@ -103,7 +124,7 @@ def test_config_file_errors(tmp_path):
 
 
 STAGE_ONE_BAD = [
-    (["ppo.total_episodes=10", "ppo.per_device_train_batch_size=8", "ppo.num_mini_batches=2"], "ppo.total_episodes", "smaller than one rollout batch"),
+    (["ppo.total_episodes=10", "ppo.per_device_train_batch_size=8", "ppo.gradient_accumulation_steps=2"], "ppo.total_episodes", "smaller than one rollout batch"),
     (["models.policy=/does/not/exist"], "models.policy", "neither an existing directory nor a Hub id"),
     (["models.reward=./missing/reward/dir"], "models.reward", "neither an existing directory nor a Hub id"),
     (["data.path=/no/such/prompts.jsonl"], "data.path", "does not exist"),
