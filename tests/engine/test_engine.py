@@ -192,3 +192,27 @@ def test_two_processes_under_accelerate_launch(make_config, tmp_path):
     checkpoints = [p.name for p in list_checkpoints(Path(summary["output_dir"]) / "checkpoints")]
     assert checkpoints == ["step-000004", "step-000002", "step-000000"]
     assert read_state(Path(summary["output_dir"]) / "checkpoints" / "step-000004")["world_size"] == 2
+
+
+def test_max_grad_norm_is_honoured(make_config, tmp_path):
+    # With adam_epsilon = 1, one AdamW step moves a weight by about lr × g / (|g| + 1): proportional
+    # to the gradient when gradients are small. Clipping the global norm to 1e-6 must then shrink
+    # the change of the weights by orders of magnitude against an unclipped step (TRL ignored it).
+    def weight_change(max_grad_norm: str, name: str) -> float:
+        config = make_config(
+            "ppo.total_episodes=8", "ppo.per_device_train_batch_size=8", "ppo.num_mini_batches=1",
+            "ppo.adam_epsilon=1.0", "ppo.learning_rate=1e-2", f"ppo.max_grad_norm={max_grad_norm}",
+            output_dir=tmp_path / name,
+        )
+        plan = pipeline.configure(config)
+        models = pipeline.load_models(plan)
+        data = pipeline.prepare_dataset(plan, models)
+        start = pipeline.init_trainer(plan, models, data)
+        final = pipeline.train(plan, models, data)
+        before, after = weights(start.path / "policy"), weights(final.path / "policy")
+        return sum(float((after[k] - before[k]).double().norm() ** 2) for k in before) ** 0.5
+
+    unclipped = weight_change("null", "unclipped")
+    clipped = weight_change("1e-6", "clipped")
+    assert unclipped > 1e-4
+    assert clipped < 1e-3 * unclipped, (clipped, unclipped)
