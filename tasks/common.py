@@ -29,6 +29,7 @@ from prefect.states import State
 from prefect.utilities.hashing import hash_objects
 
 from ppoflow.config import FlowConfig
+from ppoflow.errors import PpoflowError
 from ppoflow.manifests import Manifest
 
 log = logging.getLogger(__name__)
@@ -68,9 +69,16 @@ def _stale_manifest(store: ResultStore, key: str) -> Any:
         cached = store.read(key).result
     except Exception as exc:  # unreadable record (another serializer, a removed class): never trusted
         return f"unreadable: {type(exc).__name__}"
-    if isinstance(cached, Manifest) and not cached.is_intact():
+    if isinstance(cached, Manifest) and not _intact(cached):
         return cached
     return None
+
+
+def _intact(manifest: Manifest) -> bool:
+    try:
+        return manifest.is_intact()
+    except (PpoflowError, OSError):  # too damaged to check, e.g. a checkpoint without its manifest.json
+        return False
 
 
 def retry_unless_user_error(task: Task, task_run: TaskRun, state: State) -> bool:

@@ -73,6 +73,12 @@ def metric_lines(output_dir: Path) -> list[str]:
     return [line for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def checkpoint_files(output_dir: Path, update: int, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """File -> sha256 of a checkpoint, from its manifest."""
+    manifest = output_dir / "checkpoints" / f"step-{update:06d}" / "manifest.json"
+    return {name: digest for name, digest in json.loads(manifest.read_text())["files"].items() if name not in skip}
+
+
 def policy_tensors(policy_dir: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(policy_dir.glob("*.safetensors")):
@@ -155,13 +161,21 @@ def test_a_cached_stage_whose_files_are_gone_or_changed_runs_again(reference):
     shutil.rmtree(output_dir / "data")
     tokenizer_config = output_dir / "tokenizer" / "tokenizer_config.json"
     tokenizer_config.write_text(tokenizer_config.read_text() + " ")
+    (output_dir / "checkpoints" / "step-000003" / "manifest.json").unlink()  # the final checkpoint, damaged
 
     state = run_flow(reference["tree"])
 
-    assert state.is_completed()
-    expected = {stage: "Cached" for stage in STAGES} | {"load_models": "Completed", "prepare_dataset": "Completed"}
-    assert stage_states(state.state_details.flow_run_id) == expected
+    summary = state.result()
+    states = stage_states(state.state_details.flow_run_id)
+    assert {stage: states[stage] for stage in STAGES[:5]} == {
+        "configure": "Cached", "load_models": "Completed", "prepare_dataset": "Completed", "init_trainer": "Cached", "train_ppo": "Completed",
+    }
     assert DatasetManifest.model_validate_json((output_dir / "data" / "dataset.json").read_text()).is_intact()
+    # update 3 was trained again from the checkpoint of update 2 (its metrics once), to the same policy:
+    # save_and_evaluate is Cached when the new checkpoint is byte-identical (rng.pt may not be, see below),
+    # else it evaluates again and finds that policy already registered
+    assert [json.loads(line)["update"] for line in metric_lines(output_dir)] == [1, 2, 3]
+    assert summary["registered_model"] == reference["summary"]["registered_model"]
 
 
 def test_a_crashed_training_resumes_from_its_checkpoint_to_the_same_policy(reference, flow_env, make_flow_config, monkeypatch, caplog):
@@ -202,20 +216,25 @@ def test_a_crashed_training_resumes_from_its_checkpoint_to_the_same_policy(refer
     actual = policy_tensors(output_dir / "final")
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[name], actual[name]) for name in expected)
+    # value model, optimizer and scheduler too; state.json names the config hash (another output_dir) and
+    # rng.pt holds Python's process-wide `random` state, which other threads of the process may draw from
+    skip = ("state.json", "rng.pt")
+    expected_files = checkpoint_files(reference["output_dir"], update=3, skip=skip)
+    assert checkpoint_files(output_dir, update=3, skip=skip) == expected_files and "optimizer.pt" in expected_files
 
 
 def test_a_bad_config_fails_in_stage_one_without_retries(flow_env, make_flow_config, flow_workspace, capsys):
-    tree = make_flow_config("bad", "ppo.num_mini_batches=8")  # a rollout batch of 128 > 48 episodes
+    tree = make_flow_config("bad", "ppo.num_mini_batches=3")  # does not divide the rollout batch of 16
 
     state = run_flow(tree)
 
     assert state.is_failed()
-    with pytest.raises(ConfigError, match="ppo.total_episodes"):
+    with pytest.raises(ConfigError, match="config field `ppo.num_mini_batches`"):
         state.result()
     runs = task_runs(state.state_details.flow_run_id)
     assert list(runs) == ["configure"]
     assert runs["configure"].state.is_failed() and runs["configure"].run_count == 1  # retries: 2, none used
-    assert "ppo.total_episodes" in runs["configure"].state.message
+    assert "ppo.num_mini_batches" in runs["configure"].state.message
 
     config_file = flow_workspace / "typo.yaml"
     config_file.write_text(yaml.safe_dump(make_flow_config("typo"), sort_keys=False))
