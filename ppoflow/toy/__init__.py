@@ -1,0 +1,11 @@
+"""The offline toy RLHF world: a tiny SFT policy, a reward model and prompts, plus the hidden truth.
+
+`build_toy(out_dir, seed)` writes `policy/`, `reward/`, `prompts.jsonl` and `toy.json`;
+`oracle_score(prompts, completions)` is the ground-truth reward the reward model was trained to
+imitate, so evaluation can tell real improvement from reward hacking.
+"""
+
+from ppoflow.toy.build import build_toy
+from ppoflow.toy.world import oracle_score
+
+__all__ = ["build_toy", "oracle_score"]
