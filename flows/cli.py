@@ -22,6 +22,7 @@ from typing import Any
 
 from ppoflow.cli import COMMANDS, add_config_arguments, run_command
 from ppoflow.cli import build_parser as build_engine_parser
+from ppoflow.errors import PpoflowError
 
 log = logging.getLogger("flows.cli")
 
@@ -49,14 +50,18 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
     state = flow_module.rlhf_ppo(config=config, return_state=True)
-    flow_run_id = state.state_details.flow_run_id
-    if not state.is_completed():
+    try:
+        summary = state.result()  # raises the stage's error for a failed run
+    except PpoflowError:
+        raise  # the user's to fix; run_command prints it
+    except BaseException:
+        flow_run_id = state.state_details.flow_run_id
         log.error(
             "flow run %s ended %s: run the same command again, or `prefect flow-run retry %s --entrypoint %s:rlhf_ppo`, "
             "to reuse the finished stages and resume training",
             flow_run_id, state.name, flow_run_id, flow_module.__file__,
         )
-    summary = state.result()  # raises the stage's error for a failed run
+        raise
     return {**summary, "wall_seconds": round(time.perf_counter() - began, 2)}
 
 
