@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ppoflow.errors import PpoflowError
+from ppoflow.manifests import Release, RunPlan
 
 EXIT_USER_ERROR = 2
 
@@ -48,6 +49,20 @@ def final_metrics(output_dir: Path) -> dict[str, Any]:
     return json.loads(lines[-1]) if lines else {}
 
 
+def run_summary(plan: RunPlan, release: Release) -> dict[str, Any]:
+    """The JSON summary of a finished run: where it is, how far it went, how it evaluates."""
+    last = final_metrics(plan.output_dir)
+    return {
+        "output_dir": str(plan.output_dir),
+        "config_hash": plan.config_hash,
+        "updates": last.get("update"),
+        "episodes": last.get("episode"),
+        "final_metrics": {key: value for key, value in last.items() if key.startswith(("objective/", "loss/", "policy/"))},
+        "eval": release.eval_metrics,
+        "policy_dir": str(release.policy_dir),
+    }
+
+
 def command_toy(args: argparse.Namespace) -> dict[str, Any]:
     from ppoflow.toy import build_toy
 
@@ -59,19 +74,8 @@ def command_train(args: argparse.Namespace) -> dict[str, Any]:
     from ppoflow.pipeline import run_all
 
     began = time.perf_counter()
-    config = load_config(args.config, args.overrides)
-    plan, release = run_all(config)
-    last = final_metrics(plan.output_dir)
-    return {
-        "output_dir": str(plan.output_dir),
-        "config_hash": plan.config_hash,
-        "updates": last.get("update"),
-        "episodes": last.get("episode"),
-        "final_metrics": {k: v for k, v in last.items() if k.startswith(("objective/", "loss/", "policy/"))},
-        "eval": release.eval_metrics,
-        "policy_dir": str(release.policy_dir),
-        "wall_seconds": round(time.perf_counter() - began, 2),
-    }
+    plan, release = run_all(load_config(args.config, args.overrides))
+    return {**run_summary(plan, release), "wall_seconds": round(time.perf_counter() - began, 2)}
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"toy": command_toy, "train": command_train}
