@@ -5,7 +5,8 @@ every process) plus the task's source, never the flow run id, so any later flow 
 inputs reuses the result. Results are persisted as JSON records in `config.flow.result_storage`
 (default `.ppoflow/prefect-results`). A stored manifest is only a hit while `is_intact()` holds:
 when its files are gone or changed, the key moves to the next generation (see `IntactManifests`)
-and the stage runs again.
+and the stage runs again. The key holds the task's source, not the engine's: after changing
+`ppoflow` itself, run once with `PREFECT_TASKS_REFRESH_CACHE=true` (or another result storage).
 
 Retries. Every stage retries transient failures (a crash, a lost connection, an injected fault)
 with the backoff of `config.flow`; a `PpoflowError` (bad config, bad data, a model that does not fit
