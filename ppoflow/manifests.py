@@ -115,8 +115,12 @@ class CheckpointManifest(Manifest):
 
     def is_intact(self) -> bool:
         from ppoflow.checkpoint import verify_checkpoint
+        from ppoflow.errors import CheckpointError
 
-        return self.path.is_dir() and verify_checkpoint(self.path) == self.sha256
+        try:
+            return verify_checkpoint(self.path) == self.sha256
+        except CheckpointError:
+            return False
 
 
 class Release(Manifest):
