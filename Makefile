@@ -24,8 +24,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,server]'
 	touch $@
 
+# One torch thread per test process: the suite runs servers and subprocesses beside training, and
+# with two cores busy, two OpenMP threads per process stall each other (5-10x slower here).
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -m "not slow and not flow and not integration and not distributed" $(PYTEST_ARGS)
@@ -35,8 +37,15 @@ $(TOY_DIR)/toy.json: | $(STAMP)
 
 toy: $(TOY_DIR)/toy.json
 
+MLFLOW_STORE := sqlite:///$(CURDIR)/.ppoflow/mlflow/mlflow.db
+
 demo: install toy
 	$(VENV)/bin/ppoflow run --config configs/toy.yaml
+	@echo "Open the MLflow UI on this run's store:"
+	@echo "  $(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-$(MLFLOW_STORE)} --host 127.0.0.1 --port 5000"
+	@echo "then http://127.0.0.1:5000: experiment 'ppoflow-toy' > the run (Model metrics: objective/scores, objective/kl,"
+	@echo "loss/*; Datasets: train/eval prompts with digests; Artifacts: config, plots, sample completions, eval report;"
+	@echo "tags: model hashes and Prefect flow runs) and Models > 'ppoflow-toy-policy', alias 'candidate', linked to the run."
 
 mlflow-server: install
 	$(PY) -m mlflow_server.server start $(ARGS)
