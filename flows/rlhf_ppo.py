@@ -33,6 +33,7 @@ from prefect.settings import PREFECT_UI_URL
 from ppoflow import tracking
 from ppoflow.cli import final_metrics
 from ppoflow.config import RunConfig, build_config
+from ppoflow.locking import output_dir_lock
 from ppoflow.manifests import DatasetManifest, ModelManifest, Release, RunPlan
 from tasks import Stages
 
@@ -55,15 +56,17 @@ def rlhf_ppo(config: RunConfig, overrides: list[str] | None = None) -> dict[str,
     stages = Stages(config.flow)
     tracking.check_reachable(tracking.resolve_tracking_uri())  # fail before any expensive work
 
-    plan = stages.configure(config)
-    with mlflow_run(plan) as run:
-        models = stages.load_models(plan, run.run_id)
-        data = stages.prepare_dataset(plan, models, run.run_id)
-        start = stages.init_trainer(plan, models, data)
-        final = stages.train_ppo(plan, models, data, start, run.run_id)
-        release = stages.save_and_evaluate(plan, models, data, final, run.run_id)
-        publish_artifacts(plan, models, data, release, run)
-    return summary(plan, release)
+    # One run per output_dir at a time: a second one waits here, then finds its stages Cached.
+    with output_dir_lock(config.output_dir, config.flow.lock_timeout_seconds):
+        plan = stages.configure(config)
+        with mlflow_run(plan) as run:
+            models = stages.load_models(plan, run.run_id)
+            data = stages.prepare_dataset(plan, models, run.run_id)
+            start = stages.init_trainer(plan, models, data)
+            final = stages.train_ppo(plan, models, data, start, run.run_id)
+            release = stages.save_and_evaluate(plan, models, data, final, run.run_id)
+            publish_artifacts(plan, models, data, release, run)
+        return summary(plan, release)
 
 
 def effective_config(config: RunConfig, overrides: list[str] | None) -> RunConfig:

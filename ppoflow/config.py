@@ -163,6 +163,10 @@ class FlowConfig(_Section):
     result_storage: str | None = Field(
         None, description="Where stage results are persisted; default: .ppoflow/prefect-results."
     )
+    lock_timeout_seconds: float | None = Field(
+        None, ge=0, description="How long a run (flow or `ppoflow train`) waits for another run holding its "
+        "output_dir before failing; null waits as long as it takes, 0 fails at once.",
+    )
 
 
 class RunConfig(_Section):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from ppoflow.config import BatchPlan, RunConfig, validate_sources
 from ppoflow.data import prepare_prompts
 from ppoflow.errors import ConfigError, ModelError
 from ppoflow.evaluate import evaluate_policy, load_trained_policy, save_policy, write_eval
+from ppoflow.locking import output_dir_lock
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, Release, RunPlan, sha256_tree
 from ppoflow.models import describe_models, load_tokenizer, prepare_tokenizer, resolve_dtype
 from ppoflow.rewards import load_reward_functions
@@ -165,10 +167,13 @@ def save_and_evaluate(plan: RunPlan, models: ModelManifest, data: DatasetManifes
 
 
 def run_all(config: RunConfig, callbacks: Sequence[MetricsCallback] = ()) -> tuple[RunPlan, Release]:
-    """The six stages in one process: what `ppoflow train` does."""
-    plan = configure(config)
-    models = load_models(plan)
-    data = prepare_dataset(plan, models)
-    init_trainer(plan, models, data)
-    final = train(plan, models, data, callbacks)
-    return plan, save_and_evaluate(plan, models, data, final)
+    """The six stages in one process: what `ppoflow train` does. The main process holds the output
+    directory's lock throughout (`ppoflow.locking`): a second run of it waits, then reuses the work."""
+    main = process_state().is_main_process
+    with output_dir_lock(config.output_dir, config.flow.lock_timeout_seconds) if main else nullcontext():
+        plan = configure(config)
+        models = load_models(plan)
+        data = prepare_dataset(plan, models)
+        init_trainer(plan, models, data)
+        final = train(plan, models, data, callbacks)
+        return plan, save_and_evaluate(plan, models, data, final)
