@@ -10,6 +10,7 @@ reports it and falls back to the previous good one. Tensors are loaded with `wei
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STATE = "state.json"
+LOW_SPACE_BYTES = 1 << 20  # below this, a failed write is put down to a full disk
 
 
 def checkpoint_dir(root: Path, update: int) -> Path:
@@ -92,10 +94,42 @@ def write_checkpoint(root: Path, update: int, write_payload: Callable[[Path], No
             shutil.rmtree(stale)
         partial.rename(final)
         _fsync_dir(root)
-    except BaseException:
+    except BaseException as exc:
+        problem = storage_problem(root, exc) if isinstance(exc, Exception) else None  # before the cleanup frees space
         shutil.rmtree(partial, ignore_errors=True)
+        if problem is not None:
+            raise CheckpointError(
+                f"cannot write checkpoint {final.name} in {root}: {problem} — free space or make it writable (or choose "
+                "another output_dir), then run again: the earlier checkpoints are intact and training resumes from the newest"
+            ) from exc
         raise
     return final
+
+
+def storage_problem(path: Path, exc: BaseException) -> str | None:
+    """Why a write below `path` failed when the file system is the cause (full, read-only, not
+    permitted); None otherwise. torch.save and safetensors wrap the OS error (torch's reads
+    "unexpected pos"), so the file system itself is asked too."""
+    code, filename = getattr(exc, "errno", None), getattr(exc, "filename", None)
+    ours = filename is None or Path(os.path.abspath(filename)).is_relative_to(Path(path).absolute())
+    if ours and code in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on the device"
+    if ours and code == errno.EROFS:
+        return "the file system is read-only"
+    if ours and code in (errno.EACCES, errno.EPERM) and filename is not None:
+        return f"permission denied on {filename}"
+    existing = Path(path).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        stats = os.statvfs(existing)
+    except OSError:
+        return None
+    if stats.f_flag & os.ST_RDONLY:
+        return "the file system is read-only"
+    if stats.f_bavail * stats.f_frsize < LOW_SPACE_BYTES:
+        return "no space left on the device"
+    return None
 
 
 def verify_checkpoint(path: Path) -> str:

@@ -8,6 +8,7 @@ checkpoint) instead of redoing or overwriting it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -18,10 +19,10 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ppoflow.checkpoint import newest_valid_checkpoint, read_state, verify_checkpoint
+from ppoflow.checkpoint import newest_valid_checkpoint, read_state, storage_problem, verify_checkpoint
 from ppoflow.config import BatchPlan, RunConfig, validate_sources
 from ppoflow.data import prepare_prompts
-from ppoflow.errors import ConfigError, ModelError
+from ppoflow.errors import ConfigError, ModelError, PpoflowError
 from ppoflow.evaluate import evaluate_policy, load_trained_policy, save_policy, write_eval
 from ppoflow.locking import output_dir_lock
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, Release, RunPlan, sha256_tree
@@ -41,6 +42,29 @@ def _check_writable(output_dir: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise ConfigError("output_dir", f"{output_dir} is not writable ({exc.strerror})", "choose a directory you can write to") from None
+
+
+def _clear_storage_errors(stage):
+    """A full, read-only or forbidden output_dir fails a stage with one clear error, not a library's
+    traceback; what was written before stays (checkpoints are atomic, so the next run resumes)."""
+
+    @functools.wraps(stage)
+    def run(plan: RunPlan, *args, **kwargs):
+        try:
+            return stage(plan, *args, **kwargs)
+        except PpoflowError:
+            raise
+        except Exception as exc:
+            problem = storage_problem(plan.output_dir, exc)
+            if problem is None:
+                raise
+            raise ConfigError(
+                "output_dir", f"cannot write to {plan.output_dir}: {problem}",
+                "free space or make it writable (or choose another output_dir), then run again: finished work is kept "
+                "and training resumes from the newest intact checkpoint",
+            ) from exc
+
+    return run
 
 
 def configure(config: RunConfig, world_size: int | None = None) -> RunPlan:
@@ -63,6 +87,7 @@ def configure(config: RunConfig, world_size: int | None = None) -> RunPlan:
     return RunPlan(config=config, config_hash=config_hash, output_dir=output_dir, batch=batch)
 
 
+@_clear_storage_errors
 def load_models(plan: RunPlan) -> ModelManifest:
     """Stage 2: fingerprint the four models, check their roles, and prepare the shared tokenizer."""
     config = plan.config
@@ -101,6 +126,7 @@ def _check_lora_targets(policy_dir: Path, config: RunConfig) -> None:
     add_lora(skeleton, config.peft)
 
 
+@_clear_storage_errors
 def prepare_dataset(plan: RunPlan, models: ModelManifest) -> DatasetManifest:
     """Stage 3: tokenize, filter and split the prompts once, on the main process."""
     out_dir = plan.output_dir / "data"
@@ -114,6 +140,7 @@ def prepare_dataset(plan: RunPlan, models: ModelManifest) -> DatasetManifest:
     return manifest
 
 
+@_clear_storage_errors
 def init_trainer(plan: RunPlan, models: ModelManifest, data: DatasetManifest) -> CheckpointManifest:
     """Stage 4: the step-0 checkpoint (policy, value from the reward model, fresh optimizer).
     An intact one from an earlier attempt is reused."""
@@ -129,6 +156,7 @@ def init_trainer(plan: RunPlan, models: ModelManifest, data: DatasetManifest) ->
     return trainer.save_checkpoint()
 
 
+@_clear_storage_errors
 def train(plan: RunPlan, models: ModelManifest, data: DatasetManifest, callbacks: Sequence[MetricsCallback] = ()) -> CheckpointManifest:
     """Stage 5: train from the newest intact checkpoint to the last update."""
     found = newest_valid_checkpoint(plan.output_dir / "checkpoints")
@@ -144,6 +172,7 @@ def train(plan: RunPlan, models: ModelManifest, data: DatasetManifest, callbacks
     return trainer.train(callbacks)
 
 
+@_clear_storage_errors
 def save_and_evaluate(plan: RunPlan, models: ModelManifest, data: DatasetManifest, final: CheckpointManifest) -> Release:
     """Stage 6: the trained policy in Hugging Face format, and its evaluation against the reference."""
     config = plan.config
