@@ -79,6 +79,7 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
+from ppoflow.config import TrackingConfig
 from ppoflow.errors import TrackingError
 from ppoflow.manifests import DatasetManifest, ModelManifest, ModelSource, Release, RunPlan
 
@@ -329,10 +330,30 @@ def _experiment_id(client: mlflow.MlflowClient, name: str, location: str | None)
     return experiment.experiment_id
 
 
+def check_release_names(tracking: TrackingConfig) -> None:
+    """Refuse a registered model name or alias that MLflow would refuse, before anything is trained
+    or written (MLflow itself would only say so at registration, after the whole run)."""
+    if not tracking.log_model:
+        return
+    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved, _validate_model_name
+
+    checks = (
+        ("tracking.registered_model_name", tracking.registered_model_name, (_validate_model_name,)),
+        ("tracking.alias", tracking.alias, (_validate_model_alias_name, _validate_model_alias_name_reserved)),
+    )
+    for field, value, validators in checks:
+        for validate in validators:
+            try:
+                validate(value)
+            except MlflowException as exc:
+                raise TrackingError(f"config field `{field}`: MLflow refuses {value!r} ({_first_line(exc)}) — choose another name") from None
+
+
 def open_run(plan: RunPlan, *, tracking_uri: str | None = None) -> TrackingRun:
     """The MLflow run of this training job: the newest run tagged with the plan's config hash, else a new one."""
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
+    check_release_names(plan.config.tracking)
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiment_id = _experiment_id(client, plan.config.tracking.experiment, artifact_location(uri))
     found = client.search_runs(
