@@ -704,7 +704,7 @@ class TrackingRun:
         with contextlib.redirect_stdout(captured):
             self.client.set_terminated(self.run_id, status=status)
         for line in captured.getvalue().splitlines():
-            _LOGGER.info("%s", line)
+            _LOGGER.info("%s", redact(line))  # the run's URL carries the tracking URI's password, if any
 
 
 def _dataset_source(source: str) -> Any:
