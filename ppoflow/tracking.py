@@ -584,6 +584,7 @@ class TrackingRun:
         """Artifacts (samples table, plots, eval report), `eval/*` metrics, and (with `log_model`) the
         policy as an MLflow logged model registered under `registered_model_name` with `alias`.
         A retried release finds the version this run already registered for the same weights."""
+        self._deliver_spooled_metrics()
         version = None
         if log_model:
             _check_model_dir(Path(policy_dir))
@@ -620,6 +621,13 @@ class TrackingRun:
         return filled.model_copy(update={
             "model_uri": model_uri, "registered_model": registered_model_name, "registered_version": str(version.version),
         })
+
+    def _deliver_spooled_metrics(self, timeout: float = 60.0) -> None:
+        """Training metrics still in the spool (MLflow was away when training ended and the sink's
+        flush gave up) go out before the release: once training is finished (cached), no sink of
+        the training stage is ever created again to re-read the spool."""
+        if (self.output_dir / SPOOL_FILE).is_file():
+            MetricsSink(self.client, self.run_id, self.output_dir / SPOOL_FILE).close(timeout)
 
     def _registered_version(self, name: str, policy_sha256: str) -> Any:
         """A version this run already registered for the same policy weights (a retried release)."""
