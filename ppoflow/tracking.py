@@ -661,7 +661,7 @@ class TrackingRun:
         from huggingface_hub import ModelCard
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(policy_dir)
+        model = AutoModelForCausalLM.from_pretrained(policy_dir, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(policy_dir)
         logged = self.client.create_logged_model(
             self.experiment_id,
