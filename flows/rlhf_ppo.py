@@ -31,7 +31,7 @@ from prefect.runtime import deployment, flow_run
 from prefect.settings import PREFECT_UI_URL
 
 from ppoflow import tracking
-from ppoflow.cli import final_metrics
+from ppoflow.cli import final_metrics, run_summary
 from ppoflow.config import RunConfig, build_config
 from ppoflow.locking import output_dir_lock
 from ppoflow.manifests import DatasetManifest, ModelManifest, Release, RunPlan
@@ -161,15 +161,8 @@ def summary_markdown(plan: RunPlan, models: ModelManifest, data: DatasetManifest
 
 def summary(plan: RunPlan, release: Release) -> dict[str, Any]:
     """The JSON summary `ppoflow run` prints (the CLI adds wall seconds)."""
-    last = final_metrics(plan.output_dir)
     return {
-        "output_dir": str(plan.output_dir),
-        "config_hash": plan.config_hash,
-        "updates": last.get("update"),
-        "episodes": last.get("episode"),
-        "final_metrics": {key: value for key, value in last.items() if key.startswith(("objective/", "loss/", "policy/"))},
-        "eval": release.eval_metrics,
-        "policy_dir": str(release.policy_dir),
+        **run_summary(plan, release),
         "prefect_flow_run_id": str(flow_run.id),
         "mlflow_run_id": release.mlflow_run_id,
         "model_uri": release.model_uri,

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -39,8 +38,10 @@ def checkpoint_dir(root: Path, update: int) -> Path:
 
 
 def capture_rng() -> dict[str, Any]:
-    """This process's random number generator states (torch CPU/CUDA and Python's `random`)."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """This process's torch random number generator states (CPU and CUDA): all the engine draws
+    from. Python's `random` is left out: other threads (the orchestrator's) draw from it, so it
+    would make identical checkpoints differ."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -48,8 +49,6 @@ def capture_rng() -> dict[str, Any]:
 
 def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
