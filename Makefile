@@ -55,5 +55,18 @@ mlflow-server-stop: install
 
 include benchmarks/bench.mk
 
+# ppoflow vs TRL 1.12 side by side (benchmarks/run.py, ~20 min): writes benchmarks/results/latest.json and the
+# README's Performance table. BENCH_ARGS=--quick: a 3-minute check that writes under .ppoflow/bench/quick only.
+# BENCH_THREADS: torch threads for both sides (default 1: two threads collapse on a shared 2-core machine).
+BENCH_TOY ?= .ppoflow/bench/toy
+BENCH_ARGS ?=
+BENCH_THREADS ?=
+
+$(BENCH_TOY)/toy.json: | $(STAMP)
+	$(VENV)/bin/ppoflow toy --out $(BENCH_TOY)
+
+bench: bench-venv $(BENCH_TOY)/toy.json | $(STAMP)
+	$(PY) benchmarks/run.py --toy $(BENCH_TOY) $(if $(BENCH_THREADS),--threads $(BENCH_THREADS)) $(BENCH_ARGS)
+
 clean:
 	rm -rf runs .ppoflow

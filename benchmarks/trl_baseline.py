@@ -42,7 +42,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 OWN_KEYS = {
     "policy", "reward", "value", "prompts", "prompt_column", "eval_size", "max_prompt_length", "oracle",
     "batch_semantics", "torch_threads", "eval_batch_size", "eval_do_sample", "eval_temperature", "eval_seed",
-    "rss_sample_interval_s", "name", "notes",
+    "rss_sample_interval_s", "name", "notes", "oracle_per_update",
 }
 # PPOConfig fields the benchmark fixes; a SPEC may not change them.
 FIXED_CONFIG = {
@@ -269,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     stop_id_for_count = tokenizer.eos_token_id if config.stop_token == "eos" else config.stop_token_id
     counters = {"generate_calls": 0, "generate_s": 0.0, "generated_tokens": 0, "response_tokens": 0,
                 "sequences": 0, "with_stop": 0, "optimizer_steps": 0, "counting": True}
+    # Optional learning curve of the oracle: the rollout completions of each update, scored by the oracle
+    # (a decode and an oracle call per update inside the timed loop: for learning runs, not throughput runs).
+    oracle_per_update = bool(spec.get("oracle_per_update")) and oracle is not None
+    oracle_acc = {"sum": 0.0, "n": 0}
     original_generate = policy.generate
 
     def counting_generate(*g_args, **g_kwargs):
@@ -290,6 +294,14 @@ def main(argv: list[str] | None = None) -> int:
                 counters["with_stop"] += int(has.sum())
             else:
                 counters["response_tokens"] += new.numel()
+            if oracle_per_update:
+                queries = g_kwargs["input_ids"] if "input_ids" in g_kwargs else g_args[0]
+                ends = first if stop_id_for_count is not None and new.shape[1] > 0 else [new.shape[1]] * new.shape[0]
+                texts = [tokenizer.decode(row[: int(n)].tolist(), skip_special_tokens=True) for row, n in zip(new, ends)]
+                prompts_text = tokenizer.batch_decode(queries, skip_special_tokens=True)
+                values = oracle(prompts_text, texts)
+                oracle_acc["sum"] += float(sum(values))
+                oracle_acc["n"] += len(values)
         return out
 
     policy.generate = counting_generate
@@ -306,6 +318,13 @@ def main(argv: list[str] | None = None) -> int:
                 row["bench/response_tokens_cum"] = counters["response_tokens"]
                 row["bench/generated_tokens_cum"] = counters["generated_tokens"]
                 row["bench/optimizer_steps_cum"] = counters["optimizer_steps"]
+                if oracle_per_update and oracle_acc["n"]:
+                    row["reward/oracle"] = oracle_acc["sum"] / oracle_acc["n"]
+                    oracle_acc.update(sum=0.0, n=0)
+                if phase_train_start:  # the training phase of this update: first grad forward -> this log call
+                    phase_s["train"] += time.perf_counter() - phase_train_start.pop()
+                    phase_train_start.clear()
+                row["bench/phases_cum_s"] = {k: round(v, 4) for k, v in phase_s.items()}
                 collected.append(row)
 
     collected = logs  # `logs` is on_log's own argument name inside the callback
@@ -324,6 +343,38 @@ def main(argv: list[str] | None = None) -> int:
     )
     setup_s = time.perf_counter() - t0
 
+    # Per-phase seconds of the rollout and training, from forward hooks (like ppoflow's timing/* metrics):
+    # ref = reference forward; value / score = value / reward backbone forwards under no_grad (rollout);
+    # train = from the first grad-enabled forward of the policy+value wrapper in an update to its log call.
+    # TRL takes the rollout log-probs from generate()'s scores, so it has no separate policy forward.
+    phase_s = {"ref": 0.0, "value": 0.0, "score": 0.0, "train": 0.0}
+    phase_train_start: list[float] = []
+
+    def time_forwards(module, key):
+        starts: list[float | None] = []
+
+        def pre(_mod, _inp):
+            starts.append(time.perf_counter() if counters["counting"] and not torch.is_grad_enabled() else None)
+
+        def post(_mod, _inp, _out):
+            began = starts.pop()
+            if began is not None:
+                phase_s[key] += time.perf_counter() - began
+
+        module.register_forward_pre_hook(pre)
+        module.register_forward_hook(post)
+
+    def mark_train_start(_mod, _inp):
+        if counters["counting"] and torch.is_grad_enabled() and not phase_train_start:
+            phase_train_start.append(time.perf_counter())
+
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    if trainer.ref_model is not None:
+        time_forwards(trainer.ref_model, "ref")
+    time_forwards(getattr(unwrapped.value_model, unwrapped.value_model.base_model_prefix), "value")
+    time_forwards(getattr(trainer.reward_model, trainer.reward_model.base_model_prefix), "score")
+    unwrapped.register_forward_pre_hook(mark_train_start)
+
     # Count real optimizer steps (accelerate skips `optimizer.step()` while accumulating).
     inner_opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     inner_opt.register_step_post_hook(lambda *a, **k: counters.__setitem__("optimizer_steps", counters["optimizer_steps"] + 1))
@@ -333,9 +384,13 @@ def main(argv: list[str] | None = None) -> int:
     sampler = RssSampler(float(spec.get("rss_sample_interval_s", 0.05)))
     rss_before_train = sampler.rss()
     sampler.start()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    cpu_t0 = time.process_time()
     train_t0.append(time.perf_counter())
     trainer.train()
     train_s = time.perf_counter() - train_t0[0]
+    train_cpu_s = time.process_time() - cpu_t0
     peak_rss_train = sampler.stop()
     counters["counting"] = False
     rss_after_train = sampler.rss()
@@ -447,8 +502,19 @@ def main(argv: list[str] | None = None) -> int:
                  "train_prompts": len(train_rows), "eval_prompts": len(eval_rows), "max_prompt_length": max_len},
         "timing_s": {
             "load_models": round(load_s, 3), "tokenize": round(tokenize_s, 3), "trainer_setup": round(setup_s, 3),
-            "train_loop": round(train_s, 3), "train_generate": round(counters["generate_s"], 3),
+            "train_loop": round(train_s, 3), "train_loop_cpu": round(train_cpu_s, 3),
+            "train_generate": round(counters["generate_s"], 3),
             "eval": round(eval_s, 3), "process_total": round(time.perf_counter() - t_process, 3),
+        },
+        "phases_s": {
+            "rollout": round(counters["generate_s"], 4), "policy": 0.0,
+            **{k: round(v, 4) for k, v in phase_s.items()},
+            "step": round(train_s, 4),
+            "other": round(train_s - counters["generate_s"] - sum(phase_s.values()), 4),
+            "notes": "rollout = generate(); ref/value/score = no-grad forwards of the reference, value and reward "
+                     "backbones; train = first grad forward of an update to its log call; other = the rest "
+                     "(log-probs from scores, GAE, whitening, gc.collect, empty_cache); policy = 0 (log-probs come "
+                     "from generate()'s scores).",
         },
         "throughput": {
             "updates": n_updates,
@@ -473,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
             "rss_after_train_mib": mib(rss_after_train),
             "ru_maxrss_process_mib": mib(ru_maxrss_bytes()),
             "rss_samples": sampler.samples,
+            "cuda_max_allocated_mib": mib(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None,
         },
         "metrics": logs,
         "final_metrics": logs[-1] if logs else None,

@@ -1,0 +1,759 @@
+"""`make bench`: ppoflow against TRL 1.12.0's PPOTrainer, side by side, on identical inputs.
+
+    .venv/bin/python benchmarks/run.py            # the full benchmark (~15-20 min on 2 cores)
+    .venv/bin/python benchmarks/run.py --quick    # 1 round of tiny sizes (~3 min): checks the harness
+
+What it runs (each implementation in its own fresh subprocess, the same SPEC file for both sides:
+benchmarks/ppoflow_side.py with .venv, benchmarks/trl_baseline.py with .venv-bench):
+
+1. yardstick: sustained fp32 torch.mm GFLOP/s (1024x1024) at the benchmark's thread count, before and after;
+2. toy size: the offline toy world, batch 64 (4 mini-batches), response_length 32, 4 PPO epochs, a few updates,
+   alternating ppoflow / TRL for `--rounds` rounds;
+3. large size: a random-weight Llama of ~26 M parameters (8192-token vocabulary, built here once), batch 16;
+4. learning parity on the toy: equal episodes, a couple of seeds, per-update curves + greedy evaluation
+   (reward model and the hidden oracle on the held-out prompts);
+5. orchestration overhead: `ppoflow run` (Prefect flow + MLflow, embedded) against `ppoflow train`, same config.
+
+Only the training loop is timed for throughput (model loading and evaluation are not). Everything goes to
+`benchmarks/results/latest.json` (+ `parity.json`, `parity.png`) and a table between the README's
+`<!-- bench:start -->` / `<!-- bench:end -->` markers. `--quick` writes under .ppoflow/bench/quick instead and
+leaves the committed results and the README alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULTS = HERE / "results"
+WORK = REPO / ".ppoflow" / "bench"
+README = REPO / "README.md"
+MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+# Hyperparameters shared by every toy/large run (configs/toy.yaml's learning settings).
+COMMON = {
+    "max_prompt_length": 32, "stop_token": "eos", "temperature": 0.7, "missing_eos_penalty": 2.0, "kl_coef": 0.05,
+    "kl_estimator": "k1", "learning_rate": 5e-5, "max_grad_norm": 1.0, "vf_coef": 0.1, "cliprange": 0.2,
+    "cliprange_value": 0.2, "gamma": 1.0, "lam": 0.95, "lr_scheduler_type": "linear", "batch_semantics": "trl",
+}
+LARGE_SHAPE = {"vocab_size": 8192, "hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 7,
+               "num_attention_heads": 8, "num_key_value_heads": 8, "max_position_embeddings": 256}
+TINY_SHAPE = {"vocab_size": 1024, "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256}
+
+FULL = {
+    "rounds": 3,
+    "toy": {"per_device_train_batch_size": 64, "gradient_accumulation_steps": 1, "num_mini_batches": 4,
+            "local_rollout_forward_batch_size": 64, "response_length": 32, "num_ppo_epochs": 4,
+            "total_episodes": 320, "eval_size": 0, "seed": 42},
+    "large_shape": LARGE_SHAPE,
+    "large": {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 1, "num_mini_batches": 2,
+              "local_rollout_forward_batch_size": 16, "response_length": 32, "num_ppo_epochs": 4,
+              "total_episodes": 32, "eval_size": 0, "seed": 42},
+    "parity": {"per_device_train_batch_size": 64, "gradient_accumulation_steps": 1, "num_mini_batches": 4,
+               "local_rollout_forward_batch_size": 64, "response_length": 32, "num_ppo_epochs": 4,
+               "total_episodes": 1024, "eval_size": 256, "oracle": "ppoflow.toy:oracle_score",
+               "oracle_per_update": True},
+    "parity_seeds": [1, 2],
+    "orchestration": {"runs": 3, "total_episodes": 256},
+    "yardstick_s": 4.0,
+}
+QUICK = {
+    "rounds": 1,
+    "toy": {**FULL["toy"], "per_device_train_batch_size": 16, "num_mini_batches": 2,
+            "local_rollout_forward_batch_size": 16, "response_length": 16, "total_episodes": 32},
+    "large_shape": TINY_SHAPE,
+    "large": {**FULL["large"], "per_device_train_batch_size": 8, "local_rollout_forward_batch_size": 8,
+              "response_length": 16, "total_episodes": 8},
+    "parity": {**FULL["parity"], "per_device_train_batch_size": 16, "num_mini_batches": 2,
+               "local_rollout_forward_batch_size": 16, "response_length": 16, "total_episodes": 32, "eval_size": 32},
+    "parity_seeds": [1],
+    "orchestration": {"runs": 1, "total_episodes": 64},
+    "yardstick_s": 1.0,
+}
+GOALS = {"toy_speedup": 3.0, "large_speedup": 1.5, "memory_ratio": 1.0, "orch_fixed_s": 15.0, "orch_fraction": 0.05}
+PHASES = ("rollout", "policy", "ref", "value", "score", "train", "other")
+
+
+def log(msg: str) -> None:
+    print(f"[bench {dt.datetime.now():%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
+
+
+def median(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def rnd(x: float | None, nd: int = 3) -> float | None:
+    return None if x is None else round(float(x), nd)
+
+
+# ------------------------------------------------------------------------------------------ environment
+def child_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false", "TRL_EXPERIMENTAL_SILENCE": "1",
+        "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "PYTHONHASHSEED": "0",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    })
+    return env
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def git_state() -> dict[str, Any]:
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    dirty = [line[3:] for line in git("status", "--porcelain").splitlines()
+             if line[3:].startswith(("ppoflow/", "flows/", "tasks/"))]
+    return {"commit": git("rev-parse", "--short", "HEAD"), "engine_files_modified": dirty}
+
+
+def machine_info(threads: int, trl_python: Path) -> dict[str, Any]:
+    import psutil
+    import torch
+    import transformers
+
+    def trl_versions() -> dict[str, str]:
+        code = "import json, torch, transformers, trl; print(json.dumps({'torch': torch.__version__, " \
+               "'transformers': transformers.__version__, 'trl': trl.__version__}))"
+        out = subprocess.run([str(trl_python), "-c", code], capture_output=True, text=True, env=child_env(threads))
+        return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-300:]}
+
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "torch_threads": threads, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(), "platform": platform.platform(),
+        "ours": {"python": sys.executable, "torch": torch.__version__, "transformers": transformers.__version__},
+        "trl_side": {"python": str(trl_python), **trl_versions()},
+        "git": git_state(),
+    }
+
+
+# ------------------------------------------------------------------------------------------ yardstick
+YARDSTICK_CODE = r"""
+import json, sys, time, torch
+threads, seconds, n = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+a, b = torch.randn(n, n), torch.randn(n, n)
+c = torch.empty(n, n)
+for _ in range(3):
+    torch.mm(a, b, out=c)
+rates, end = [], time.perf_counter() + seconds
+while time.perf_counter() < end or len(rates) < 5:
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds / 8:
+        torch.mm(a, b, out=c)
+        reps += 1
+    rates.append(2 * n**3 * reps / (time.perf_counter() - t0) / 1e9)
+rates.sort()
+print(json.dumps({"n": n, "threads": torch.get_num_threads(), "windows": len(rates), "gflops_median": rates[len(rates) // 2],
+                  "gflops_max": rates[-1], "gflops_min": rates[0]}))
+"""
+
+
+def yardstick(threads: int, seconds: float) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-c", YARDSTICK_CODE, str(threads), str(seconds), "1024"],
+                         capture_output=True, text=True, env=child_env(threads), timeout=300)
+    if out.returncode != 0:
+        raise RuntimeError(f"yardstick failed: {out.stderr[-2000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    log(f"yardstick: torch.mm 1024x1024 fp32, {threads} thread(s): {result['gflops_median']:.1f} GFLOP/s (median)")
+    return result
+
+
+# ------------------------------------------------------------------------------------------ models
+def build_large(out_dir: Path, shape: dict[str, int], seed: int = 0) -> dict[str, Any]:
+    """A random-weight Llama policy and a LlamaForSequenceClassification reward/value model of the same shape,
+    sharing a word-level tokenizer: the toy world's words first (so the toy prompts tokenize as usual), then
+    filler tokens up to `vocab_size`. Built once; rebuilt when the shape changes."""
+    stamp = out_dir / "bench-model.json"
+    wanted = {"shape": shape, "seed": seed, "format": 1}
+    if stamp.is_file() and json.loads(stamp.read_text()).get("wanted") == wanted:
+        return json.loads(stamp.read_text())
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+    from ppoflow.toy.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, UNK
+    from ppoflow.toy.world import vocabulary
+
+    log(f"building the random-weight Llama pair in {out_dir}")
+    tokens = [*SPECIAL_TOKENS, *vocabulary()]
+    tokens += [f"tok{i}" for i in range(shape["vocab_size"] - len(tokens))]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK,
+        padding_side="right", clean_up_tokenization_spaces=False, model_max_length=shape["max_position_embeddings"],
+    )
+    config = {**shape, "tie_word_embeddings": True, "pad_token_id": vocab[PAD], "bos_token_id": vocab[BOS],
+              "eos_token_id": vocab[EOS]}
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    torch.manual_seed(seed)
+    policy = LlamaForCausalLM(LlamaConfig(**config))
+    torch.manual_seed(seed + 1)
+    reward = LlamaForSequenceClassification(LlamaConfig(**config, num_labels=1))
+    info = {"wanted": wanted}
+    for model, name in ((policy, "policy"), (reward, "reward")):
+        model.save_pretrained(tmp / name, safe_serialization=True)
+        tokenizer.save_pretrained(tmp / name)
+        info[f"{name}_parameters"] = sum(p.numel() for p in model.parameters())
+    (tmp / "bench-model.json").write_text(json.dumps(info, indent=2))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return info
+
+
+def matmul_parameters(model_dir: Path, classifier: bool) -> int:
+    """Parameters that take part in a matmul per token: every nn.Linear weight (attention, MLP, the LM head
+    even when tied to the embedding, the score head); embedding lookups and norms are not counted."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        if classifier:
+            config.num_labels = 1
+            model = AutoModelForSequenceClassification.from_config(config)
+        else:
+            model = AutoModelForCausalLM.from_config(config)
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def prompt_lengths(model_dir: Path, prompts: Path, max_len: int, eval_size: int) -> float:
+    """Mean real tokens of the training prompts (the same selection both sides make)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    lengths = []
+    for line in prompts.read_text().splitlines():
+        if line.strip():
+            n = len(tokenizer(json.loads(line)["prompt"])["input_ids"])
+            if 0 < n <= max_len:
+                lengths.append(n)
+    lengths = lengths[: len(lengths) - eval_size] if eval_size else lengths
+    return sum(lengths) / len(lengths)
+
+
+# ------------------------------------------------------------------------------------------ running sides
+class SideFailed(RuntimeError):
+    pass
+
+
+def run_side(side: str, spec_path: Path, out_path: Path, log_path: Path, threads: int, timeout: float) -> dict[str, Any]:
+    if side == "ours":
+        cmd = [sys.executable, str(HERE / "ppoflow_side.py"), "--spec", str(spec_path), "--out", str(out_path)]
+    else:
+        cmd = [str(ARGS.trl_python), str(HERE / "trl_baseline.py"), "--spec", str(spec_path), "--out", str(out_path)]
+    out_path.unlink(missing_ok=True)
+    began = time.perf_counter()
+    with open(log_path, "w") as handle:
+        proc = subprocess.run(cmd, cwd=REPO, env=child_env(threads), stdout=handle, stderr=subprocess.STDOUT,
+                              timeout=timeout)
+    wall = time.perf_counter() - began
+    if proc.returncode != 0 or not out_path.is_file():
+        tail = log_path.read_text()[-3000:]
+        raise SideFailed(f"{side} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+    result = json.loads(out_path.read_text())
+    result["process_wall_s"] = round(wall, 3)
+    result["command"] = " ".join(cmd)
+    tp = result["throughput"]
+    log(f"  {side:4s}: {tp['episodes_per_s']:.2f} ep/s, {tp['response_tokens_per_s']:.1f} tok/s, train "
+        f"{result['timing_s']['train_loop']:.1f}s (cpu {result['timing_s'].get('train_loop_cpu', float('nan')):.1f}s), "
+        f"peak RSS {result['memory']['peak_rss_train_mib']} MiB, process {wall:.0f}s")
+    return result
+
+
+def write_spec(path: Path, spec: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(spec, indent=2) + "\n")
+    return path
+
+
+def slim(result: dict[str, Any]) -> dict[str, Any]:
+    """A child RESULT without the bulky parts (per-prompt eval lists, the full metric rows)."""
+    keep = ("benchmark", "timing_s", "phases_s", "throughput", "memory", "process_wall_s", "machine")
+    out = {k: result.get(k) for k in keep if k in result}
+    out["throughput"] = {k: v for k, v in result["throughput"].items() if k != "notes"}
+    if isinstance(out.get("phases_s"), dict):
+        out["phases_s"] = {k: v for k, v in result["phases_s"].items() if k != "notes"}
+    ev = result.get("eval") or {}
+    out["eval"] = {k: v for k, v in ev.items() if not isinstance(v, list)}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ FLOPs
+def flops_per_update(n: dict[str, int], prompt_tokens: float, response_tokens: float, epochs: int) -> dict[str, float]:
+    """Useful model FLOPs of one PPO update, on real tokens only (padding is waste, not work):
+    tokens = real prompt + real response tokens of the batch; forward = 2 N per token, train = 6 N per token
+    (forward + backward) for policy and value in each PPO epoch. Generation counts one forward per token
+    (prefill + decode, KV cache). Attention's sequence-quadratic term is left out (< 5% at these lengths)."""
+    tokens = prompt_tokens + response_tokens
+    fwd = lambda params: 2 * params * tokens  # noqa: E731
+    phases = {
+        "rollout": fwd(n["policy"]), "policy": fwd(n["policy"]), "ref": fwd(n["policy"]),
+        "value": fwd(n["value"]), "score": fwd(n["reward"]),
+        "train": 3 * epochs * (fwd(n["policy"]) + fwd(n["value"])),
+    }
+    # The algorithm needs generation, ref, value, score and training; a separate policy forward is optional
+    # (TRL takes the rollout log-probs from generate()'s scores), so it is not counted as useful work.
+    phases["useful_total"] = sum(v for k, v in phases.items() if k != "policy")
+    return phases
+
+
+# ------------------------------------------------------------------------------------------ sizes
+def throughput_size(name: str, spec: dict[str, Any], rounds: int, threads: int, n_params: dict[str, int],
+                    mean_prompt: float, run_dir: Path) -> dict[str, Any]:
+    spec_path = write_spec(run_dir / f"{name}.spec.json", spec)
+    rows = []
+    for r in range(rounds):
+        log(f"{name}: round {r + 1}/{rounds}")
+        row = {}
+        for side in ("ours", "trl"):  # A B A B
+            row[side] = run_side(side, spec_path, run_dir / f"{name}.{side}.r{r}.json",
+                                 run_dir / f"{name}.{side}.r{r}.log", threads, ARGS.timeout)
+        rows.append(row)
+
+    def per_side(side: str) -> dict[str, Any]:
+        res = [row[side] for row in rows]
+        updates = res[0]["throughput"]["updates"]
+        episodes = res[0]["throughput"]["episodes"]
+        out = {
+            "episodes_per_s": median([x["throughput"]["episodes_per_s"] for x in res]),
+            "response_tokens_per_s": median([x["throughput"]["response_tokens_per_s"] for x in res]),
+            "episodes_per_cpu_s": median([episodes / x["timing_s"]["train_loop_cpu"] for x in res]),
+            "train_loop_s": median([x["timing_s"]["train_loop"] for x in res]),
+            "train_loop_cpu_s": median([x["timing_s"]["train_loop_cpu"] for x in res]),
+            "peak_rss_train_mib": median([x["memory"]["peak_rss_train_mib"] for x in res]),
+            "rss_before_train_mib": median([x["memory"]["rss_before_train_mib"] for x in res]),
+            "ru_maxrss_process_mib": median([x["memory"]["ru_maxrss_process_mib"] for x in res]),
+            "cuda_max_allocated_mib": median([x["memory"].get("cuda_max_allocated_mib") for x in res]),
+            "updates": updates, "episodes": episodes,
+            "response_tokens_per_update": median([x["throughput"]["response_tokens"] / updates for x in res]),
+            "optimizer_steps": res[0]["throughput"]["optimizer_steps"],
+            "phases_s_per_update": {p: rnd(median([x["phases_s"].get(p, 0.0) / updates for x in res]), 4) for p in PHASES},
+        }
+        per_update = out["train_loop_s"] / updates
+        out["phases_share"] = {p: rnd(v / per_update, 3) for p, v in out["phases_s_per_update"].items()}
+        # useful model FLOPs at this side's own response lengths
+        fl = flops_per_update(n_params, mean_prompt * spec["per_device_train_batch_size"] * spec["gradient_accumulation_steps"],
+                              out["response_tokens_per_update"], spec["num_ppo_epochs"])
+        out["useful_gflop_per_update"] = rnd(fl["useful_total"] / 1e9, 2)
+        out["achieved_gflops"] = rnd(fl["useful_total"] / per_update / 1e9, 2)
+        out["phase_gflops"] = {p: rnd(fl[p] / 1e9 / s, 2) if s and s > 0 else None
+                               for p, s in out["phases_s_per_update"].items() if p in fl}
+        return {k: (rnd(v, 3) if isinstance(v, float) else v) for k, v in out.items()}
+
+    ratios = {
+        "episodes_per_s": [row["ours"]["throughput"]["episodes_per_s"] / row["trl"]["throughput"]["episodes_per_s"] for row in rows],
+        "response_tokens_per_s": [row["ours"]["throughput"]["response_tokens_per_s"] / row["trl"]["throughput"]["response_tokens_per_s"] for row in rows],
+        "episodes_per_cpu_s": [row["trl"]["timing_s"]["train_loop_cpu"] / row["ours"]["timing_s"]["train_loop_cpu"] for row in rows],
+        "peak_rss_train": [row["ours"]["memory"]["peak_rss_train_mib"] / row["trl"]["memory"]["peak_rss_train_mib"] for row in rows],
+    }
+    return {
+        "spec": spec,
+        "params": n_params,
+        "matmul_params_note": "nn.Linear weights per model (LM head included, embedding lookups not)",
+        "mean_prompt_tokens": rnd(mean_prompt, 2),
+        "ours": per_side("ours"),
+        "trl": per_side("trl"),
+        "ratios_per_round": {k: [rnd(v, 3) for v in vs] for k, vs in ratios.items()},
+        "ratios_median": {k: rnd(median(vs), 3) for k, vs in ratios.items()},
+        "rounds": [{side: slim(row[side]) for side in row} for row in rows],
+        "commands": {side: rows[0][side]["command"] for side in ("ours", "trl")},
+    }
+
+
+def parity(base_spec: dict[str, Any], seeds: list[int], threads: int, run_dir: Path) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": []}
+    commands = {}
+    for seed in seeds:
+        spec_path = write_spec(run_dir / f"parity.s{seed}.spec.json", {**base_spec, "seed": seed})
+        log(f"parity: seed {seed}")
+        for side in ("ours", "trl"):
+            res = run_side(side, spec_path, run_dir / f"parity.{side}.s{seed}.json", run_dir / f"parity.{side}.s{seed}.log",
+                           threads, ARGS.timeout)
+            commands[side] = res["command"]
+            runs[side].append({
+                "seed": seed,
+                "curve": [{"update": i + 1, "episode": int(m.get("episode", 0)),
+                           "objective/scores": rnd(m.get("objective/scores"), 4),
+                           "objective/kl": rnd(m.get("objective/kl"), 4),
+                           "reward/oracle": rnd(m.get("reward/oracle"), 4)} for i, m in enumerate(res["metrics"])],
+                "eval": {k: v for k, v in res["eval"].items() if not isinstance(v, list)},
+                "eval_oracle_values": res["eval"].get("oracle_values"),
+                "eval_rewards": res["eval"].get("rewards"),
+                "train_loop_s": res["timing_s"]["train_loop"],
+            })
+
+    def stats(side: str, key: str, per_prompt_key: str) -> dict[str, Any]:
+        means = [r["eval"][key] for r in runs[side]]
+        per_prompt = [v for r in runs[side] for v in (r[per_prompt_key] or [])]
+        sd_prompt = statistics.pstdev(per_prompt) if len(per_prompt) > 1 else 0.0
+        return {"per_seed": [rnd(m, 4) for m in means], "mean": rnd(statistics.fmean(means), 4),
+                "seed_sd": rnd(statistics.stdev(means), 4) if len(means) > 1 else None,
+                "se": (statistics.stdev(means) / math.sqrt(len(means))) if len(means) > 1 else sd_prompt / math.sqrt(max(1, len(per_prompt))),
+                "se_prompts": sd_prompt / math.sqrt(max(1, len(per_prompt)))}
+
+    verdict = {}
+    for key, per_prompt_key in (("reward_mean", "eval_rewards"), ("oracle_mean", "eval_oracle_values")):
+        ours, trl = stats("ours", key, per_prompt_key), stats("trl", key, per_prompt_key)
+        # noise: the larger of the seed-to-seed and the per-prompt standard errors of each side, combined
+        noise = math.sqrt(max(ours["se"], ours["se_prompts"]) ** 2 + max(trl["se"], trl["se_prompts"]) ** 2)
+        verdict[key] = {"ours": {k: v for k, v in ours.items() if not k.startswith("se")},
+                        "trl": {k: v for k, v in trl.items() if not k.startswith("se")},
+                        "difference": rnd(ours["mean"] - trl["mean"], 4), "noise_2se": rnd(2 * noise, 4),
+                        "pass": ours["mean"] >= trl["mean"] - 2 * noise}
+    # The training rollouts' tail: the last quarter of the updates (sampled completions, a batch each), per seed.
+    for key in ("objective/scores", "reward/oracle"):
+        sides = {}
+        for side in ("ours", "trl"):
+            per_seed, points = [], []
+            for run in runs[side]:
+                values = [p[key] for p in run["curve"] if p[key] is not None]
+                tail = values[-max(1, len(values) // 4):]
+                if tail:
+                    per_seed.append(statistics.fmean(tail))
+                    points.extend(v - per_seed[-1] for v in tail)
+            if not per_seed:
+                break
+            se_seeds = statistics.stdev(per_seed) / math.sqrt(len(per_seed)) if len(per_seed) > 1 else 0.0
+            se_points = (math.sqrt(sum(d * d for d in points) / max(1, len(points) - len(per_seed))) / math.sqrt(len(points))
+                         if len(points) > len(per_seed) else 0.0)
+            sides[side] = {"per_seed": [rnd(v, 4) for v in per_seed], "mean": statistics.fmean(per_seed),
+                           "se": max(se_seeds, se_points)}
+        if len(sides) == 2:
+            noise = math.sqrt(sides["ours"]["se"] ** 2 + sides["trl"]["se"] ** 2)
+            verdict[f"rollout_tail {key}"] = {
+                "ours": {"per_seed": sides["ours"]["per_seed"], "mean": rnd(sides["ours"]["mean"], 4)},
+                "trl": {"per_seed": sides["trl"]["per_seed"], "mean": rnd(sides["trl"]["mean"], 4)},
+                "difference": rnd(sides["ours"]["mean"] - sides["trl"]["mean"], 4), "noise_2se": rnd(2 * noise, 4),
+                "pass": sides["ours"]["mean"] >= sides["trl"]["mean"] - 2 * noise}
+    return {"spec": base_spec, "seeds": seeds, "runs": runs, "verdict": verdict, "commands": commands,
+            "rule": "PASS when ours' mean over seeds >= TRL's - 2 x combined standard error (per side the larger of "
+                    "the seed-to-seed and the per-prompt standard error), on greedy completions of the held-out prompts; "
+                    "rollout_tail: the mean of the last quarter of the updates' rollout metrics (sampled), per side the "
+                    "larger of the seed-to-seed and the update-to-update standard error"}
+
+
+def orchestration(toy: Path, threads: int, runs: int, episodes: int, run_dir: Path) -> dict[str, Any]:
+    home = WORK / "orch"  # persistent Prefect home and MLflow store (warm after the first make bench)
+    (home / "prefect-home").mkdir(parents=True, exist_ok=True)
+    env = child_env(threads)
+    env.update({"MLFLOW_TRACKING_URI": f"sqlite:///{(home / 'mlflow.db').resolve()}",
+                "PREFECT_HOME": str((home / "prefect-home").resolve())})
+    env.pop("PREFECT_API_URL", None)
+    overrides = [f"models.policy={toy / 'policy'}", f"models.reward={toy / 'reward'}",
+                 f"data.path={toy / 'prompts.jsonl'}", f"ppo.total_episodes={episodes}",
+                 f"flow.result_storage={(home / 'prefect-results').resolve()}"]
+    # `python -m flows.cli` is the `ppoflow` console script's entry point (pyproject: ppoflow = flows.cli:main)
+    results: dict[str, list[dict[str, Any]]] = {"train": [], "run": []}
+    commands = {}
+    for i in range(runs):
+        for command in ("train", "run"):
+            out_dir = run_dir / f"orch-{command}-{i}"
+            shutil.rmtree(out_dir, ignore_errors=True)
+            cmd = [sys.executable, "-m", "flows.cli", command, "--config", str(REPO / "configs" / "toy.yaml"),
+                   *[a for o in overrides + [f"output_dir={out_dir}"] for a in ("--set", o)]]
+            commands[command] = " ".join(cmd)
+            log(f"orchestration: ppoflow {command} ({i + 1}/{runs})")
+            began = time.perf_counter()
+            with open(run_dir / f"orch-{command}-{i}.log", "w") as handle:
+                proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=handle, text=True,
+                                      timeout=ARGS.timeout)
+            wall = time.perf_counter() - began
+            if proc.returncode != 0:
+                raise SideFailed(f"ppoflow {command} failed (exit {proc.returncode}); log {run_dir}/orch-{command}-{i}.log")
+            summary = json.loads(proc.stdout.strip().splitlines()[-1])
+            metrics = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            results[command].append({"wall_s": round(wall, 2), "reported_wall_s": summary.get("wall_seconds"),
+                                     "train_steps_s": round(sum(m["timing/step"] for m in metrics), 2)})
+            log(f"  {command}: {wall:.1f}s wall (training steps {results[command][-1]['train_steps_s']}s)")
+            shutil.rmtree(out_dir, ignore_errors=True)
+    train_wall = median([r["wall_s"] for r in results["train"]])
+    run_wall = median([r["wall_s"] for r in results["run"]])
+    overhead = run_wall - train_wall
+    allowed = GOALS["orch_fixed_s"] + GOALS["orch_fraction"] * train_wall
+    return {"runs": results, "train_wall_s": rnd(train_wall, 2), "run_wall_s": rnd(run_wall, 2),
+            "overhead_s": rnd(overhead, 2), "allowed_s": rnd(allowed, 2), "pass": overhead <= allowed,
+            "config": "configs/toy.yaml with --set " + " --set ".join(overrides), "commands": commands,
+            "env": {"MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"], "PREFECT_HOME": env["PREFECT_HOME"],
+                    "PREFECT_API_URL": "(unset: ephemeral Prefect server)"}}
+
+
+# ------------------------------------------------------------------------------------------ outputs
+def plot_parity(par: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3), dpi=80)
+    colors = {"ours": "tab:blue", "trl": "tab:orange"}
+    labels = {"ours": "ppoflow", "trl": "TRL 1.12"}
+    for ax, key, title in ((axes[0], "objective/scores", "objective/scores (rollouts)"),
+                           (axes[1], "reward/oracle", "oracle score (rollouts)")):
+        for side in ("ours", "trl"):
+            for i, run in enumerate(par["runs"][side]):
+                xs = [p["episode"] for p in run["curve"] if p[key] is not None]
+                ys = [p[key] for p in run["curve"] if p[key] is not None]
+                ax.plot(xs, ys, color=colors[side], alpha=0.85, lw=1.3, ls="-" if i == 0 else "--",
+                        label=f"{labels[side]} seed {run['seed']}")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("episode", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def pf(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("PASS" if ok else "FAIL")
+
+
+def fmt(x: float | None, nd: int = 1) -> str:
+    return "n/a" if x is None else f"{x:,.{nd}f}"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    lines = [
+        f"_Generated by `make bench` ({res['command']}) on {m['date'][:10]}, commit `{m['git']['commit']}`"
+        + (" with uncommitted engine changes" if m["git"]["engine_files_modified"] else "")
+        + f"; {m['cpu_model']}, {m['cpu_count']} cores, **{m['torch_threads']} torch thread(s)** on both sides, fp32, "
+        f"load average at start {m['load_average_at_start'][0]}; `make bench` took {res['duration_s'] / 60:.1f} min. "
+        "Raw numbers: `benchmarks/results/latest.json`. Do not edit by hand._",
+        "",
+        f"ppoflow vs TRL 1.12.0 `PPOTrainer`, same models, prompts, hyperparameters and seed, each run in a fresh process, "
+        f"alternating, {res['rounds']} rounds per size; throughput counts the training loop only. Ratios are ours/TRL, "
+        "the median of the per-round ratios.",
+        "",
+        "| size | metric | ppoflow | TRL 1.12 | ours/TRL | goal | |",
+        "|---|---|---:|---:|---:|---|---|",
+    ]
+    for key, label, goal_key in (("toy", "toy", "toy_speedup"), ("large", "large", "large_speedup")):
+        s = res["sizes"][key]
+        sp = s["spec"]
+        desc = (f"{label}: {s['params']['policy_total'] / 1e6:.1f} M params, batch {sp['per_device_train_batch_size'] * sp['gradient_accumulation_steps']}, "
+                f"{sp['num_mini_batches']} mini-batches, response {sp['response_length']}, {s['ours']['updates']} updates")
+        g = s["goals"]
+        lines += [
+            f"| {desc} | episodes/s | {fmt(s['ours']['episodes_per_s'], 2)} | {fmt(s['trl']['episodes_per_s'], 2)} | "
+            f"**{fmt(s['ratios_median']['episodes_per_s'], 2)}×** | ≥ {GOALS[goal_key]}× | {pf(g['speedup'])} |",
+            f"| | response tokens/s | {fmt(s['ours']['response_tokens_per_s'])} | {fmt(s['trl']['response_tokens_per_s'])} | "
+            f"{fmt(s['ratios_median']['response_tokens_per_s'], 2)}× | | |",
+            f"| | episodes per CPU-second | {fmt(s['ours']['episodes_per_cpu_s'], 2)} | {fmt(s['trl']['episodes_per_cpu_s'], 2)} | "
+            f"{fmt(s['ratios_median']['episodes_per_cpu_s'], 2)}× | | |",
+            f"| | peak RSS in training (MiB; before training) | {fmt(s['ours']['peak_rss_train_mib'], 0)} ({fmt(s['ours']['rss_before_train_mib'], 0)}) | "
+            f"{fmt(s['trl']['peak_rss_train_mib'], 0)} ({fmt(s['trl']['rss_before_train_mib'], 0)}) | "
+            f"{fmt(s['ratios_median']['peak_rss_train'], 3)} | ≤ 1 | {pf(g['memory'])} |",
+            f"| | model-FLOPs utilisation | {fmt(100 * s['ours']['mfu'])} % | {fmt(100 * s['trl']['mfu'])} % | | | |",
+        ]
+    lines += ["", f"Per-round episodes/s ratios: toy {res['sizes']['toy']['ratios_per_round']['episodes_per_s']}, "
+              f"large {res['sizes']['large']['ratios_per_round']['episodes_per_s']}.", ""]
+    lines += ["Seconds per update by phase (median; rollout = generation, policy = ppoflow's log-prob forward, "
+              "other = advantages, bookkeeping, TRL's `gc.collect()`):", "",
+              "| size | side | " + " | ".join(PHASES) + " | total |", "|---|---|" + "---:|" * (len(PHASES) + 1)]
+    for key in ("toy", "large"):
+        for side, label in (("ours", "ppoflow"), ("trl", "TRL")):
+            s = res["sizes"][key][side]
+            ph = s["phases_s_per_update"]
+            lines.append(f"| {key} | {label} | " + " | ".join(fmt(ph.get(p), 3) for p in PHASES)
+                         + f" | {fmt(s['train_loop_s'] / s['updates'], 3)} |")
+    y = res["yardstick"]
+    lines += ["", f"Hardware yardstick: torch.mm 1024×1024 fp32 at {m['torch_threads']} thread(s): "
+              f"{fmt(y['gflops'])} GFLOP/s (the higher of the medians before, {fmt(y['before']['gflops_median'])}, and after, "
+              f"{fmt(y['after']['gflops_median'])}). Model-FLOPs utilisation = useful FLOPs per update / seconds per update / "
+              "yardstick, with useful FLOPs = 2·N·tokens for generation, reference, value and reward forwards and "
+              "6·N·tokens·epochs for policy and value training, N = nn.Linear parameters (LM head included), "
+              "tokens = real prompt + response tokens.", ""]
+    par = res.get("parity")
+    if par:
+        v = par["verdict"]
+        lines += [f"Learning parity on the toy ({par['spec']['total_episodes']} episodes, seeds {par['seeds']}, greedy "
+                  f"evaluation on {par['spec']['eval_size']} held-out prompts):", "",
+                  "| metric | ppoflow | TRL 1.12 | difference | 2 × noise | ours ≥ TRL |", "|---|---:|---:|---:|---:|---|"]
+        for key, label in (("reward_mean", "eval: reward-model score"), ("oracle_mean", "eval: oracle score"),
+                           ("rollout_tail objective/scores", "rollouts, last quarter: objective/scores"),
+                           ("rollout_tail reward/oracle", "rollouts, last quarter: oracle score")):
+            if key not in v:
+                continue
+            lines.append(f"| {label} | {fmt(v[key]['ours']['mean'], 3)} {v[key]['ours']['per_seed']} | "
+                         f"{fmt(v[key]['trl']['mean'], 3)} {v[key]['trl']['per_seed']} | {fmt(v[key]['difference'], 3)} | "
+                         f"{fmt(v[key]['noise_2se'], 3)} | {pf(v[key]['pass'])} |")
+        lines += ["", "![learning curves](benchmarks/results/parity.png)", ""]
+    o = res.get("orchestration")
+    if o:
+        lines += [f"Orchestration: `ppoflow run` (Prefect + MLflow, embedded) {fmt(o['run_wall_s'])} s vs `ppoflow train` "
+                  f"{fmt(o['train_wall_s'])} s wall (toy config, {len(o['runs']['train'])} runs each, median): overhead "
+                  f"{fmt(o['overhead_s'])} s, goal ≤ {fmt(o['allowed_s'])} s (15 s + 5 %): **{pf(o['pass'])}**.", ""]
+    return "\n".join(lines)
+
+
+def inject_readme(table: str) -> None:
+    text = README.read_text()
+    block = f"{MARK_START}\n{table}\n{MARK_END}"
+    if MARK_START in text and MARK_END in text:
+        text = re.sub(re.escape(MARK_START) + r".*?" + re.escape(MARK_END), lambda _m: block, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n## Performance\n\n" + block + "\n"
+    README.write_text(text)
+
+
+# ------------------------------------------------------------------------------------------ main
+ARGS: argparse.Namespace
+
+
+def main(argv: list[str] | None = None) -> int:
+    global ARGS
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 round of tiny sizes; results under .ppoflow/bench/quick")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "1")),
+                        help="torch/OpenMP threads for both sides (default 1, or $BENCH_THREADS; see benchmarks/README.md)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per size (default 3; 1 with --quick)")
+    parser.add_argument("--toy", type=Path, default=WORK / "toy", help="the toy world (built by make bench)")
+    parser.add_argument("--trl-python", type=Path, default=REPO / ".venv-bench" / "bin" / "python")
+    parser.add_argument("--skip", action="append", default=[], choices=["parity", "orchestration", "large", "toy"],
+                        help="leave a part out (the README table then lacks it)")
+    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per child process")
+    parser.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="only regenerate the README table from an existing results file (no runs)")
+    ARGS = parser.parse_args(argv)
+    if ARGS.render is not None:
+        inject_readme(markdown(json.loads(ARGS.render.read_text())))
+        log(f"README table regenerated from {ARGS.render}")
+        return 0
+    cfg = QUICK if ARGS.quick else FULL
+    rounds = ARGS.rounds or cfg["rounds"]
+    threads = ARGS.threads
+    began = time.perf_counter()
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_root = (WORK / "quick") if ARGS.quick else RESULTS
+    run_dir = WORK / "runs" / stamp
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out_root.mkdir(parents=True, exist_ok=True)
+    toy = ARGS.toy.resolve()
+    if not (toy / "toy.json").is_file():
+        log(f"no toy world in {toy}: build it with `.venv/bin/ppoflow toy --out {toy}` (make bench does)")
+        return 2
+    if not ARGS.trl_python.is_file():
+        log(f"no TRL venv python at {ARGS.trl_python}: run `make bench-venv`")
+        return 2
+    sys.path.insert(0, str(REPO))
+    command = "benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    log(f"{'quick' if ARGS.quick else 'full'} benchmark, {threads} thread(s), {rounds} round(s); logs in {run_dir}")
+
+    res: dict[str, Any] = {"command": command.strip(), "quick": ARGS.quick, "rounds": rounds, "goals": GOALS,
+                           "machine": machine_info(threads, ARGS.trl_python), "logs": str(run_dir.relative_to(REPO))}
+    y_before = yardstick(threads, cfg["yardstick_s"])
+    res["sizes"] = {}
+
+    toy_models = {"policy": toy / "policy", "reward": toy / "reward"}
+    large_dir = WORK / ("llama-tiny" if ARGS.quick else "llama-26m")
+    if "large" not in ARGS.skip:
+        large_info = build_large(large_dir, cfg["large_shape"])
+    for key in ("toy", "large"):
+        if key in ARGS.skip:
+            continue
+        models = toy_models if key == "toy" else {"policy": large_dir / "policy", "reward": large_dir / "reward"}
+        spec = {"name": f"{key}-throughput", "policy": str(models["policy"]), "reward": str(models["reward"]),
+                "prompts": str(toy / "prompts.jsonl"), "torch_threads": threads, **COMMON, **cfg[key]}
+        n_params = {"policy": matmul_parameters(models["policy"], False), "reward": matmul_parameters(models["reward"], True)}
+        n_params["value"] = n_params["reward"]
+        if key == "toy":
+            toy_json = json.loads((toy / "toy.json").read_text())
+            n_params["policy_total"], n_params["reward_total"] = toy_json["policy"]["parameters"], toy_json["reward"]["parameters"]
+        else:
+            n_params["policy_total"], n_params["reward_total"] = large_info["policy_parameters"], large_info["reward_parameters"]
+        mean_prompt = prompt_lengths(models["policy"], toy / "prompts.jsonl", spec["max_prompt_length"], spec["eval_size"])
+        size = throughput_size(key, spec, rounds, threads, n_params, mean_prompt, run_dir)
+        goal = GOALS["toy_speedup" if key == "toy" else "large_speedup"]
+        size["goals"] = {"speedup": size["ratios_median"]["episodes_per_s"] >= goal,
+                         "memory": size["ratios_median"]["peak_rss_train"] <= GOALS["memory_ratio"]}
+        res["sizes"][key] = size
+        (out_root / "latest.partial.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+
+    if "parity" not in ARGS.skip:
+        spec = {"name": "toy-parity", "policy": str(toy / "policy"), "reward": str(toy / "reward"),
+                "prompts": str(toy / "prompts.jsonl"), "torch_threads": threads, **COMMON, **cfg["parity"]}
+        par = parity(spec, cfg["parity_seeds"], threads, run_dir)
+        for side_runs in par["runs"].values():
+            for run in side_runs:
+                run.pop("eval_oracle_values", None)
+                run.pop("eval_rewards", None)
+        (out_root / "parity.json").write_text(json.dumps(par, indent=1, default=str) + "\n")
+        plot_parity(par, out_root / "parity.png")
+        res["parity"] = {k: v for k, v in par.items() if k != "runs"}
+        res["parity"]["curves"] = "benchmarks/results/parity.json (per-update objective/scores, objective/kl, reward/oracle)"
+
+    if "orchestration" not in ARGS.skip:
+        oc = cfg["orchestration"]
+        res["orchestration"] = orchestration(toy, threads, oc["runs"], oc["total_episodes"], run_dir)
+
+    y_after = yardstick(threads, cfg["yardstick_s"])
+    res["yardstick"] = {"before": y_before, "after": y_after,
+                        "gflops": rnd(max(y_before["gflops_median"], y_after["gflops_median"]), 2),
+                        "note": "the machine's sustained rate: the higher of the before/after medians (the lower one "
+                                "shows contention from other jobs); MFU is measured against it"}
+    for size in res["sizes"].values():
+        for side in ("ours", "trl"):
+            size[side]["mfu"] = rnd(size[side]["achieved_gflops"] / res["yardstick"]["gflops"], 4)
+            size[side]["phase_mfu"] = {p: rnd(g / res["yardstick"]["gflops"], 4) if g is not None else None
+                                       for p, g in size[side]["phase_gflops"].items()}
+    res["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    res["duration_s"] = round(time.perf_counter() - began, 1)
+    (out_root / "latest.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    (out_root / "latest.partial.json").unlink(missing_ok=True)
+    table = markdown(res) if {"toy", "large"}.isdisjoint(ARGS.skip) else None
+    if table is not None:
+        if ARGS.quick:
+            (out_root / "latest.md").write_text(table + "\n")
+        else:
+            inject_readme(table)
+    log(f"done in {res['duration_s'] / 60:.1f} min: {out_root / 'latest.json'}")
+    if table:
+        print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
