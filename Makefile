@@ -53,6 +53,17 @@ mlflow-server: install
 mlflow-server-stop: install
 	$(PY) -m mlflow_server.server stop $(ARGS)
 
+# Local Prefect server + MLflow server + work pool + deployments + worker, in the background;
+# state, pids and logs in $(SERVE_HOME) (see deployments/README.md). ARGS e.g. "--prefect-port 0".
+SERVE_HOME ?= .ppoflow/serve
+.PHONY: serve serve-stop
+
+serve: install toy
+	$(PY) -m deployments.serve start --home $(SERVE_HOME) $(ARGS)
+
+serve-stop: install
+	$(PY) -m deployments.serve stop --home $(SERVE_HOME)
+
 include benchmarks/bench.mk
 
 # ppoflow vs TRL 1.12 side by side (benchmarks/run.py, ~20 min): writes benchmarks/results/latest.json and the
