@@ -81,7 +81,7 @@ class Cluster:
 
     def uri(self, port: int) -> str:
         # No password here: libpq reads it from PGPASSFILE (see client_env).
-        return f"postgresql://{DB_USER}@127.0.0.1:{port}/{DB_NAME}"
+        return f"postgresql+psycopg://{DB_USER}@127.0.0.1:{port}/{DB_NAME}"  # psycopg 3 (the server extra)
 
     def client_env(self) -> dict[str, str]:
         return {"PGPASSFILE": str(self.pgpass)}

@@ -118,7 +118,8 @@ def redact_uri(uri: str) -> str:
 def _postgres_driver(uri: str) -> str | None:
     """The DB-API module SQLAlchemy will import for ``uri`` (None if unknown).
 
-    SQLAlchemy 2.1 maps plain ``postgresql://`` to psycopg (3), no longer to psycopg2.
+    SQLAlchemy 2.0 maps plain ``postgresql://`` to psycopg2, 2.1 to psycopg (3); the private
+    cluster's URI names ``postgresql+psycopg://`` (the server extra's driver) so both agree.
     """
     try:
         from sqlalchemy.engine import make_url
@@ -457,7 +458,7 @@ def start_server(
     cluster: pg.Cluster | None = None
     bindir: Path | None = None
     if backend == "postgres":
-        driver = _postgres_driver(backend_uri or "postgresql://")
+        driver = _postgres_driver(backend_uri or "postgresql+psycopg://")
         if driver and importlib.util.find_spec(driver) is None:
             raise ServerError(f"--backend postgres needs the {driver} driver, which is not "
                               f"installed: {EXTRA_HINT}")

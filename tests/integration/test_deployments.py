@@ -203,20 +203,11 @@ def test_deployments_on_the_server_are_what_the_file_says(served_stack):
     assert not any(s["active"] for s in declared()["my-model"]["schedules"])
 
 
-def _sqlalchemy_2_1() -> bool:
-    import sqlalchemy
-
-    return tuple(int(part) for part in sqlalchemy.__version__.split(".")[:2]) >= (2, 1)
-
-
 def test_scheduler_plans_the_nightly_at_two_utc(served_stack):
     """The server's scheduler turns the cron into Scheduled runs at 02:00 UTC on the coming nights."""
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.exceptions import ObjectNotFound
 
-    if _sqlalchemy_2_1():
-        pytest.xfail("Prefect 3.8.8's scheduler cannot insert flow runs with SQLAlchemy >= 2.1 (`Can't evaluate "
-                     "bulk DML statement`, the FlowRun.state hybrid): no scheduled run is ever created; pin sqlalchemy<2.1")
     with prefect_client(served_stack) as client:
         deployment = client.read_deployment_by_name("rlhf-ppo/toy-nightly")
         deadline = time.monotonic() + 20

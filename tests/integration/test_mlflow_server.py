@@ -230,7 +230,7 @@ def test_postgres_backend(tmp_path):
         info = start_server(home, port=0, backend="postgres")
         try:
             assert info.backend == "postgres" and info.postgres["managed"]
-            assert info.backend_uri.startswith("postgresql://mlflow@127.0.0.1:")
+            assert info.backend_uri.startswith("postgresql+psycopg://mlflow@127.0.0.1:")
             assert ":" not in info.backend_uri.split("//", 1)[1].split("@")[0]  # no password
             assert (home / "pgpass").stat().st_mode & 0o777 == 0o600
             _, run_id = _log_run(info.url, tmp_path)
