@@ -62,11 +62,14 @@ def resolve_source(field: str, source: str, revision: str | None) -> Path:
         ) from None
 
 
-def count_parameters(model_dir: Path) -> int:
+def count_parameters(field: str, model_dir: Path) -> int:
     """Parameter count read from the safetensors headers, without loading the weights."""
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
-        raise ModelError(f"{model_dir} has no .safetensors weights — ppoflow loads safetensors only (re-save with save_pretrained)")
+        raise ModelError(
+            f"models.{field}: {model_dir} has no .safetensors weights — ppoflow loads safetensors only "
+            "(re-save the model with save_pretrained(..., safe_serialization=True))"
+        )
     total = 0
     for path in files:
         with safe_open(str(path), framework="pt") as handle:
@@ -103,7 +106,7 @@ def describe_source(role: str, field: str, source: str, revision: str | None, *,
         local_dir=local_dir,
         sha256=sha256_tree(local_dir, WEIGHT_PATTERNS),
         model_class=architectures[0],
-        num_parameters=count_parameters(local_dir),
+        num_parameters=count_parameters(field, local_dir),
     )
 
 

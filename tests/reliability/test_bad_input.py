@@ -104,11 +104,6 @@ CASES = [
     Case("registry alias MLflow reserves", "`tracking.alias`", ("tracking.alias=latest",), command="run"),
     Case("experiment deleted", "`tracking.experiment`", ("tracking.experiment=deleted-experiment",), command="run"),
 ]
-NOT_YET_CLEAR = {
-    "weights not in safetensors": "ppoflow.models.count_parameters names the directory, not the field models.policy",
-}
-
-
 @pytest.fixture(scope="module")
 def bad(toy_world, tmp_path_factory) -> Path:
     """Models and prompt files that are wrong in one way each."""
@@ -199,10 +194,8 @@ def case(request) -> Case:
 
 
 def test_bad_input_is_refused_in_one_clear_line_before_any_work(
-    case, flow_ready, toy_world, bad, store, tmp_path, monkeypatch, request, bad_input_verdict,
+    case, flow_ready, toy_world, bad, store, tmp_path, monkeypatch, bad_input_verdict,
 ):
-    if case.id in NOT_YET_CLEAR:  # runs all the same: once the message is clear, it XPASSes (strict) and fails
-        request.applymarker(pytest.mark.xfail(reason=NOT_YET_CLEAR[case.id], strict=True))
     output_dir = tmp_path / "run"
     names = {"toy": toy_world, "bad": bad, "closed_port": _closed_port()}
     overrides = [override.format(**names) for override in case.overrides]
