@@ -20,6 +20,7 @@ JSON), and `overrides`, `key.path=value` strings applied on top (as `--set` does
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,6 +53,8 @@ def run_name() -> str:
 @flow(name="rlhf-ppo", flow_run_name=run_name, description="RLHF with PPO: policy, reference, reward and value models.")
 def rlhf_ppo(config: RunConfig, overrides: list[str] | None = None) -> dict[str, Any]:
     """Train a policy with PPO against a reward model; return the run summary."""
+    if logging.getLogger("ppoflow").level == logging.NOTSET:  # a worker's process: no CLI set the level
+        logging.getLogger("ppoflow").setLevel(logging.INFO)  # so the engine's progress reaches the Prefect UI
     config = effective_config(config, overrides)
     stages = Stages(config.flow)
     tracking.check_reachable(tracking.resolve_tracking_uri())  # fail before any expensive work
