@@ -83,6 +83,7 @@ def prepare_prompts(data: DataConfig, tokenizer: PreTrainedTokenizerBase, out_di
         splits,
         fingerprint=fingerprint,
         source=source.name,
+        **_local_provenance(data, source),
         rows_read=rows_read,
         rows_kept=len(kept_prompts),
         **{key: counts[key] for key in COUNTS},
@@ -296,6 +297,13 @@ def _tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:
         "probe": list(tokenizer(PROBE_TEXT, add_special_tokens=True)["input_ids"]),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _local_provenance(data: DataConfig, source: _Source) -> dict:
+    """Where a local source lives and its digest as read, so a cached manifest notices an edit."""
+    if source.digest.startswith("hub:"):
+        return {}
+    return {"source_path": Path(data.path).expanduser().resolve(), "source_split": data.split, "source_digest": source.digest}
 
 
 def _write_atomically(out_dir: Path, splits: dict[str, datasets.Dataset], **counts_and_provenance) -> DatasetManifest:

@@ -33,6 +33,20 @@ def sha256_tree(root: Path, patterns: tuple[str, ...] = ("*",)) -> str:
     return digest.hexdigest()
 
 
+def local_source_digest(path: Path, split: str) -> str | None:
+    """Digest of a local prompt source as stage 3 read it (file, saved dataset or directory of
+    files); None for a Hub id, whose content the Hub versions by revision."""
+    if path.is_file():
+        return f"file:{sha256_file(path)}"
+    if not path.is_dir():
+        return None
+    if (path / "dataset_dict.json").is_file():
+        return f"saved:{sha256_tree(path / split)}"
+    if (path / "state.json").is_file():
+        return f"saved:{sha256_tree(path)}"
+    return f"files:{sha256_tree(path)}"
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -94,10 +108,19 @@ class DatasetManifest(Manifest):
     eval_rows: int
     train_digest: str
     eval_digest: str
+    source_path: Path | None = None
+    source_split: str = "train"
+    source_digest: str | None = None
 
     def is_intact(self) -> bool:
+        """The prepared splits are unchanged, and so is a local source (an edited prompts file
+        must be prepared again, not answered from yesterday's cache)."""
+        source_unchanged = self.source_digest is None or (
+            self.source_path is not None and local_source_digest(self.source_path, self.source_split) == self.source_digest
+        )
         return (
-            self.train_dir.is_dir()
+            source_unchanged
+            and self.train_dir.is_dir()
             and self.eval_dir.is_dir()
             and sha256_tree(self.train_dir) == self.train_digest
             and sha256_tree(self.eval_dir) == self.eval_digest

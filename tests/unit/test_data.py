@@ -324,3 +324,15 @@ def test_eos_appending_tokenizer_with_drop_drops_everything(tmp_path):
     with pytest.raises(ConfigError, match="data.eos_prompts"):
         prepare(as_jsonl(tmp_path, records(ROWS)), tmp_path / "out", tokenizer=make_tokenizer("eos"), eos_prompts="drop")
     assert not (tmp_path / "out").exists()
+
+
+def test_manifest_notices_an_edited_local_source(tmp_path):
+    # A nightly run on a prompts file edited since yesterday must prepare it again.
+    source = as_jsonl(tmp_path, records(ROWS))
+    manifest = prepare(source, tmp_path / "out")
+    assert manifest.source_path == source.resolve() and manifest.source_digest.startswith("file:")
+    assert manifest.is_intact()
+
+    with open(source, "a") as handle:
+        handle.write('{"prompt": "one more prompt"}\n')
+    assert not manifest.is_intact()
