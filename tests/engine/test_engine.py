@@ -118,6 +118,28 @@ def run_train(config_path: Path, log: Path) -> subprocess.Popen:
     )
 
 
+def metric_lines(output_dir: Path) -> int:
+    path = output_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def kill_after_next_update(process: subprocess.Popen, output_dir: Path, rng: random.Random) -> bool:
+    """SIGKILL the run at a random moment shortly after it logs its next update (a checkpoint
+    write, the next rollout or training). False when it finished first."""
+    seen = metric_lines(output_dir)
+    deadline = time.monotonic() + 600
+    while process.poll() is None and time.monotonic() < deadline:
+        if metric_lines(output_dir) > seen:
+            time.sleep(rng.uniform(0.0, 0.4))
+            if process.poll() is not None:
+                return False
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return True
+        time.sleep(0.01)
+    return False
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(make_config, tmp_path):
     overrides = ("ppo.total_episodes=96", "ppo.per_device_train_batch_size=8", "ppo.gradient_accumulation_steps=2", "ppo.num_mini_batches=2")
@@ -131,22 +153,13 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(make_config,
     rng = random.Random(20261124)
     config_path = write_config(killed, tmp_path / "b.yaml")
     kills = 0
-    for attempt in range(12):
-        process = run_train(config_path, log)
-        if kills < 4:
-            try:
-                process.wait(timeout=rng.uniform(6.0, 16.0))
-            except subprocess.TimeoutExpired:
-                process.send_signal(signal.SIGKILL)
-                process.wait()
-                kills += 1
-                continue
-        assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
-        break
-    assert kills >= 2, "the run finished before it could be killed twice: lengthen it"
+    while kills < 3 and kill_after_next_update(run_train(config_path, log), tmp_path / "killed", rng):
+        kills += 1
+    assert kills == 3, log.read_text()[-3000:]
+    assert run_train(config_path, log).wait(timeout=600) == 0, log.read_text()[-3000:]
     assert_same_weights(tmp_path / "uninterrupted" / "final", tmp_path / "killed" / "final")
     updates = [m["update"] for m in read_metrics(tmp_path / "killed")]
-    assert updates == list(range(1, 7)), updates  # 96 episodes / 16 per batch
+    assert updates == list(range(1, 7)), updates  # 96 episodes / 16 per batch, each logged once
 
 
 @pytest.mark.slow
