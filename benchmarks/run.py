@@ -554,6 +554,15 @@ def fmt(x: float | None, nd: int = 1) -> str:
     return "n/a" if x is None else f"{x:,.{nd}f}"
 
 
+def cpu_share(size: dict[str, Any], side: str) -> float | None:
+    """Median over rounds of the training loop's process CPU seconds per wall second."""
+    return median([r[side]["timing_s"]["train_loop_cpu"] / r[side]["timing_s"]["train_loop"] for r in size["rounds"]])
+
+
+def threads_share(machine: dict[str, Any]) -> str:
+    return f"{0.9 * machine['torch_threads']:.1f}"
+
+
 def markdown(res: dict[str, Any]) -> str:
     m = res["machine"]
     lines = [
@@ -583,6 +592,8 @@ def markdown(res: dict[str, Any]) -> str:
             f"{fmt(s['ratios_median']['response_tokens_per_s'], 2)}× | | |",
             f"| | episodes per CPU-second | {fmt(s['ours']['episodes_per_cpu_s'], 2)} | {fmt(s['trl']['episodes_per_cpu_s'], 2)} | "
             f"{fmt(s['ratios_median']['episodes_per_cpu_s'], 2)}× | | |",
+            f"| | CPU-seconds per wall-second (< {threads_share(m)} = other jobs took the core) | "
+            f"{fmt(cpu_share(s, 'ours'), 2)} | {fmt(cpu_share(s, 'trl'), 2)} | | | |",
             f"| | peak RSS in training (MiB; before training) | {fmt(s['ours']['peak_rss_train_mib'], 0)} ({fmt(s['ours']['rss_before_train_mib'], 0)}) | "
             f"{fmt(s['trl']['peak_rss_train_mib'], 0)} ({fmt(s['trl']['rss_before_train_mib'], 0)}) | "
             f"{fmt(s['ratios_median']['peak_rss_train'], 3)} | ≤ 1 | {pf(g['memory'])} |",
@@ -590,6 +601,11 @@ def markdown(res: dict[str, Any]) -> str:
         ]
     lines += ["", f"Per-round episodes/s ratios: toy {res['sizes']['toy']['ratios_per_round']['episodes_per_s']}, "
               f"large {res['sizes']['large']['ratios_per_round']['episodes_per_s']}.", ""]
+    shares = [cpu_share(res["sizes"][k], side) for k in ("toy", "large") for side in ("ours", "trl")]
+    if min(x for x in shares if x is not None) < 0.9 * m["torch_threads"]:
+        lines += ["**Contended run**: other jobs held the core during some runs (CPU-seconds per wall-second "
+                  f"down to {min(shares):.2f}), so wall-clock numbers and their ratios are noisy; the episodes per "
+                  "CPU-second ratio is the reliable comparison here. Re-run `make bench` on a quieter machine.", ""]
     lines += ["Seconds per update by phase (median; rollout = generation, policy = ppoflow's log-prob forward, "
               "other = advantages, bookkeeping, TRL's `gc.collect()`):", "",
               "| size | side | " + " | ".join(PHASES) + " | total |", "|---|---|" + "---:|" * (len(PHASES) + 1)]
