@@ -70,7 +70,7 @@ def evaluate_policy(config: RunConfig, models: ModelManifest, eval_dir: Path, po
     reward = load_classifier(models.reward.local_dir, dtype).eval().to(device)
     ref = None if config.peft.enabled else load_causal_lm(models.ref.local_dir, dtype).eval().to(device)
     policy = policy.eval().to(device)
-    stop_ids = [models.eos_token_id] + ([models.stop_token_id] if models.stop_token_id not in (None, models.eos_token_id) else [])
+    stop_ids = models.stop_token_ids
     ppo = config.ppo
     worker = RolloutWorker(
         policy, ref, reward, reward, pad_token_id=models.pad_token_id, stop_token_ids=stop_ids,

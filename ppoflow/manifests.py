@@ -87,6 +87,11 @@ class ModelManifest(Manifest):
     eos_token_id: int
     stop_token_id: int | None
 
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """The tokens that end a response: EOS, and `stop_token_id` when it is another token."""
+        return [self.eos_token_id] + ([self.stop_token_id] if self.stop_token_id not in (None, self.eos_token_id) else [])
+
     def is_intact(self) -> bool:
         return self.tokenizer_dir.is_dir() and sha256_tree(self.tokenizer_dir) == self.tokenizer_sha256
 

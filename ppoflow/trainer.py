@@ -82,13 +82,6 @@ def batch_indices(num_rows: int, batch_size: int, update: int, seed: int) -> lis
     return rows
 
 
-def stop_token_ids(plan: RunPlan, models: ModelManifest) -> list[int]:
-    ids = [models.eos_token_id]
-    if models.stop_token_id is not None and models.stop_token_id not in ids:
-        ids.append(models.stop_token_id)
-    return ids
-
-
 class PPOTrainer:
     """Owns the four models, the optimizer and the loop. Build it with `from_checkpoint`."""
 
@@ -153,7 +146,7 @@ class PPOTrainer:
         self.worker = RolloutWorker(
             self.policy, ref, reward, self.value,
             pad_token_id=self.models.pad_token_id,
-            stop_token_ids=stop_token_ids(self.plan, self.models),
+            stop_token_ids=self.models.stop_token_ids,
             response_length=self.ppo.response_length,
             temperature=self.ppo.temperature,
             top_k=self.ppo.top_k,
