@@ -93,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     from ppoflow.config import PPOConfig as FlowPPOConfig
     from ppoflow.config import build_config
     from ppoflow.losses import first_true_index
-    from ppoflow.rollout import end_scores, left_pad, model_inputs, trim_padding
+    from ppoflow.models import token_values
+    from ppoflow.packing import padded_layout
+    from ppoflow.rollout import left_pad
     from ppoflow.trainer import PPOTrainer
 
     oracle = tb.import_oracle(spec["oracle"]) if spec.get("oracle") else None
@@ -239,10 +241,10 @@ def main(argv: list[str] | None = None) -> int:
                 lengths = (first_true_index(is_stop) + 1).clamp(max=responses.shape[1])
                 mask = torch.arange(responses.shape[1], device=responses.device)[None, :] < lengths[:, None]
                 responses = responses.masked_fill(~mask, models.pad_token_id)
-                q, qm, r, m = trim_padding(queries, query_mask, responses, mask)
-                scores.extend(end_scores(reward_model, model_inputs(q, qm, r, m), m).tolist())
-                completions.extend(tokenizer.decode(row[k].tolist(), skip_special_tokens=True) for row, k in zip(r, m))
-                resp_tokens.extend(m.sum(1).tolist())
+                layout = padded_layout(queries, query_mask, responses, mask)
+                scores.extend(token_values(reward_model, layout.decoder_inputs(), layout.last).float().tolist())
+                completions.extend(tokenizer.decode(row[k].tolist(), skip_special_tokens=True) for row, k in zip(responses, mask))
+                resp_tokens.extend(mask.sum(1).tolist())
                 has_stop.extend(is_stop.logical_and(mask).any(1).tolist())
         eval_prompts = [p for p, _ in eval_rows]
         eval_result.update(

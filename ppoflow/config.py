@@ -66,6 +66,11 @@ class PPOConfig(_Section):
     num_ppo_epochs: int = Field(4, gt=0, description="Passes over each rollout batch.")
     num_mini_batches: int = Field(1, gt=0, description="Mini-batches per epoch; one optimizer step each.")
     local_rollout_forward_batch_size: int = Field(64, gt=0, description="Prompts per generate/forward chunk.")
+    pack_sequences: bool = Field(
+        True,
+        description="Pack prompt+response sequences end to end (no padding) in the scoring forwards and training; "
+        "falls back to padded batches, with a warning, for models that ignore packed position ids.",
+    )
     response_length: int = Field(53, gt=0, description="Maximum new tokens per response.")
     stop_token: Literal["eos"] | None = Field(None, description="'eos' stops responses at the tokenizer's EOS.")
     stop_token_id: int | None = Field(None, ge=0, description="Token id that ends a response (overrides stop_token).")

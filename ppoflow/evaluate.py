@@ -20,11 +20,10 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from ppoflow.config import RunConfig
 from ppoflow.data import load_prompts
-from ppoflow.losses import logprobs_of
 from ppoflow.manifests import ModelManifest
-from ppoflow.models import load_causal_lm, load_classifier, load_tokenizer, resolve_dtype
+from ppoflow.models import load_causal_lm, load_classifier, load_tokenizer, packing_supported, resolve_dtype
 from ppoflow.rewards import load_reward_functions
-from ppoflow.rollout import RolloutWorker, end_scores, left_pad, model_inputs, response_logits, trim_padding
+from ppoflow.rollout import RolloutWorker, left_pad
 
 
 def load_trained_policy(config: RunConfig, models: ModelManifest, checkpoint: Path, dtype: torch.dtype) -> PreTrainedModel:
@@ -76,6 +75,7 @@ def evaluate_policy(config: RunConfig, models: ModelManifest, eval_dir: Path, po
         policy, ref, reward, reward, pad_token_id=models.pad_token_id, stop_token_ids=stop_ids,
         response_length=ppo.response_length, temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p,
         chunk_size=config.eval.batch_size,
+        packed=config.ppo.pack_sequences and all(packing_supported(m, models.pad_token_id) for m in (policy, ref, reward) if m is not None),
     )
     functions = load_reward_functions(config.reward_functions)
     rows = load_prompts(eval_dir)
@@ -91,18 +91,17 @@ def evaluate_policy(config: RunConfig, models: ModelManifest, eval_dir: Path, po
             model, context = (policy, nullcontext()) if who == "policy" else worker.reference()
             with context:
                 responses, mask = worker.generate(queries, query_mask, model)
-            q, qm, r, m = trim_padding(queries, query_mask, responses, mask)
-            inputs = model_inputs(q, qm, r, m)
-            results[f"score_{who}"].extend(end_scores(reward, inputs, m).tolist())
-            completions[who] = [tokenizer.decode(row[keep].tolist(), skip_special_tokens=True) for row, keep in zip(r, m)]
+            layout = worker.layout(queries, query_mask, responses, mask)
+            results[f"score_{who}"].extend(worker.end_scores(layout).tolist())
+            completions[who] = [tokenizer.decode(row[keep].tolist(), skip_special_tokens=True) for row, keep in zip(responses, mask)]
             if who == "policy":
-                stop = torch.isin(r, torch.tensor(stop_ids, device=r.device)).logical_and(m).any(1)
+                stop = torch.isin(responses, torch.tensor(stop_ids, device=responses.device)).logical_and(mask).any(1)
                 results["stop"].extend(stop.tolist())
-                policy_logprobs = logprobs_of(response_logits(policy, inputs, r.shape[1]).float(), r, ppo.temperature)
+                policy_logprobs = worker.logprobs(policy, layout, responses)
                 ref_model, context = worker.reference()
                 with context:
-                    ref_logprobs = logprobs_of(response_logits(ref_model, inputs, r.shape[1]).float(), r, ppo.temperature)
-                results["kl"].extend(((policy_logprobs - ref_logprobs) * m).sum(1).tolist())
+                    ref_logprobs = worker.logprobs(ref_model, layout, responses)
+                results["kl"].extend((policy_logprobs - ref_logprobs).sum(1).tolist())
         results["prompt"].extend(chunk["prompt"])
         results["policy"].extend(completions["policy"])
         results["ref"].extend(completions["ref"])

@@ -13,29 +13,31 @@ from torch import Tensor
 from ppoflow.advantages import masked_mean, masked_var
 
 
-def logprobs_of(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+def logprobs_of(logits: Tensor, tokens: Tensor, temperature: float = 1.0, rows_per_chunk: int = 256) -> Tensor:
     """Log-probability of `tokens` under softmax(logits / temperature); differentiable.
 
-    `logits: [B, T, V]`, `tokens: [B, T]` integer -> `[B, T]`. No [B, T, V] log-prob tensor is
-    built: the chosen logits are gathered, and logsumexp runs one row at a time so its temporaries
-    are [T, V], not [B, T, V] (that is what bounds memory in no-grad rollouts; under autograd the
-    per-row inputs are kept for backward anyway).
+    `logits: [..., V]`, `tokens: [...]` integer -> `[...]`. No full log-prob tensor is built: the
+    chosen logits are gathered, and logsumexp runs over chunks of `rows_per_chunk` positions so its
+    temporaries stay `[rows_per_chunk, V]` (that bounds memory in no-grad rollouts; under autograd the
+    chunks' inputs are kept for backward anyway). Each position's value does not depend on the chunking.
     """
-    token_logits = logits.gather(-1, tokens.long()[..., None]).squeeze(-1) / temperature
-    logsumexp = torch.stack([torch.logsumexp(row / temperature, dim=-1) for row in logits])
-    return token_logits - logsumexp
+    flat = logits.reshape(-1, logits.shape[-1])
+    token_logits = flat.gather(-1, tokens.reshape(-1, 1).long()).squeeze(-1) / temperature
+    logsumexp = torch.cat([torch.logsumexp(chunk / temperature, dim=-1) for chunk in flat.split(rows_per_chunk)])
+    return (token_logits - logsumexp).view(tokens.shape)
 
 
-def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """Entropy of softmax(logits / temperature): logsumexp(l) - sum(softmax(l) * l), per token.
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0, rows_per_chunk: int = 256) -> Tensor:
+    """Entropy of softmax(logits / temperature): logsumexp(l) - sum(softmax(l) * l), per position.
 
-    `logits: [B, T, V]` (finite) -> `[B, T]`. Computed one row at a time, like `logprobs_of`.
+    `logits: [..., V]` (finite) -> `[...]`. Computed in chunks of positions, like `logprobs_of`.
     """
+    flat = logits.reshape(-1, logits.shape[-1])
     entropies = []
-    for row in logits:
-        scaled = row / temperature
+    for chunk in flat.split(rows_per_chunk):
+        scaled = chunk / temperature
         entropies.append(torch.logsumexp(scaled, -1) - (torch.softmax(scaled, -1) * scaled).sum(-1))
-    return torch.stack(entropies)
+    return torch.cat(entropies).view(logits.shape[:-1])
 
 
 def policy_loss(

@@ -223,9 +223,52 @@ def add_lora(policy: PreTrainedModel, peft: PeftConfig) -> PreTrainedModel:
     return get_peft_model(policy, lora)
 
 
-def token_scores(classifier: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-    """Per-position scalar outputs of a `*ForSequenceClassification` model: [B, L]."""
-    backbone = getattr(classifier, classifier.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
-    return classifier.score(hidden).squeeze(-1)
+def decoder_states(model: nn.Module, inputs: dict[str, torch.Tensor | None]) -> torch.Tensor:
+    """Last hidden states of the model's decoder body for a layout's inputs, flattened: [R*C, H]."""
+    hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+    return hidden.flatten(0, 1)
 
+
+# Causal LMs whose logits are more than `lm_head(hidden)` (Gemma 2/3 soft-capping, Cohere's scale,
+# Granite's divisor) go through their own forward; for the rest only the needed rows meet the head.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def response_logits(policy: nn.Module, inputs: dict[str, torch.Tensor | None], index: torch.Tensor) -> torch.Tensor:
+    """Logits at the flat positions `index` (a layout's `before`): [len(index), V]."""
+    config = policy.config
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return policy(**inputs, use_cache=False).logits.flatten(0, 1)[index]
+    return policy.get_output_embeddings()(decoder_states(policy, inputs)[index])
+
+
+def token_values(classifier: nn.Module, inputs: dict[str, torch.Tensor | None], index: torch.Tensor) -> torch.Tensor:
+    """A `*ForSequenceClassification` model's scalar output at the flat positions `index`: [len(index)].
+
+    Read through its `score` head at positions we choose (a layout's `before` for values, `last` for
+    the reward), not where the model would guess padding starts."""
+    return classifier.score(decoder_states(classifier, inputs)[index]).squeeze(-1)
+
+
+@torch.no_grad()
+def packing_supported(model: nn.Module, pad_token_id: int) -> bool:
+    """Whether `model` honours packed sequences (restarting position ids, no attention mask): two short
+    sequences packed in one row must give the hidden states they give in padded rows. Deterministic
+    tokens, no RNG draw (a resumed run must not see a different random stream)."""
+    from ppoflow.packing import packed_layout, padded_layout
+
+    vocab = model.config.vocab_size
+    device = next(model.parameters()).device
+    tokens = (torch.arange(11, device=device) * 7 + 3) % vocab
+    queries = torch.stack([tokens[:4], torch.cat([tokens[:1].new_full((1,), pad_token_id), tokens[4:7]])])
+    query_mask = torch.tensor([[True] * 4, [False, True, True, True]], device=device)
+    responses = torch.stack([tokens[7:10], torch.cat([tokens[10:11], tokens[:1].new_full((2,), pad_token_id)])])
+    response_mask = torch.tensor([[True] * 3, [True, False, False]], device=device)
+    states = []
+    for layout in (padded_layout(queries, query_mask, responses, response_mask),
+                   packed_layout(queries, query_mask, responses, response_mask, pad_token_id, row_tokens=64)):
+        index = torch.cat([layout.before, layout.last])
+        states.append(decoder_states(model, layout.decoder_inputs())[index].float())
+    padded, packed = states
+    tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 3e-2
+    return bool((packed - padded).norm() <= tolerance * padded.norm())

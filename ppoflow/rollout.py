@@ -18,7 +18,12 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 
 from ppoflow.losses import first_true_index, logprobs_of
-from ppoflow.models import token_scores
+from ppoflow.models import response_logits, token_values
+from ppoflow.packing import Layout, make_layout
+
+# Packed rows hold at least this many tokens (more when a sequence is longer). Attention runs over a
+# whole row, so wider rows pack tighter but pay a little more attention work per token.
+PACKED_ROW_TOKENS = 64
 
 
 @dataclass
@@ -51,39 +56,6 @@ def left_pad(sequences: list[list[int]], pad_token_id: int, device: torch.device
     return ids.to(device), mask.to(device)
 
 
-def model_inputs(queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Forward inputs for prompt+response with positions counted from the first real token,
-    the same positions `generate` used for left-padded prompts."""
-    attention_mask = torch.cat([query_mask, response_mask], dim=1)
-    position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-    return {"input_ids": torch.cat([queries, responses], dim=1), "attention_mask": attention_mask.long(), "position_ids": position_ids}
-
-
-def trim_padding(queries, query_mask, responses, response_mask):
-    """Drop query columns that are padding in every row and response columns past the longest response."""
-    first_real = int((~query_mask.any(0)).long().cumprod(0).sum())
-    longest = int(response_mask.sum(1).max())
-    return queries[:, first_real:], query_mask[:, first_real:], responses[:, :longest], response_mask[:, :longest]
-
-
-def response_logits(policy: nn.Module, inputs: dict[str, torch.Tensor], width: int) -> torch.Tensor:
-    """Logits predicting each of the last `width` tokens: [B, width, V] (only those are computed)."""
-    return policy(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :-1]
-
-
-def response_values(value_model: PreTrainedModel, inputs: dict[str, torch.Tensor], width: int) -> torch.Tensor:
-    """Value of the state before each of the last `width` tokens: [B, width]."""
-    return token_scores(value_model, **inputs)[:, -width - 1 : -1]
-
-
-def end_scores(reward_model: PreTrainedModel, inputs: dict[str, torch.Tensor], response_mask: torch.Tensor) -> torch.Tensor:
-    """Reward-model score at each sequence's last real response token: [B]."""
-    per_token = token_scores(reward_model, **inputs)
-    width = response_mask.shape[1]
-    last = per_token.shape[1] - width + response_mask.sum(1) - 1
-    return per_token.gather(1, last[:, None]).squeeze(1).float()
-
-
 class RolloutWorker:
     """Generates and evaluates responses for the policy against the frozen models."""
 
@@ -101,12 +73,14 @@ class RolloutWorker:
         top_k: int,
         top_p: float,
         chunk_size: int,
+        packed: bool = False,
     ):
         self.policy, self.ref, self.reward, self.value = policy, ref, reward, value
         self.pad_token_id = pad_token_id
         self.stop_token_ids = stop_token_ids
         self.temperature = temperature
         self.chunk_size = chunk_size
+        self.packed = packed
         self.generation_config = GenerationConfig(
             max_new_tokens=response_length,
             do_sample=True,
@@ -135,34 +109,42 @@ class RolloutWorker:
         mask = torch.arange(responses.shape[1], device=responses.device)[None, :] < lengths[:, None]
         return responses.masked_fill(~mask, self.pad_token_id), mask
 
+    def layout(self, queries, query_mask, responses, response_mask) -> Layout:
+        """The decoder layout of prompt+response forwards: packed when the models support it."""
+        return make_layout(
+            queries, query_mask, responses, response_mask,
+            packed=self.packed, pad_token_id=self.pad_token_id, row_tokens=PACKED_ROW_TOKENS,
+        )
+
+    def logprobs(self, model: nn.Module, layout: Layout, responses: torch.Tensor) -> torch.Tensor:
+        """[B, T] log-probs of the response tokens under `model` at the sampling temperature (0 on padding)."""
+        logits = response_logits(model, layout.decoder_inputs(), layout.before).float()
+        return layout.unflatten(logprobs_of(logits, responses[layout.response_mask], self.temperature))
+
+    def end_scores(self, layout: Layout) -> torch.Tensor:
+        """[B] reward-model score at each sequence's last real token."""
+        return token_values(self.reward, layout.decoder_inputs(), layout.last).float()
+
     @torch.no_grad()
     def evaluate(self, queries, query_mask, responses, response_mask) -> dict[str, torch.Tensor]:
         """Log-probs (policy, reference), values and reward-model scores for given responses."""
-        queries, query_mask, responses, response_mask = trim_padding(queries, query_mask, responses, response_mask)
-        inputs = model_inputs(queries, query_mask, responses, response_mask)
-        width = responses.shape[1]
+        layout = self.layout(queries, query_mask, responses, response_mask)
         timings = {}
         start = time.perf_counter()
-        logprobs = logprobs_of(response_logits(self.policy, inputs, width).float(), responses, self.temperature)
+        logprobs = self.logprobs(self.policy, layout, responses)
         timings["policy"] = time.perf_counter() - start
         start = time.perf_counter()
         ref_model, adapter_off = self.reference()
         with adapter_off:
-            ref_logprobs = logprobs_of(response_logits(ref_model, inputs, width).float(), responses, self.temperature)
+            ref_logprobs = self.logprobs(ref_model, layout, responses)
         timings["ref"] = time.perf_counter() - start
         start = time.perf_counter()
-        values = response_values(self.value, inputs, width).float()
+        values = layout.unflatten(token_values(self.value, layout.decoder_inputs(), layout.before).float())
         timings["value"] = time.perf_counter() - start
         start = time.perf_counter()
-        rm_scores = end_scores(self.reward, inputs, response_mask)
+        rm_scores = self.end_scores(layout)
         timings["score"] = time.perf_counter() - start
-        return {
-            "logprobs": logprobs.masked_fill(~response_mask, 0.0),
-            "ref_logprobs": ref_logprobs.masked_fill(~response_mask, 0.0),
-            "values": values.masked_fill(~response_mask, 0.0),
-            "rm_scores": rm_scores,
-            "timings": timings,
-        }
+        return {"logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values, "rm_scores": rm_scores, "timings": timings}
 
     def rollout(
         self,

@@ -42,10 +42,19 @@ from ppoflow.data import load_prompts
 from ppoflow.errors import CheckpointError, InjectedFault, TrainingDiverged
 from ppoflow.losses import entropy_from_logits, logprobs_of, policy_loss, value_loss
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, RunPlan
-from ppoflow.models import add_lora, load_causal_lm, load_classifier, load_tokenizer, resolve_dtype, token_scores
+from ppoflow.models import (
+    add_lora,
+    load_causal_lm,
+    load_classifier,
+    load_tokenizer,
+    packing_supported,
+    resolve_dtype,
+    response_logits,
+    token_values,
+)
 from ppoflow.rewards import load_reward_functions
 from ppoflow.runtime import make_accelerator
-from ppoflow.rollout import Rollout, RolloutWorker, left_pad, model_inputs, trim_padding
+from ppoflow.rollout import Rollout, RolloutWorker, left_pad
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +70,10 @@ class PolicyAndValue(nn.Module):
         self.policy = policy
         self.value = value
 
-    def forward(self, input_ids, attention_mask, position_ids, response_width: int):
-        logits = self.policy(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            logits_to_keep=response_width + 1, use_cache=False,
-        ).logits[:, :-1]
-        values = token_scores(self.value, input_ids, attention_mask, position_ids)[:, -response_width - 1 : -1]
-        return logits, values
+    def forward(self, input_ids, attention_mask, position_ids, before):
+        """Policy logits `[N, V]` and values `[N]` at a layout's `before` positions (the N real response tokens)."""
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        return response_logits(self.policy, inputs, before), token_values(self.value, inputs, before)
 
 
 def batch_indices(num_rows: int, batch_size: int, update: int, seed: int) -> list[int]:
@@ -143,6 +149,7 @@ class PPOTrainer:
             num_warmup_steps=math.floor(self.ppo.warmup_ratio * self.batch.optimizer_steps),
             num_training_steps=self.batch.optimizer_steps,
         )
+        packed = self.ppo.pack_sequences and self._packing_supported({"policy": policy, "ref": ref, "reward": reward, "value": value})
         self.worker = RolloutWorker(
             self.policy, ref, reward, self.value,
             pad_token_id=self.models.pad_token_id,
@@ -152,9 +159,20 @@ class PPOTrainer:
             top_k=self.ppo.top_k,
             top_p=self.ppo.top_p,
             chunk_size=self.ppo.local_rollout_forward_batch_size,
+            packed=packed,
         )
         if checkpoint is not None:
             self._load_state(checkpoint)
+
+    def _packing_supported(self, models: dict[str, nn.Module | None]) -> bool:
+        for role, model in models.items():
+            if model is not None and not packing_supported(model, self.models.pad_token_id):
+                log.warning(
+                    "models.%s: %s ignores packed position ids — training on padded batches (slower); "
+                    "set ppo.pack_sequences: false to silence this", role, type(model).__name__,
+                )
+                return False
+        return True
 
     def _load_state(self, checkpoint: Path) -> None:
         state = read_state(checkpoint)
@@ -336,20 +354,19 @@ class PPOTrainer:
 
     def _micro_batch(self, rollout: Rollout, advantages, returns, rows: torch.Tensor, micro_batches: int) -> dict[str, torch.Tensor]:
         ppo = self.ppo
-        queries, query_mask, responses, mask = trim_padding(
-            rollout.queries[rows], rollout.query_mask[rows], rollout.responses[rows], rollout.response_mask[rows]
-        )
-        width = responses.shape[1]
-        inputs = model_inputs(queries, query_mask, responses, mask)
-        logits, new_values = self.wrapper(**inputs, response_width=width)
-        new_logprobs = logprobs_of(logits.float(), responses, ppo.temperature)
-        pg_loss, pg_stats = policy_loss(new_logprobs, rollout.logprobs[rows, :width], advantages[rows, :width], mask, ppo.cliprange)
-        vf_loss, vf_stats = value_loss(new_values.float(), rollout.values[rows, :width], returns[rows, :width], mask, ppo.cliprange_value)
+        mask = rollout.response_mask[rows]
+        responses = rollout.responses[rows]
+        layout = self.worker.layout(rollout.queries[rows], rollout.query_mask[rows], responses, mask)
+        logits, new_values = self.wrapper(layout.input_ids, layout.attention_mask, layout.position_ids, layout.before)
+        logits = logits.float()
+        new_logprobs = layout.unflatten(logprobs_of(logits, responses[mask], ppo.temperature))
+        pg_loss, pg_stats = policy_loss(new_logprobs, rollout.logprobs[rows], advantages[rows], mask, ppo.cliprange)
+        vf_loss, vf_stats = value_loss(layout.unflatten(new_values.float()), rollout.values[rows], returns[rows], mask, ppo.cliprange_value)
         loss = pg_loss + ppo.vf_coef * vf_loss
         self._check_finite({"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach()})
         self.accelerator.backward(loss / micro_batches)
         with torch.no_grad():
-            entropy = adv.masked_mean(entropy_from_logits(logits.detach().float(), ppo.temperature), mask)
+            entropy = entropy_from_logits(logits.detach(), ppo.temperature).mean()
         return {
             "pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(),
             "pg_clipfrac": pg_stats["clipfrac"], "vf_clipfrac": vf_stats["clipfrac"],
