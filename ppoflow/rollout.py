@@ -21,10 +21,6 @@ from ppoflow.losses import first_true_index, logprobs_of
 from ppoflow.models import response_logits, token_values
 from ppoflow.packing import Layout, make_layout
 
-# Packed rows hold at least this many tokens (more when a sequence is longer). Attention runs over a
-# whole row, so wider rows pack tighter but pay a little more attention work per token.
-PACKED_ROW_TOKENS = 64
-
 
 @dataclass
 class Rollout:
@@ -113,7 +109,7 @@ class RolloutWorker:
         """The decoder layout of prompt+response forwards: packed when the models support it."""
         return make_layout(
             queries, query_mask, responses, response_mask,
-            packed=self.packed, pad_token_id=self.pad_token_id, row_tokens=PACKED_ROW_TOKENS,
+            packed=self.packed, pad_token_id=self.pad_token_id,
         )
 
     def logprobs(self, model: nn.Module, layout: Layout, responses: torch.Tensor) -> torch.Tensor:
