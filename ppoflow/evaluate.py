@@ -90,7 +90,7 @@ def evaluate_policy(config: RunConfig, models: ModelManifest, eval_dir: Path, po
             torch.manual_seed(config.eval.seed + start)
             model, context = (policy, nullcontext()) if who == "policy" else worker.reference()
             with context:
-                responses, mask = worker.generate(queries, query_mask, model)
+                responses, mask, _ = worker.generate(queries, query_mask, model)
             layout = worker.layout(queries, query_mask, responses, mask)
             results[f"score_{who}"].extend(worker.end_scores(layout).tolist())
             completions[who] = [tokenizer.decode(row[keep].tolist(), skip_special_tokens=True) for row, keep in zip(responses, mask)]

@@ -234,10 +234,14 @@ def decoder_states(model: nn.Module, inputs: dict[str, torch.Tensor | None]) -> 
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
+def has_logit_transform(model: nn.Module) -> bool:
+    """Whether the model's logits are more than its LM head's output."""
+    return any(getattr(model.config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)
+
+
 def response_logits(policy: nn.Module, inputs: dict[str, torch.Tensor | None], index: torch.Tensor) -> torch.Tensor:
     """Logits at the flat positions `index` (a layout's `before`): [len(index), V]."""
-    config = policy.config
-    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+    if has_logit_transform(policy):
         return policy(**inputs, use_cache=False).logits.flatten(0, 1)[index]
     return policy.get_output_embeddings()(decoder_states(policy, inputs)[index])
 

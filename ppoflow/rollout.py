@@ -18,7 +18,7 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 
 from ppoflow.losses import first_true_index, logprobs_of
-from ppoflow.models import response_logits, token_values
+from ppoflow.models import has_logit_transform, response_logits, token_values
 from ppoflow.packing import Layout, make_layout
 
 
@@ -77,6 +77,13 @@ class RolloutWorker:
         self.temperature = temperature
         self.chunk_size = chunk_size
         self.packed = packed
+        # The log-probs of the sampled tokens can be read off generation itself (no policy forward) when
+        # they are the same numbers a fresh forward gives: fp32 (a KV-cached bf16 forward drifts ~1e-2 from
+        # a full one, enough to move PPO's first ratio off 1), no top-k/top-p (PPO's log-probs are of the
+        # unfiltered distribution) and logits that are the LM head's output as is.
+        self.reuse_logprobs = (
+            next(policy.parameters()).dtype == torch.float32 and not top_k and top_p >= 1.0 and not has_logit_transform(policy)
+        )
         self.generation_config = GenerationConfig(
             max_new_tokens=response_length,
             do_sample=True,
@@ -94,16 +101,27 @@ class RolloutWorker:
         return self.policy, self.policy.disable_adapter()
 
     @torch.no_grad()
-    def generate(self, queries: torch.Tensor, query_mask: torch.Tensor, model: PreTrainedModel | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample responses from `model` (default: the policy): ([B, T] ids, pad after the stop; [B, T] bool mask)."""
-        sequences = (model or self.policy).generate(
-            input_ids=queries, attention_mask=query_mask.long(), generation_config=self.generation_config
-        )
+    def generate(
+        self, queries: torch.Tensor, query_mask: torch.Tensor, model: PreTrainedModel | None = None, *, record_logprobs: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Sample responses from `model` (default: the policy): [B, T] ids (pad after the stop), [B, T]
+        bool mask, and with `record_logprobs` the [B, T] log-probs of the sampled tokens at the sampling
+        temperature (0 on padding; None if generation did not run one forward per token)."""
+        model = model or self.policy
+        recorder = SampledLogprobs(model, self.temperature) if record_logprobs else None
+        try:
+            sequences = model.generate(input_ids=queries, attention_mask=query_mask.long(), generation_config=self.generation_config)
+        finally:
+            if recorder is not None:
+                recorder.remove()
         responses = sequences[:, queries.shape[1] :]
         is_stop = torch.isin(responses, torch.tensor(self.stop_token_ids, device=responses.device))
         lengths = (first_true_index(is_stop) + 1).clamp(max=responses.shape[1])
         mask = torch.arange(responses.shape[1], device=responses.device)[None, :] < lengths[:, None]
-        return responses.masked_fill(~mask, self.pad_token_id), mask
+        logprobs = recorder.result(responses) if recorder is not None else None
+        if logprobs is not None:
+            logprobs = logprobs.masked_fill(~mask, 0.0)
+        return responses.masked_fill(~mask, self.pad_token_id), mask, logprobs
 
     def layout(self, queries, query_mask, responses, response_mask) -> Layout:
         """The decoder layout of prompt+response forwards: packed when the models support it."""
@@ -122,12 +140,13 @@ class RolloutWorker:
         return token_values(self.reward, layout.decoder_inputs(), layout.last).float()
 
     @torch.no_grad()
-    def evaluate(self, queries, query_mask, responses, response_mask) -> dict[str, torch.Tensor]:
-        """Log-probs (policy, reference), values and reward-model scores for given responses."""
+    def evaluate(self, queries, query_mask, responses, response_mask, logprobs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Log-probs (policy, unless given; reference), values and reward-model scores for given responses."""
         layout = self.layout(queries, query_mask, responses, response_mask)
         timings = {}
         start = time.perf_counter()
-        logprobs = self.logprobs(self.policy, layout, responses)
+        if logprobs is None:
+            logprobs = self.logprobs(self.policy, layout, responses)
         timings["policy"] = time.perf_counter() - start
         start = time.perf_counter()
         ref_model, adapter_off = self.reference()
@@ -157,9 +176,9 @@ class RolloutWorker:
         for start in range(0, queries.shape[0], self.chunk_size):
             chunk_q, chunk_m = queries[start : start + self.chunk_size], query_mask[start : start + self.chunk_size]
             began = time.perf_counter()
-            responses, response_mask = self.generate(chunk_q, chunk_m)
+            responses, response_mask, logprobs = self.generate(chunk_q, chunk_m, record_logprobs=self.reuse_logprobs)
             timings["rollout"] += time.perf_counter() - began
-            evaluated = self.evaluate(chunk_q, chunk_m, responses, response_mask)
+            evaluated = self.evaluate(chunk_q, chunk_m, responses, response_mask, logprobs)
             for key, seconds in evaluated.pop("timings").items():
                 timings[key] += seconds
             pieces.append({"responses": responses, "response_mask": response_mask, **evaluated})
@@ -197,6 +216,46 @@ class RolloutWorker:
             completions=completions,
             timings=timings,
         )
+
+
+class SampledLogprobs:
+    """Records, while `generate` runs, the log-probability of each sampled token under
+    softmax(raw logits / temperature): a hook on the LM head keeps the last position's log-softmax of each
+    forward, and a pre-hook on the input embedding reads the token that was sampled from it when it comes
+    back as the next forward's input (the last token is read from the output). One [B, V] row is held at a
+    time, where `output_logits=True` would keep every step's logits. Hooks, not a logits processor:
+    processors see logits after generation's own warpers."""
+
+    def __init__(self, model: nn.Module, temperature: float):
+        self.temperature = temperature
+        self.pending: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+        self.handles = [
+            model.get_input_embeddings().register_forward_pre_hook(self._on_input),
+            model.get_output_embeddings().register_forward_hook(self._on_logits),
+        ]
+
+    def _on_input(self, module, args) -> None:
+        if self.pending is not None:
+            self.steps.append(self.pending.gather(1, args[0][:, -1:]).squeeze(1))
+            self.pending = None
+
+    def _on_logits(self, module, args, output) -> None:
+        self.pending = torch.log_softmax(output[:, -1].float() / self.temperature, dim=-1)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def result(self, responses: torch.Tensor) -> torch.Tensor | None:
+        """[B, T] log-probs of `responses` (as generated, before padding), or None if the forwards did not
+        line up one per generated token."""
+        if self.pending is not None:
+            self.steps.append(self.pending.gather(1, responses[:, -1:]).squeeze(1))
+            self.pending = None
+        if len(self.steps) != responses.shape[1]:
+            return None
+        return torch.stack(self.steps, dim=1)
 
 
 def _pad_right(tensor: torch.Tensor, width: int, value) -> torch.Tensor:

@@ -46,12 +46,20 @@ def write_config(config: RunConfig, path: Path) -> Path:
     return path
 
 
-def test_first_ratio_is_one_and_one_step_per_mini_batch(make_config):
+@pytest.mark.parametrize(
+    "variant",
+    [
+        (),  # packed; rollout log-probs recorded during generation
+        ("ppo.pack_sequences=false", "ppo.top_k=50"),  # padded; top-k sampling, so log-probs from a forward
+    ],
+    ids=["packed-generation-logprobs", "padded-forward-logprobs"],
+)
+def test_first_ratio_is_one_and_one_step_per_mini_batch(make_config, variant):
     # One micro-batch per mini-batch and one epoch: the first forward happens before any optimizer
     # step, so the rollout's log-probs must equal the training forward's (ratio 1, approxkl 0).
     config = make_config(
         "ppo.total_episodes=16", "ppo.per_device_train_batch_size=16", "ppo.num_mini_batches=1",
-        "ppo.local_rollout_forward_batch_size=8",
+        "ppo.local_rollout_forward_batch_size=8", *variant,
     )
     plan = pipeline.configure(config)
     models = pipeline.load_models(plan)
