@@ -2,22 +2,32 @@
 # Include from the main Makefile:  include benchmarks/bench.mk
 #   make bench-venv                          # builds .venv-bench once (stamp file), again if the pins change
 #   make bench-trl SPEC=spec.json OUT=r.json # one TRL baseline run
+#
+# .venv-bench mirrors the main venv package for package (a `pip freeze` of .venv) plus trl==1.12.0
+# installed without dependencies (all of them are already there, same versions). Both sides then import
+# the same libraries: transformers, for one, imports scipy whenever it is installed (mlflow requires it),
+# ~40 MiB of RSS that a leaner TRL-only environment would not pay. The memory comparison is between
+# implementations, not environments. TRL stays out of the main venv (and of `make test`).
 
 BENCH_DIR := $(patsubst %/,%,$(dir $(lastword $(MAKEFILE_LIST))))
 BENCH_VENV ?= .venv-bench
 BENCH_PYTHON ?= python3
 BENCH_TORCH ?= torch==2.13.0
 BENCH_STAMP := $(BENCH_VENV)/.bench-venv.stamp
+MAIN_VENV ?= .venv
 
 .PHONY: bench-venv bench-trl
 
 bench-venv: $(BENCH_STAMP)
 
 # torch first: torch==2.13.0 is a CPU wheel on disk; letting the resolver pick torch can pull a CUDA build.
-$(BENCH_STAMP): $(BENCH_DIR)/requirements-trl.txt $(BENCH_DIR)/bench.mk
+$(BENCH_STAMP): $(BENCH_DIR)/requirements-trl.txt $(BENCH_DIR)/bench.mk $(MAIN_VENV)/.installed
 	test -x $(BENCH_VENV)/bin/python || $(BENCH_PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install -q $(BENCH_TORCH)
-	$(BENCH_VENV)/bin/python -m pip install -q -r $(BENCH_DIR)/requirements-trl.txt
+	$(MAIN_VENV)/bin/python -m pip freeze --exclude-editable | grep -v -i -E '^(torch|trl)==' > $(BENCH_VENV)/main-venv-freeze.txt
+	$(BENCH_VENV)/bin/python -m pip install -q -r $(BENCH_VENV)/main-venv-freeze.txt
+	$(BENCH_VENV)/bin/python -m pip install -q --no-deps -r $(BENCH_DIR)/requirements-trl.txt
+	$(BENCH_VENV)/bin/python -m pip check
 	TRL_EXPERIMENTAL_SILENCE=1 $(BENCH_VENV)/bin/python -c "import trl, torch; from trl.experimental.ppo import PPOTrainer; assert trl.__version__ == '1.12.0', trl.__version__; print('bench venv ok: trl', trl.__version__, 'torch', torch.__version__)"
 	touch $@
 
