@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, get_scheduler
+from transformers import PreTrainedModel
 
 from ppoflow import advantages as adv
 from ppoflow.checkpoint import (
@@ -54,6 +54,7 @@ from ppoflow.models import (
 )
 from ppoflow.rewards import load_reward_functions
 from ppoflow.runtime import make_accelerator
+from ppoflow.schedule import make_scheduler
 from ppoflow.rollout import Rollout, RolloutWorker, left_pad
 
 log = logging.getLogger(__name__)
@@ -143,11 +144,11 @@ class PPOTrainer:
             self.trainable, lr=self.ppo.learning_rate, eps=self.ppo.adam_epsilon, weight_decay=self.ppo.weight_decay,
             fused=device.type in ("cpu", "cuda"),
         )
-        self.scheduler = get_scheduler(
-            self.ppo.lr_scheduler_type,
+        self.scheduler = make_scheduler(
             self.optimizer,
-            num_warmup_steps=math.floor(self.ppo.warmup_ratio * self.batch.optimizer_steps),
-            num_training_steps=self.batch.optimizer_steps,
+            self.ppo.lr_scheduler_type,
+            warmup_steps=math.floor(self.ppo.warmup_ratio * self.batch.optimizer_steps),
+            total_steps=self.batch.optimizer_steps,
         )
         packed = self.ppo.pack_sequences and self._packing_supported({"policy": policy, "ref": ref, "reward": reward, "value": value})
         self.worker = RolloutWorker(
