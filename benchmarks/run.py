@@ -559,6 +559,15 @@ def cpu_share(size: dict[str, Any], side: str) -> float | None:
     return median([r[side]["timing_s"]["train_loop_cpu"] / r[side]["timing_s"]["train_loop"] for r in size["rounds"]])
 
 
+def ceiling(size: dict[str, Any], gflops: float, goal: float) -> dict[str, float]:
+    """The arithmetic bound on our speed-up: our useful FLOPs per update at the yardstick's rate (100 % MFU)
+    against TRL's measured seconds per update, and the MFU the goal would take."""
+    floor = size["ours"]["useful_gflop_per_update"] / gflops
+    trl = size["trl"]["train_loop_s"] / size["trl"]["updates"]
+    return {"floor_s_per_update": rnd(floor, 4), "trl_s_per_update": rnd(trl, 4),
+            "max_speedup_at_full_mfu": rnd(trl / floor, 3), "mfu_needed_for_goal": rnd(goal * floor / trl, 4)}
+
+
 def threads_share(machine: dict[str, Any]) -> str:
     return f"{0.9 * machine['torch_threads']:.1f}"
 
@@ -598,6 +607,9 @@ def markdown(res: dict[str, Any]) -> str:
             f"{fmt(s['trl']['peak_rss_train_mib'], 0)} ({fmt(s['trl']['rss_before_train_mib'], 0)}) | "
             f"{fmt(s['ratios_median']['peak_rss_train'], 3)} | ≤ 1 | {pf(g['memory'])} |",
             f"| | model-FLOPs utilisation | {fmt(100 * s['ours']['mfu'])} % | {fmt(100 * s['trl']['mfu'])} % | | | |",
+            f"| | ceiling: ours/TRL if ours ran at 100 % MFU (the goal needs {fmt(100 * s['ceiling']['mfu_needed_for_goal'])} % MFU) | "
+            f"{fmt(s['ceiling']['floor_s_per_update'], 2)} s/update | {fmt(s['ceiling']['trl_s_per_update'], 2)} s/update | "
+            f"{fmt(s['ceiling']['max_speedup_at_full_mfu'], 2)}× | | |",
         ]
     lines += ["", f"Per-round episodes/s ratios: toy {res['sizes']['toy']['ratios_per_round']['episodes_per_s']}, "
               f"large {res['sizes']['large']['ratios_per_round']['episodes_per_s']}.", ""]
@@ -606,7 +618,7 @@ def markdown(res: dict[str, Any]) -> str:
         lines += ["**Contended run**: other jobs held the core during some runs (CPU-seconds per wall-second "
                   f"down to {min(shares):.2f}), so wall-clock numbers and their ratios are noisy; the episodes per "
                   "CPU-second ratio is the reliable comparison here. Re-run `make bench` on a quieter machine.", ""]
-    lines += ["Seconds per update by phase (median; rollout = generation, policy = ppoflow's log-prob forward, "
+    lines += ["Seconds per update by phase (median; rollout = generation, policy = ppoflow's log-prob forward (0 when recorded during generation), "
               "other = advantages, bookkeeping, TRL's `gc.collect()`):", "",
               "| size | side | " + " | ".join(PHASES) + " | total |", "|---|---|" + "---:|" * (len(PHASES) + 1)]
     for key in ("toy", "large"):
@@ -750,11 +762,12 @@ def main(argv: list[str] | None = None) -> int:
                         "gflops": rnd(max(y_before["gflops_median"], y_after["gflops_median"]), 2),
                         "note": "the machine's sustained rate: the higher of the before/after medians (the lower one "
                                 "shows contention from other jobs); MFU is measured against it"}
-    for size in res["sizes"].values():
+    for key, size in res["sizes"].items():
         for side in ("ours", "trl"):
             size[side]["mfu"] = rnd(size[side]["achieved_gflops"] / res["yardstick"]["gflops"], 4)
             size[side]["phase_mfu"] = {p: rnd(g / res["yardstick"]["gflops"], 4) if g is not None else None
                                        for p, g in size[side]["phase_gflops"].items()}
+        size["ceiling"] = ceiling(size, res["yardstick"]["gflops"], GOALS[f"{key}_speedup"])
     res["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     res["duration_s"] = round(time.perf_counter() - began, 1)
     (out_root / "latest.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
