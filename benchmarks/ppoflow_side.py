@@ -157,28 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     counters = {"generate_calls": 0, "generate_s": 0.0, "generated_tokens": 0, "response_tokens": 0,
                 "sequences": 0, "with_stop": 0, "counting": True}
     policy = trainer.worker.policy
-    original_generate = policy.generate
-
-    def counting_generate(*g_args, **g_kwargs):
-        t = time.perf_counter()
-        out = original_generate(*g_args, **g_kwargs)
-        if counters["counting"]:
-            counters["generate_s"] += time.perf_counter() - t
-            counters["generate_calls"] += 1
-            prompt_len = g_kwargs["input_ids"].shape[1] if "input_ids" in g_kwargs else g_args[0].shape[1]
-            seqs = out.sequences if hasattr(out, "sequences") else out
-            new = seqs[:, prompt_len:]
-            counters["generated_tokens"] += new.numel()
-            counters["sequences"] += new.shape[0]
-            if new.shape[1] > 0:
-                is_stop = torch.isin(new, stop_ids.to(new.device))
-                has = is_stop.any(dim=1)
-                first = torch.where(has, is_stop.int().argmax(dim=1) + 1, torch.full_like(has, new.shape[1], dtype=torch.long))
-                counters["response_tokens"] += int(first.sum())
-                counters["with_stop"] += int(has.sum())
-        return out
-
-    policy.generate = counting_generate
+    original_generate = policy.generate  # the evaluation below generates uncounted
+    tb.count_generate(policy, counters, trainer.worker.stop_token_ids)
 
     rows: list[dict[str, Any]] = []
     train_t0: list[float] = []

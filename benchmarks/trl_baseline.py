@@ -146,6 +146,41 @@ class RssSampler(threading.Thread):
         return self.peak
 
 
+def count_generate(model, counters: dict[str, Any], stop_ids: list[int] | None, on_output=None) -> None:
+    """Wrap `model.generate` to count its output the same way on both sides of the benchmark (while
+    `counters["counting"]`): calls and seconds, positions generated (incl. padding after an early stop),
+    sequences, sequences with a stop token, and response tokens up to and including the first stop token
+    (every position when there is no stop token). `on_output(queries, new_tokens, lengths)` sees each output."""
+    import torch
+
+    original_generate = model.generate
+    stops = None if stop_ids is None else torch.tensor(stop_ids)
+
+    def counting_generate(*g_args, **g_kwargs):
+        t = time.perf_counter()
+        out = original_generate(*g_args, **g_kwargs)
+        if counters["counting"]:
+            counters["generate_s"] += time.perf_counter() - t
+            counters["generate_calls"] += 1
+            queries = g_kwargs["input_ids"] if "input_ids" in g_kwargs else g_args[0]
+            seqs = out.sequences if hasattr(out, "sequences") else out
+            new = seqs[:, queries.shape[1] :]
+            counters["generated_tokens"] += new.numel()
+            counters["sequences"] += new.shape[0]
+            lengths = torch.full((new.shape[0],), new.shape[1], dtype=torch.long, device=new.device)
+            if stops is not None and new.shape[1] > 0:
+                is_stop = torch.isin(new, stops.to(new.device))
+                has = is_stop.any(dim=1)
+                lengths = torch.where(has, is_stop.int().argmax(dim=1) + 1, lengths)
+                counters["with_stop"] += int(has.sum())
+            counters["response_tokens"] += int(lengths.sum())
+            if on_output is not None:
+                on_output(queries, new, lengths)
+        return out
+
+    model.generate = counting_generate
+
+
 def mib(n_bytes: float) -> float:
     return round(n_bytes / 2**20, 1)
 
@@ -273,38 +308,14 @@ def main(argv: list[str] | None = None) -> int:
     # (a decode and an oracle call per update inside the timed loop: for learning runs, not throughput runs).
     oracle_per_update = bool(spec.get("oracle_per_update")) and oracle is not None
     oracle_acc = {"sum": 0.0, "n": 0}
-    original_generate = policy.generate
+    def score_with_oracle(queries, new, lengths) -> None:
+        texts = [tokenizer.decode(row[: int(n)].tolist(), skip_special_tokens=True) for row, n in zip(new, lengths)]
+        values = oracle(tokenizer.batch_decode(queries, skip_special_tokens=True), texts)
+        oracle_acc["sum"] += float(sum(values))
+        oracle_acc["n"] += len(values)
 
-    def counting_generate(*g_args, **g_kwargs):
-        t = time.perf_counter()
-        out = original_generate(*g_args, **g_kwargs)
-        if counters["counting"]:
-            counters["generate_s"] += time.perf_counter() - t
-            counters["generate_calls"] += 1
-            prompt_len = g_kwargs["input_ids"].shape[1] if "input_ids" in g_kwargs else g_args[0].shape[1]
-            seqs = out.sequences if hasattr(out, "sequences") else out
-            new = seqs[:, prompt_len:]
-            counters["generated_tokens"] += new.numel()  # positions generate produced (incl. pad after early stop)
-            counters["sequences"] += new.shape[0]
-            if stop_id_for_count is not None and new.shape[1] > 0:
-                is_stop = new == stop_id_for_count
-                has = is_stop.any(dim=1)
-                first = torch.where(has, is_stop.int().argmax(dim=1) + 1, torch.full_like(has, new.shape[1], dtype=torch.long))
-                counters["response_tokens"] += int(first.sum())  # up to and including the stop token
-                counters["with_stop"] += int(has.sum())
-            else:
-                counters["response_tokens"] += new.numel()
-            if oracle_per_update:
-                queries = g_kwargs["input_ids"] if "input_ids" in g_kwargs else g_args[0]
-                ends = first if stop_id_for_count is not None and new.shape[1] > 0 else [new.shape[1]] * new.shape[0]
-                texts = [tokenizer.decode(row[: int(n)].tolist(), skip_special_tokens=True) for row, n in zip(new, ends)]
-                prompts_text = tokenizer.batch_decode(queries, skip_special_tokens=True)
-                values = oracle(prompts_text, texts)
-                oracle_acc["sum"] += float(sum(values))
-                oracle_acc["n"] += len(values)
-        return out
-
-    policy.generate = counting_generate
+    count_generate(policy, counters, None if stop_id_for_count is None else [stop_id_for_count],
+                   score_with_oracle if oracle_per_update else None)
 
     logs: list[dict[str, Any]] = []  # one row per TRL log call (one per update: logging_steps=1)
     train_t0: list[float] = []
