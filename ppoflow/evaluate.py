@@ -21,7 +21,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from ppoflow.config import RunConfig
 from ppoflow.data import load_prompts
 from ppoflow.manifests import ModelManifest
-from ppoflow.models import load_causal_lm, load_classifier, load_tokenizer, packing_supported, resolve_dtype
+from ppoflow.models import load_causal_lm, load_classifier, load_tokenizer, resolve_dtype, use_packing
 from ppoflow.rewards import load_reward_functions
 from ppoflow.rollout import RolloutWorker, left_pad
 
@@ -75,7 +75,7 @@ def evaluate_policy(config: RunConfig, models: ModelManifest, eval_dir: Path, po
         policy, ref, reward, reward, pad_token_id=models.pad_token_id, stop_token_ids=stop_ids,
         response_length=ppo.response_length, temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p,
         chunk_size=config.eval.batch_size,
-        packed=config.ppo.pack_sequences and all(packing_supported(m, models.pad_token_id) for m in (policy, ref, reward) if m is not None),
+        packed=use_packing(config.ppo.pack_sequences, {"policy": policy, "ref": ref, "reward": reward}, models.pad_token_id),
     )
     functions = load_reward_functions(config.reward_functions)
     rows = load_prompts(eval_dir)

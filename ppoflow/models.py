@@ -276,3 +276,18 @@ def packing_supported(model: nn.Module, pad_token_id: int) -> bool:
     padded, packed = states
     tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 3e-2
     return bool((packed - padded).norm() <= tolerance * padded.norm())
+
+
+def use_packing(enabled: bool, models: dict[str, nn.Module | None], pad_token_id: int) -> bool:
+    """`ppo.pack_sequences`, unless one of the models (by role) fails the packing self-check: then padded
+    rows, with a warning naming it."""
+    if not enabled:
+        return False
+    for role, model in models.items():
+        if model is not None and not packing_supported(model, pad_token_id):
+            log.warning(
+                "models.%s: %s ignores packed position ids — using padded batches (slower); "
+                "set ppo.pack_sequences: false to silence this", role, type(model).__name__,
+            )
+            return False
+    return True

@@ -47,10 +47,10 @@ from ppoflow.models import (
     load_causal_lm,
     load_classifier,
     load_tokenizer,
-    packing_supported,
     resolve_dtype,
     response_logits,
     token_values,
+    use_packing,
 )
 from ppoflow.rewards import load_reward_functions
 from ppoflow.runtime import make_accelerator
@@ -152,7 +152,7 @@ class PPOTrainer:
             warmup_steps=math.floor(self.ppo.warmup_ratio * self.batch.optimizer_steps),
             total_steps=self.batch.optimizer_steps,
         )
-        packed = self.ppo.pack_sequences and self._packing_supported({"policy": policy, "ref": ref, "reward": reward, "value": value})
+        packed = use_packing(self.ppo.pack_sequences, {"policy": policy, "ref": ref, "reward": reward, "value": value}, self.models.pad_token_id)
         self.worker = RolloutWorker(
             self.policy, ref, reward, self.value,
             pad_token_id=self.models.pad_token_id,
@@ -166,16 +166,6 @@ class PPOTrainer:
         )
         if checkpoint is not None:
             self._load_state(checkpoint)
-
-    def _packing_supported(self, models: dict[str, nn.Module | None]) -> bool:
-        for role, model in models.items():
-            if model is not None and not packing_supported(model, self.models.pad_token_id):
-                log.warning(
-                    "models.%s: %s ignores packed position ids — training on padded batches (slower); "
-                    "set ppo.pack_sequences: false to silence this", role, type(model).__name__,
-                )
-                return False
-        return True
 
     def _load_state(self, checkpoint: Path) -> None:
         state = read_state(checkpoint)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from ppoflow.models import packing_supported
+from ppoflow.models import packing_supported, use_packing
 from ppoflow.packing import choose_row_tokens, packed_layout, padded_layout
 
 # Row 0: prompt [5, 6] (one left pad), response [10, 2] then pad. Row 1: prompt [7, 8, 9], response [11, 12, 2].
@@ -102,3 +102,11 @@ class _LeakyDecoder(nn.Module):
 def test_packing_self_check_rejects_a_model_that_ignores_positions():
     torch.manual_seed(0)
     assert packing_supported(_LeakyDecoder(), pad_token_id=0) is False
+
+
+def test_a_model_that_fails_the_check_turns_packing_off_with_a_warning_naming_it(caplog):
+    torch.manual_seed(0)
+    with caplog.at_level("WARNING", logger="ppoflow.models"):
+        assert use_packing(True, {"policy": None, "value": _LeakyDecoder()}, pad_token_id=0) is False
+    assert "models.value: _LeakyDecoder ignores packed position ids" in caplog.text
+    assert use_packing(False, {"value": _LeakyDecoder()}, pad_token_id=0) is False
