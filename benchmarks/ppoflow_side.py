@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from ppoflow.checkpoint import newest_valid_checkpoint
     from ppoflow.config import PPOConfig as FlowPPOConfig
     from ppoflow.config import build_config
-    from ppoflow.losses import first_true_index
+    from ppoflow.losses import response_mask
     from ppoflow.models import token_values
     from ppoflow.packing import padded_layout
     from ppoflow.rollout import left_pad
@@ -220,9 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 queries, query_mask = left_pad([ids for _, ids in eval_rows[i : i + bs]], models.pad_token_id, device)
                 seqs = original_generate(input_ids=queries, attention_mask=query_mask.long(), generation_config=gen_config)
                 responses = seqs[:, queries.shape[1] :]
-                is_stop = torch.isin(responses, stop_ids.to(responses.device))
-                lengths = (first_true_index(is_stop) + 1).clamp(max=responses.shape[1])
-                mask = torch.arange(responses.shape[1], device=responses.device)[None, :] < lengths[:, None]
+                mask = response_mask(responses, stop_ids)
                 responses = responses.masked_fill(~mask, models.pad_token_id)
                 layout = padded_layout(queries, query_mask, responses, mask)
                 scores.extend(token_values(reward_model, layout.decoder_inputs(), layout.last).float().tolist())

@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
+from ppoflow.atomic import remove_leftovers, write_directory
 from ppoflow.errors import CheckpointError
-from ppoflow.manifests import sha256_file
+from ppoflow.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -72,37 +73,49 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_checkpoint(root: Path, update: int, write_payload: Callable[[Path], None], state: dict[str, Any]) -> Path:
-    """Write a checkpoint atomically. `write_payload(tmp_dir)` saves models and tensors into tmp_dir."""
-    root.mkdir(parents=True, exist_ok=True)
+    """Write a checkpoint atomically. `write_payload(tmp_dir)` saves models and tensors into tmp_dir;
+    `state` (the counters) goes to `state.json`, and `manifest.json`, written last, seals it."""
     final = checkpoint_dir(root, update)
-    partial = root / f".partial-{final.name}-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    try:
-        write_payload(partial)
-        (partial / STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
-        files = _fsync_tree(partial)
-        manifest = {"format": FORMAT_VERSION, "update": update, "files": files}
-        with open(partial / MANIFEST, "w") as handle:
-            json.dump(manifest, handle, indent=2, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if final.exists():
-            stale = root / f".stale-{final.name}-{os.getpid()}"
-            final.rename(stale)
-            shutil.rmtree(stale)
-        partial.rename(final)
-        _fsync_dir(root)
-    except BaseException as exc:
-        problem = storage_problem(root, exc) if isinstance(exc, Exception) else None  # before the cleanup frees space
-        shutil.rmtree(partial, ignore_errors=True)
-        if problem is not None:
-            raise CheckpointError(
-                f"cannot write checkpoint {final.name} in {root}: {problem} — free space or make it writable (or choose "
-                "another output_dir), then run again: the earlier checkpoints are intact and training resumes from the newest"
-            ) from exc
-        raise
+
+    def write(partial: Path) -> None:
+        try:
+            write_payload(partial)
+            (partial / STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
+            files = _fsync_tree(partial)
+            manifest = {"format": FORMAT_VERSION, "update": update, "files": files}
+            with open(partial / MANIFEST, "w") as handle:
+                json.dump(manifest, handle, indent=2, sort_keys=True)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except Exception as exc:
+            problem = storage_problem(root, exc)  # asked before the cleanup frees the space
+            if problem is not None:
+                raise CheckpointError(
+                    f"cannot write checkpoint {final.name} in {root}: {problem} — free space or make it writable (or choose "
+                    "another output_dir), then run again: the earlier checkpoints are intact and training resumes from the newest"
+                ) from exc
+            raise
+
+    write_directory(final, write, suffix=f"-{os.getpid()}")
+    _fsync_dir(root)
     return final
+
+
+def save_training_state(directory: Path, *, policy, value, optimizer, scheduler, rng_states: list[dict[str, Any]]) -> None:
+    """A training checkpoint's payload: the policy (or its LoRA adapter) and the value model in
+    Hugging Face format (safetensors), the optimizer and scheduler states, and every process's RNG
+    states (a list by process index)."""
+    policy.save_pretrained(directory / "policy", safe_serialization=True)
+    value.save_pretrained(directory / "value", safe_serialization=True)
+    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    torch.save(scheduler.state_dict(), directory / "scheduler.pt")
+    torch.save(rng_states, directory / "rng.pt")
+
+
+def load_training_state(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """The optimizer state, scheduler state and per-process RNG states `save_training_state` wrote
+    (the weights are loaded with the models)."""
+    return tuple(load_tensors(checkpoint / name) for name in ("optimizer.pt", "scheduler.pt", "rng.pt"))
 
 
 def storage_problem(path: Path, exc: BaseException) -> str | None:
@@ -182,5 +195,4 @@ def prune_checkpoints(root: Path, keep: int) -> None:
     for path in list_checkpoints(root)[keep:]:
         if path.name != checkpoint_dir(root, 0).name:
             shutil.rmtree(path, ignore_errors=True)
-    for leftover in root.glob(".partial-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    remove_leftovers(root)

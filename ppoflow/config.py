@@ -72,12 +72,21 @@ class PPOConfig(_Section):
         "falls back to padded batches, with a warning, for models that ignore packed position ids.",
     )
     response_length: int = Field(53, gt=0, description="Maximum new tokens per response.")
-    stop_token: Literal["eos"] | None = Field(None, description="'eos' stops responses at the tokenizer's EOS.")
-    stop_token_id: int | None = Field(None, ge=0, description="Token id that ends a response (overrides stop_token).")
+    stop_token: Literal["eos"] | None = Field(
+        None,
+        description="TRL's meaning: 'eos' ends (and truncates) each response at its first EOS; null (TRL's default), "
+        "with no stop_token_id, generates the full response_length and truncates nothing.",
+    )
+    stop_token_id: int | None = Field(
+        None, ge=0, description="Token id that ends (and truncates) each response; exclusive with stop_token."
+    )
     temperature: float = Field(0.7, gt=0, description="Sampling temperature for rollouts.")
     top_k: int = Field(0, ge=0, description="Top-k sampling; 0 disables.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass; 1.0 disables.")
-    missing_eos_penalty: float | None = Field(None, ge=0, description="Subtracted from the score of responses without EOS.")
+    missing_eos_penalty: float | None = Field(
+        None, ge=0, description="Subtracted from the score of responses that do not end with the stop token "
+        "(with no stop token: that contain no EOS, as TRL)."
+    )
     kl_coef: float = Field(0.05, ge=0, description="Weight of the per-token KL penalty.")
     kl_estimator: Literal["k1", "k3"] = Field("k1", description="KL estimator: k1 (log-ratio) or k3 (unbiased, >= 0).")
     cliprange: float = Field(0.2, gt=0, description="PPO policy ratio clip range.")
@@ -213,7 +222,6 @@ class BatchPlan(BaseModel):
     micro_batches_per_mini_batch: int
     num_updates: int
     optimizer_steps: int
-    rollout_chunks: int
 
     @classmethod
     def derive(cls, ppo: PPOConfig, world_size: int = 1) -> BatchPlan:
@@ -253,7 +261,6 @@ class BatchPlan(BaseModel):
             micro_batches_per_mini_batch=local_mini // local_micro,
             num_updates=num_updates,
             optimizer_steps=num_updates * ppo.num_ppo_epochs * ppo.num_mini_batches,
-            rollout_chunks=math.ceil(local_batch / ppo.local_rollout_forward_batch_size),
         )
 
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
@@ -29,11 +27,14 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 from transformers import PreTrainedTokenizerBase
 
-from ppoflow.config import HUB_ID, DataConfig
+from ppoflow.atomic import write_directory
+from ppoflow.config import HUB_ID, BatchPlan, DataConfig
 from ppoflow.errors import ConfigError, DataError
-from ppoflow.manifests import DatasetManifest, sha256_file, sha256_tree
+from ppoflow.hashing import sha256_file, sha256_tree
+from ppoflow.manifests import DatasetManifest
 
 logger = logging.getLogger(__name__)
 
@@ -108,9 +109,24 @@ def load_prompts(split_dir: Path) -> datasets.Dataset:
     return table
 
 
-def read_prompt_table(data: DataConfig) -> datasets.Dataset:
-    """The raw rows of the source (all its columns), before any cleaning or tokenization."""
-    return _read_source(data).table
+def batch_rows(num_rows: int, batch_size: int, update: int, seed: int) -> list[int]:
+    """Rows of the global batch of `update`: a stream of seeded permutations of the training rows,
+    cut in batches. A pure function of its arguments, so a resumed run draws the batches an
+    uninterrupted one would."""
+    start, stop = update * batch_size, (update + 1) * batch_size
+    rows: list[int] = []
+    for epoch in range(start // num_rows, (stop - 1) // num_rows + 1):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(num_rows, generator=generator).tolist()
+        lo, hi = max(start - epoch * num_rows, 0), min(stop - epoch * num_rows, num_rows)
+        rows.extend(order[lo:hi])
+    return rows
+
+
+def local_batch(train_rows: datasets.Dataset, batch: BatchPlan, update: int, seed: int, rank: int) -> datasets.Dataset:
+    """This process's slice of the global batch of `update` (columns `prompt`, `input_ids`)."""
+    rows = batch_rows(len(train_rows), batch.batch_size, update, seed)
+    return train_rows.select(rows[rank * batch.local_batch_size : (rank + 1) * batch.local_batch_size])
 
 
 def _read_source(data: DataConfig) -> _Source:
@@ -307,10 +323,9 @@ def _local_provenance(data: DataConfig, source: _Source) -> dict:
 
 
 def _write_atomically(out_dir: Path, splits: dict[str, datasets.Dataset], **counts_and_provenance) -> DatasetManifest:
-    """Build the whole dataset in a hidden directory beside `out_dir`, then rename it into place."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    """Build the whole dataset in a hidden directory beside `out_dir`, then move it into place."""
+
+    def write(staging: Path) -> DatasetManifest:
         for name, table in splits.items():
             # One shard even when empty: a saved dataset with no shard cannot be loaded back.
             table.save_to_disk(str(staging / name), num_shards=1 if table.num_rows == 0 else None)
@@ -324,21 +339,9 @@ def _write_atomically(out_dir: Path, splits: dict[str, datasets.Dataset], **coun
             **counts_and_provenance,
         )
         (staging / "dataset.json").write_text(manifest.model_dump_json(indent=2) + "\n")
-        _replace_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return manifest
+        return manifest
 
-
-def _replace_dir(new: Path, target: Path) -> None:
-    if not target.exists():
-        os.replace(new, target)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.replace(target, retired)
-    os.replace(new, target)
-    shutil.rmtree(retired, ignore_errors=True)
+    return write_directory(out_dir, write)
 
 
 def _data_error(field: str, problem: str, fix: str) -> DataError:

@@ -43,6 +43,3 @@ class TrainingDiverged(PpoflowError):
 class TrackingError(PpoflowError):
     """The MLflow tracking server or registry refused or cannot be reached."""
 
-
-class InjectedFault(RuntimeError):
-    """A failure injected on purpose by a test (`PPOFLOW_FAULT_*`); retryable like a crash."""

@@ -10,7 +10,6 @@ policy's samples, the policy's EOS rate, and each reward function's mean on both
 from __future__ import annotations
 
 import json
-import shutil
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -18,40 +17,32 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from ppoflow.atomic import write_directory
 from ppoflow.config import RunConfig
 from ppoflow.data import load_prompts
 from ppoflow.manifests import ModelManifest
-from ppoflow.models import load_causal_lm, load_classifier, load_tokenizer, resolve_dtype, use_packing
+from ppoflow.models import load_frozen, load_tokenizer, use_packing
 from ppoflow.rewards import load_reward_functions
 from ppoflow.rollout import RolloutWorker, left_pad
-
-
-def load_trained_policy(config: RunConfig, models: ModelManifest, checkpoint: Path, dtype: torch.dtype) -> PreTrainedModel:
-    """The policy of a checkpoint: full weights, or the base model with the LoRA adapter."""
-    if not config.peft.enabled:
-        return load_causal_lm(checkpoint / "policy", dtype, config.models.trust_remote_code)
-    from peft import PeftModel
-
-    base = load_causal_lm(models.policy.local_dir, dtype, config.models.trust_remote_code)
-    return PeftModel.from_pretrained(base, checkpoint / "policy")
 
 
 def save_policy(config: RunConfig, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, models: ModelManifest, out_dir: Path) -> Path | None:
     """Write `out_dir` (HF format with tokenizer and generation config) atomically; with LoRA the
     adapter, plus `out_dir`-merged when asked. Returns the merged directory, if any."""
+    # The stop rule training used: the stop token, or none at all (an empty list, which generate()
+    # does not replace with the model's EOS).
     generation = GenerationConfig(
-        eos_token_id=models.eos_token_id, pad_token_id=models.pad_token_id,
+        eos_token_id=models.stop_token_ids, pad_token_id=models.pad_token_id,
         do_sample=True, temperature=config.ppo.temperature, max_new_tokens=config.ppo.response_length,
     )
 
     def write(target: Path, model: PreTrainedModel) -> None:
-        partial = target.with_name(f".partial-{target.name}")
-        shutil.rmtree(partial, ignore_errors=True)
-        model.save_pretrained(partial, safe_serialization=True)
-        tokenizer.save_pretrained(partial)
-        generation.save_pretrained(partial)
-        shutil.rmtree(target, ignore_errors=True)
-        partial.rename(target)
+        def save(staging: Path) -> None:
+            model.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+            generation.save_pretrained(staging)
+
+        write_directory(target, save)
 
     write(out_dir, policy)
     if config.peft.enabled and config.peft.merge_on_save:
@@ -64,15 +55,13 @@ def save_policy(config: RunConfig, policy: PreTrainedModel, tokenizer: PreTraine
 @torch.no_grad()
 def evaluate_policy(config: RunConfig, models: ModelManifest, eval_dir: Path, policy: PreTrainedModel, device: torch.device) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Eval metrics and the sample-completions rows (prompt, both completions, their scores)."""
-    dtype = resolve_dtype(config.models.dtype)
     tokenizer = load_tokenizer(models.tokenizer_dir)
-    reward = load_classifier(models.reward.local_dir, dtype).eval().to(device)
-    ref = None if config.peft.enabled else load_causal_lm(models.ref.local_dir, dtype).eval().to(device)
+    ref, reward = load_frozen(config, models, device)
     policy = policy.eval().to(device)
-    stop_ids = models.stop_token_ids
     ppo = config.ppo
     worker = RolloutWorker(
-        policy, ref, reward, reward, pad_token_id=models.pad_token_id, stop_token_ids=stop_ids,
+        policy, ref, reward, reward, pad_token_id=models.pad_token_id, stop_token_ids=models.stop_token_ids,
+        completion_token_id=models.completion_token_id,
         response_length=ppo.response_length, temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p,
         chunk_size=config.eval.batch_size,
         packed=use_packing(config.ppo.pack_sequences, {"policy": policy, "ref": ref, "reward": reward}, models.pad_token_id),
@@ -95,8 +84,7 @@ def evaluate_policy(config: RunConfig, models: ModelManifest, eval_dir: Path, po
             results[f"score_{who}"].extend(worker.end_scores(layout).tolist())
             completions[who] = [tokenizer.decode(row[keep].tolist(), skip_special_tokens=True) for row, keep in zip(responses, mask)]
             if who == "policy":
-                stop = torch.isin(responses, torch.tensor(stop_ids, device=responses.device)).logical_and(mask).any(1)
-                results["stop"].extend(stop.tolist())
+                results["stop"].extend(worker.completed(responses, mask).tolist())
                 policy_logprobs = worker.logprobs(policy, layout, responses)
                 ref_model, context = worker.reference()
                 with context:

@@ -94,21 +94,20 @@ def first_true_index(bools: Tensor) -> Tensor:
     return torch.where(bools, positions, bools.shape[-1]).min(dim=-1).values
 
 
-def truncate_after_stop(responses: Tensor, stop_token_id: int, pad_token_id: int) -> Tensor:
-    """Keep each response up to and including its first stop token; pad everything after it.
+def holds_token(responses: Tensor, response_mask: Tensor, token_id: int) -> Tensor:
+    """[B] bool: the row has `token_id` among its real tokens. `responses, response_mask: [B, T]`."""
+    return (responses == token_id).logical_and(response_mask).any(-1)
 
-    `responses: [B, T]` -> `[B, T]` (TRL's `truncate_response`). Rows without a stop token are kept.
+
+def response_mask(responses: Tensor, stop_token_ids: Tensor) -> Tensor:
+    """The engine's one response mask: True up to and including each row's first stop token, and on
+    every token of a row without one. `responses: [B, T]`, `stop_token_ids: [S]` (S = 0: no stop, TRL's
+    `stop_token: null`, so every token is real) -> bool `[B, T]`.
+
+    Ends are found from the stop tokens, never from padding: when pad == EOS the stop token is still a
+    response token (TRL 1.12 finds the end at the first pad and so drops the EOS from its mask there,
+    never training the policy to emit it).
     """
-    stop_index = first_true_index(responses == stop_token_id)
-    positions = torch.arange(responses.shape[-1], device=responses.device)
-    return responses.masked_fill(positions > stop_index[:, None], pad_token_id)
-
-
-def response_mask(responses: Tensor, pad_token_id: int) -> Tensor:
-    """True on the tokens before each row's first pad token. `responses: [B, T]` -> bool `[B, T]`.
-
-    Contiguous from the left by construction. If the pad token is also the stop token, the stop
-    token itself counts as padding (as in TRL); use a distinct pad token to keep it.
-    """
-    positions = torch.arange(responses.shape[-1], device=responses.device)
-    return positions < first_true_index(responses == pad_token_id)[:, None]
+    is_stop = torch.isin(responses, stop_token_ids.to(device=responses.device, dtype=responses.dtype))
+    lengths = (first_true_index(is_stop) + 1).clamp(max=responses.shape[-1])
+    return torch.arange(responses.shape[-1], device=responses.device)[None, :] < lengths[:, None]

@@ -7,44 +7,14 @@ were deleted or altered is recomputed, never trusted.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from ppoflow.checkpoint import verify_checkpoint
 from ppoflow.config import BatchPlan, RunConfig
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def sha256_tree(root: Path, patterns: tuple[str, ...] = ("*",)) -> str:
-    """One digest over the relative names and contents of the files below `root`."""
-    digest = hashlib.sha256()
-    files = sorted({p for pattern in patterns for p in root.rglob(pattern) if p.is_file()})
-    for path in files:
-        digest.update(str(path.relative_to(root)).encode())
-        digest.update(sha256_file(path).encode())
-    return digest.hexdigest()
-
-
-def local_source_digest(path: Path, split: str) -> str | None:
-    """Digest of a local prompt source as stage 3 read it (file, saved dataset or directory of
-    files); None for a Hub id, whose content the Hub versions by revision."""
-    if path.is_file():
-        return f"file:{sha256_file(path)}"
-    if not path.is_dir():
-        return None
-    if (path / "dataset_dict.json").is_file():
-        return f"saved:{sha256_tree(path / split)}"
-    if (path / "state.json").is_file():
-        return f"saved:{sha256_tree(path)}"
-    return f"files:{sha256_tree(path)}"
+from ppoflow.errors import CheckpointError
+from ppoflow.hashing import local_source_digest, sha256_tree
 
 
 class Manifest(BaseModel):
@@ -85,12 +55,18 @@ class ModelManifest(Manifest):
     tokenizer_sha256: str
     pad_token_id: int
     eos_token_id: int
-    stop_token_id: int | None
+    stop_token_id: int | None  # TRL's meaning: EOS for `stop_token: eos`, `ppo.stop_token_id`, or None (no stop)
 
     @property
     def stop_token_ids(self) -> list[int]:
-        """The tokens that end a response: EOS, and `stop_token_id` when it is another token."""
-        return [self.eos_token_id] + ([self.stop_token_id] if self.stop_token_id not in (None, self.eos_token_id) else [])
+        """The tokens that end (and truncate) a response; empty: responses run to `response_length`."""
+        return [] if self.stop_token_id is None else [self.stop_token_id]
+
+    @property
+    def completion_token_id(self) -> int:
+        """A response holding this token is complete; one without it gets `missing_eos_penalty`.
+        The stop token when there is one (a response then ends with it), else EOS anywhere, as TRL."""
+        return self.eos_token_id if self.stop_token_id is None else self.stop_token_id
 
     def is_intact(self) -> bool:
         return self.tokenizer_dir.is_dir() and sha256_tree(self.tokenizer_dir) == self.tokenizer_sha256
@@ -142,9 +118,6 @@ class CheckpointManifest(Manifest):
     sha256: str
 
     def is_intact(self) -> bool:
-        from ppoflow.checkpoint import verify_checkpoint
-        from ppoflow.errors import CheckpointError
-
         try:
             return verify_checkpoint(self.path) == self.sha256
         except CheckpointError:

@@ -26,7 +26,8 @@ from transformers import (
 
 from ppoflow.config import ModelsConfig, PeftConfig, RunConfig
 from ppoflow.errors import ModelError
-from ppoflow.manifests import ModelSource, sha256_tree
+from ppoflow.hashing import sha256_tree
+from ppoflow.manifests import ModelManifest, ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,8 @@ def load_tokenizer(tokenizer_dir: Path) -> PreTrainedTokenizerBase:
 
 
 def disable_dropout(model: nn.Module) -> None:
-    """PPO's ratio must be 1 on the first pass over fresh rollouts: no dropout anywhere."""
+    """PPO's ratio must be 1 on the first pass over fresh rollouts: no dropout anywhere. Call it once
+    the model is complete (after a LoRA adapter is added or loaded: its `lora_dropout` too)."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
@@ -201,6 +203,41 @@ def load_classifier(directory: Path, dtype: torch.dtype, trust_remote_code: bool
     if not isinstance(getattr(model, "score", None), nn.Module):
         raise ModelError(f"{directory}: {type(model).__name__} has no `score` head — ppoflow needs a decoder classifier such as LlamaForSequenceClassification")
     return model
+
+
+# The run's models are loaded through the three functions below, by training and by evaluation
+# alike: the run's dtype and trust_remote_code, safetensors only, dropout off.
+
+
+def load_policy(config: RunConfig, models: ModelManifest, checkpoint: Path | None, *, trainable: bool) -> PreTrainedModel:
+    """The policy at the start (`checkpoint` None) or of a checkpoint: full weights, or with LoRA the
+    base model plus its adapter (a new one at the start)."""
+    dtype, trust = resolve_dtype(config.models.dtype), config.models.trust_remote_code
+    if not config.peft.enabled:
+        return load_causal_lm(checkpoint / "policy" if checkpoint else models.policy.local_dir, dtype, trust)
+    from peft import PeftModel
+
+    base = load_causal_lm(models.policy.local_dir, dtype, trust)
+    if checkpoint is None:
+        policy = add_lora(base, config.peft)
+    else:
+        policy = PeftModel.from_pretrained(base, checkpoint / "policy", is_trainable=trainable)
+    disable_dropout(policy)
+    return policy
+
+
+def load_value(config: RunConfig, models: ModelManifest, checkpoint: Path | None) -> PreTrainedModel:
+    """The value model at the start (from `models.value`) or of a checkpoint."""
+    directory = checkpoint / "value" if checkpoint else models.value.local_dir
+    return load_classifier(directory, resolve_dtype(config.models.dtype), config.models.trust_remote_code)
+
+
+def load_frozen(config: RunConfig, models: ModelManifest, device: torch.device) -> tuple[PreTrainedModel | None, PreTrainedModel]:
+    """The reference (None with LoRA: the policy with its adapter off) and the reward model, frozen on `device`."""
+    dtype, trust = resolve_dtype(config.models.dtype), config.models.trust_remote_code
+    ref = None if models.ref is None else load_causal_lm(models.ref.local_dir, dtype, trust)
+    reward = load_classifier(models.reward.local_dir, dtype, trust)
+    return tuple(None if model is None else model.requires_grad_(False).eval().to(device) for model in (ref, reward))
 
 
 def add_lora(policy: PreTrainedModel, peft: PeftConfig) -> PreTrainedModel:

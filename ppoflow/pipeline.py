@@ -23,10 +23,11 @@ from ppoflow.checkpoint import newest_valid_checkpoint, read_state, storage_prob
 from ppoflow.config import BatchPlan, RunConfig, validate_sources
 from ppoflow.data import prepare_prompts
 from ppoflow.errors import ConfigError, ModelError, PpoflowError
-from ppoflow.evaluate import evaluate_policy, load_trained_policy, save_policy, write_eval
+from ppoflow.evaluate import evaluate_policy, save_policy, write_eval
 from ppoflow.locking import output_dir_lock
-from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, Release, RunPlan, sha256_tree
-from ppoflow.models import describe_models, load_tokenizer, prepare_tokenizer, resolve_dtype
+from ppoflow.hashing import sha256_tree
+from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, Release, RunPlan
+from ppoflow.models import describe_models, load_policy, load_tokenizer, prepare_tokenizer
 from ppoflow.rewards import load_reward_functions
 from ppoflow.runtime import process_state
 from ppoflow.trainer import MetricsCallback, PPOTrainer
@@ -99,7 +100,7 @@ def load_models(plan: RunPlan) -> ModelManifest:
     if not process_state().is_main_process:
         tokenizer = load_tokenizer(tokenizer_dir)
     vocab_size = AutoConfig.from_pretrained(sources["policy"].local_dir).vocab_size
-    stop_token_id = config.ppo.stop_token_id
+    stop_token_id = tokenizer.eos_token_id if config.ppo.stop_token == "eos" else config.ppo.stop_token_id
     if stop_token_id is not None and stop_token_id >= vocab_size:
         raise ConfigError("ppo.stop_token_id", f"{stop_token_id} is outside the vocabulary of {vocab_size} tokens", "use a token id of the tokenizer")
     if config.peft.enabled:
@@ -179,7 +180,7 @@ def save_and_evaluate(plan: RunPlan, models: ModelManifest, data: DatasetManifes
     policy_dir = plan.output_dir / "final"
     state = process_state()
     if state.is_main_process:
-        policy = load_trained_policy(config, models, final.path, resolve_dtype(config.models.dtype))
+        policy = load_policy(config, models, final.path, trainable=False)
         metrics, samples = evaluate_policy(config, models, data.eval_dir, policy, state.device)
         write_eval(plan.output_dir, metrics, samples)
         save_policy(config, policy, load_tokenizer(models.tokenizer_dir), models, policy_dir)  # merging LoRA mutates: last

@@ -1,7 +1,8 @@
 """Rollouts: sample responses, then score them and compute the log-probs and values PPO needs.
 
 Shapes: B prompts, Q query width (left-padded), T response width (right-padded after the stop).
-A response ends at (and includes) its first stop token: the tokenizer's EOS or `stop_token_id`.
+With a stop token (TRL's `stop_token: eos` or `stop_token_id`), a response ends at (and includes)
+its first one and is padded after it; without one, every response runs to `response_length`.
 Response ends are found from the stop tokens, never from padding, so a tokenizer whose pad token
 is EOS still works.
 """
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 
-from ppoflow.losses import first_true_index, logprobs_of
+from ppoflow.losses import holds_token, logprobs_of, response_mask
 from ppoflow.models import has_logit_transform, response_logits, token_values
 from ppoflow.packing import Layout, make_layout
 
@@ -35,9 +36,8 @@ class Rollout:
     values: torch.Tensor  # [B, T] value of the state before each response token (0 on padding)
     scores: torch.Tensor  # [B] total score: reward model + weighted reward functions − missing-EOS penalty
     rm_scores: torch.Tensor  # [B] reward-model score alone
-    contains_stop: torch.Tensor  # [B] bool
+    complete: torch.Tensor  # [B] bool: holds the completion token (see ModelManifest.completion_token_id)
     function_scores: dict[str, torch.Tensor] = field(default_factory=dict)  # [B] each
-    completions: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -64,6 +64,7 @@ class RolloutWorker:
         *,
         pad_token_id: int,
         stop_token_ids: list[int],
+        completion_token_id: int,
         response_length: int,
         temperature: float,
         top_k: int,
@@ -74,6 +75,7 @@ class RolloutWorker:
         self.policy, self.ref, self.reward, self.value = policy, ref, reward, value
         self.pad_token_id = pad_token_id
         self.stop_token_ids = stop_token_ids
+        self.completion_token_id = completion_token_id
         self.temperature = temperature
         self.chunk_size = chunk_size
         self.packed = packed
@@ -90,7 +92,8 @@ class RolloutWorker:
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
-            eos_token_id=stop_token_ids,
+            # A list, even empty: None would be filled in from the model's own generation config (its EOS).
+            eos_token_id=list(stop_token_ids),
             pad_token_id=pad_token_id,
         )
 
@@ -115,13 +118,15 @@ class RolloutWorker:
             if recorder is not None:
                 recorder.remove()
         responses = sequences[:, queries.shape[1] :]
-        is_stop = torch.isin(responses, torch.tensor(self.stop_token_ids, device=responses.device))
-        lengths = (first_true_index(is_stop) + 1).clamp(max=responses.shape[1])
-        mask = torch.arange(responses.shape[1], device=responses.device)[None, :] < lengths[:, None]
+        mask = response_mask(responses, torch.tensor(self.stop_token_ids, dtype=torch.long))
         logprobs = recorder.result(responses) if recorder is not None else None
         if logprobs is not None:
             logprobs = logprobs.masked_fill(~mask, 0.0)
         return responses.masked_fill(~mask, self.pad_token_id), mask, logprobs
+
+    def completed(self, responses: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+        """[B] bool: the response holds the completion token within its real tokens."""
+        return holds_token(responses, response_mask, self.completion_token_id)
 
     def layout(self, queries, query_mask, responses, response_mask) -> Layout:
         """The decoder layout of prompt+response forwards: packed when the models support it."""
@@ -189,7 +194,7 @@ class RolloutWorker:
             torch.cat([_pad_right(p[key], width, 0.0) for p in pieces]) for key in ("logprobs", "ref_logprobs", "values")
         )
         rm_scores = torch.cat([p["rm_scores"] for p in pieces])
-        contains_stop = torch.isin(responses, torch.tensor(self.stop_token_ids, device=responses.device)).any(1)
+        complete = self.completed(responses, response_mask)
         began = time.perf_counter()
         completions = decode(responses, response_mask)
         scores = rm_scores.clone()
@@ -199,7 +204,7 @@ class RolloutWorker:
             function_scores[name] = values_of_fn
             scores = scores + weight * values_of_fn
         if missing_eos_penalty is not None:
-            scores = scores - missing_eos_penalty * (~contains_stop).float()
+            scores = scores - missing_eos_penalty * (~complete).float()
         timings["score"] += time.perf_counter() - began
         return Rollout(
             queries=queries,
@@ -211,9 +216,8 @@ class RolloutWorker:
             values=values,
             scores=scores,
             rm_scores=rm_scores,
-            contains_stop=contains_stop,
+            complete=complete,
             function_scores=function_scores,
-            completions=completions,
             timings=timings,
         )
 

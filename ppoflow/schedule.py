@@ -28,6 +28,12 @@ def lr_multiplier(step: int, *, kind: str, warmup_steps: int, total_steps: int) 
     raise ValueError(f"ppo.lr_scheduler_type: unknown schedule {kind!r}")
 
 
+def warmup_steps(warmup_ratio: float, total_steps: int) -> int:
+    """Warmup steps for a ratio of all optimizer steps, rounded up as transformers'
+    `TrainingArguments.get_warmup_steps` (and so TRL) does; the tolerance keeps 0.7 × 10 at 7, not 8."""
+    return math.ceil(warmup_ratio * total_steps - 1e-9)
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: int, total_steps: int) -> LambdaLR:
     """A LambdaLR whose state dict is the same as `transformers.get_scheduler`'s (checkpoints load either way)."""
     if kind == "constant":

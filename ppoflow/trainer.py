@@ -1,8 +1,8 @@
 """The PPO trainer: stage 4 (initial checkpoint) and stage 5 (the training loop, resumable).
 
-Per update (DESIGN.md): roll out a local batch, compute per-token rewards (−kl_coef·KL with the
-score at the last real token), GAE advantages and returns, then `num_ppo_epochs` passes over
-`num_mini_batches` shuffled mini-batches, each accumulated over its micro-batches and ended by
+Per update (docs/ARCHITECTURE.md): roll out a local batch, compute per-token rewards (−kl_coef·KL
+with the score at the last real token), GAE advantages and returns, then `num_ppo_epochs` passes
+over `num_mini_batches` shuffled mini-batches, each accumulated over its micro-batches and ended by
 one optimizer step. Every update is a resumable boundary: a checkpoint holds everything the next
 update reads (weights, optimizer, scheduler, RNG states), and the data order is a pure function
 of the seed and the update index, so a resumed run repeats the uninterrupted one bit for bit.
@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -30,37 +29,40 @@ from transformers import PreTrainedModel
 from ppoflow import advantages as adv
 from ppoflow.checkpoint import (
     capture_rng,
-    load_tensors,
+    load_training_state,
     newest_valid_checkpoint,
     prune_checkpoints,
     read_state,
     restore_rng,
+    save_training_state,
     verify_checkpoint,
     write_checkpoint,
 )
-from ppoflow.data import load_prompts
-from ppoflow.errors import CheckpointError, InjectedFault, TrainingDiverged
+from ppoflow.data import load_prompts, local_batch
+from ppoflow.errors import CheckpointError, TrainingDiverged
 from ppoflow.losses import entropy_from_logits, logprobs_of, policy_loss, value_loss
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, RunPlan
 from ppoflow.models import (
-    add_lora,
-    load_causal_lm,
-    load_classifier,
+    load_frozen,
+    load_policy,
     load_tokenizer,
-    resolve_dtype,
+    load_value,
     response_logits,
     token_values,
     use_packing,
 )
 from ppoflow.rewards import load_reward_functions
 from ppoflow.runtime import make_accelerator
-from ppoflow.schedule import make_scheduler
+from ppoflow.schedule import make_scheduler, warmup_steps
 from ppoflow.rollout import Rollout, RolloutWorker, left_pad
 
 log = logging.getLogger(__name__)
 
 MetricsCallback = Callable[[dict[str, Any]], None]
-FAULT_ENV = "PPOFLOW_FAULT_AFTER_UPDATE"
+
+# transformers' Trainer convention (`Trainer.get_decay_parameter_names`), which TRL's PPOTrainer
+# inherits: no weight decay on biases and normalisation weights.
+NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
 
 
 class AtResponseTokens(nn.Module):
@@ -78,16 +80,17 @@ class AtResponseTokens(nn.Module):
         return self.read(self.model, {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}, before)
 
 
-def batch_indices(num_rows: int, batch_size: int, update: int, seed: int) -> list[int]:
-    """Rows of the global batch of `update`: a stream of seeded permutations, cut in batches."""
-    start, stop = update * batch_size, (update + 1) * batch_size
-    rows: list[int] = []
-    for epoch in range(start // num_rows, (stop - 1) // num_rows + 1):
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        order = torch.randperm(num_rows, generator=generator).tolist()
-        lo, hi = max(start - epoch * num_rows, 0), min(stop - epoch * num_rows, num_rows)
-        rows.extend(order[lo:hi])
-    return rows
+def decay_parameter_groups(models: Sequence[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups of the trainable parameters: `weight_decay` on weights, none on biases
+    and normalisation weights (by name, or inside an `nn.LayerNorm`), as transformers' Trainer does."""
+    decay, no_decay = [], []
+    for model in models:
+        in_layer_norm = {id(p) for module in model.modules() if isinstance(module, nn.LayerNorm) for p in module.parameters()}
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                exempt = id(parameter) in in_layer_norm or NO_DECAY.search(name.lower())
+                (no_decay if exempt else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 class PPOTrainer:
@@ -107,7 +110,6 @@ class PPOTrainer:
         self.output_dir = plan.output_dir
         self.checkpoint_root = self.output_dir / "checkpoints"
         self.tokenizer = load_tokenizer(models.tokenizer_dir)
-        self.dtype = resolve_dtype(self.config.models.dtype)
         self.reward_functions = load_reward_functions(self.config.reward_functions)
         self.train_rows = load_prompts(data.train_dir)
         self.update = 0
@@ -117,22 +119,10 @@ class PPOTrainer:
     # ----------------------------------------------------------------- building and checkpoints
     def _build(self, checkpoint: Path | None) -> None:
         """Load models (from the sources, or from a checkpoint) and the optimizer state."""
-        trust = self.config.models.trust_remote_code
         device = self.accelerator.device
-        if self.config.peft.enabled:
-            from peft import PeftModel
-
-            base = load_causal_lm(self.models.policy.local_dir, self.dtype, trust)
-            if checkpoint is None:
-                policy = add_lora(base, self.config.peft)
-            else:
-                policy = PeftModel.from_pretrained(base, checkpoint / "policy", is_trainable=True)
-            ref = None
-        else:
-            policy = load_causal_lm(checkpoint / "policy" if checkpoint else self.models.policy.local_dir, self.dtype, trust)
-            ref = load_causal_lm(self.models.ref.local_dir, self.dtype, trust).requires_grad_(False).eval().to(device)
-        value = load_classifier(checkpoint / "value" if checkpoint else self.models.value.local_dir, self.dtype, trust)
-        reward = load_classifier(self.models.reward.local_dir, self.dtype, trust).requires_grad_(False).eval().to(device)
+        policy = load_policy(self.config, self.models, checkpoint, trainable=True)
+        value = load_value(self.config, self.models, checkpoint)
+        ref, reward = load_frozen(self.config, self.models, device)
         self.policy_wrapper = self.accelerator.prepare_model(AtResponseTokens(policy, response_logits))
         self.value_wrapper = self.accelerator.prepare_model(AtResponseTokens(value, token_values))
         self.policy = self.accelerator.unwrap_model(self.policy_wrapper).model
@@ -143,13 +133,14 @@ class PPOTrainer:
         # The fused kernel updates every parameter in one pass: on CPU 5x faster than the per-tensor
         # loop for a 26 M-parameter model (0.036 s vs 0.19 s a step with foreach), same arithmetic.
         self.optimizer = torch.optim.AdamW(
-            self.trainable, lr=self.ppo.learning_rate, eps=self.ppo.adam_epsilon, weight_decay=self.ppo.weight_decay,
-            fused=device.type in ("cpu", "cuda"),
+            decay_parameter_groups((self.policy, self.value), self.ppo.weight_decay),
+            lr=self.ppo.learning_rate, eps=self.ppo.adam_epsilon, fused=device.type in ("cpu", "cuda"),
         )
+        # Over optimizer steps, one per mini-batch (TRL steps its scheduler once per update).
         self.scheduler = make_scheduler(
             self.optimizer,
             self.ppo.lr_scheduler_type,
-            warmup_steps=math.floor(self.ppo.warmup_ratio * self.batch.optimizer_steps),
+            warmup_steps=warmup_steps(self.ppo.warmup_ratio, self.batch.optimizer_steps),
             total_steps=self.batch.optimizer_steps,
         )
         packed = use_packing(self.ppo.pack_sequences, {"policy": policy, "ref": ref, "reward": reward, "value": value}, self.models.pad_token_id)
@@ -157,6 +148,7 @@ class PPOTrainer:
             self.policy, ref, reward, self.value,
             pad_token_id=self.models.pad_token_id,
             stop_token_ids=self.models.stop_token_ids,
+            completion_token_id=self.models.completion_token_id,
             response_length=self.ppo.response_length,
             temperature=self.ppo.temperature,
             top_k=self.ppo.top_k,
@@ -174,9 +166,9 @@ class PPOTrainer:
                 f"{checkpoint} belongs to config {state['config_hash']}, not {self.plan.config_hash} — "
                 "use a fresh output_dir for a changed config"
             )
-        self.optimizer.load_state_dict(load_tensors(checkpoint / "optimizer.pt"))
-        self.scheduler.load_state_dict(load_tensors(checkpoint / "scheduler.pt"))
-        rng = load_tensors(checkpoint / "rng.pt")
+        optimizer, scheduler, rng = load_training_state(checkpoint)
+        self.optimizer.load_state_dict(optimizer)
+        self.scheduler.load_state_dict(scheduler)
         restore_rng(rng[self.accelerator.process_index])
         self.update, self.episode, self.optimizer_steps = state["update"], state["episode"], state["optimizer_steps"]
 
@@ -203,11 +195,10 @@ class PPOTrainer:
             }
 
             def payload(directory: Path) -> None:
-                self.policy.save_pretrained(directory / "policy", safe_serialization=True)
-                self.value.save_pretrained(directory / "value", safe_serialization=True)
-                torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
-                torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
-                torch.save(rng_states, directory / "rng.pt")
+                save_training_state(
+                    directory, policy=self.policy, value=self.value, optimizer=self.optimizer, scheduler=self.scheduler,
+                    rng_states=rng_states,
+                )
 
             path = write_checkpoint(self.checkpoint_root, self.update, payload, state)
             prune_checkpoints(self.checkpoint_root, self.ppo.keep_checkpoints)
@@ -219,13 +210,6 @@ class PPOTrainer:
         )
 
     # ----------------------------------------------------------------------------- the loop
-    def _local_prompts(self, update: int) -> tuple[list[list[int]], list[str]]:
-        rows = batch_indices(len(self.train_rows), self.batch.batch_size, update, self.ppo.seed)
-        rank = self.accelerator.process_index
-        mine = rows[rank * self.batch.local_batch_size : (rank + 1) * self.batch.local_batch_size]
-        picked = self.train_rows.select(mine)
-        return picked["input_ids"], picked["prompt"]
-
     def _decode(self, responses: torch.Tensor, mask: torch.Tensor) -> list[str]:
         return [self.tokenizer.decode(row[m].tolist(), skip_special_tokens=True) for row, m in zip(responses, mask)]
 
@@ -238,7 +222,6 @@ class PPOTrainer:
             total=self.batch.num_updates, initial=self.update, desc="ppo", unit="update",
             disable=not self.accelerator.is_main_process,
         )
-        fault_at = os.environ.get(FAULT_ENV)
         manifest = None
         while self.update < self.batch.num_updates:
             metrics = self.step()
@@ -251,8 +234,6 @@ class PPOTrainer:
             progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
             if self.update % self.ppo.checkpoint_every == 0 or self.update == self.batch.num_updates:
                 manifest = self.save_checkpoint()
-            if fault_at is not None and self.update == int(fault_at):
-                _inject_fault_once(self.output_dir, self.update)
         progress.close()
         if manifest is None:
             found = newest_valid_checkpoint(self.checkpoint_root)
@@ -261,14 +242,14 @@ class PPOTrainer:
         return manifest
 
     def step(self) -> dict[str, Any]:
-        """One PPO update: rollout, advantages, optimisation. Returns the update's metrics."""
+        """One PPO update: rollout, score, KL, rewards, GAE, optimise. Returns the update's metrics."""
         began = time.perf_counter()
         ppo = self.ppo
-        device = self.accelerator.device
-        prompt_ids, prompts = self._local_prompts(self.update)
-        queries, query_mask = left_pad(prompt_ids, self.models.pad_token_id, device)
+        prompts = local_batch(self.train_rows, self.batch, self.update, ppo.seed, self.accelerator.process_index)
+        queries, query_mask = left_pad(prompts["input_ids"], self.models.pad_token_id, self.accelerator.device)
+        # Rollout and score: responses, their log-probs (policy, reference), values, and scores.
         rollout = self.worker.rollout(
-            queries, query_mask, prompts, self._decode,
+            queries, query_mask, prompts["prompt"], self._decode,
             [(fn.metric_name, fn.weight, fn.function) for fn in self.reward_functions],
             ppo.missing_eos_penalty,
         )
@@ -283,14 +264,23 @@ class PPOTrainer:
 
         train_began = time.perf_counter()
         stats = self._optimise(rollout, advantages, returns)
-        train_seconds = time.perf_counter() - train_began
+        timings = {**rollout.timings, "train": time.perf_counter() - train_began, "step": time.perf_counter() - began}
 
         self.update += 1
         self.episode += self.batch.batch_size
-        step_seconds = time.perf_counter() - began
+        metrics = self._metrics(rollout, kl, non_score_reward, stats, timings)
+        self._check_finite({name: torch.tensor(value) for name, value in metrics.items() if isinstance(value, float)})
+        return metrics
+
+    def _metrics(self, rollout: Rollout, kl: torch.Tensor, non_score_reward: torch.Tensor, stats: dict[str, float],
+                 timings: dict[str, float]) -> dict[str, Any]:
+        """The update's metrics, with TRL's names, averaged over processes (counts summed). Per-token
+        statistics are over real response tokens only (README: "Metrics")."""
         reduce = self._mean_across_processes
+        mask = rollout.response_mask
         response_tokens = self.accelerator.reduce(mask.sum().float(), "sum").item()
-        metrics: dict[str, Any] = {
+        eos_tokens = (rollout.responses == self.models.eos_token_id).logical_and(mask).sum().float()
+        return {
             "update": self.update,
             "episode": self.episode,
             "objective/kl": reduce(kl.sum(1).mean()),
@@ -301,24 +291,20 @@ class PPOTrainer:
             "reward/model_score": reduce(rollout.rm_scores.mean()),
             **{f"reward/{name}": reduce(values.mean()) for name, values in rollout.function_scores.items()},
             **stats,
-            "val/num_eos_tokens": self.accelerator.reduce((rollout.responses == self.models.eos_token_id).logical_and(mask).sum().float(), "sum").item(),
+            "val/num_eos_tokens": self.accelerator.reduce(eos_tokens, "sum").item(),
             "response/length_mean": reduce(mask.sum(1).float().mean()),
-            "response/stop_rate": reduce(rollout.contains_stop.float().mean()),
-            "lr": self.scheduler.get_last_lr()[0],
-            **{f"timing/{key}": value for key, value in rollout.timings.items()},
-            "timing/train": train_seconds,
-            "timing/step": step_seconds,
-            "perf/tokens_per_s": response_tokens / step_seconds,
-            "perf/episodes_per_s": self.batch.batch_size / step_seconds,
+            "response/stop_rate": reduce(rollout.complete.float().mean()),
+            **{f"timing/{key}": value for key, value in timings.items()},
+            "perf/tokens_per_s": response_tokens / timings["step"],
+            "perf/episodes_per_s": self.batch.batch_size / timings["step"],
         }
-        self._check_finite({name: torch.tensor(value) for name, value in metrics.items() if isinstance(value, float)})
-        return metrics
 
     def _optimise(self, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
         """`num_ppo_epochs` × `num_mini_batches` optimizer steps, each accumulating its micro-batches."""
         ppo, batch = self.ppo, self.batch
         micro_batches = batch.micro_batches_per_mini_batch
         records: dict[str, list[torch.Tensor]] = {key: [] for key in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "entropy", "ratio")}
+        learning_rates: list[float] = []
         self.policy_wrapper.train()
         self.value_wrapper.train()
         for _epoch in range(ppo.num_ppo_epochs):
@@ -335,6 +321,7 @@ class PPOTrainer:
                         record = self._micro_batch(rollout, advantages, returns, rows, micro_batches)
                     for key, value in record.items():
                         records[key].append(value)
+                learning_rates.append(self.optimizer.param_groups[0]["lr"])
                 self._optimizer_step()
         self.policy_wrapper.eval()
         self.value_wrapper.eval()
@@ -348,6 +335,9 @@ class PPOTrainer:
             "policy/entropy_avg": self._mean_across_processes(torch.stack(records["entropy"]).mean()),
             "val/ratio": self._mean_across_processes(ratios.mean()),
             "val/ratio_var": self._mean_across_processes(ratios.var(unbiased=False)),
+            # The rate this update's optimizer steps used, their mean (TRL's rate is constant within an
+            # update, since it steps its scheduler once per update).
+            "lr": sum(learning_rates) / len(learning_rates),
         }
 
     def _micro_batch(self, rollout: Rollout, advantages, returns, rows: torch.Tensor, micro_batches: int) -> dict[str, torch.Tensor]:
@@ -360,6 +350,9 @@ class PPOTrainer:
         new_logprobs = layout.unflatten(logprobs_of(logits, responses[mask], ppo.temperature))
         pg_loss, pg_stats = policy_loss(new_logprobs, rollout.logprobs[rows], advantages[rows], mask, ppo.cliprange)
         self._check_finite({"loss/policy": pg_loss.detach()})
+        # Policy and value go backward one after the other, not as one summed loss: they share no
+        # parameters, so the gradients are the same, but only one model's activations are alive at a
+        # time (the policy's are freed here, before the value forward), which lowers the peak memory.
         self.accelerator.backward(pg_loss / micro_batches)
         with torch.no_grad():
             entropy = entropy_from_logits(logits.detach(), ppo.temperature).mean()
@@ -404,10 +397,3 @@ def _truncate_metrics(path: Path, update: int) -> None:
     if len(kept) != len(lines):
         path.write_text("".join(line + "\n" for line in kept))
 
-
-def _inject_fault_once(output_dir: Path, update: int) -> None:
-    """Tests only: fail once after `update` (marker file), as a crash would."""
-    marker = output_dir / f".fault-injected-{update}"
-    if not marker.exists():
-        marker.write_text("injected\n")
-        raise InjectedFault(f"fault injected after update {update} ({FAULT_ENV})")

@@ -23,6 +23,7 @@ def toy_config(toy: Path, output_dir: Path, *overrides: str) -> RunConfig:
             "num_ppo_epochs": 1,
             "local_rollout_forward_batch_size": 16,
             "response_length": 16,
+            "stop_token": "eos",
             "missing_eos_penalty": 1.0,
             "learning_rate": 5e-5,
             "checkpoint_every": 1,

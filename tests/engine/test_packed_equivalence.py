@@ -64,7 +64,7 @@ def test_generation_log_probs_match_a_fresh_forward(toy_world, toy_models):
 
     tokenizer = AutoTokenizer.from_pretrained(toy_world / "policy")
     queries, query_mask = left_pad([tokenizer(p)["input_ids"] for p in prompts], 0, torch.device("cpu"))
-    common = dict(pad_token_id=0, stop_token_ids=[tokenizer.eos_token_id], response_length=20, temperature=0.7, chunk_size=16, packed=True)
+    common = dict(pad_token_id=0, stop_token_ids=[tokenizer.eos_token_id], completion_token_id=tokenizer.eos_token_id, response_length=20, temperature=0.7, chunk_size=16, packed=True)
     worker = RolloutWorker(policy, policy, reward, reward, top_k=0, top_p=1.0, **common)
     assert worker.reuse_logprobs
     torch.manual_seed(3)

@@ -24,10 +24,15 @@ import yaml
 from safetensors.torch import load_file
 
 from ppoflow.config import RunConfig
-from ppoflow.errors import ConfigError, InjectedFault, TrackingError
+from ppoflow.errors import ConfigError, TrackingError
 from ppoflow.manifests import DatasetManifest
+from tests.reliability.faulty_rewards import CRASH_ENV, InjectedCrash
 
 pytestmark = [pytest.mark.flow, pytest.mark.slow]
+
+# The toy's oracle (logged) and a reward function that crashes once (weight 0: scores unchanged).
+CRASH_REWARD = ("reward_functions=[{path: 'ppoflow.toy:oracle_score', name: oracle, weight: 0.0}, "
+                "{path: 'tests.reliability.faulty_rewards:crash_once_after_update', weight: 0.0}]")
 
 STAGES = ["configure", "load_models", "prepare_dataset", "init_trainer", "train_ppo", "save_and_evaluate"]
 
@@ -179,14 +184,15 @@ def test_a_cached_stage_whose_files_are_gone_or_changed_runs_again(reference):
 
 
 def test_a_crashed_training_resumes_from_its_checkpoint_to_the_same_policy(reference, flow_env, make_flow_config, monkeypatch, caplog):
-    tree = make_flow_config("crashed", "flow.retries=0", "tracking.log_model=false")
+    tree = make_flow_config("crashed", "flow.retries=0", "tracking.log_model=false", CRASH_REWARD)
     output_dir = Path(tree["output_dir"])
-    monkeypatch.setenv("PPOFLOW_FAULT_AFTER_UPDATE", "2")  # after the checkpoint of update 2
+    # the rollout after update 2 (and its checkpoint) crashes, once
+    monkeypatch.setenv(CRASH_ENV, f"2:{output_dir.parent / 'crashed.fault-injected'}")
 
     failed = run_flow(tree)
 
     assert failed.is_failed()
-    with pytest.raises(InjectedFault):
+    with pytest.raises(InjectedCrash):
         failed.result()
     states = stage_states(failed.state_details.flow_run_id)
     assert states == {"configure": "Completed", "load_models": "Completed", "prepare_dataset": "Completed", "init_trainer": "Completed", "train_ppo": "Failed"}
@@ -259,13 +265,13 @@ def test_transient_failures_are_retried_and_user_errors_are_not(flow_env):
 
     @flow
     def both() -> list[Any]:
-        crash = fails_once(InjectedFault("crash"), return_state=True)
+        crash = fails_once(InjectedCrash("crash"), return_state=True)
         user_error = fails_once(ConfigError("ppo.seed", "is wrong"), return_state=True)
         return [crash, user_error]
 
     crash, user_error = both()
     assert crash.is_completed() and user_error.is_failed()
-    assert attempts == ["InjectedFault", "InjectedFault", "ConfigError"]
+    assert attempts == ["InjectedCrash", "InjectedCrash", "ConfigError"]
 
 
 def test_an_unreachable_tracking_server_stops_the_flow_before_any_stage(flow_env, make_flow_config, monkeypatch):

@@ -6,8 +6,9 @@ through the API at the same moment, both on the `toy-nightly` deployment with `o
 
 - "good" runs through and must land in MLflow with its metrics, datasets and registered model
   version, tagged with its Prefect flow run id;
-- "fault" is given `PPOFLOW_FAULT_AFTER_UPDATE=1` as a job variable and `flow.retries=0`, so it
-  fails after the first PPO update; `prefect flow-run retry` then completes the same flow run with
+- "fault" adds a reward function that crashes once (`tests.reliability.faulty_rewards`), with
+  `PPOFLOW_TEST_CRASH_AFTER=1:...` as a job variable and `flow.retries=0`, so it fails after the
+  first PPO update; `prefect flow-run retry` then completes the same flow run with
   stages 1-4 `Cached` and training resumed from its checkpoint.
 
 A second worker polls the pool meanwhile: the pool's concurrency limit, not the luck of a single
@@ -35,6 +36,7 @@ import yaml
 from deployments import serve
 from deployments.steps import load_run_config
 from ppoflow.config import load_config
+from tests.reliability.faulty_rewards import CRASH_ENV
 
 pytestmark = pytest.mark.integration
 
@@ -156,9 +158,11 @@ def triggered(served_stack, second_worker, toy_world, workspace) -> dict[str, An
         deployment = client.read_deployment_by_name("rlhf-ppo/toy-nightly")
         good = client.create_flow_run_from_deployment(
             deployment.id, parameters={"overrides": tiny_overrides(toy_world, workspace, "good")})
+        crash = ("reward_functions=[{path: 'ppoflow.toy:oracle_score', name: oracle, weight: 0.0}, "
+                 "{path: 'tests.reliability.faulty_rewards:crash_once_after_update', weight: 0.0}]")
         fault = client.create_flow_run_from_deployment(
-            deployment.id, parameters={"overrides": [*tiny_overrides(toy_world, workspace, "fault"), "flow.retries=0"]},
-            job_variables={"env": {"PPOFLOW_FAULT_AFTER_UPDATE": "1"}})
+            deployment.id, parameters={"overrides": [*tiny_overrides(toy_world, workspace, "fault"), "flow.retries=0", crash]},
+            job_variables={"env": {CRASH_ENV: f"1:{workspace / 'fault' / '.fault-injected-1'}"}})
         return {"good": wait_final(client, good.id), "fault": wait_final(client, fault.id)}
 
 

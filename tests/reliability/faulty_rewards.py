@@ -1,12 +1,21 @@
 """Reward functions that go wrong on purpose, for `reward_functions` entries with weight 1.0.
 
 Rollouts call a reward function once per PPO update, so in a run started from scratch the n-th
-call is update n.
+call is update n. They are how tests inject faults into training: through the engine's public
+hooks, never a test-only switch inside it.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
+
+CRASH_ENV = "PPOFLOW_TEST_CRASH_AFTER"  # "<update>:<marker file>", read by `crash_once_after_update` only
+
+
+class InjectedCrash(RuntimeError):
+    """A crash injected on purpose; retryable like any other crash (not a user error)."""
 
 GOOD_UPDATES = 2
 _calls: dict[str, int] = {}
@@ -27,3 +36,13 @@ def huge_after_two_updates(prompts: list[str], completions: list[str]) -> list[f
     """0.0 for two updates, then 3e38: finite, but its squared error overflows the value loss."""
     value = 0.0 if _count("huge") <= GOOD_UPDATES else 3e38
     return [value] * len(completions)
+
+
+def crash_once_after_update(prompts: list[str], completions: list[str]) -> list[float]:
+    """0.0, except that the rollout after update N crashes once (`PPOFLOW_TEST_CRASH_AFTER=N:MARKER`):
+    the marker file records the crash, so a retry or a re-run in any process trains on."""
+    after, marker = os.environ[CRASH_ENV].split(":", 1)
+    if _count("crash") == int(after) + 1 and not Path(marker).exists():
+        Path(marker).write_text("injected\n")
+        raise InjectedCrash(f"crash injected after update {after}")
+    return [0.0] * len(completions)

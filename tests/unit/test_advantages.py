@@ -156,3 +156,32 @@ def test_gae_gamma_lam_one_is_monte_carlo():
     # returns = reward-to-go: 1+2+3 = 6, 2+3 = 5, 3; advantages = returns - V = 5, 4, 2
     assert_close(returns, [[6.0, 5.0, 3.0]])
     assert_close(advantages, [[5.0, 4.0, 2.0]])
+
+
+def test_score_placement_ours_and_trls_by_hand():
+    # A response of 2 real tokens (the 2nd is EOS) in a width of 3; KL 0, score 1, gamma 1, lam 0.95;
+    # the value model says V = [0.5, 0.25] on the real tokens and 0.1 at the position after EOS.
+    gamma, lam = 1.0, 0.95
+    values = f64([[0.5, 0.25, 0.1]])
+    mask = bools([[True, True, False]])
+
+    # ppoflow: the episode ends at EOS. r = [0, 1]; past the end V = 0.
+    #   delta_1 = 1 + 0 - 0.25 = 0.75                     A_1 = 0.75
+    #   delta_0 = 0 + 0.25 - 0.5 = -0.25                  A_0 = -0.25 + 0.95 * 0.75 = 0.4625
+    #   returns = A + V = [0.9625, 1.0]: V(EOS) is trained toward the score itself.
+    rewards, _ = per_token_rewards(f64([1.0]), f64([[0.0, 0.0, 0.0]]), mask, kl_coef=0.1)
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    assert_close(advantages, f64([[0.4625, 0.75, 0.0]]))
+    assert_close(returns, f64([[0.9625, 1.0, 0.0]]))
+
+    # TRL 1.12 (ppo_trainer.py): the score goes one position later (sequence_length + 1, the first pad),
+    # whose value is kept (`padding_mask_p1`), and GAE runs over the whole width:
+    #   r = [0, 0, 1];  delta_2 = 1 - 0.1 = 0.9                      A_2 = 0.9
+    #   delta_1 = 0 + 0.1 - 0.25 = -0.15                              A_1 = -0.15 + 0.95 * 0.9 = 0.705
+    #   delta_0 = 0 + 0.25 - 0.5 = -0.25                              A_0 = -0.25 + 0.95 * 0.705 = 0.41975
+    # The EOS token's advantage is 0.705 instead of 0.75: TRL discounts the score by gamma*lam and
+    # bootstraps through a value at a padding position (trained one more value toward the score).
+    trl_rewards = f64([[0.0, 0.0, 1.0]])
+    trl_advantages, _ = gae(trl_rewards, values, bools([[True, True, True]]), gamma, lam)
+    assert_close(trl_advantages, f64([[0.41975, 0.705, 0.9]]))
+    assert advantages[0, 1] - trl_advantages[0, 1] == pytest.approx(0.75 - 0.705)

@@ -37,7 +37,6 @@ def test_batch_plan_matches_trl_arithmetic():
     assert plan.micro_batches_per_mini_batch == 2
     assert plan.num_updates == 3
     assert plan.optimizer_steps == 18
-    assert plan.rollout_chunks == 3  # ceil(24 / 10)
 
 
 def test_mini_batch_smaller_than_micro_batch_is_one_micro_batch():

@@ -15,9 +15,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from ppoflow.config import DataConfig
-from ppoflow.data import load_prompts, prepare_prompts, read_prompt_table
+from ppoflow.data import load_prompts, prepare_prompts
 from ppoflow.errors import ConfigError, DataError
-from ppoflow.manifests import DatasetManifest, sha256_tree
+from ppoflow.hashing import sha256_tree
+from ppoflow.manifests import DatasetManifest
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 WORDS = "the cat sat on mat a dog ran hello world one two three four five".split()
@@ -232,13 +233,6 @@ def test_eval_size_zero_gives_an_empty_loadable_eval_split(tmp_path):
 
     assert (manifest.train_rows, manifest.eval_rows) == (6, 0)
     assert load_prompts(manifest.eval_dir).num_rows == 0
-
-
-def test_read_prompt_table_gives_the_raw_rows(tmp_path):
-    table = read_prompt_table(DataConfig(path=str(as_jsonl(tmp_path, records(ROWS)))))
-
-    assert table.column_names == ["prompt", "id"]
-    assert list(table["prompt"]) == ROWS
 
 
 def test_load_prompts_refuses_a_directory_that_is_not_a_split(tmp_path):

@@ -10,10 +10,10 @@ import torch
 from ppoflow.losses import (
     entropy_from_logits,
     first_true_index,
+    holds_token,
     logprobs_of,
     policy_loss,
     response_mask,
-    truncate_after_stop,
     value_loss,
 )
 
@@ -181,40 +181,44 @@ def test_first_true_index():
 STOP, PAD = 2, 0
 
 
-def test_truncate_after_stop_edge_cases():
+def test_response_mask_ends_at_the_first_stop_token():
     responses = longs([
         [2, 5, 6, 2],  # stop at position 0
-        [5, 6, 7, 8],  # no stop
+        [5, 6, 7, 8],  # no stop: every token is real
         [5, 6, 7, 2],  # stop at the last position
         [5, 2, 7, 2],  # two stops: the first one counts
     ])
-    assert truncate_after_stop(responses, STOP, PAD).tolist() == [
-        [2, 0, 0, 0],
-        [5, 6, 7, 8],
-        [5, 6, 7, 2],
-        [5, 2, 0, 0],
-    ]
-
-
-def test_response_mask_of_truncated_responses():
-    truncated = longs([[2, 0, 0, 0], [5, 6, 7, 8], [5, 6, 7, 2], [5, 2, 0, 0]])
-    assert response_mask(truncated, PAD).tolist() == [
+    assert response_mask(responses, longs([STOP])).tolist() == [
         [True, False, False, False],
         [True, True, True, True],
         [True, True, True, True],
         [True, True, False, False],
     ]
-    assert response_mask(truncated, PAD).dtype == torch.bool
+    assert response_mask(responses, longs([STOP])).dtype == torch.bool
 
 
-def test_response_mask_is_contiguous_from_the_left():
-    # a pad at position 0 masks everything; tokens after the first pad never count again
-    responses = longs([[0, 5, 6], [5, 0, 7]])
-    assert response_mask(responses, PAD).tolist() == [[False, False, False], [True, False, False]]
+def test_response_mask_without_a_stop_token_keeps_everything():
+    # TRL's `stop_token: null`: nothing is truncated, EOS included
+    responses = longs([[2, 5, 6], [5, 0, 7]])
+    assert response_mask(responses, longs([])).tolist() == [[True] * 3, [True] * 3]
 
 
-def test_pad_equal_to_stop_masks_the_stop_token():
-    # documented TRL behaviour: when pad == stop, the stop token itself is treated as padding
-    truncated = truncate_after_stop(longs([[5, 2, 7, 8]]), stop_token_id=2, pad_token_id=2)
-    assert truncated.tolist() == [[5, 2, 2, 2]]
-    assert response_mask(truncated, pad_token_id=2).tolist() == [[True, False, False, False]]
+def test_response_mask_ignores_padding_and_keeps_a_stop_that_is_also_pad():
+    # found from the stop token, never from padding: with pad == EOS the EOS is a response token
+    # (TRL 1.12 would find the end at the first pad and drop the EOS from its mask)
+    assert response_mask(longs([[5, 2, 2, 2]]), longs([2])).tolist() == [[True, True, False, False]]
+    assert response_mask(longs([[5, 0, 7, 0]]), longs([STOP])).tolist() == [[True] * 4]
+
+
+def test_missing_eos_penalty_goes_by_the_configured_stop_token():
+    # stop_token_id = 9: responses are cut at the first 9; one that holds an EOS (2) but no 9 ran to
+    # response_length without stopping, so it is incomplete and gets missing_eos_penalty (TRL: the
+    # penalty is for responses that do not end with the stop token)
+    responses = longs([[5, 9, 0, 0], [5, 2, 7, 8], [9, 0, 0, 0]])
+    mask = response_mask(responses, longs([9]))
+    assert holds_token(responses, mask, 9).tolist() == [True, False, True]
+    # without a stop token, TRL's rule: complete when an EOS is anywhere in the response
+    everything = response_mask(responses, longs([]))
+    assert holds_token(responses, everything, 2).tolist() == [False, True, False]
+    # padding never counts: a token past the real ones is not "held"
+    assert holds_token(longs([[5, 2]]), torch.tensor([[True, False]]), 2).tolist() == [False]

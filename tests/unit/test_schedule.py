@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import get_scheduler
 
-from ppoflow.schedule import lr_multiplier, make_scheduler
+from ppoflow.schedule import lr_multiplier, make_scheduler, warmup_steps
 
 
 @pytest.mark.parametrize(
@@ -45,3 +45,12 @@ def test_same_learning_rates_and_state_as_transformers(kind):
     resumed.load_state_dict(theirs.state_dict())
     resumed_opt.load_state_dict(theirs_opt.state_dict())
     assert resumed.get_last_lr() == pytest.approx(theirs.get_last_lr(), abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("ratio", "total", "expected"),
+    [(0.15, 10, 2), (0.05, 30, 2), (0.1, 10, 1), (0.7, 10, 7), (0.0, 10, 0), (0.01, 12, 1)],
+)
+def test_warmup_steps_round_up_like_transformers(ratio, total, expected):
+    # transformers (and so TRL) rounds warmup_ratio × steps up: 1.5 -> 2, 0.12 -> 1; exact products stay
+    assert warmup_steps(ratio, total) == expected
