@@ -35,6 +35,7 @@ from ppoflow.config import HUB_ID, BatchPlan, DataConfig
 from ppoflow.errors import ConfigError, DataError
 from ppoflow.hashing import sha256_file, sha256_tree
 from ppoflow.manifests import DatasetManifest
+from ppoflow.models import tokenizer_identity
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,6 @@ FORMAT_VERSION = "ppoflow-prompts-1"
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 FEATURES = datasets.Features({"prompt": datasets.Value("string"), "input_ids": datasets.Sequence(datasets.Value("int64"))})
 COUNTS = ("dropped_empty", "eos_dropped", "eos_stripped", "dropped_too_long")
-PROBE_TEXT = "Hello, World! 123 probe"
 SOURCE_HINT = "point data.path at a JSONL/Parquet file, a saved dataset directory or a Hub dataset id"
 
 
@@ -298,19 +298,9 @@ def _fingerprint(source_digest: str, tokenizer: PreTrainedTokenizerBase, data: D
     identity = {
         "format": FORMAT_VERSION,
         "source": source_digest,
-        "tokenizer": _tokenizer_identity(tokenizer),
+        "tokenizer": tokenizer_identity(tokenizer),
         "data": data.model_dump(mode="json"),
         "seed": seed,
-    }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-
-
-def _tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:
-    """Vocabulary, special tokens, and what the tokenizer does around a text (normalising, adding BOS/EOS)."""
-    identity = {
-        "vocab": sorted(tokenizer.get_vocab().items()),
-        "special": {name: str(token) for name, token in tokenizer.special_tokens_map.items()},
-        "probe": list(tokenizer(PROBE_TEXT, add_special_tokens=True)["input_ids"]),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 

@@ -8,6 +8,8 @@ model gives one value per response token.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -129,8 +131,20 @@ def describe_models(models: ModelsConfig, peft: PeftConfig) -> dict[str, ModelSo
     return {"policy": policy, "ref": ref, "reward": reward, "value": value}
 
 
-def _vocab_identity(tokenizer: PreTrainedTokenizerBase) -> dict:
-    return {"vocab": sorted(tokenizer.get_vocab().items()), "eos": tokenizer.eos_token_id}
+PROBE_TEXT = "Hello, World! 123 probe"
+
+
+def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A digest of what a tokenizer does to text: its vocabulary, its special tokens (the pad token
+    aside: ppoflow sets one where it is missing, and padding never reaches a model input), and the
+    ids it gives a probe text (normalising, adding BOS/EOS). Equal digests tokenize alike."""
+    special = {name: str(token) for name, token in tokenizer.special_tokens_map.items() if name != "pad_token"}
+    identity = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": special,
+        "probe": list(tokenizer(PROBE_TEXT, add_special_tokens=True)["input_ids"]),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 def prepare_tokenizer(config: RunConfig, sources: dict[str, ModelSource | None], out_dir: Path) -> PreTrainedTokenizerBase:
@@ -147,9 +161,10 @@ def prepare_tokenizer(config: RunConfig, sources: dict[str, ModelSource | None],
     if tokenizer.eos_token_id is None:
         raise ModelError(f"models.{'tokenizer' if models.tokenizer else 'policy'}: the tokenizer has no EOS token — set eos_token in its tokenizer_config.json")
     reward_tokenizer = _load_tokenizer("reward", sources["reward"].local_dir, models.trust_remote_code)
-    if _vocab_identity(reward_tokenizer) != _vocab_identity(tokenizer):
+    if tokenizer_identity(reward_tokenizer) != tokenizer_identity(tokenizer):
         raise ModelError(
-            "models.reward: its tokenizer differs from the policy's (vocabulary or EOS) — the reward model must share the "
+            "models.reward: its tokenizer differs from the policy's (vocabulary, special tokens or how it encodes text) — "
+            "the reward model must share the "
             "policy tokenizer; retrain it on the policy tokenizer or point models.tokenizer at the shared one"
         )
     if tokenizer.pad_token_id is None:
