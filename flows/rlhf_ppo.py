@@ -36,6 +36,7 @@ from ppoflow.cli import final_metrics, run_summary
 from ppoflow.config import RunConfig, build_config
 from ppoflow.locking import output_dir_lock
 from ppoflow.manifests import DatasetManifest, ModelManifest, Release, RunPlan
+from ppoflow.redaction import redact
 from tasks import Stages
 
 
@@ -46,8 +47,7 @@ def run_name() -> str:
         config = effective_config(RunConfig.model_validate(parameters["config"]), parameters.get("overrides"))
     except Exception:  # the flow body reports a bad config with its message
         return "rlhf-ppo-invalid-config"
-    policy = Path(config.models.policy.rstrip("/")).name or "policy"
-    return f"{policy}-{config.config_hash()[:8]}"
+    return tracking.run_name(config, config.config_hash())
 
 
 @flow(name="rlhf-ppo", flow_run_name=run_name, description="RLHF with PPO: policy, reference, reward and value models.")
@@ -57,7 +57,9 @@ def rlhf_ppo(config: RunConfig, overrides: list[str] | None = None) -> dict[str,
         logging.getLogger("ppoflow").setLevel(logging.INFO)  # so the engine's progress reaches the Prefect UI
     config = effective_config(config, overrides)
     stages = Stages(config.flow)
-    tracking.check_reachable(tracking.resolve_tracking_uri())  # fail before any expensive work
+    # Fail before any expensive work: the tracking store answers and MLflow accepts the release names.
+    tracking.check_reachable(tracking.resolve_tracking_uri())
+    tracking.check_release_names(config.tracking)
 
     # One run per output_dir at a time: a second one waits here, then finds its stages Cached.
     with output_dir_lock(config.output_dir, config.flow.lock_timeout_seconds):
@@ -115,7 +117,7 @@ def mlflow_run(plan: RunPlan) -> Iterator[tracking.TrackingRun]:
 
 def publish_artifacts(plan: RunPlan, models: ModelManifest, data: DatasetManifest, release: Release, run: tracking.TrackingRun) -> None:
     """Prefect artifacts of this flow run: where the MLflow run is, a summary, sample completions."""
-    uri = tracking.redact(run.tracking_uri)
+    uri = redact(run.tracking_uri)
     if uri.startswith(("http://", "https://")):
         create_link_artifact(
             key="mlflow-run", link=f"{uri.rstrip('/')}/#/experiments/{run.experiment_id}/runs/{run.run_id}",

@@ -32,6 +32,7 @@ from prefect.utilities.hashing import hash_objects
 from ppoflow.config import FlowConfig
 from ppoflow.errors import PpoflowError
 from ppoflow.manifests import Manifest
+from ppoflow.tracking import run_name
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,7 @@ def stage_run_name(parameters: dict[str, Any]) -> str:
     plan = parameters.get("plan")
     config = plan.config if plan is not None else parameters["config"]
     config_hash = plan.config_hash if plan is not None else config.config_hash()
-    policy = Path(config.models.policy.rstrip("/")).name or "policy"
-    return f"{task_run.task_name}[{policy}-{config_hash[:8]}]"
+    return f"{task_run.task_name}[{run_name(config, config_hash)}]"
 
 
 STAGE_OPTIONS: dict[str, Any] = {

@@ -10,7 +10,7 @@ from prefect import task
 
 from ppoflow import pipeline
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, Release, RunPlan
-from ppoflow.tracking import TrackingRun
+from ppoflow.tracking import TrackingRun, log_release
 from tasks.common import STAGE_OPTIONS
 
 
@@ -19,7 +19,8 @@ def save_and_evaluate(plan: RunPlan, models: ModelManifest, data: DatasetManifes
     """The release names the MLflow run, the logged model and its registry version (with the alias)."""
     release = pipeline.save_and_evaluate(plan, models, data, final)
     tracking = plan.config.tracking
-    return TrackingRun.attach(mlflow_run_id, output_dir=plan.output_dir).log_release(
+    return log_release(
+        TrackingRun.attach(mlflow_run_id, output_dir=plan.output_dir),
         release,
         samples=pd.DataFrame(read_jsonl(plan.output_dir / "samples.jsonl")),
         metrics_history=read_jsonl(plan.output_dir / "metrics.jsonl"),

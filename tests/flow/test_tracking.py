@@ -23,9 +23,10 @@ from ppoflow.tracking import (
     SPOOL_FILE,
     TrackingRun,
     check_reachable,
+    check_release_names,
     default_tracking_uri,
+    log_release,
     open_run,
-    redact,
     resolve_tracking_uri,
 )
 
@@ -108,20 +109,6 @@ def test_tracking_uri_defaults_to_sqlite_below_the_working_directory(tmp_path, m
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert resolve_tracking_uri() == "http://127.0.0.1:5000"
     assert resolve_tracking_uri("sqlite:////x/y.db") == "sqlite:////x/y.db"
-
-
-def test_redact_hides_secret_keys_and_uri_passwords():
-    assert redact("postgresql://mlflow:hunter2@db:5432/mlflow") == "postgresql://mlflow:***@db:5432/mlflow"
-    assert redact("https://user:p@ss@host/x") == "https://user:***@host/x"
-    assert redact("http://127.0.0.1:5000/path") == "http://127.0.0.1:5000/path"
-    tree = {
-        "hub_token": "hf_abc", "HF_TOKEN": "hf_def", "password": "pw", "client_secret": "s", "api_key": "k",
-        "stop_token": "eos", "pad_token_id": 0, "tokenizer": "dir", "nested": [{"access_token": "t", "url": "s3://a:b@c/d"}],
-    }
-    assert redact(tree) == {
-        "hub_token": "***", "HF_TOKEN": "***", "password": "***", "client_secret": "***", "api_key": "***",
-        "stop_token": "eos", "pad_token_id": 0, "tokenizer": "dir", "nested": [{"access_token": "***", "url": "s3://a:***@c/d"}],
-    }
 
 
 def test_check_reachable_fails_fast_and_names_the_fix(tmp_path):
@@ -285,6 +272,15 @@ def test_system_metrics_are_sampled_into_the_run(store, make_plan):
     assert "system/cpu_utilization_percentage" in run.client.get_run(run.run_id).data.metrics
 
 
+def test_release_names_mlflow_would_refuse_are_refused_before_any_work():
+    check_release_names(TrackingConfig(registered_model_name="team-policy", alias="candidate"))
+    with pytest.raises(TrackingError, match="tracking.registered_model_name"):
+        check_release_names(TrackingConfig(registered_model_name="team/policy"))
+    with pytest.raises(TrackingError, match="tracking.alias"):
+        check_release_names(TrackingConfig(alias="latest"))
+    check_release_names(TrackingConfig(registered_model_name="team/policy", log_model=False))
+
+
 def test_log_release_registers_the_policy_with_alias_and_eval_tags(store, make_plan, policy_dir, tmp_path):
     plan = make_plan()
     run = open_run(plan, tracking_uri=store)
@@ -298,11 +294,11 @@ def test_log_release_registers_the_policy_with_alias_and_eval_tags(store, make_p
     )
 
     with pytest.raises(TrackingError, match="tracking.registered_model_name"):
-        run.log_release(release, **{**arguments, "registered_model_name": "team/policy"})
+        log_release(run, release, **{**arguments, "registered_model_name": "team/policy"})
     with pytest.raises(TrackingError, match="config.json"):
-        run.log_release(release, **{**arguments, "policy_dir": tmp_path})
+        log_release(run, release, **{**arguments, "policy_dir": tmp_path})
     assert run.client.list_artifacts(run.run_id) == []  # refused before any work
-    released = run.log_release(release, **arguments)
+    released = log_release(run, release, **arguments)
 
     assert released.mlflow_run_id == run.run_id and released.registered_version == "1"
     assert released.registered_model == "ppoflow-test-policy" and released.model_uri.startswith("models:/m-")
@@ -321,6 +317,6 @@ def test_log_release_registers_the_policy_with_alias_and_eval_tags(store, make_p
     assert artifacts >= {"eval/samples.json", "eval/samples.csv", "eval/eval.json", "plots/reward.png", "plots/kl.png", "plots/losses.png"}
 
     # a retried release stage finds its version instead of registering the same weights again
-    assert run.log_release(release, **arguments).registered_version == "1"
+    assert log_release(run, release, **arguments).registered_version == "1"
     assert len(run.client.search_model_versions("name = 'ppoflow-test-policy'")) == 1
     assert [point.step for point in run.client.get_metric_history(run.run_id, "eval/win_rate")] == [3]

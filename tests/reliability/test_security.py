@@ -98,7 +98,8 @@ def test_servers_bind_loopback_and_have_no_default_password(tmp_path, monkeypatc
 
 
 def test_secret_config_values_and_uri_passwords_are_redacted():
-    from ppoflow.tracking import flatten, redact
+    from ppoflow.redaction import redact
+    from ppoflow.tracking import flatten
 
     tree = {
         "tracking": {"hub_token": "hf_abcdef123456", "experiment": "x"},

@@ -1,0 +1,35 @@
+"""The only door from ppoflow to MLflow: one MLflow run per training job, with its lineage.
+
+    store.py     where tracking goes (`MLFLOW_TRACKING_URI` or the embedded SQLite store),
+                 whether it answers, MLflow's process-wide URI under a lock
+    run.py       `open_run` and `TrackingRun`: the run of a config hash, its params, tags,
+                 datasets, Prefect flow runs and system metrics; `run_name`
+    metrics.py   `MetricsSink`: per-update metrics through a spool, never blocking training
+    release.py   `check_release_names`, `log_release`: eval artifacts, logged model, registry, alias
+
+Everything here uses an explicit `MlflowClient(tracking_uri=...)` and run id (MLflow's active run is
+thread-local, and Prefect runs tasks in other threads). Secrets go through `ppoflow.redaction`; the
+git commit and library versions come from `ppoflow.provenance`. Importing this package imports
+MLflow: the engine (`ppoflow train`) never does.
+"""
+
+from ppoflow.tracking.metrics import SPOOL_FILE, MetricsSink
+from ppoflow.tracking.release import check_release_names, log_release
+from ppoflow.tracking.run import CONFIG_HASH_TAG, TrackingRun, flatten, open_run, run_name
+from ppoflow.tracking.store import TRACKING_URI_ENV, check_reachable, default_tracking_uri, resolve_tracking_uri
+
+__all__ = [
+    "CONFIG_HASH_TAG",
+    "SPOOL_FILE",
+    "TRACKING_URI_ENV",
+    "MetricsSink",
+    "TrackingRun",
+    "check_reachable",
+    "check_release_names",
+    "default_tracking_uri",
+    "flatten",
+    "log_release",
+    "open_run",
+    "resolve_tracking_uri",
+    "run_name",
+]

@@ -1,0 +1,242 @@
+"""The release of a run: eval artifacts and metrics, the policy as a logged model, its registry version and alias.
+
+`check_release_names` refuses a registered model name or alias MLflow would refuse, before anything
+is trained. `log_release` finds the version the run already registered for the same weights (a
+retried release stage) before registering a new one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import MAX_METRICS_PER_BATCH
+
+from ppoflow.config import TrackingConfig
+from ppoflow.errors import TrackingError
+from ppoflow.manifests import Release
+from ppoflow.provenance import library_versions
+from ppoflow.tracking.metrics import SPOOL_FILE, MetricsSink, is_number
+from ppoflow.tracking.run import CONFIG_HASH_TAG, TrackingRun
+from ppoflow.tracking.store import first_line, global_tracking_uri, in_batches
+
+if TYPE_CHECKING:
+    import pandas
+
+_LOGGER = logging.getLogger(__name__)
+
+POLICY_SHA_TAG = "ppoflow.policy_sha256"
+PLOTS = {
+    "reward": ("objective/scores", "objective/rlhf_reward"),
+    "kl": ("objective/kl",),
+    "losses": ("loss/policy_avg", "loss/value_avg"),
+}
+
+
+def check_release_names(tracking: TrackingConfig) -> None:
+    """Refuse a registered model name or alias that MLflow would refuse, before anything is trained
+    or written (MLflow itself would only say so at registration, after the whole run)."""
+    if not tracking.log_model:
+        return
+    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved, _validate_model_name
+
+    checks = (
+        ("tracking.registered_model_name", tracking.registered_model_name, (_validate_model_name,)),
+        ("tracking.alias", tracking.alias, (_validate_model_alias_name, _validate_model_alias_name_reserved)),
+    )
+    for field, value, validators in checks:
+        for validate in validators:
+            try:
+                validate(value)
+            except MlflowException as exc:
+                raise TrackingError(f"config field `{field}`: MLflow refuses {value!r} ({first_line(exc)}) — choose another name") from None
+
+
+def log_release(
+    run: TrackingRun,
+    release: Release,
+    *,
+    samples: pandas.DataFrame,
+    metrics_history: list[dict],
+    eval_report: dict,
+    policy_dir: Path,
+    registered_model_name: str,
+    alias: str,
+    log_model: bool,
+) -> Release:
+    """Artifacts (samples table, plots, eval report), `eval/*` metrics, and (with `log_model`) the
+    policy as an MLflow logged model registered under `registered_model_name` with `alias`.
+    A retried release finds the version this run already registered for the same weights."""
+    _deliver_spooled_metrics(run)
+    version = None
+    if log_model:
+        _check_model_dir(Path(policy_dir))
+        version = _registered_version(run, registered_model_name, release.policy_sha256)
+        if version is None:
+            _create_registered_model(run, registered_model_name)  # a refused name fails before any work
+    run.client.log_table(run.run_id, samples, "eval/samples.json")
+    run.client.log_text(run.run_id, samples.to_csv(index=False), "eval/samples.csv")
+    run.client.log_dict(run.run_id, eval_report, "eval/eval.json")
+    for name, keys in PLOTS.items():
+        figure = _plot(metrics_history, keys, name)
+        if figure is not None:
+            run.client.log_figure(run.run_id, figure, f"plots/{name}.png")
+    last_update = max((int(row.get("update", 0)) for row in metrics_history), default=0)
+    numeric = {key: float(value) for key, value in eval_report.items() if is_number(value)}
+    _log_metrics_once(run, {f"eval/{key}": value for key, value in numeric.items()}, last_update)
+    filled = release.model_copy(update={"mlflow_run_id": run.run_id})
+    if not log_model:
+        return filled
+    if version is None:
+        model_id = _log_policy(run, Path(policy_dir), release, last_update)
+        version = _register(run, registered_model_name, model_id, release, numeric)
+    else:
+        _LOGGER.info("policy %s is already version %s of %s", release.policy_sha256[:12], version.version, registered_model_name)
+    try:
+        run.client.set_registered_model_alias(registered_model_name, alias, version.version)
+    except MlflowException as exc:
+        raise TrackingError(
+            f"config field `tracking.alias`: MLflow refused alias {alias!r} ({first_line(exc)}) — "
+            "use letters, digits, '_' or '-', not 'latest' or 'v<number>'"
+        ) from None
+    model_uri = version.source if version.source.startswith("models:/") else f"models:/{registered_model_name}/{version.version}"
+    run.set_tags({"ppoflow.model_uri": model_uri, "ppoflow.registered_model": f"{registered_model_name}/{version.version}"})
+    return filled.model_copy(update={
+        "model_uri": model_uri, "registered_model": registered_model_name, "registered_version": str(version.version),
+    })
+
+
+def _deliver_spooled_metrics(run: TrackingRun, timeout: float = 60.0) -> None:
+    """Training metrics still in the spool (MLflow was away when training ended and the sink's
+    flush gave up) go out before the release: once training is finished (cached), no sink of
+    the training stage is ever created again to re-read the spool."""
+    if (run.output_dir / SPOOL_FILE).is_file():
+        MetricsSink(run.client, run.run_id, run.output_dir / SPOOL_FILE).close(timeout)
+
+
+def _log_metrics_once(run: TrackingRun, metrics: Mapping[str, float], step: int) -> None:
+    """Log metric points whose (key, step) is not yet in the run."""
+    fresh = []
+    for key, value in metrics.items():
+        if any(point.step == step for point in run.client.get_metric_history(run.run_id, key)):
+            continue
+        fresh.append(Metric(key, float(value), int(time.time() * 1000), step))
+    for chunk in in_batches(fresh, MAX_METRICS_PER_BATCH):
+        run.client.log_batch(run.run_id, metrics=chunk)
+
+
+def _registered_version(run: TrackingRun, name: str, policy_sha256: str) -> Any:
+    """A version this run already registered for the same policy weights (a retried release)."""
+    try:
+        versions = run.client.search_model_versions(f"name = '{name}' and run_id = '{run.run_id}'")
+    except MlflowException:
+        return None
+    matching = [version for version in versions if version.tags.get(POLICY_SHA_TAG) == policy_sha256]
+    return max(matching, key=lambda version: int(version.version), default=None)
+
+
+def _create_registered_model(run: TrackingRun, name: str) -> None:
+    try:
+        run.client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_ALREADY_EXISTS":
+            return
+        raise TrackingError(
+            f"config field `tracking.registered_model_name`: MLflow refused {name!r} ({first_line(exc)}) — choose another name"
+        ) from None
+
+
+def _log_policy(run: TrackingRun, policy_dir: Path, release: Release, step: int) -> str:
+    """The policy as an MLflow logged model of the run; returns its model id.
+
+    MLflow 3.17 cannot log a transformers *directory* with transformers 5 (it reads
+    `check_task(...)["impl"].__name__`, now a string), so the model and tokenizer are loaded and
+    logged as components. The logged model is created here with the run's experiment (the flavor
+    would otherwise put it in the default experiment), pip requirements are given (the flavor's
+    default list asks for torchvision), and a local model card keeps it off the Hub. `step` links
+    the run's metrics at that update (the final ones) to the logged model.
+    """
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(policy_dir, use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    logged = run.client.create_logged_model(
+        run.experiment_id,
+        name="policy",
+        source_run_id=run.run_id,
+        tags={POLICY_SHA_TAG: release.policy_sha256, CONFIG_HASH_TAG: run.config_hash()},
+    )
+    card = ModelCard(f"---\ntags: [ppoflow, rlhf, ppo]\n---\n# PPO policy\n\nTrained by ppoflow, MLflow run {run.run_id}.\n")
+    with global_tracking_uri(run.tracking_uri):
+        mlflow.transformers.log_model(
+            {"model": model, "tokenizer": tokenizer},
+            name="policy",
+            task="text-generation",
+            run_id=run.run_id,
+            model_id=logged.model_id,
+            model_card=card,
+            pip_requirements=_pip_requirements(),
+            step=step,
+        )
+    return logged.model_id
+
+
+def _register(run: TrackingRun, name: str, model_id: str, release: Release, eval_metrics: Mapping[str, float]) -> Any:
+    tags = {f"eval.{key}": repr(value) for key, value in eval_metrics.items()}
+    tags |= {CONFIG_HASH_TAG: run.config_hash(), POLICY_SHA_TAG: release.policy_sha256}
+    # The SQL registry resolves a `models:/<id>` source through the process-wide tracking URI.
+    with global_tracking_uri(run.tracking_uri):
+        version = run.client.create_model_version(
+            name, source=f"models:/{model_id}", run_id=run.run_id, model_id=model_id, tags=tags
+        )
+    _LOGGER.info("registered %s version %s (run %s)", name, version.version, run.run_id)
+    return version
+
+
+def _check_model_dir(policy_dir: Path) -> None:
+    if not (policy_dir / "config.json").is_file():
+        raise TrackingError(
+            f"{policy_dir} is not a full Hugging Face model directory (no config.json; a LoRA adapter?) — "
+            "log the merged model (peft.merge_on_save: true) or set tracking.log_model: false"
+        )
+
+
+def _pip_requirements() -> list[str]:
+    versions = library_versions()
+    return [f"{name}=={versions[name]}" for name in ("transformers", "torch", "tokenizers", "accelerate") if name in versions]
+
+
+def _plot(history: list[dict], keys: tuple[str, ...], title: str) -> Any:
+    """A line plot of `keys` over updates, or None when no key has data. Uses the Agg canvas through
+    `matplotlib.figure.Figure` (no pyplot: no global figure state shared between threads)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 3.6), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    plotted = False
+    for key in keys:
+        points = [
+            (row.get("update", index), float(row[key]))
+            for index, row in enumerate(history)
+            if is_number(row.get(key)) and math.isfinite(row[key])
+        ]
+        if points:
+            axes.plot(*zip(*points), marker=".", label=key)
+            plotted = True
+    if not plotted:
+        return None
+    axes.set_xlabel("update")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    return figure
