@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ppoflow.provenance import git_state
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
@@ -124,15 +126,13 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def git_state() -> dict[str, Any]:
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    dirty = [line[3:] for line in git("status", "--porcelain").splitlines()
-             if line[3:].startswith(("ppoflow/", "flows/", "tasks/"))]
-    return {"commit": git("rev-parse", "--short", "HEAD"), "engine_files_modified": dirty}
+def git_info() -> dict[str, Any]:
+    """The commit benchmarked and the engine files that differ from it (untracked ones included)."""
+    state = git_state(REPO)
+    if state is None:
+        return {"commit": "", "engine_files_modified": []}
+    modified = [path for path in (*state.changed, *state.untracked) if path.startswith(("ppoflow/", "flows/", "tasks/"))]
+    return {"commit": state.commit[:7], "engine_files_modified": modified}
 
 
 def machine_info(threads: int, trl_python: Path) -> dict[str, Any]:
@@ -155,7 +155,7 @@ def machine_info(threads: int, trl_python: Path) -> dict[str, Any]:
         "python": platform.python_version(), "platform": platform.platform(),
         "ours": {"python": sys.executable, "torch": torch.__version__, "transformers": transformers.__version__},
         "trl_side": {"python": str(trl_python), **trl_versions()},
-        "git": git_state(),
+        "git": git_info(),
     }
 
 
