@@ -34,7 +34,6 @@ import subprocess
 import sys
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mlflow_server import postgres as pg
+from ppoflow.redaction import redact_uri
 
 _log = logging.getLogger(__name__)
 
@@ -100,19 +100,6 @@ class ServerInfo:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def redact_uri(uri: str) -> str:
-    """Replace the password of ``scheme://user:password@host/...`` with ``***``."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.password is None:
-        return uri
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def _postgres_driver(uri: str) -> str | None:
