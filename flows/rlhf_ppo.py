@@ -34,6 +34,7 @@ from prefect.settings import PREFECT_UI_URL
 from ppoflow import tracking
 from ppoflow.cli import final_metrics, run_summary
 from ppoflow.config import RunConfig, build_config
+from ppoflow.hub import check_push
 from ppoflow.locking import output_dir_lock
 from ppoflow.manifests import DatasetManifest, ModelManifest, Release, RunPlan
 from ppoflow.redaction import redact
@@ -57,9 +58,11 @@ def rlhf_ppo(config: RunConfig, overrides: list[str] | None = None) -> dict[str,
         logging.getLogger("ppoflow").setLevel(logging.INFO)  # so the engine's progress reaches the Prefect UI
     config = effective_config(config, overrides)
     stages = Stages(config.flow)
-    # Fail before any expensive work: the tracking store answers and MLflow accepts the release names.
+    # Fail before any expensive work: the tracking store answers, MLflow accepts the release names,
+    # and a Hub push could happen (online, with a token).
     tracking.check_reachable(tracking.resolve_tracking_uri())
     tracking.check_release_names(config.tracking)
+    check_push(config.tracking)
 
     # One run per output_dir at a time: a second one waits here, then finds its stages Cached.
     with output_dir_lock(config.output_dir, config.flow.lock_timeout_seconds):
@@ -161,6 +164,8 @@ def summary_markdown(plan: RunPlan, models: ModelManifest, data: DatasetManifest
     lines += [f"| {key} | {value:.4g} |" for key, value in shown.items() if isinstance(value, (int, float))]
     if release.registered_model:
         lines += ["", f"Registered model **{release.registered_model}** version **{release.registered_version}** (`{release.model_uri}`)."]
+    if release.hub_commit_url:
+        lines += ["", f"Pushed to the Hugging Face Hub: {release.hub_commit_url}"]
     return "\n".join(lines) + "\n"
 
 
@@ -172,4 +177,5 @@ def summary(plan: RunPlan, release: Release) -> dict[str, Any]:
         "mlflow_run_id": release.mlflow_run_id,
         "model_uri": release.model_uri,
         "registered_model": {"name": release.registered_model, "version": release.registered_version},
+        "hub_commit_url": release.hub_commit_url,
     }

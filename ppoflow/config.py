@@ -156,14 +156,19 @@ class TrackingConfig(_Section):
     alias: str = Field("candidate", description="Alias given to the newly registered version.")
     log_model: bool = Field(True, description="Log and register the trained policy.")
     system_metrics: bool = Field(True, description="Log CPU/memory system metrics during the run.")
-    push_to_hub: bool = Field(False, description="Push the trained policy to the Hugging Face Hub.")
-    hub_repo_id: str | None = Field(None, description="Hub repository for push_to_hub.")
-    hub_private: bool = Field(True, description="Create the Hub repository as private.")
+    push_to_hub: bool = Field(
+        False, description="Push final/ (or the LoRA adapter) with a lineage model card to the Hugging Face Hub after "
+        "registration (`ppoflow run`); the token comes from HF_TOKEN or `hf auth login`, never from the config.",
+    )
+    hub_repo_id: str | None = Field(None, description="Hub repository for push_to_hub, `owner/name`.")
+    hub_private: bool = Field(True, description="Create the Hub repository as private (an existing one keeps its visibility).")
 
     @model_validator(mode="after")
     def _hub_repo(self) -> TrackingConfig:
         if self.push_to_hub and not self.hub_repo_id:
             raise ValueError("push_to_hub needs tracking.hub_repo_id (e.g. my-org/my-policy)")
+        if self.hub_repo_id is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", self.hub_repo_id):
+            raise ValueError(f"hub_repo_id must be `owner/name`, like my-org/my-policy (got {self.hub_repo_id!r})")
         return self
 
 

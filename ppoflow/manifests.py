@@ -136,6 +136,7 @@ class Release(Manifest):
     model_uri: str | None = None
     registered_model: str | None = None
     registered_version: str | None = None
+    hub_commit_url: str | None = None
 
     def is_intact(self) -> bool:
         return self.policy_dir.is_dir() and sha256_tree(self.policy_dir) == self.policy_sha256

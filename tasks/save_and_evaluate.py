@@ -1,4 +1,5 @@
-"""Stage 6: the trained policy in Hugging Face format, its evaluation, and its MLflow release."""
+"""Stage 6: the trained policy in Hugging Face format, its evaluation, its MLflow release, and (with
+`tracking.push_to_hub`) its push to the Hugging Face Hub, after the registry has the version."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pandas as pd
 from prefect import task
 
 from ppoflow import pipeline
+from ppoflow.hub import push_policy
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, Release, RunPlan
 from ppoflow.tracking import TrackingRun, log_release
 from tasks.common import STAGE_OPTIONS
@@ -16,11 +18,13 @@ from tasks.common import STAGE_OPTIONS
 
 @task(name="save_and_evaluate", **STAGE_OPTIONS)
 def save_and_evaluate(plan: RunPlan, models: ModelManifest, data: DatasetManifest, final: CheckpointManifest, mlflow_run_id: str) -> Release:
-    """The release names the MLflow run, the logged model and its registry version (with the alias)."""
+    """The release names the MLflow run, the logged model and its registry version (with the alias),
+    and the Hub commit when it was pushed."""
     release = pipeline.save_and_evaluate(plan, models, data, final)
     tracking = plan.config.tracking
-    return log_release(
-        TrackingRun.attach(mlflow_run_id, output_dir=plan.output_dir),
+    run = TrackingRun.attach(mlflow_run_id, output_dir=plan.output_dir)
+    release = log_release(
+        run,
         release,
         samples=pd.DataFrame(read_jsonl(plan.output_dir / "samples.jsonl")),
         metrics_history=read_jsonl(plan.output_dir / "metrics.jsonl"),
@@ -30,6 +34,11 @@ def save_and_evaluate(plan: RunPlan, models: ModelManifest, data: DatasetManifes
         alias=tracking.alias,
         log_model=tracking.log_model,
     )
+    if not tracking.push_to_hub:
+        return release
+    pushed = push_policy(plan, data, release)
+    run.set_tags({"ppoflow.hub.repo_id": pushed.repo_id, "ppoflow.hub.commit": pushed.commit_url})
+    return release.model_copy(update={"hub_commit_url": pushed.commit_url})
 
 
 def read_jsonl(path: Path) -> list[dict]:
