@@ -7,8 +7,9 @@
 
 `start` brings the stack up in this order, each step waiting for the previous one to be healthy:
 
-1. `prefect server start` (background, own session; `GET /api/health`) and, meanwhile, the MLflow
-   server (`mlflow_server.start_server`, SQLite under HOME/mlflow; `GET /health`);
+1. `prefect server start` (background, own session; `GET /api/health`; its UI told to call this
+   port's API through `PREFECT_UI_API_URL`) and, meanwhile, the MLflow server
+   (`mlflow_server.start_server`, SQLite under HOME/mlflow; `GET /health`);
 2. the `process` work pool `ppoflow` with concurrency limit 1 (created or updated);
 3. `prefect deploy --all --prefect-file deployments/prefect.yaml`, run from the repository root;
 4. `prefect worker start --pool ppoflow` (background, own session; it boots while step 3 runs),
@@ -27,6 +28,12 @@ reused by another process is left alone. The worker goes first (SIGTERM to its p
 holds the flow runs it spawned; a run cut short this way is marked Crashed), then the Prefect
 server, then the MLflow server.
 
+The Prefect server is spawned like the worker rather than with `prefect server start --background`
+and stopped by its recorded pid rather than with `prefect server stop`: Prefect 3.8.8's background
+server writes its output to pipes that close when the CLI exits (no log to name when it fails),
+stays in the CLI's process group, and `stop` sends SIGTERM to whatever pid PREFECT_HOME/server.pid
+names, without checking that it is still the server or waiting for it to exit.
+
 Library functions (`start`, `stop`, `status`) log and raise `ServeError`; only `main` prints.
 """
 
@@ -37,13 +44,10 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -52,8 +56,8 @@ from typing import Any
 
 import yaml
 
-from mlflow_server import start_server, stop_server
-from mlflow_server.server import ServerError, free_port
+from mlflow_server import processes, start_server, stop_server
+from mlflow_server.server import ServerError
 
 log = logging.getLogger(__name__)
 
@@ -119,127 +123,29 @@ class Stack:
 # --------------------------------------------------------------------------- processes
 
 
-def _proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, process group, start ticks) of pid, or None if there is no such process."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    rest = raw[raw.rindex(")") + 2:].split()  # the command name may hold spaces and parens
-    return rest[0], int(rest[2]), int(rest[19])
-
-
-def _alive(pid: int) -> bool:
-    stat = _proc_stat(pid)
-    if stat is None:
-        return False
-    if stat[0] in ("Z", "X"):
-        try:
-            os.waitpid(pid, os.WNOHANG)  # our own child: reap it
-        except ChildProcessError:
-            pass
-        return False
-    return True
-
-
-def _group_alive(pgid: int) -> bool:
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            stat = _proc_stat(int(entry.name))
-            if stat is not None and stat[1] == pgid and stat[0] not in ("Z", "X"):
-                return True
-    return _alive(pgid)
-
-
-def _has_word(pid: int, *words: str) -> bool:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return False
-    return all(word in cmdline for word in words)
-
-
 def is_ours(proc: Process) -> bool:
     """The recorded process still runs, with the same start time and the expected command line."""
-    stat = _proc_stat(proc.pid)
-    if stat is None or not _alive(proc.pid):
-        return False
-    if proc.start_ticks is not None and stat[2] != proc.start_ticks:
-        return False
-    return _has_word(proc.pid, *proc.marker)
-
-
-def _terminate(proc: Process, timeout: float) -> None:
-    """SIGTERM the process group (each process we start leads its own session), SIGKILL after timeout."""
-    def send(sig: int) -> None:
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-
-    send(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _group_alive(proc.pid):
-            return
-        time.sleep(0.2)
-    log.warning("pid %d still alive %.0f s after SIGTERM; sending SIGKILL", proc.pid, timeout)
-    send(signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and _group_alive(proc.pid):
-        time.sleep(0.1)
+    return processes.running(proc.pid, proc.start_ticks, proc.marker)
 
 
 def _spawn(cmd: Sequence[str], log_file: Path, env: Mapping[str, str], marker: list[str]) -> Process:
     with open(log_file, "ab") as handle:
         handle.write(f"\n[serve {_now()}] starting: {' '.join(cmd)}\n".encode())
-        handle.flush()
-        popen = subprocess.Popen(list(cmd), cwd=REPO_ROOT, env=dict(env), stdin=subprocess.DEVNULL,
-                                 stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-    stat = _proc_stat(popen.pid)
-    return Process(pid=popen.pid, start_ticks=stat[2] if stat else None, marker=marker, log_file=str(log_file))
-
-
-def _tail(path: str | Path, lines: int = 3) -> str:
-    try:
-        text = Path(path).read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return " | ".join(line.strip() for line in text[-lines:] if line.strip())
+    popen = processes.spawn(cmd, cwd=REPO_ROOT, env=env, log_file=log_file)
+    return Process(pid=popen.pid, start_ticks=processes.start_ticks(popen.pid), marker=marker, log_file=str(log_file))
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _http_status(url: str, timeout: float = 2.0) -> int | None:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url, timeout=timeout) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except (urllib.error.URLError, OSError):
-        return None
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
 def choose_port(requested: int | None, default: int, what: str) -> int:
     """`None`: the conventional port if free, else any free one; 0: any free one; N: N or an error."""
     if requested is None:
-        return default if _port_free(default) else free_port(HOST)
+        return processes.free_port(HOST) if processes.port_in_use(HOST, default) else default
     if requested == 0:
-        return free_port(HOST)
-    if not _port_free(requested):
+        return processes.free_port(HOST)
+    if processes.port_in_use(HOST, requested):
         raise ServeError(f"port {requested} for the {what} is in use; pick another (0 = any free port)")
     return requested
 
@@ -256,9 +162,16 @@ def prefect_env(home: Path) -> dict[str, str]:
     return {**PREFECT_ENV, "PREFECT_HOME": str(home / "prefect")}
 
 
-def start_prefect_server(home: Path, port: int, *, ui: bool = True, scheduler: bool = True) -> Process:
-    env = {**os.environ, **prefect_env(home)}
+def prefect_server_env(home: Path, port: int) -> dict[str, str]:
+    """The server's environment: no PREFECT_API_URL of yours, and a UI that calls this port's API
+    (Prefect's UI calls :4200 on any other port unless PREFECT_UI_API_URL says so)."""
+    env = {**os.environ, **prefect_env(home), "PREFECT_UI_API_URL": f"http://{HOST}:{port}/api"}
     env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def start_prefect_server(home: Path, port: int, *, ui: bool = True, scheduler: bool = True) -> Process:
+    env = prefect_server_env(home, port)
     cmd = _prefect("server", "start", "--host", HOST, "--port", str(port), "--no-prompt", "--analytics-off",
                    "--ui" if ui else "--no-ui", "--scheduler" if scheduler else "--no-scheduler")
     return _spawn(cmd, home / "prefect-server.log", env, marker=["prefect", "server", "start", str(port)])
@@ -266,9 +179,9 @@ def start_prefect_server(home: Path, port: int, *, ui: bool = True, scheduler: b
 
 def wait_healthy(url: str, proc: Process, what: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while _http_status(url) != 200:
-        if not _alive(proc.pid):
-            raise ServeError(f"the {what} exited during startup: {_tail(proc.log_file)} (log: {proc.log_file})")
+    while processes.http_status(url) != 200:
+        if not processes.alive(proc.pid):
+            raise ServeError(f"the {what} exited during startup: {processes.tail(proc.log_file)} (log: {proc.log_file})")
         if time.monotonic() > deadline:
             raise ServeError(f"the {what} did not answer {url} within {timeout:.0f} s (log: {proc.log_file})")
         time.sleep(0.5)
@@ -308,7 +221,7 @@ def deploy(home: Path, api_url: str, prefect_file: Path = PREFECT_FILE, timeout:
         except subprocess.TimeoutExpired:
             raise ServeError(f"prefect deploy did not finish within {timeout:.0f} s (log: {log_file})") from None
     if done.returncode != 0:
-        raise ServeError(f"prefect deploy failed with exit code {done.returncode}: {_tail(log_file)} (log: {log_file})")
+        raise ServeError(f"prefect deploy failed with exit code {done.returncode}: {processes.tail(log_file)} (log: {log_file})")
     return declared_deployments(prefect_file)
 
 
@@ -348,8 +261,8 @@ def wait_worker_online(api_url: str, proc: Process, since: datetime, timeout: fl
                      if worker.name == name and worker.last_heartbeat_time]
             if any(beat >= since for beat in beats):
                 return
-            if not _alive(proc.pid):
-                raise ServeError(f"the worker exited during startup: {_tail(proc.log_file)} (log: {proc.log_file})")
+            if not processes.alive(proc.pid):
+                raise ServeError(f"the worker exited during startup: {processes.tail(proc.log_file)} (log: {proc.log_file})")
             if time.monotonic() > deadline:
                 raise ServeError(f"the worker did not reach the server within {timeout:.0f} s (log: {proc.log_file})")
             time.sleep(0.5)
@@ -380,7 +293,7 @@ def crash_orphaned_runs(api_url: str, pool: str = WORK_POOL) -> list[str]:
         for run in client.read_flow_runs(flow_run_filter=in_flight,
                                          work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool]))):
             pid = run.infrastructure_pid
-            if pid and pid.isdigit() and _alive(int(pid)) and _has_word(int(pid), "prefect"):
+            if pid and pid.isdigit() and processes.running(int(pid), words=["prefect"]):
                 continue
             client.set_flow_run_state(run.id, Crashed(message="its process is gone (stopped with its worker); "
                                                               f"retry with `prefect flow-run retry {run.id}`"), force=True)
@@ -497,9 +410,9 @@ def stop(home: Path = DEFAULT_HOME, *, timeout: float = 30.0) -> list[str]:
                 _crash_interrupted_runs(stack.api_url)  # the workers took their flow runs with them
             if is_ours(proc):
                 log.info("stopping %s (pid %d)", name, proc.pid)
-                _terminate(proc, timeout)
+                processes.terminate_group(proc.pid, timeout)
                 stopped.append(name)
-            elif _alive(proc.pid):
+            elif processes.alive(proc.pid):
                 log.warning("pid %d is no longer our %s; left alone", proc.pid, name)
     try:
         if stop_server(home / "mlflow", timeout=timeout):
@@ -518,8 +431,8 @@ def status(home: Path = DEFAULT_HOME) -> tuple[Stack | None, dict[str, bool]]:
     if stack is None:
         return None, {}
     up = {name: is_ours(proc) for name, proc in stack.processes.items()}
-    up["prefect-api"] = _http_status(f"{stack.api_url}/health") == 200
-    up["mlflow-server"] = bool(stack.mlflow_url) and _http_status(f"{stack.mlflow_url}/health") == 200
+    up["prefect-api"] = processes.http_status(f"{stack.api_url}/health") == 200
+    up["mlflow-server"] = bool(stack.mlflow_url) and processes.http_status(f"{stack.mlflow_url}/health") == 200
     return stack, up
 
 

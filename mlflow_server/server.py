@@ -28,19 +28,15 @@ import io
 import json
 import logging
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
 from mlflow_server import postgres as pg
+from mlflow_server import processes
 from ppoflow.redaction import redact_uri
 
 _log = logging.getLogger(__name__)
@@ -116,170 +112,21 @@ def _postgres_driver(uri: str) -> str | None:
         return None
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _port_in_use(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        # uvicorn binds with SO_REUSEADDR too, so TIME_WAIT leftovers do not count as "taken".
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
 def _client_host(host: str) -> str:
     if host in _WILDCARD_HOSTS:
         return "127.0.0.1"
     return f"[{host}]" if ":" in host else host
 
 
-def _http_get(url: str, timeout: float = 2.0) -> int | None:
-    """Status code of GET url (proxies bypassed), or None if nothing answers."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url, timeout=timeout) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except (urllib.error.URLError, OSError):
-        return None
-
-
 def is_healthy(url: str, timeout: float = 2.0) -> bool:
-    return _http_get(url.rstrip("/") + "/health", timeout) == 200
-
-
-def _proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, pgrp, start ticks) from /proc/<pid>/stat, or None if there is no such process."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    except OSError:
-        return None
-    rest = raw[raw.rindex(")") + 2:].split()  # the command name may hold spaces and parens
-    return rest[0], int(rest[2]), int(rest[19])
-
-
-def _reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass  # not our child: init reaps it
-
-
-def _alive(pid: int) -> bool:
-    if Path("/proc").is_dir():
-        stat = _proc_stat(pid)
-        if stat is None:
-            return False
-        if stat[0] in ("Z", "X"):
-            _reap(pid)
-            return False
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether any non-zombie process remains in process group pgid."""
-    if not Path("/proc").is_dir():
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            stat = _proc_stat(int(entry.name))
-            if stat is not None and stat[1] == pgid and stat[0] not in ("Z", "X"):
-                return True
-    _reap(pgid)
-    return False
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-            errors="replace")
-    except OSError:
-        proc = subprocess.run(["ps", "-o", "command=", "-p", str(pid)],
-                              capture_output=True, text=True)
-        return proc.stdout.strip()
+    return processes.http_status(url.rstrip("/") + "/health", timeout) == 200
 
 
 def _is_ours(pid: int, home: Path, start_ticks: int | None) -> bool:
     """The process is an ``mlflow server`` started from this home (and not a reused pid)."""
-    if not _alive(pid):
+    if not processes.running(pid, start_ticks, ("mlflow", "server")):
         return False
-    cmd = _cmdline(pid)
-    if "mlflow" not in cmd or "server" not in cmd:
-        return False
-    try:
-        cwd = os.readlink(f"/proc/{pid}/cwd")
-    except OSError:
-        cwd = ""
-    if str(home) not in cmd and cwd != str(home):
-        return False
-    if start_ticks is not None:
-        stat = _proc_stat(pid)
-        if stat is not None and stat[2] != start_ticks:
-            return False
-    return True
-
-
-def _terminate_group(pid: int, timeout: float) -> None:
-    """SIGTERM the server's process group (it leads its own session), SIGKILL after timeout."""
-    try:
-        pgid = os.getpgid(pid)
-    except ProcessLookupError:
-        return
-    use_group = pgid == pid  # we started it with start_new_session=True
-
-    def send(sig: int) -> None:
-        try:
-            if use_group:
-                os.killpg(pgid, sig)
-            else:
-                os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-    def gone() -> bool:
-        return not (_group_alive(pgid) if use_group else _alive(pid))
-
-    send(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if gone():
-            return
-        time.sleep(0.1)
-    _log.warning("pid %d did not exit %.0f s after SIGTERM; sending SIGKILL", pid, timeout)
-    send(signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not gone():
-        time.sleep(0.1)
-
-
-def _tail(path: Path, lines: int = 5) -> str:
-    try:
-        text = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return " | ".join(line.strip() for line in text[-lines:] if line.strip())
+    return str(home) in processes.cmdline(pid) or processes.cwd(pid) == str(home)
 
 
 def _log_line(log_file: Path, message: str) -> None:
@@ -421,8 +268,8 @@ def start_server(
     (home / PID_FILE).unlink(missing_ok=True)
 
     if port == 0:
-        port = free_port(host if host not in _WILDCARD_HOSTS else "127.0.0.1")
-    elif _port_in_use(host, port):
+        port = processes.free_port(host if host not in _WILDCARD_HOSTS else "127.0.0.1")
+    elif processes.port_in_use(host, port):
         msg = (f"port {port} on {host} is already in use; pick another --port "
                "(or --port 0 for a free one)")
         _log_line(log_file, "start refused: " + msg)
@@ -455,7 +302,7 @@ def start_server(
                 raise ServerError("--backend postgres without --backend-uri needs PostgreSQL's "
                                   f"server binaries (initdb, pg_ctl): {pg.INSTALL_HINT}")
             cluster = pg.Cluster(home)
-            pg_port = free_port("127.0.0.1")
+            pg_port = processes.free_port("127.0.0.1")
             try:
                 created = pg.ensure_initialised(cluster, bindir)
                 pg_pid = pg.start(cluster, bindir, pg_port)
@@ -505,16 +352,13 @@ def start_server(
 
     _log_line(log_file, f"starting: {' '.join(cmd)} (backend {redact_uri(backend_uri)})")
     t0 = time.monotonic()
-    with open(log_file, "ab") as log_fh:
-        proc = subprocess.Popen(cmd, cwd=home, env=env, stdin=subprocess.DEVNULL,
-                                stdout=log_fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    proc = processes.spawn(cmd, cwd=home, env=env, log_file=log_file)
     (home / PID_FILE).write_text(f"{proc.pid}\n")
-    stat = _proc_stat(proc.pid)
+    start_ticks = processes.start_ticks(proc.pid)
     url = f"http://{_client_host(host)}:{port}"
 
     def fail(reason: str) -> ServerError:
-        _terminate_group(proc.pid, timeout=10)
+        processes.terminate_group(proc.pid, timeout=10)
         proc.poll()
         (home / PID_FILE).unlink(missing_ok=True)
         stop_pg()
@@ -525,7 +369,7 @@ def start_server(
     while True:
         code = proc.poll()
         if code is not None:
-            tail = _tail(log_file, 3)
+            tail = processes.tail(log_file)
             raise fail(f"process exited with code {code}" + (f": {tail}" if tail else ""))
         if is_healthy(url, timeout=1.0):
             break
@@ -541,7 +385,7 @@ def start_server(
         auth_config=str(auth_ini) if auth_ini else None,
         started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         startup_seconds=round(elapsed, 2), mlflow_version=_mlflow_version(),
-        proc_start_ticks=stat[2] if stat else None, postgres=pg_info,
+        proc_start_ticks=start_ticks, postgres=pg_info,
     )
     if auth and (home / AUTH_DB).exists():
         (home / AUTH_DB).chmod(0o600)  # password hashes
@@ -564,11 +408,11 @@ def stop_server(home: Path, *, timeout: float = 30.0) -> bool:
     if pid is not None:
         if _is_ours(pid, home, info.proc_start_ticks if info else None):
             _log.info("stopping MLflow server pid %d", pid)
-            _terminate_group(pid, timeout)
-            if _alive(pid):
+            processes.terminate_group(pid, timeout)
+            if processes.alive(pid):
                 raise ServerError(f"MLflow server pid {pid} is still alive after SIGKILL")
             stopped = True
-        elif _alive(pid):
+        elif processes.alive(pid):
             _log.warning("pid file names pid %d, which is not an MLflow server from %s; "
                          "left alone", pid, home)
         (home / PID_FILE).unlink(missing_ok=True)
