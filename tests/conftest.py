@@ -34,3 +34,11 @@ def toy_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out_dir = tmp_path_factory.mktemp("toy_world")
     build_toy(out_dir, seed=TOY_SEED)
     return out_dir
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A loopback port nothing listens on: the OS hands it out and it is released at once."""
+    from mlflow_server.processes import free_port
+
+    return free_port()

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from ppoflow.config import RunConfig, build_config
+
+if TYPE_CHECKING:  # the engine is imported where it runs: tests/reliability imports `toy_config` alone
+    from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, RunPlan
+    from ppoflow.trainer import PPOTrainer
 
 
 def toy_config(toy: Path, output_dir: Path, *overrides: str) -> RunConfig:
@@ -41,3 +47,37 @@ def make_config(toy_world, tmp_path):
         return toy_config(toy_world, output_dir or tmp_path / "run", *overrides)
 
     return make
+
+
+@dataclass(frozen=True)
+class Stages:
+    """What the stages of `pipeline.run_all` returned for one config, run in this process."""
+
+    plan: RunPlan
+    models: ModelManifest
+    data: DatasetManifest
+    start: CheckpointManifest  # stage 4: the step-0 checkpoint
+    final: CheckpointManifest | None  # stage 5: the last checkpoint (None: not trained)
+
+    def trainer(self) -> PPOTrainer:
+        """A trainer at the step-0 checkpoint, as stage 5 builds it."""
+        from ppoflow.trainer import PPOTrainer
+
+        return PPOTrainer.from_checkpoint(self.plan, self.models, self.data, self.start.path)
+
+
+@pytest.fixture
+def run_stages(make_config):
+    """`run_stages(*overrides, output_dir=None, train=True) -> Stages`: a toy config through stages 1-4
+    and, unless `train=False`, stage 5 (training); no evaluation."""
+    from ppoflow import pipeline
+
+    def run(*overrides: str, output_dir: Path | None = None, train: bool = True) -> Stages:
+        plan = pipeline.configure(make_config(*overrides, output_dir=output_dir))
+        models = pipeline.load_models(plan)
+        data = pipeline.prepare_dataset(plan, models)
+        start = pipeline.init_trainer(plan, models, data)
+        final = pipeline.train(plan, models, data) if train else None
+        return Stages(plan, models, data, start, final)
+
+    return run

@@ -20,6 +20,8 @@ from ppoflow import pipeline
 from ppoflow.checkpoint import list_checkpoints, read_state
 from ppoflow.config import RunConfig
 
+pytestmark = pytest.mark.slow  # every test trains on the toy world
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -54,46 +56,36 @@ def write_config(config: RunConfig, path: Path) -> Path:
     ],
     ids=["packed-generation-logprobs", "padded-forward-logprobs"],
 )
-def test_first_ratio_is_one_and_one_step_per_mini_batch(make_config, variant):
+def test_first_ratio_is_one_and_one_step_per_mini_batch(run_stages, variant):
     # One micro-batch per mini-batch and one epoch: the first forward happens before any optimizer
     # step, so the rollout's log-probs must equal the training forward's (ratio 1, approxkl 0).
-    config = make_config(
+    stages = run_stages(
         "ppo.total_episodes=16", "ppo.per_device_train_batch_size=16", "ppo.num_mini_batches=1",
         "ppo.local_rollout_forward_batch_size=8", *variant,
     )
-    plan = pipeline.configure(config)
-    models = pipeline.load_models(plan)
-    data = pipeline.prepare_dataset(plan, models)
-    pipeline.init_trainer(plan, models, data)
-    pipeline.train(plan, models, data)
-    (first,) = read_metrics(plan.output_dir)
+    (first,) = read_metrics(stages.plan.output_dir)
     assert first["val/ratio"] == pytest.approx(1.0, abs=1e-5)
     assert first["policy/approxkl_avg"] < 1e-9
     assert first["policy/clipfrac_avg"] == 0.0
 
 
-def test_optimizer_steps_follow_num_mini_batches(make_config):
+def test_optimizer_steps_follow_num_mini_batches(run_stages):
     # TRL 1.12 stepped once per epoch whatever num_mini_batches was; we step once per mini-batch:
     # batches of 4 × 4 = 16 prompts in 2 mini-batches of 8 (2 micro-batches of 4 each);
     # 2 updates × 3 epochs × 2 mini-batches = 12 steps.
-    config = make_config(
+    stages = run_stages(
         "ppo.total_episodes=32", "ppo.per_device_train_batch_size=4", "ppo.gradient_accumulation_steps=4",
         "ppo.num_mini_batches=2", "ppo.num_ppo_epochs=3", "ppo.checkpoint_every=5",
     )
-    plan = pipeline.configure(config)
-    assert (plan.batch.local_mini_batch_size, plan.batch.batch_size, plan.batch.num_updates) == (8, 16, 2)
-    models = pipeline.load_models(plan)
-    data = pipeline.prepare_dataset(plan, models)
-    pipeline.init_trainer(plan, models, data)
-    final = pipeline.train(plan, models, data)
-    state = read_state(final.path)
+    batch = stages.plan.batch
+    assert (batch.local_mini_batch_size, batch.batch_size, batch.num_updates) == (8, 16, 2)
+    state = read_state(stages.final.path)
     assert state["optimizer_steps"] == 12
-    scheduler = torch.load(final.path / "scheduler.pt", weights_only=True)
+    scheduler = torch.load(stages.final.path / "scheduler.pt", weights_only=True)
     assert scheduler["last_epoch"] == 12
-    assert [m["episode"] for m in read_metrics(plan.output_dir)] == [16, 32]
+    assert [m["episode"] for m in read_metrics(stages.plan.output_dir)] == [16, 32]
 
 
-@pytest.mark.slow
 def test_toy_run_improves_reward_and_oracle(make_config):
     config = make_config(
         "ppo.total_episodes=768", "ppo.per_device_train_batch_size=16", "ppo.gradient_accumulation_steps=4", "ppo.num_mini_batches=4",
@@ -148,7 +140,6 @@ def kill_after_next_update(process: subprocess.Popen, output_dir: Path, rng: ran
     return False
 
 
-@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(make_config, tmp_path):
     overrides = ("ppo.total_episodes=96", "ppo.per_device_train_batch_size=8", "ppo.gradient_accumulation_steps=2", "ppo.num_mini_batches=2")
     reference = make_config(*overrides, output_dir=tmp_path / "uninterrupted")
@@ -170,17 +161,12 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(make_config,
     assert updates == list(range(1, 7)), updates  # 96 episodes / 16 per batch, each logged once
 
 
-@pytest.mark.slow
-def test_lora_run_has_no_reference_copy(make_config):
-    from ppoflow.trainer import PPOTrainer
-
-    config = make_config("peft.enabled=true", "peft.target_modules=[q_proj,v_proj]", "ppo.learning_rate=1e-3", "peft.merge_on_save=true")
-    plan = pipeline.configure(config)
-    models = pipeline.load_models(plan)
+def test_lora_run_has_no_reference_copy(run_stages):
+    stages = run_stages("peft.enabled=true", "peft.target_modules=[q_proj,v_proj]", "ppo.learning_rate=1e-3", "peft.merge_on_save=true",
+                        train=False)
+    plan, models, data = stages.plan, stages.models, stages.data
     assert models.ref is None
-    data = pipeline.prepare_dataset(plan, models)
-    start = pipeline.init_trainer(plan, models, data)
-    trainer = PPOTrainer.from_checkpoint(plan, models, data, start.path)
+    trainer = stages.trainer()
     assert trainer.worker.ref is None
     lora_parameters = sum(p.numel() for p in trainer.policy.parameters() if p.requires_grad)
     assert 0 < lora_parameters < 0.1 * models.policy.num_parameters
@@ -192,7 +178,6 @@ def test_lora_run_has_no_reference_copy(make_config):
     assert set(release.eval_metrics) >= {"reward_policy", "reward_ref", "win_rate", "kl", "eos_rate", "oracle_policy", "oracle_ref"}
 
 
-@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_processes_under_accelerate_launch(make_config, tmp_path):
     config = make_config("ppo.total_episodes=64", "ppo.per_device_train_batch_size=8", "ppo.num_mini_batches=1", "ppo.checkpoint_every=2")
@@ -215,22 +200,17 @@ def test_two_processes_under_accelerate_launch(make_config, tmp_path):
     assert read_state(Path(summary["output_dir"]) / "checkpoints" / "step-000004")["world_size"] == 2
 
 
-def test_max_grad_norm_is_honoured(make_config, tmp_path):
+def test_max_grad_norm_is_honoured(run_stages, tmp_path):
     # With adam_epsilon = 1, one AdamW step moves a weight by about lr × g / (|g| + 1): proportional
     # to the gradient when gradients are small. Clipping the global norm to 1e-6 must then shrink
     # the change of the weights by orders of magnitude against an unclipped step (TRL ignored it).
     def weight_change(max_grad_norm: str, name: str) -> float:
-        config = make_config(
+        stages = run_stages(
             "ppo.total_episodes=8", "ppo.per_device_train_batch_size=8", "ppo.num_mini_batches=1",
             "ppo.adam_epsilon=1.0", "ppo.learning_rate=1e-2", f"ppo.max_grad_norm={max_grad_norm}",
             output_dir=tmp_path / name,
         )
-        plan = pipeline.configure(config)
-        models = pipeline.load_models(plan)
-        data = pipeline.prepare_dataset(plan, models)
-        start = pipeline.init_trainer(plan, models, data)
-        final = pipeline.train(plan, models, data)
-        before, after = weights(start.path / "policy"), weights(final.path / "policy")
+        before, after = weights(stages.start.path / "policy"), weights(stages.final.path / "policy")
         return sum(float((after[k] - before[k]).double().norm() ** 2) for k in before) ** 0.5
 
     unclipped = weight_change("null", "unclipped")

@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from ppoflow import pipeline
 from ppoflow.models import load_causal_lm, load_classifier, packing_supported, response_logits, token_values
 from ppoflow.packing import packed_layout, padded_layout
 from ppoflow.rollout import RolloutWorker, left_pad
+
+pytestmark = pytest.mark.slow  # the toy world's models, and training on them
 
 
 @pytest.fixture(scope="module")
@@ -82,18 +83,13 @@ def test_generation_log_probs_match_a_fresh_forward(toy_world, toy_models):
     assert not RolloutWorker(policy, policy, reward, reward, top_k=0, top_p=0.9, **common).reuse_logprobs
 
 
-def test_packed_and_padded_training_agree(make_config, tmp_path):
+def test_packed_and_padded_training_agree(run_stages, tmp_path):
     # The same first update with and without packing: identical samples (same weights and RNG), and
     # losses that agree to float tolerance (only summation order differs).
     results = {}
     for packed in (True, False):
-        config = make_config("ppo.total_episodes=8", f"ppo.pack_sequences={str(packed).lower()}", output_dir=tmp_path / f"packed-{packed}")
-        plan = pipeline.configure(config)
-        models = pipeline.load_models(plan)
-        data = pipeline.prepare_dataset(plan, models)
-        pipeline.init_trainer(plan, models, data)
-        pipeline.train(plan, models, data)
-        (results[packed],) = [json.loads(line) for line in (plan.output_dir / "metrics.jsonl").read_text().splitlines()]
+        stages = run_stages("ppo.total_episodes=8", f"ppo.pack_sequences={str(packed).lower()}", output_dir=tmp_path / f"packed-{packed}")
+        (results[packed],) = [json.loads(line) for line in (stages.plan.output_dir / "metrics.jsonl").read_text().splitlines()]
     packed, padded = results[True], results[False]
     assert packed["objective/scores"] == pytest.approx(padded["objective/scores"], abs=1e-5)
     assert packed["response/length_mean"] == padded["response/length_mean"]

@@ -20,14 +20,6 @@ def read_metrics(output_dir):
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def trainer_at_start(config) -> PPOTrainer:
-    plan = pipeline.configure(config)
-    models = pipeline.load_models(plan)
-    data = pipeline.prepare_dataset(plan, models)
-    start = pipeline.init_trainer(plan, models, data)
-    return PPOTrainer.from_checkpoint(plan, models, data, start.path)
-
-
 def sample(trainer: PPOTrainer, rows: int = 32):
     prompts = trainer.train_rows.select(range(rows))["input_ids"]
     queries, query_mask = left_pad(prompts, trainer.models.pad_token_id, trainer.accelerator.device)
@@ -41,10 +33,9 @@ def sample(trainer: PPOTrainer, rows: int = 32):
     [("ppo.stop_token=null", []), ("ppo.stop_token=eos", [2]), (f"ppo.stop_token_id={PERIOD}", [PERIOD])],
     ids=["null-runs-to-response_length", "eos", "stop_token_id"],
 )
-def test_stop_token_has_trls_meaning(make_config, setting, stop_ids):
+def test_stop_token_has_trls_meaning(run_stages, setting, stop_ids):
     exclusive = ["ppo.stop_token=null"] if "stop_token_id" in setting else []  # the toy configs stop at EOS
-    config = make_config(setting, *exclusive, "ppo.response_length=24")
-    trainer = trainer_at_start(config)
+    trainer = run_stages(setting, *exclusive, "ppo.response_length=24", train=False).trainer()
     assert trainer.worker.stop_token_ids == stop_ids
     responses, mask = sample(trainer)
     lengths = mask.sum(1)
@@ -62,10 +53,9 @@ def test_stop_token_has_trls_meaning(make_config, setting, stop_ids):
 
 
 @pytest.mark.slow
-def test_missing_eos_penalty_goes_by_the_stop_token_id(make_config):
+def test_missing_eos_penalty_goes_by_the_stop_token_id(run_stages):
     # stop_token_id = ".": a response with an EOS but no "." did not end with the stop token
-    config = make_config(f"ppo.stop_token_id={PERIOD}", "ppo.stop_token=null", "ppo.response_length=24")
-    trainer = trainer_at_start(config)
+    trainer = run_stages(f"ppo.stop_token_id={PERIOD}", "ppo.stop_token=null", "ppo.response_length=24", train=False).trainer()
     responses, mask = sample(trainer)
     complete = trainer.worker.completed(responses, mask)
     ends_with_period = torch.tensor([bool(row[m][-1] == PERIOD) for row, m in zip(responses, mask)])
@@ -92,26 +82,20 @@ def test_final_generation_config_stops_as_training_did(make_config, setting, eos
 
 
 @pytest.mark.slow
-def test_lr_metric_is_the_rate_the_update_used(make_config):
+def test_lr_metric_is_the_rate_the_update_used(run_stages):
     # 2 updates × 1 epoch × 2 mini-batches = 4 optimizer steps on a linear schedule from 1e-3:
     # the steps use 1e-3 × (1, 3/4, 1/2, 1/4); update 1 logs their mean 0.875e-3, update 2 0.375e-3
     # (reading the scheduler after the update, as before, logged the next update's 0.5e-3, then 0.0).
-    config = make_config("ppo.total_episodes=16", "ppo.per_device_train_batch_size=4", "ppo.gradient_accumulation_steps=2",
-                         "ppo.num_mini_batches=2", "ppo.learning_rate=1e-3")
-    plan = pipeline.configure(config)
-    models = pipeline.load_models(plan)
-    data = pipeline.prepare_dataset(plan, models)
-    pipeline.init_trainer(plan, models, data)
-    pipeline.train(plan, models, data)
-    assert [m["lr"] for m in read_metrics(plan.output_dir)] == pytest.approx([0.875e-3, 0.375e-3], rel=1e-9)
+    stages = run_stages("ppo.total_episodes=16", "ppo.per_device_train_batch_size=4", "ppo.gradient_accumulation_steps=2",
+                        "ppo.num_mini_batches=2", "ppo.learning_rate=1e-3")
+    assert [m["lr"] for m in read_metrics(stages.plan.output_dir)] == pytest.approx([0.875e-3, 0.375e-3], rel=1e-9)
 
 
 @pytest.mark.slow
-def test_first_ratio_is_one_with_lora_dropout(make_config):
+def test_first_ratio_is_one_with_lora_dropout(run_stages):
     # LoRA's own dropout must be off too (it is added after the base model's dropout was disabled)
-    config = make_config("peft.enabled=true", "peft.lora_dropout=0.5", "peft.target_modules=[q_proj,v_proj]",
-                         "ppo.total_episodes=16", "ppo.per_device_train_batch_size=16", "ppo.num_mini_batches=1")
-    trainer = trainer_at_start(config)
+    trainer = run_stages("peft.enabled=true", "peft.lora_dropout=0.5", "peft.target_modules=[q_proj,v_proj]",
+                         "ppo.total_episodes=16", "ppo.per_device_train_batch_size=16", "ppo.num_mini_batches=1", train=False).trainer()
     assert all(module.p == 0.0 for module in trainer.policy.modules() if isinstance(module, torch.nn.Dropout))
     trainer.train()
     (first,) = read_metrics(trainer.output_dir)
@@ -120,14 +104,10 @@ def test_first_ratio_is_one_with_lora_dropout(make_config):
 
 
 @pytest.mark.slow
-def test_evaluation_loads_models_as_training_does(make_config, monkeypatch):
+def test_evaluation_loads_models_as_training_does(run_stages, monkeypatch):
     # models.trust_remote_code reaches every from_pretrained of stage 6 too (reward and reference)
-    config = make_config("models.trust_remote_code=true", "ppo.total_episodes=8", "ppo.per_device_train_batch_size=8",
-                         "ppo.num_mini_batches=1", "data.eval_size=8", "eval.batch_size=8")
-    plan = pipeline.configure(config)
-    models = pipeline.load_models(plan)
-    data = pipeline.prepare_dataset(plan, models)
-    start = pipeline.init_trainer(plan, models, data)
+    stages = run_stages("models.trust_remote_code=true", "ppo.total_episodes=8", "ppo.per_device_train_batch_size=8",
+                        "ppo.num_mini_batches=1", "data.eval_size=8", "eval.batch_size=8", train=False)
     calls = []
     for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForSequenceClassification):
         original = auto.from_pretrained.__func__
@@ -137,6 +117,6 @@ def test_evaluation_loads_models_as_training_does(make_config, monkeypatch):
             return _original(cls, *args, **kwargs)
 
         monkeypatch.setattr(auto, "from_pretrained", classmethod(recording))
-    pipeline.save_and_evaluate(plan, models, data, start)
+    pipeline.save_and_evaluate(stages.plan, stages.models, stages.data, stages.start)
     assert {name for name, _ in calls} == {"AutoModelForCausalLM", "AutoModelForSequenceClassification"}
     assert all(trust is True for _, trust in calls), calls

@@ -13,7 +13,6 @@ import contextlib
 import io
 import json
 import shutil
-import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,9 @@ import pytest
 
 from ppoflow.checkpoint import write_checkpoint
 from tests.reliability.helpers import error_lines, reliability_config, write_config
+
+pytestmark = pytest.mark.slow  # every case needs the toy world, and `bad` saves models made from it
+
 
 @dataclass(frozen=True)
 class Case:
@@ -38,12 +40,6 @@ class Case:
 def _another_configs_checkpoint(output_dir: Path) -> None:
     state = {"update": 0, "episode": 0, "optimizer_steps": 0, "num_updates": 8, "config_hash": "0123456789abcdef", "world_size": 1}
     write_checkpoint(output_dir / "checkpoints", 0, lambda directory: (directory / "weights.txt").write_text("other run"), state)
-
-
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def rf(path: str) -> str:
@@ -194,10 +190,10 @@ def case(request) -> Case:
 
 
 def test_bad_input_is_refused_in_one_clear_line_before_any_work(
-    case, flow_ready, toy_world, bad, store, tmp_path, monkeypatch, bad_input_verdict,
+    case, flow_ready, toy_world, bad, store, closed_port, tmp_path, monkeypatch, bad_input_verdict,
 ):
     output_dir = tmp_path / "run"
-    names = {"toy": toy_world, "bad": bad, "closed_port": _closed_port()}
+    names = {"toy": toy_world, "bad": bad, "closed_port": closed_port}
     overrides = [override.format(**names) for override in case.overrides]
     config_path = write_config(reliability_config(toy_world, output_dir, *_flow_settings(case)), tmp_path / "config.yaml")
     if case.config_file == "missing":
