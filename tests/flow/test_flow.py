@@ -1,8 +1,9 @@
 """The Prefect flow end to end: an embedded Prefect server, a SQLite MLflow store, the toy world.
 
 One uninterrupted run (through the `ppoflow run` CLI) serves as the reference the others are
-compared with: a re-run of it is all cached, deleted or changed files are recomputed, a run that
-crashes mid-training resumes to bitwise the same policy, and a bad config fails in stage 1 at once.
+compared with, and no test changes its files: a re-run of it is all cached, its stage results are
+JSON, a run that crashes mid-training resumes to bitwise the same policy. A run of its own has files
+deleted or changed and recomputes them; a bad config fails in stage 1 at once.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import io
 import json
 import logging
 import shutil
-import socket
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -161,14 +161,24 @@ def test_the_same_config_again_is_all_cached_in_the_same_mlflow_run(reference, f
     assert {reference["summary"]["prefect_flow_run_id"], str(flow_run_id)} <= set(tags["prefect.flow_run_ids"].split(","))
 
 
-def test_a_cached_stage_whose_files_are_gone_or_changed_runs_again(reference):
-    output_dir = reference["output_dir"]
+def test_stage_results_are_stored_as_json_not_pickles(reference, flow_workspace):
+    records = [json.loads(path.read_bytes()) for path in (flow_workspace / "prefect-results").iterdir() if path.is_file()]
+    assert len(records) >= len(STAGES)
+    assert {record["metadata"]["serializer"]["type"] for record in records} == {"json"}
+    assert all(isinstance(json.loads(record["result"]), dict) for record in records)
+
+
+def test_a_cached_stage_whose_files_are_gone_or_changed_runs_again(flow_env, make_flow_config):
+    # A run of its own: the other tests compare with the reference's files, so those stay as they are.
+    tree = make_flow_config("damaged")
+    first = run_flow(tree).result()
+    output_dir = Path(tree["output_dir"])
     shutil.rmtree(output_dir / "data")
     tokenizer_config = output_dir / "tokenizer" / "tokenizer_config.json"
     tokenizer_config.write_text(tokenizer_config.read_text() + " ")
     (output_dir / "checkpoints" / "step-000003" / "manifest.json").unlink()  # the final checkpoint, damaged
 
-    state = run_flow(reference["tree"])
+    state = run_flow(tree)
 
     summary = state.result()
     states = stage_states(state.state_details.flow_run_id)
@@ -180,7 +190,7 @@ def test_a_cached_stage_whose_files_are_gone_or_changed_runs_again(reference):
     # save_and_evaluate is Cached when the new checkpoint is byte-identical (rng.pt may not be, see below),
     # else it evaluates again and finds that policy already registered
     assert [json.loads(line)["update"] for line in metric_lines(output_dir)] == [1, 2, 3]
-    assert summary["registered_model"] == reference["summary"]["registered_model"]
+    assert summary["registered_model"] == first["registered_model"]
 
 
 def test_a_crashed_training_resumes_from_its_checkpoint_to_the_same_policy(reference, flow_env, make_flow_config, monkeypatch, caplog):
@@ -274,11 +284,8 @@ def test_transient_failures_are_retried_and_user_errors_are_not(flow_env):
     assert attempts == ["InjectedCrash", "InjectedCrash", "ConfigError"]
 
 
-def test_an_unreachable_tracking_server_stops_the_flow_before_any_stage(flow_env, make_flow_config, monkeypatch):
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+def test_an_unreachable_tracking_server_stops_the_flow_before_any_stage(flow_env, make_flow_config, closed_port, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed_port}")
 
     state = run_flow(make_flow_config("unreachable"))
 
