@@ -31,11 +31,10 @@ from typing import Any
 from uuid import UUID
 
 import pytest
-import yaml
 
 from deployments import serve
 from deployments.steps import load_run_config
-from ppoflow.config import load_config
+from tests.deployment_files import config_file, declared
 from tests.reliability.faulty_rewards import CRASH_ENV
 
 pytestmark = pytest.mark.integration
@@ -45,11 +44,9 @@ CACHED_ON_RETRY = STAGES[:4]
 EXPERIMENT = "deploy-test"
 REGISTERED_MODEL = "deploy-test-policy"
 RUN_TIMEOUT = 420.0
-
-
-def declared() -> dict[str, dict[str, Any]]:
-    """The deployments as deployments/prefect.yaml declares them, by name."""
-    return {entry["name"]: entry for entry in yaml.safe_load(serve.PREFECT_FILE.read_text())["deployments"]}
+# For the tests that ask for `triggered`: whichever runs first pays for both trainings through the
+# worker (~2.5 min on 2 quiet cores, after the stack's ~45 s). The default timeout is in pyproject.toml.
+TRIGGERED_TIMEOUT = pytest.mark.timeout(1200)
 
 
 def tiny_overrides(toy: Path, workspace: Path, name: str) -> list[str]:
@@ -139,6 +136,14 @@ def workspace(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def served_deployments(served_stack) -> dict[str, Any]:
+    """Each deployment as the server holds it after `prefect deploy`, by name: read before any test
+    changes one (the scheduler test switches the nightly's schedule off)."""
+    with prefect_client(served_stack) as client:
+        return {name: client.read_deployment_by_name(f"rlhf-ppo/{name}") for name in declared()}
+
+
+@pytest.fixture(scope="module")
 def second_worker(served_stack):
     """Another worker on the same pool, as someone might start by accident on this machine (not waited
     for: it comes online while the first training runs)."""
@@ -166,54 +171,38 @@ def triggered(served_stack, second_worker, toy_world, workspace) -> dict[str, An
         return {"good": wait_final(client, good.id), "fault": wait_final(client, fault.id)}
 
 
-# --------------------------------------------------------------------------- the declaration
+# --------------------------------------------------------------------------- the declaration, deployed
+# (the files themselves: tests/unit/test_servers.py)
 
 
-def config_file(spec: dict[str, Any]) -> Path:
-    """The run config file a deployment's build step loads into its `config` parameter."""
-    (step,) = spec["build"]
-    assert spec["parameters"]["config"] == f"{{{{ {step['deployments.steps.load_run_config']['id']}.config }}}}"
-    return serve.REPO_ROOT / step["deployments.steps.load_run_config"]["path"]
-
-
-def test_each_deployment_takes_its_config_from_a_valid_run_config_file():
-    """No servers: the files exist and validate; the nightly is the demo config, the template uses LoRA."""
-    deployments = declared()
-    assert config_file(deployments["toy-nightly"]) == serve.REPO_ROOT / "configs" / "toy.yaml"
-    template = load_config(config_file(deployments["my-model"]))
-    assert template.peft.enabled and template.models.ref is None
-    assert load_run_config(str(config_file(deployments["toy-nightly"])))["config"]["tracking"]["experiment"] == "ppoflow-toy"
-    assert all(entry["entrypoint"] == "flows/rlhf_ppo.py:rlhf_ppo" for entry in deployments.values())
-
-
-def test_deployments_on_the_server_are_what_the_file_says(served_stack):
+def test_deployments_on_the_server_are_what_the_file_says(served_stack, served_deployments):
     from prefect.client.schemas.objects import WorkPoolStatus
 
     with prefect_client(served_stack) as client:
         pool = client.read_work_pool(serve.WORK_POOL)
         assert (pool.type, pool.concurrency_limit, pool.status) == ("process", 1, WorkPoolStatus.READY)
-        for name, spec in declared().items():
-            deployment = client.read_deployment_by_name(f"rlhf-ppo/{name}")
-            assert deployment.work_pool_name == serve.WORK_POOL
-            assert deployment.pull_steps == [
-                {"prefect.deployments.steps.set_working_directory": {"directory": str(serve.REPO_ROOT)}}]
-            assert deployment.parameters == {"config": load_run_config(str(config_file(spec)))["config"], "overrides": []}
-            assert deployment.job_variables == spec["work_pool"]["job_variables"]
-            assert deployment.enforce_parameter_schema
-            assert not deployment.paused
-            schedules = [(s.schedule.cron, s.schedule.timezone, s.active) for s in deployment.schedules]
-            assert schedules == [(s["cron"], s["timezone"], s["active"]) for s in spec["schedules"]]
+    for name, spec in declared().items():
+        deployment = served_deployments[name]
+        assert deployment.work_pool_name == serve.WORK_POOL
+        assert deployment.pull_steps == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(serve.REPO_ROOT)}}]
+        assert deployment.parameters == {"config": load_run_config(str(config_file(spec)))["config"], "overrides": []}
+        assert deployment.job_variables == spec["work_pool"]["job_variables"]
+        assert deployment.enforce_parameter_schema
+        assert not deployment.paused
+        schedules = [(s.schedule.cron, s.schedule.timezone, s.active) for s in deployment.schedules]
+        assert schedules == [(s["cron"], s["timezone"], s["active"]) for s in spec["schedules"]]
     assert [s for s in declared()["toy-nightly"]["schedules"]] == [{"cron": "0 2 * * *", "timezone": "UTC", "active": True}]
     assert not any(s["active"] for s in declared()["my-model"]["schedules"])
 
 
-def test_scheduler_plans_the_nightly_at_two_utc(served_stack):
+def test_scheduler_plans_the_nightly_at_two_utc(served_stack, served_deployments):
     """The server's scheduler turns the cron into Scheduled runs at 02:00 UTC on the coming nights."""
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.exceptions import ObjectNotFound
 
+    deployment = served_deployments["toy-nightly"]
     with prefect_client(served_stack) as client:
-        deployment = client.read_deployment_by_name("rlhf-ppo/toy-nightly")
         deadline = time.monotonic() + 20
         while True:
             planned = [run for run in client.read_flow_runs(
@@ -240,6 +229,7 @@ def test_scheduler_plans_the_nightly_at_two_utc(served_stack):
 # --------------------------------------------------------------------------- runs through the worker
 
 
+@TRIGGERED_TIMEOUT
 def test_toy_run_lands_in_mlflow_with_its_prefect_lineage(served_stack, triggered, workspace):
     good = triggered["good"]
     assert good.state.is_completed(), f"good run ended {good.state_name}: {good.state.message}"
@@ -262,6 +252,7 @@ def test_toy_run_lands_in_mlflow_with_its_prefect_lineage(served_stack, triggere
     assert {"rlhf-ppo-summary", "sample-completions"} <= set(artifacts)
 
 
+@TRIGGERED_TIMEOUT
 def test_two_trainings_never_share_the_pool(served_stack, second_worker, triggered):
     proc, since = second_worker
     serve.wait_worker_online(served_stack.api_url, proc, since, timeout=10, name="second-worker")
@@ -273,6 +264,7 @@ def test_two_trainings_never_share_the_pool(served_stack, second_worker, trigger
     assert a_end <= b_start, f"runs overlapped on the pool: {a_start}-{a_end} and {b_start}-{b_end}"
 
 
+@TRIGGERED_TIMEOUT
 def test_failed_run_retried_keeps_stages_1_to_4_cached(served_stack, triggered, workspace):
     fault = triggered["fault"]
     assert fault.state.is_failed(), f"fault run ended {fault.state_name}"
@@ -306,6 +298,7 @@ def test_failed_run_retried_keeps_stages_1_to_4_cached(served_stack, triggered, 
     assert len([v for v in client.search_model_versions(f"name='{REGISTERED_MODEL}'") if v.run_id == run.info.run_id]) == 1
 
 
+@TRIGGERED_TIMEOUT
 def test_mlflow_refuses_clients_without_credentials(served_stack, triggered):
     """Basic auth is on: the worker's runs got in with its credentials; an anonymous request does not."""
     url = f"{served_stack.mlflow_url}/api/2.0/mlflow/experiments/get-by-name?experiment_name={EXPERIMENT}"

@@ -1,0 +1,40 @@
+"""What the server modules decide without starting a server: the deployments' run config files, the
+Prefect server's environment and the port checks."""
+
+from __future__ import annotations
+
+import socket
+
+from deployments import serve
+from deployments.steps import load_run_config
+from mlflow_server import processes
+from ppoflow.config import load_config
+from tests.deployment_files import config_file, declared
+
+
+def test_each_deployment_takes_its_config_from_a_valid_run_config_file():
+    """The files exist and validate; the nightly is the demo config, the template uses LoRA."""
+    deployments = declared()
+    assert config_file(deployments["toy-nightly"]) == serve.REPO_ROOT / "configs" / "toy.yaml"
+    template = load_config(config_file(deployments["my-model"]))
+    assert template.peft.enabled and template.models.ref is None
+    assert load_run_config(str(config_file(deployments["toy-nightly"])))["config"]["tracking"]["experiment"] == "ppoflow-toy"
+    assert all(entry["entrypoint"] == "flows/rlhf_ppo.py:rlhf_ppo" for entry in deployments.values())
+
+
+def test_the_prefect_ui_calls_the_api_of_its_own_port(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    env = serve.prefect_server_env(tmp_path, 4321)
+    assert env["PREFECT_UI_API_URL"] == "http://127.0.0.1:4321/api"
+    assert "PREFECT_API_URL" not in env and env["PREFECT_HOME"] == str(tmp_path / "prefect")
+
+
+def test_a_port_is_in_use_while_a_socket_listens_on_it(closed_port):
+    assert not processes.port_in_use("127.0.0.1", closed_port)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", closed_port))
+        listener.listen()
+        assert processes.port_in_use("127.0.0.1", closed_port)
+        assert serve.choose_port(None, closed_port, "test server") != closed_port  # taken: any free one instead
+    assert processes.http_status(f"http://127.0.0.1:{closed_port}/health", timeout=1.0) is None
+
