@@ -183,11 +183,12 @@ def kill_session(process: subprocess.Popen) -> None:
 
 
 def _mount(*args: str) -> None:
-    for attempt in range(50):
+    deadline = time.monotonic() + 60  # a checkpoint being written holds a remount off; on a loaded machine, seconds
+    while True:
         result = subprocess.run(["mount", *args], capture_output=True, text=True)
         if result.returncode == 0:
             return
-        if "busy" not in result.stderr.lower():
+        if "busy" not in result.stderr.lower() or time.monotonic() > deadline:
             break
         time.sleep(0.05)  # a write in flight: remounting read-only waits for it
     raise OSError(errno.EPERM, f"mount {' '.join(args)}: {result.stderr.strip()}")
