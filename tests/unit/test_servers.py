@@ -1,5 +1,5 @@
 """What the server modules decide without starting a server: the deployments' run config files, the
-Prefect server's environment and the port checks."""
+Prefect server's environment, the MLflow server's redaction of stored URIs, and the port checks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import socket
 
 from deployments import serve
 from deployments.steps import load_run_config
-from mlflow_server import processes
+from mlflow_server import processes, redact_uri
 from ppoflow.config import load_config
 from tests.deployment_files import config_file, declared
 
@@ -27,6 +27,12 @@ def test_the_prefect_ui_calls_the_api_of_its_own_port(tmp_path, monkeypatch):
     env = serve.prefect_server_env(tmp_path, 4321)
     assert env["PREFECT_UI_API_URL"] == "http://127.0.0.1:4321/api"
     assert "PREFECT_API_URL" not in env and env["PREFECT_HOME"] == str(tmp_path / "prefect")
+
+
+def test_the_backend_uri_the_mlflow_server_stores_has_no_password():
+    assert redact_uri("postgresql://u:s3cret@db:5432/mlflow") == "postgresql://u:***@db:5432/mlflow"
+    assert redact_uri("postgresql://u@db/mlflow") == "postgresql://u@db/mlflow"
+    assert redact_uri("sqlite:////a/b.db") == "sqlite:////a/b.db"
 
 
 def test_a_port_is_in_use_while_a_socket_listens_on_it(closed_port):
