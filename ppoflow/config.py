@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ppoflow.errors import ConfigError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+CHAT_TEMPLATE_CHOICES = ("auto", "none")  # data.chat_template: any other value is a template file
 
 
 class _Section(BaseModel):
@@ -45,13 +46,24 @@ class DataConfig(_Section):
     """The prompt dataset."""
 
     path: str = Field(description="JSONL or Parquet file, a saved dataset directory, or a Hub dataset id.")
-    prompt_column: str = Field("prompt", description="Column holding the prompt text.")
+    prompt_column: str = Field(
+        "prompt",
+        description="Column holding the prompts: text, or conversations as TRL writes them (lists of {role, content} "
+        "messages). A column named `messages` is TRL's language-modeling format: its final assistant turn is dropped. "
+        "With the default and no `prompt` column, a `messages` column is used.",
+    )
     split: str = Field("train", description="Split to read from a Hub dataset or saved DatasetDict.")
     revision: str | None = Field(None, description="Hub dataset revision.")
     max_prompt_length: int = Field(64, gt=0, description="Prompts longer than this many tokens are dropped.")
     eval_size: int = Field(64, ge=0, description="Prompts held out (deterministically) for evaluation.")
     eos_prompts: Literal["strip", "drop"] = Field(
         "strip", description="What to do with prompts that end with the EOS token."
+    )
+    chat_template: str = Field(
+        "auto",
+        description="How conversations become prompt text: auto (the policy tokenizer's chat template), none "
+        "(conversations are refused), or a Jinja template file used instead of the tokenizer's. Text prompts are "
+        "used as they are.",
     )
 
 
@@ -349,6 +361,9 @@ def validate_sources(config: RunConfig) -> None:
     data_path = config.data.path
     if not Path(data_path).expanduser().exists() and not HUB_ID.fullmatch(data_path):
         raise ConfigError("data.path", f"{data_path!r} does not exist", "point it at a JSONL/Parquet file, a saved dataset or a Hub id")
+    chat_template = config.data.chat_template
+    if chat_template not in CHAT_TEMPLATE_CHOICES and not Path(chat_template).expanduser().is_file():
+        raise ConfigError("data.chat_template", f"{chat_template!r} is not a file", "point it at a Jinja chat template file, or set it to auto or none")
     if config.peft.enabled and models.ref is not None:
         raise ConfigError("models.ref", "is set while peft.enabled is true", "remove it: with LoRA the base model with the adapter disabled is the reference")
     if config.ppo.stop_token_id is not None and config.ppo.stop_token is not None:

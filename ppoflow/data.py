@@ -3,15 +3,30 @@
 Sources: a `.jsonl`/`.json`/`.parquet` file, a directory written by `save_to_disk` (a `Dataset`,
 or a `DatasetDict` from which `data.split` is taken), a directory of such files, or a Hub dataset id.
 
+Prompts come in TRL's formats, all text or all conversations (a row of the other kind is refused):
+- text in `data.prompt_column` (default `prompt`), tokenized as it is, with the special tokens the
+  tokenizer adds (a BOS, say);
+- conversations in `data.prompt_column`: lists of `{"role", "content"}` messages (system turns
+  included) ending with a user or tool turn, TRL's conversational prompt-only format;
+- conversations in a column named `messages`, TRL's conversational language-modeling format: the
+  final assistant turn (the completion) is dropped and the rest is the prompt. With the default
+  `prompt_column` and no `prompt` column, a `messages` column is used.
+A conversation is rendered with the chat template (`data.chat_template`: the policy tokenizer's, or
+a file's) and the generation prompt, and its text tokenized without added special tokens, as
+`apply_chat_template(tokenize=True)` does: a template that writes BOS gives exactly one. The
+prepared `prompt` column holds the rendered text; `messages` holds the conversation as JSON (null
+for a text prompt), for a reward model with a chat template of its own.
+
 Each row meets these rules in order, and every row dropped is counted in the manifest:
-1. a blank prompt, or one with no token besides BOS/EOS/pad, is dropped (`dropped_empty`);
+1. a blank prompt (for a conversation: every turn blank), or one with no token besides
+   BOS/EOS/pad, is dropped (`dropped_empty`);
 2. a prompt ending with EOS — its text ends with the EOS string, or its token ids end with the EOS
    id (some tokenizers append one) — is dropped (`eos_dropped`) or has the EOS removed
    (`eos_stripped`), as `data.eos_prompts` says: a prompt must leave the policy room to answer;
 3. a prompt longer than `data.max_prompt_length` tokens is dropped (`dropped_too_long`). Lengths
-   count the special tokens the tokenizer adds (a BOS, say); nothing is padded here.
+   count the special tokens the tokenizer or the template adds (a BOS, say); nothing is padded here.
 The kept rows are shuffled with a permutation seeded by `seed`; the first `data.eval_size` become
-the eval split. The same source, tokenizer, config and seed give byte-identical files.
+the eval split. The same source, tokenizer, template, config and seed give byte-identical files.
 """
 
 from __future__ import annotations
@@ -23,6 +38,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -31,7 +47,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ppoflow.atomic import write_directory
-from ppoflow.config import HUB_ID, BatchPlan, DataConfig
+from ppoflow.config import CHAT_TEMPLATE_CHOICES, HUB_ID, BatchPlan, DataConfig
 from ppoflow.errors import ConfigError, DataError
 from ppoflow.hashing import sha256_file, sha256_tree
 from ppoflow.manifests import DatasetManifest
@@ -39,11 +55,22 @@ from ppoflow.models import tokenizer_identity
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = "ppoflow-prompts-1"
+FORMAT_VERSION = "ppoflow-prompts-2"
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-FEATURES = datasets.Features({"prompt": datasets.Value("string"), "input_ids": datasets.Sequence(datasets.Value("int64"))})
+FEATURES = datasets.Features(
+    {
+        "prompt": datasets.Value("string"),
+        "input_ids": datasets.Sequence(datasets.Value("int64")),
+        "messages": datasets.Value("string"),
+    }
+)
 COUNTS = ("dropped_empty", "eos_dropped", "eos_stripped", "dropped_too_long")
 SOURCE_HINT = "point data.path at a JSONL/Parquet file, a saved dataset directory or a Hub dataset id"
+MESSAGES_COLUMN = "messages"  # TRL's conversational language-modeling column: the final assistant turn is dropped
+ANSWERABLE_ROLES = ("user", "tool")  # TRL's rule: the generation prompt follows a user or tool turn
+MESSAGE_HINT = 'make every prompt text or a list of {"role": ..., "content": "..."} messages'
+
+Messages = list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -53,6 +80,20 @@ class _Source:
     digest: str
 
 
+@dataclass(frozen=True)
+class _ChatTemplate:
+    text: str
+    path: Path | None = None  # the file it was read from (data.chat_template); None: the tokenizer's
+    digest: str | None = None  # that file's sha256, as read
+
+
+@dataclass(frozen=True)
+class _Prompts:
+    texts: list[str]  # as given, or rendered from the conversation
+    conversations: list[str | None]  # the JSON of each conversation; None for text
+    template: _ChatTemplate | None  # what rendered the conversations; None for text
+
+
 def prepare_prompts(data: DataConfig, tokenizer: PreTrainedTokenizerBase, out_dir: Path, *, seed: int) -> DatasetManifest:
     """Read, clean, tokenize and split the prompts; write `out_dir/{train,eval,dataset.json}` atomically.
 
@@ -60,8 +101,9 @@ def prepare_prompts(data: DataConfig, tokenizer: PreTrainedTokenizerBase, out_di
     """
     source = _read_source(data)
     rows_read = source.table.num_rows
-    prompts = _prompt_texts(source.table, data.prompt_column)
-    kept_prompts, kept_ids, counts = _clean_and_tokenize(prompts, tokenizer, data)
+    column = _prompt_column(data, source)
+    prompts = _prompts(source.table[column], column, data, tokenizer)
+    kept_rows, kept_prompts, kept_ids, counts = _clean_and_tokenize(prompts, tokenizer, data, column)
     if data.eval_size >= len(kept_prompts):
         raise ConfigError(
             "data.eval_size",
@@ -73,18 +115,23 @@ def prepare_prompts(data: DataConfig, tokenizer: PreTrainedTokenizerBase, out_di
     order = np.random.default_rng(seed).permutation(len(kept_prompts))
     splits = {
         name: datasets.Dataset.from_dict(
-            {"prompt": [kept_prompts[i] for i in indices], "input_ids": [kept_ids[i] for i in indices]},
+            {
+                "prompt": [kept_prompts[i] for i in indices],
+                "input_ids": [kept_ids[i] for i in indices],
+                "messages": [prompts.conversations[kept_rows[i]] for i in indices],
+            },
             features=FEATURES,
         )
         for name, indices in (("train", order[data.eval_size :]), ("eval", order[: data.eval_size]))
     }
-    fingerprint = _fingerprint(source.digest, tokenizer, data, seed)
+    fingerprint = _fingerprint(source.digest, tokenizer, data, seed, prompts.template)
     manifest = _write_atomically(
         Path(out_dir).absolute(),
         splits,
         fingerprint=fingerprint,
         source=source.name,
         **_local_provenance(data, source),
+        **_template_provenance(prompts),
         rows_read=rows_read,
         rows_kept=len(kept_prompts),
         **{key: counts[key] for key in COUNTS},
@@ -99,13 +146,16 @@ def prepare_prompts(data: DataConfig, tokenizer: PreTrainedTokenizerBase, out_di
 
 
 def load_prompts(split_dir: Path) -> datasets.Dataset:
-    """One prepared split (`train_dir` or `eval_dir` of a `DatasetManifest`): columns `prompt`, `input_ids`."""
+    """One prepared split (`train_dir` or `eval_dir` of a `DatasetManifest`): columns `prompt` (the text the
+    policy sees), `input_ids`, `messages` (the conversation's JSON; null for a text prompt)."""
     try:
         table = datasets.load_from_disk(str(split_dir))
     except (FileNotFoundError, ValueError) as exc:
         raise DataError(f"{split_dir} is not a prepared prompt split ({_reason(exc)}) — prepare the dataset again (stage 3)") from exc
     if not isinstance(table, datasets.Dataset) or table.column_names != list(FEATURES):
-        raise DataError(f"{split_dir} is not a prepared prompt split (expected columns prompt, input_ids) — prepare the dataset again (stage 3)")
+        raise DataError(
+            f"{split_dir} is not a prepared prompt split (expected columns {', '.join(FEATURES)}) — prepare the dataset again (stage 3)"
+        )
     return table
 
 
@@ -124,7 +174,7 @@ def batch_rows(num_rows: int, batch_size: int, update: int, seed: int) -> list[i
 
 
 def local_batch(train_rows: datasets.Dataset, batch: BatchPlan, update: int, seed: int, rank: int) -> datasets.Dataset:
-    """This process's slice of the global batch of `update` (columns `prompt`, `input_ids`)."""
+    """This process's slice of the global batch of `update` (the columns of `load_prompts`)."""
     rows = batch_rows(len(train_rows), batch.batch_size, update, seed)
     return train_rows.select(rows[rank * batch.local_batch_size : (rank + 1) * batch.local_batch_size])
 
@@ -141,13 +191,23 @@ def _read_source(data: DataConfig) -> _Source:
         source = _read_hub(data)
     if source.table.num_rows == 0:
         raise _data_error("data.path", f"{source.name} has no rows", "give it at least one prompt per training batch")
-    if data.prompt_column not in source.table.column_names:
-        raise ConfigError(
-            "data.prompt_column",
-            f"{data.prompt_column!r} is not a column of {source.name} (its columns: {', '.join(source.table.column_names)})",
-            "set it to the column holding the prompt text",
-        )
     return source
+
+
+def _prompt_column(data: DataConfig, source: _Source) -> str:
+    """The column holding the prompts: `data.prompt_column`, or `messages` in place of an absent default."""
+    columns = source.table.column_names
+    if data.prompt_column in columns:
+        return data.prompt_column
+    if data.prompt_column == DataConfig.model_fields["prompt_column"].default and MESSAGES_COLUMN in columns:
+        logger.info("no %r column in %s: the prompts are the conversations in %r", data.prompt_column, source.name, MESSAGES_COLUMN)
+        return MESSAGES_COLUMN
+    raise ConfigError(
+        "data.prompt_column",
+        f"{data.prompt_column!r} is not a column of {source.name} (its columns: {', '.join(columns)})",
+        f"set it to the column holding the prompts (text or message lists; a {MESSAGES_COLUMN!r} column is used when there "
+        "is no 'prompt' column)",
+    )
 
 
 def _read_file(path: Path) -> _Source:
@@ -220,32 +280,125 @@ def _read_hub(data: DataConfig) -> _Source:
     return _Source(table, f"{data.path}{revision}[{data.split}]", f"hub:{data.path}{revision}:{table._fingerprint}")
 
 
-def _prompt_texts(table: datasets.Dataset, column: str) -> list[str]:
-    texts = list(table[column])
-    for row, value in enumerate(texts):
-        if not isinstance(value, str):
-            shown = "null" if value is None else f"{type(value).__name__} {repr(value)[:40]}"
+def _prompts(values, column: str, data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> _Prompts:
+    """Every row's prompt text: text as it is, a conversation rendered with the chat template."""
+    values = list(values)
+    kinds = [_kind(row, value, column) for row, value in enumerate(values)]
+    for row, kind in enumerate(kinds):
+        if kind != kinds[0]:
             raise _data_error(
                 "data.prompt_column",
-                f"row {row} of column {column!r} holds {shown}, not text",
-                "make every prompt a string, or point data.prompt_column at the text column",
+                f"row {row} of column {column!r} holds {kind}, but row 0 holds {kinds[0]}",
+                "make the prompts all text or all conversations",
             )
-    return texts
+    if kinds[0] == "text":
+        if data.chat_template not in CHAT_TEMPLATE_CHOICES:
+            logger.warning("data.chat_template names %s, but the prompts in column %r are text: it is not used", data.chat_template, column)
+        return _Prompts(values, [None] * len(values), None)
+    conversations = [_conversation(row, messages, column) for row, messages in enumerate(values)]
+    template = _chat_template(data, tokenizer, column)
+    texts = [_render(row, conversation, tokenizer, template.text) for row, conversation in enumerate(conversations)]
+    return _Prompts(texts, [json.dumps(conversation, ensure_ascii=False) for conversation in conversations], template)
+
+
+def _kind(row: int, value: Any, column: str) -> str:
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        return "a conversation"
+    raise _data_error(
+        "data.prompt_column",
+        f"row {row} of column {column!r} holds {_shown(value)}, not text or a list of messages",
+        f"{MESSAGE_HINT}, or point data.prompt_column at the prompt column",
+    )
+
+
+def _conversation(row: int, messages: list, column: str) -> Messages:
+    """The messages the policy answers: checked, the final assistant turn of a `messages` row dropped."""
+    where = f"row {row} of column {column!r}"
+    if not messages:
+        raise _data_error("data.prompt_column", f"{where} is an empty conversation", MESSAGE_HINT)
+    for index, message in enumerate(messages):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
+            raise _data_error(
+                "data.prompt_column", f"{where}: message {index} is {_shown(message)}, not a {{role, content}} message with text content", MESSAGE_HINT
+            )
+    # Arrow gives every message each key any message has (null where it is absent); transformers drops them too.
+    messages = [{key: value for key, value in message.items() if value is not None} for message in messages]
+    if column == MESSAGES_COLUMN and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+        if not messages:
+            raise _data_error(
+                "data.prompt_column",
+                f"{where} holds only an assistant turn: no prompt is left once the final assistant turn (the completion) is dropped",
+                "begin each conversation with a user turn",
+            )
+    last_role = messages[-1]["role"]
+    if last_role not in ANSWERABLE_ROLES:
+        fix = "end it with a user turn"
+        if last_role == "assistant":
+            fix += f"; a conversation ending with its reply belongs in a {MESSAGES_COLUMN!r} column (TRL's language-modeling format), whose final assistant turn is dropped"
+        raise _data_error("data.prompt_column", f"{where} ends with a turn of role {last_role!r}: the policy answers a user or tool turn", fix)
+    return messages
+
+
+def _chat_template(data: DataConfig, tokenizer: PreTrainedTokenizerBase, column: str) -> _ChatTemplate:
+    if data.chat_template == "none":
+        raise ConfigError(
+            "data.chat_template",
+            f"is none, but column {column!r} holds conversations",
+            "set it to auto (the policy tokenizer's template) or a Jinja template file, or give the prompts as text",
+        )
+    if data.chat_template == "auto":
+        if not tokenizer.chat_template:
+            raise ConfigError(
+                "data.chat_template",
+                f"is auto, but the policy tokenizer has no chat template to render the conversations in column {column!r}",
+                "set data.chat_template to a Jinja template file, or give the prompts as text",
+            )
+        try:
+            return _ChatTemplate(tokenizer.get_chat_template())
+        except ValueError as exc:  # several named templates, none of them the default
+            raise ConfigError("data.chat_template", f"the policy tokenizer's chat template cannot be used ({_reason(exc)})", "set it to a Jinja template file") from exc
+    path = Path(data.chat_template).expanduser().resolve()
+    try:
+        raw = path.read_bytes()
+        return _ChatTemplate(raw.decode("utf-8"), path, hashlib.sha256(raw).hexdigest())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("data.chat_template", f"cannot read {path} ({_reason(exc)})", "point it at a Jinja chat template file, or set it to auto or none") from exc
+
+
+def _render(row: int, conversation: Messages, tokenizer: PreTrainedTokenizerBase, template: str) -> str:
+    if not any(message["content"].strip() for message in conversation):
+        return ""  # a blank prompt, dropped as one
+    try:
+        return tokenizer.apply_chat_template(conversation, chat_template=template, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # a template error, or the template refusing the conversation (raise_exception)
+        raise ConfigError(
+            "data.chat_template", f"the chat template fails on row {row} ({_reason(exc)})", "fix the template, or the row if the template refuses it"
+        ) from exc
+
+
+def _shown(value: Any) -> str:
+    return "null" if value is None else f"{type(value).__name__} {repr(value)[:40]}"
 
 
 def _clean_and_tokenize(
-    prompts: list[str], tokenizer: PreTrainedTokenizerBase, data: DataConfig
-) -> tuple[list[str], list[list[int]], Counter[str]]:
+    prompts: _Prompts, tokenizer: PreTrainedTokenizerBase, data: DataConfig, column: str
+) -> tuple[list[int], list[str], list[list[int]], Counter[str]]:
+    """The rows kept (their indices, texts and token ids) and the counts of those dropped or changed."""
     eos_id = tokenizer.eos_token_id
     frame_ids = {tokenizer.bos_token_id, eos_id, tokenizer.pad_token_id} - {None}
-    texts = [_without_trailing_eos(prompt, tokenizer.eos_token) for prompt in prompts]
-    token_ids = tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
+    texts = [_without_trailing_eos(prompt, tokenizer.eos_token) for prompt in prompts.texts]
+    # A rendered conversation holds its special tokens already (a BOS the template writes): none are added.
+    token_ids = tokenizer(texts, add_special_tokens=prompts.template is None, verbose=False)["input_ids"]
 
     counts: Counter[str] = Counter()
+    kept_rows: list[int] = []
     kept_prompts: list[str] = []
     kept_ids: list[list[int]] = []
     lengths: list[int] = []
-    for prompt, text, ids in zip(prompts, texts, token_ids):
+    for row, (prompt, text, ids) in enumerate(zip(prompts.texts, texts, token_ids)):
         if not text.strip() or all(token in frame_ids for token in ids):
             counts["dropped_empty"] += 1
             continue
@@ -260,6 +413,7 @@ def _clean_and_tokenize(
         if len(ids) > data.max_prompt_length:
             counts["dropped_too_long"] += 1
             continue
+        kept_rows.append(row)
         kept_prompts.append(text)
         kept_ids.append(list(ids))
 
@@ -280,10 +434,10 @@ def _clean_and_tokenize(
             )
         raise _data_error(
             "data.prompt_column",
-            f"all {len(prompts)} prompts in column {data.prompt_column!r} are empty or whitespace",
-            "point data.prompt_column at the column holding the prompt text",
+            f"all {len(texts)} prompts in column {column!r} are empty or whitespace",
+            "point data.prompt_column at the column holding the prompts",
         )
-    return kept_prompts, kept_ids, counts
+    return kept_rows, kept_prompts, kept_ids, counts
 
 
 def _without_trailing_eos(prompt: str, eos_token: str | None) -> str:
@@ -294,11 +448,12 @@ def _without_trailing_eos(prompt: str, eos_token: str | None) -> str:
     return text
 
 
-def _fingerprint(source_digest: str, tokenizer: PreTrainedTokenizerBase, data: DataConfig, seed: int) -> str:
+def _fingerprint(source_digest: str, tokenizer: PreTrainedTokenizerBase, data: DataConfig, seed: int, template: _ChatTemplate | None) -> str:
     identity = {
         "format": FORMAT_VERSION,
         "source": source_digest,
         "tokenizer": tokenizer_identity(tokenizer),
+        "chat_template": template.text if template else None,
         "data": data.model_dump(mode="json"),
         "seed": seed,
     }
@@ -310,6 +465,14 @@ def _local_provenance(data: DataConfig, source: _Source) -> dict:
     if source.digest.startswith("hub:"):
         return {}
     return {"source_path": Path(data.path).expanduser().resolve(), "source_split": data.split, "source_digest": source.digest}
+
+
+def _template_provenance(prompts: _Prompts) -> dict:
+    """The template file that rendered the conversations and its digest, so a cached manifest notices an edit."""
+    template = prompts.template
+    if template is None or template.path is None:
+        return {}
+    return {"chat_template_path": template.path, "chat_template_digest": template.digest}
 
 
 def _write_atomically(out_dir: Path, splits: dict[str, datasets.Dataset], **counts_and_provenance) -> DatasetManifest:

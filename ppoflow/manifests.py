@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict
 from ppoflow.checkpoint import verify_checkpoint
 from ppoflow.config import BatchPlan, RunConfig
 from ppoflow.errors import CheckpointError
-from ppoflow.hashing import local_source_digest, sha256_tree
+from ppoflow.hashing import local_source_digest, sha256_file, sha256_tree
 
 
 class Manifest(BaseModel):
@@ -92,15 +92,21 @@ class DatasetManifest(Manifest):
     source_path: Path | None = None
     source_split: str = "train"
     source_digest: str | None = None
+    chat_template_path: Path | None = None  # the template file (data.chat_template) that rendered conversations
+    chat_template_digest: str | None = None
 
     def is_intact(self) -> bool:
-        """The prepared splits are unchanged, and so is a local source (an edited prompts file
-        must be prepared again, not answered from yesterday's cache)."""
+        """The prepared splits are unchanged, and so are a local source and a chat template file (an
+        edited prompts file must be prepared again, not answered from yesterday's cache)."""
         source_unchanged = self.source_digest is None or (
             self.source_path is not None and local_source_digest(self.source_path, self.source_split) == self.source_digest
         )
+        template_unchanged = self.chat_template_path is None or (
+            self.chat_template_path.is_file() and sha256_file(self.chat_template_path) == self.chat_template_digest
+        )
         return (
             source_unchanged
+            and template_unchanged
             and self.train_dir.is_dir()
             and self.eval_dir.is_dir()
             and sha256_tree(self.train_dir) == self.train_digest

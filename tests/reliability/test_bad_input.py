@@ -42,6 +42,14 @@ def _another_configs_checkpoint(output_dir: Path) -> None:
     write_checkpoint(output_dir / "checkpoints", 0, lambda directory: (directory / "weights.txt").write_text("other run"), state)
 
 
+def user(content: str) -> dict:
+    return {"role": "user", "content": content}
+
+
+def reply(content: str) -> dict:
+    return {"role": "assistant", "content": content}
+
+
 def rf(path: str) -> str:
     """A `reward_functions` override (braces doubled: overrides go through str.format)."""
     return "reward_functions=[{{path: '%s', weight: 0.0}}]" % path
@@ -92,6 +100,13 @@ CASES = [
     Case("prompts all too long", "`data.max_prompt_length`", ("data.max_prompt_length=2",)),
     Case("prompts all ending with EOS, dropped", "`data.eos_prompts`", ("data.path={bad}/eos.jsonl", "data.eos_prompts=drop")),
     Case("eval split larger than the data", "`data.eval_size`", ("data.path={bad}/few.jsonl", "data.eval_size=40")),
+    Case("chat template file missing", "`data.chat_template`", ("data.chat_template=/no/such/template.jinja",)),
+    Case("conversations without a chat template", "`data.chat_template`", ("data.path={bad}/conversations.jsonl",)),
+    Case("conversations with the chat template off", "`data.chat_template`", ("data.path={bad}/conversations.jsonl", "data.chat_template=none")),
+    Case("chat template that does not render", "`data.chat_template`", ("data.path={bad}/conversations.jsonl", "data.chat_template={bad}/broken.jinja")),
+    Case("text and conversations mixed", "data.prompt_column:", ("data.path={bad}/mixed.jsonl",)),
+    Case("messages without content", "data.prompt_column:", ("data.path={bad}/no-content.jsonl",)),
+    Case("conversation that is only the reply", "data.prompt_column:", ("data.path={bad}/reply-only.jsonl",)),
     # -- tracking (the flow) ---------------------------------------------------------------------
     Case("tracking server unreachable", "MLFLOW_TRACKING_URI=", command="run", tracking_uri="http://127.0.0.1:{closed_port}"),
     Case("tracking file store", "MLFLOW_TRACKING_URI=", command="run", tracking_uri="file:///tmp/mlruns"),
@@ -141,6 +156,11 @@ def bad(toy_world, tmp_path_factory) -> Path:
         "blank.jsonl": "".join(json.dumps({"prompt": "   "}) + "\n" for _ in range(50)),
         "eos.jsonl": "".join(json.dumps({"prompt": f"the movie was good <eos>{' ' * (i % 3)}"}) + "\n" for i in range(50)),
         "few.jsonl": "".join(json.dumps({"prompt": f"review number {i} :"}) + "\n" for i in range(40)),
+        "conversations.jsonl": "".join(json.dumps({"messages": [user(f"review number {i} :"), reply("great .")]}) + "\n" for i in range(50)),
+        "broken.jinja": "{% for message in messages %}",
+        "mixed.jsonl": json.dumps({"prompt": "review :"}) + "\n" + json.dumps({"prompt": [user("review :")]}) + "\n",
+        "no-content.jsonl": json.dumps({"prompt": [{"role": "user", "text": "review :"}]}) + "\n",
+        "reply-only.jsonl": json.dumps({"messages": [reply("great .")]}) + "\n",
     }
     for name, text in lines.items():
         (root / name).write_text(text)

@@ -127,6 +127,7 @@ STAGE_ONE_BAD = [
     (["models.policy=/does/not/exist"], "models.policy", "neither an existing directory nor a Hub id"),
     (["models.reward=./missing/reward/dir"], "models.reward", "neither an existing directory nor a Hub id"),
     (["data.path=/no/such/prompts.jsonl"], "data.path", "does not exist"),
+    (["data.chat_template=/no/such/template.jinja"], "data.chat_template", "is not a file"),
     (["reward_functions=[{path: 'no_such_module:score'}]"], "reward_functions.0.path", "cannot import module"),
     (["reward_functions=[{path: 'ppoflow.toy:no_such_function'}]"], "reward_functions.0.path", "no callable"),
     (["reward_functions=[{path: 'ppoflow.toy:oracle_score'}, {path: 'ppoflow.toy:oracle_score'}]"], "reward_functions", "used twice"),

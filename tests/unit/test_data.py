@@ -119,7 +119,8 @@ def prepare(path: Path, out_dir: Path, tokenizer=None, seed: int = 0, **fields) 
 
 def stored(split_dir: Path) -> list[tuple[str, list[int]]]:
     table = load_prompts(split_dir)
-    assert table.column_names == ["prompt", "input_ids"]
+    assert table.column_names == ["prompt", "input_ids", "messages"]
+    assert set(table["messages"]) <= {None}  # text prompts have no conversation
     return list(zip(table["prompt"], table["input_ids"]))
 
 
