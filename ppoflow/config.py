@@ -126,9 +126,17 @@ class PeftConfig(_Section):
     enabled: bool = Field(False, description="Train a LoRA adapter instead of all policy weights.")
     r: int = Field(8, gt=0, description="LoRA rank.")
     lora_alpha: int = Field(16, gt=0, description="LoRA scaling numerator.")
-    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path.")
+    lora_dropout: float = Field(
+        0.0, ge=0, lt=1,
+        description="Dropout on the LoRA path, accepted for configs ported from peft/TRL but switched off like every "
+        "dropout (PPO's first ratio must be 1).",
+    )
     target_modules: list[str] | Literal["all-linear"] = Field(
-        default_factory=lambda: ["q_proj", "v_proj"], description="Module names LoRA wraps."
+        "all-linear",
+        description="Module names LoRA wraps (the last part of a module's name, e.g. [q_proj, v_proj]), or "
+        "`all-linear`: peft's choice of every linear layer (nn.Linear and GPT-2's Conv1D) but the LM head. The "
+        "default because it exists in every family, fused projections included (GPT-2 c_attn, GPT-NeoX "
+        "query_key_value, Phi-3 qkv_proj), while q_proj/v_proj exist only in Llama-style ones.",
     )
     merge_on_save: bool = Field(False, description="Also save the adapter merged into the base weights.")
 

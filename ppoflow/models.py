@@ -1,9 +1,9 @@
 """Stage 2: find, fingerprint and load the four models and the shared tokenizer.
 
 The reward and value models are `*ForSequenceClassification` heads on a decoder backbone; their
-per-token scores come from the backbone's hidden states through the `score` head, so the reward is
-read at the last real token we choose (not where the model guesses padding starts) and the value
-model gives one value per response token.
+per-token scores come from the backbone's hidden states through the scalar head (`score`, CTRL's
+`classifier`), so the reward is read at the last real token we choose (not where the model guesses
+padding starts) and the value model gives one value per response token.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -22,9 +23,11 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
 from ppoflow.config import ModelsConfig, PeftConfig, RunConfig
 from ppoflow.errors import ModelError
@@ -84,6 +87,20 @@ def count_parameters(field: str, model_dir: Path) -> int:
     return total
 
 
+def role_classes(config: PreTrainedConfig, *, classifier: bool) -> set[str]:
+    """The class names `AutoModelForCausalLM` (or, for a classifier, `AutoModelForSequenceClassification`)
+    loads for `config`: transformers' own for its model_type (GPT-2's causal LM is `GPT2LMHeadModel`),
+    or the one its remote code names in `auto_map`. A checkpoint fits a role when its `architectures`
+    name one of them: its weights are that class's, head included."""
+    mapping = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES if classifier else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    mapped = mapping.get(config.model_type) or ()
+    names = {mapped} if isinstance(mapped, str) else set(mapped)
+    remote = (getattr(config, "auto_map", None) or {}).get("AutoModelForSequenceClassification" if classifier else "AutoModelForCausalLM")
+    if remote:
+        names.add(remote.rsplit(".", 1)[-1])
+    return names
+
+
 def describe_source(role: str, field: str, source: str, revision: str | None, *, classifier: bool, trust_remote_code: bool) -> ModelSource:
     """Locate a model, check it fits its role from its config alone, and fingerprint its files."""
     local_dir = resolve_source(field, source, revision)
@@ -92,16 +109,18 @@ def describe_source(role: str, field: str, source: str, revision: str | None, *,
     except Exception as exc:
         raise ModelError(f"models.{field}: {local_dir} has no readable config.json ({type(exc).__name__}) — is it a Hugging Face model directory?") from None
     architectures = config.architectures or []
-    if classifier:
-        if not any(name.endswith("ForSequenceClassification") for name in architectures):
-            raise ModelError(
-                f"models.{field}: {source} is a {architectures or 'model of unknown class'}, not a sequence classifier — "
-                "use an AutoModelForSequenceClassification checkpoint with num_labels=1"
-            )
-        if config.num_labels != 1:
-            raise ModelError(f"models.{field}: {source} has num_labels={config.num_labels} — a reward/value model needs num_labels=1")
-    elif not any(name.endswith("ForCausalLM") for name in architectures):
-        raise ModelError(f"models.{field}: {source} is a {architectures or 'model of unknown class'}, not a causal LM — use an AutoModelForCausalLM checkpoint")
+    auto_class = "AutoModelForSequenceClassification" if classifier else "AutoModelForCausalLM"
+    expected = role_classes(config, classifier=classifier)
+    if not expected.intersection(architectures):
+        loads = f"{auto_class} loads {sorted(expected)} for model_type {config.model_type!r}" if expected else (
+            f"{auto_class} has no class for model_type {config.model_type!r}")
+        raise ModelError(
+            f"models.{field}: {source} is a {architectures or 'model of unknown class'}, not a "
+            f"{'sequence classifier' if classifier else 'causal LM'} ({loads}) — use an {auto_class} checkpoint"
+            f"{' with num_labels=1' if classifier else ''}"
+        )
+    if classifier and config.num_labels != 1:
+        raise ModelError(f"models.{field}: {source} has num_labels={config.num_labels} — a reward/value model needs num_labels=1")
     return ModelSource(
         role=role,
         source=source,
@@ -196,12 +215,39 @@ def load_tokenizer(tokenizer_dir: Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+# Names of the settings that make a training-mode forward random: dropout probabilities in every
+# spelling (`attention_dropout`, GPT-2's `attn_pdrop`, OPT's `layerdrop`, `drop_path_rate`) and MoE
+# routers' `router_jitter_noise`. Every numeric field of transformers 5.24's config classes that
+# matches is one of those.
+_STOCHASTIC_SETTING = re.compile(r"drop|jitter", re.IGNORECASE)
+
+
 def disable_dropout(model: nn.Module) -> None:
-    """PPO's ratio must be 1 on the first pass over fresh rollouts: no dropout anywhere. Call it once
-    the model is complete (after a LoRA adapter is added or loaded: its `lora_dropout` too)."""
+    """PPO's ratio must be 1 on the first pass over fresh rollouts, and the trainer runs its forward in
+    training mode: no dropout anywhere, whatever form it takes. Zeroes `nn.Dropout` modules (LoRA's
+    `lora_dropout` among them), the floats modules cached from their config at init and apply as
+    functional dropout when `self.training` (Llama's `attention_dropout`, OPT's `dropout` and
+    `layerdrop`), and the config fields themselves, which some families read at forward time (Falcon,
+    GPT-Neo); saved checkpoints therefore record dropout 0, as the weights were trained. Call it once
+    the model is complete (after a LoRA adapter is added or loaded)."""
+    configs = {}
     for module in model.modules():
-        if isinstance(module, nn.Dropout):
+        if isinstance(module, _DROPOUT_MODULES):
             module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if isinstance(value, PreTrainedConfig):
+                configs[id(value)] = value
+            elif _is_stochastic_setting(name, value):
+                setattr(module, name, 0.0)
+    for config in configs.values():
+        for name, value in list(vars(config).items()):
+            if _is_stochastic_setting(name, value):
+                setattr(config, name, 0.0)
+
+
+def _is_stochastic_setting(name: str, value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value != 0 and bool(_STOCHASTIC_SETTING.search(name))
 
 
 def load_causal_lm(directory: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> PreTrainedModel:
@@ -215,9 +261,25 @@ def load_classifier(directory: Path, dtype: torch.dtype, trust_remote_code: bool
         directory, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, num_labels=1
     )
     disable_dropout(model)
-    if not isinstance(getattr(model, "score", None), nn.Module):
-        raise ModelError(f"{directory}: {type(model).__name__} has no `score` head — ppoflow needs a decoder classifier such as LlamaForSequenceClassification")
+    if scalar_head(model) is None:
+        raise ModelError(
+            f"{directory}: {type(model).__name__} has no head that scores each position (a `score` head, or a linear "
+            "`classifier` without a pooler) — ppoflow needs a decoder classifier such as LlamaForSequenceClassification"
+        )
     return model
+
+
+def scalar_head(classifier: nn.Module) -> nn.Module | None:
+    """The head a decoder classifier applies to each position's hidden state: `score` (the
+    transformers convention: Llama, GPT-2, GPT-NeoX, OPT, Gemma, Phi-3...) or a linear `classifier`
+    (CTRL). None for anything else: a head with layers of its own, or an encoder's `classifier`,
+    which reads a pooled first token (BERT, DeBERTa: a `pooler` module), not each position."""
+    head = getattr(classifier, "score", None)
+    if isinstance(head, nn.Module):
+        return head
+    head = getattr(classifier, "classifier", None)
+    pooled = any(name.rsplit(".", 1)[-1] == "pooler" for name, _ in classifier.named_modules())
+    return head if isinstance(head, nn.Linear) and not pooled else None
 
 
 # The run's models are loaded through the three functions below, by training and by evaluation
@@ -256,20 +318,26 @@ def load_frozen(config: RunConfig, models: ModelManifest, device: torch.device) 
 
 
 def add_lora(policy: PreTrainedModel, peft: PeftConfig) -> PreTrainedModel:
-    """Wrap the policy with a LoRA adapter; a target module missing from the model is an error."""
-    from peft import LoraConfig, get_peft_model
+    """Wrap the policy with a LoRA adapter; a target module missing from the model is an error.
 
+    `all-linear` is peft's: every `nn.Linear` and GPT-2-style `Conv1D` layer but the LM head, so
+    fused projections (GPT-NeoX's `query_key_value`, Phi-3's `qkv_proj`, GPT-2's `c_attn`) are
+    adapted whole. GPT-2's `Conv1D` stores its weight transposed: peft is told (`fan_in_fan_out`)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    adaptable = {name.rsplit(".", 1)[-1]: module for name, module in policy.named_modules() if isinstance(module, nn.Linear | Conv1D)}
     if peft.target_modules != "all-linear":
         names = {name.rsplit(".", 1)[-1] for name, _ in policy.named_modules()}
         missing = [target for target in peft.target_modules if target not in names]
         if missing:
-            linear = sorted({name.rsplit(".", 1)[-1] for name, module in policy.named_modules() if isinstance(module, nn.Linear)})
-            raise ModelError(f"peft.target_modules: {missing} not found in the policy — choose among {linear} or 'all-linear'")
+            raise ModelError(f"peft.target_modules: {missing} not found in the policy — choose among {sorted(adaptable)} or 'all-linear'")
     lora = LoraConfig(
         r=peft.r,
         lora_alpha=peft.lora_alpha,
         lora_dropout=peft.lora_dropout,
         target_modules=peft.target_modules,
+        fan_in_fan_out=any(isinstance(module, Conv1D) for module in adaptable.values()),
         task_type="CAUSAL_LM",
     )
     return get_peft_model(policy, lora)
@@ -301,9 +369,10 @@ def response_logits(policy: nn.Module, inputs: dict[str, torch.Tensor | None], i
 def token_values(classifier: nn.Module, inputs: dict[str, torch.Tensor | None], index: torch.Tensor) -> torch.Tensor:
     """A `*ForSequenceClassification` model's scalar output at the flat positions `index`: [len(index)].
 
-    Read through its `score` head at positions we choose (a layout's `before` for values, `last` for
-    the reward), not where the model would guess padding starts."""
-    return classifier.score(decoder_states(classifier, inputs)[index]).squeeze(-1)
+    Read through its head (`scalar_head`) at positions we choose (a layout's `before` for values,
+    `last` for the reward), not where the model would guess padding starts: so a classifier whose
+    config has no `pad_token_id` (GPT-2's) scores batches as well as single sequences."""
+    return scalar_head(classifier)(decoder_states(classifier, inputs)[index]).squeeze(-1)
 
 
 @torch.no_grad()
@@ -330,6 +399,11 @@ def packing_supported(model: nn.Module, pad_token_id: int) -> bool:
     return bool((packed - padded).norm() <= tolerance * padded.norm())
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (its class is what a user recognises)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def use_packing(enabled: bool, models: dict[str, nn.Module | None], pad_token_id: int) -> bool:
     """`ppo.pack_sequences`, unless one of the models (by role) fails the packing self-check: then padded
     rows, with a warning naming it."""
@@ -339,7 +413,7 @@ def use_packing(enabled: bool, models: dict[str, nn.Module | None], pad_token_id
         if model is not None and not packing_supported(model, pad_token_id):
             log.warning(
                 "models.%s: %s ignores packed position ids — using padded batches (slower); "
-                "set ppo.pack_sequences: false to silence this", role, type(model).__name__,
+                "set ppo.pack_sequences: false to silence this", role, type(_unwrapped(model)).__name__,
             )
             return False
     return True

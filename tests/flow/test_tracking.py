@@ -138,7 +138,7 @@ def test_open_run_logs_the_plan_once_and_continues_the_same_run(store, make_plan
     params = logged.data.params
     assert params["ppo.learning_rate"] == "1e-05"
     assert params["batch.batch_size"] == str(plan.batch.batch_size)
-    assert json.loads(params["peft.target_modules"]) == ["q_proj", "v_proj"]
+    assert params["peft.target_modules"] == "all-linear"
     assert params["version.mlflow"] == mlflow.__version__ and "version.python" in params
     assert params["data.path"] == "s3://reader:***@bucket/prompts.jsonl"
     assert logged.data.tags["ppoflow.config_hash"] == plan.config_hash
