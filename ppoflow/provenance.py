@@ -6,6 +6,8 @@ beside its numbers (`benchmarks/run.py`). Nothing here imports a heavy library.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.metadata
 import platform
 import subprocess
@@ -58,3 +60,15 @@ def library_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return versions
+
+
+@functools.cache
+def engine_identity(package: Path = REPOSITORY / "ppoflow") -> str:
+    """ppoflow's version and a digest of the engine's source (every `ppoflow/**/*.py`, by relative
+    path and content): what a cached stage result depends on besides its inputs, so an upgraded or
+    edited engine never reuses results of the old one."""
+    digest = hashlib.sha256(importlib.metadata.version("ppoflow").encode())
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()

@@ -5,8 +5,8 @@ every process) plus the task's source, never the flow run id, so any later flow 
 inputs reuses the result. Results are persisted as JSON records in `config.flow.result_storage`
 (default `.ppoflow/prefect-results`). A stored manifest is only a hit while `is_intact()` holds:
 when its files are gone or changed, the key moves to the next generation (see `IntactManifests`)
-and the stage runs again. The key holds the task's source, not the engine's: after changing
-`ppoflow` itself, run once with `PREFECT_TASKS_REFRESH_CACHE=true` (or another result storage).
+and the stage runs again. The key also holds ppoflow's version and a digest of the engine's source
+(`provenance.engine_identity`): an upgraded or edited engine never reuses the old one's results.
 
 Retries. Every stage retries transient failures (a crash, a lost connection, an injected fault)
 with the backoff of `config.flow`; a `PpoflowError` (bad config, bad data, a model that does not fit
@@ -32,6 +32,7 @@ from prefect.utilities.hashing import hash_objects
 from ppoflow.config import FlowConfig
 from ppoflow.errors import PpoflowError
 from ppoflow.manifests import Manifest
+from ppoflow.provenance import engine_identity
 from ppoflow.tracking import run_name
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,8 @@ DEFAULT_RESULT_STORAGE = Path(".ppoflow/prefect-results")
 
 @dataclass
 class IntactManifests(CachePolicy):
-    """INPUTS + TASK_SOURCE, where a stored manifest whose files are missing or changed is no hit.
+    """INPUTS + TASK_SOURCE + the engine's identity, where a stored manifest whose files are missing or
+    changed is no hit.
 
     Prefect counts any record stored under the key as a hit, so the check happens while the key is
     computed: a record at the key whose manifest is not intact sends the key on to
@@ -55,6 +57,8 @@ class IntactManifests(CachePolicy):
 
     def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
         key = self.base.compute_key(task_ctx=task_ctx, inputs=inputs, flow_parameters=flow_parameters, **kwargs)
+        if key is not None:
+            key = hash_objects(key, engine_identity(), raise_on_failure=True)
         store = task_ctx.result_store if task_ctx else None
         while key is not None and store is not None and store.exists(key):
             stale = _stale_manifest(store, key)
