@@ -31,8 +31,14 @@ class ModelsConfig(_Section):
     """Where the four models come from. Each is a local directory or a Hugging Face Hub id."""
 
     policy: str = Field(description="The SFT checkpoint the policy starts from (causal LM).")
-    reward: str = Field(description="A sequence classifier with num_labels=1 (the reward model).")
-    value: str | None = Field(None, description="Value model start; default: the reward checkpoint.")
+    reward: str = Field(
+        description="A sequence classifier with num_labels=1 (the reward model), with the policy's tokenizer or its own "
+        "(prompt + response are then re-encoded as text for it)."
+    )
+    value: str | None = Field(
+        None, description="Value model start: a one-label classifier, or a causal LM (its decoder, a fresh scalar head), "
+        "with the policy's tokenizer; default: the reward checkpoint, or the policy when the reward model has its own tokenizer.",
+    )
     ref: str | None = Field(None, description="Frozen reference; default: the policy checkpoint. Unused with LoRA.")
     tokenizer: str | None = Field(None, description="Tokenizer source; default: the policy checkpoint.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for Hub ids.")

@@ -21,9 +21,10 @@ from ppoflow.atomic import write_directory
 from ppoflow.config import RunConfig
 from ppoflow.data import load_prompts
 from ppoflow.manifests import ModelManifest
-from ppoflow.models import load_frozen, load_tokenizer, use_packing
+from ppoflow.models import load_frozen, load_tokenizer
 from ppoflow.rewards import load_reward_functions
-from ppoflow.rollout import RolloutWorker, left_pad
+from ppoflow.reward_inputs import conversations
+from ppoflow.rollout import build_worker, left_pad
 
 
 def save_policy(config: RunConfig, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, models: ModelManifest, out_dir: Path) -> Path | None:
@@ -58,14 +59,7 @@ def evaluate_policy(config: RunConfig, models: ModelManifest, eval_dir: Path, po
     tokenizer = load_tokenizer(models.tokenizer_dir)
     ref, reward = load_frozen(config, models, device)
     policy = policy.eval().to(device)
-    ppo = config.ppo
-    worker = RolloutWorker(
-        policy, ref, reward, reward, pad_token_id=models.pad_token_id, stop_token_ids=models.stop_token_ids,
-        completion_token_id=models.completion_token_id,
-        response_length=ppo.response_length, temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p,
-        chunk_size=config.eval.batch_size,
-        packed=use_packing(config.ppo.pack_sequences, {"policy": policy, "ref": ref, "reward": reward}, models.pad_token_id),
-    )
+    worker = build_worker(config, models, policy, ref, reward, None, chunk_size=config.eval.batch_size)
     functions = load_reward_functions(config.reward_functions)
     rows = load_prompts(eval_dir)
     results: dict[str, list] = {key: [] for key in ("prompt", "policy", "ref", "score_policy", "score_ref", "kl", "stop")}
@@ -81,7 +75,8 @@ def evaluate_policy(config: RunConfig, models: ModelManifest, eval_dir: Path, po
             with context:
                 responses, mask, _ = worker.generate(queries, query_mask, model)
             layout = worker.layout(queries, query_mask, responses, mask)
-            results[f"score_{who}"].extend(worker.end_scores(layout).tolist())
+            scores = worker.end_scores(layout, queries, query_mask, responses, mask, conversations(chunk))
+            results[f"score_{who}"].extend(scores.tolist())
             completions[who] = [tokenizer.decode(row[keep].tolist(), skip_special_tokens=True) for row, keep in zip(responses, mask)]
             if who == "policy":
                 results["stop"].extend(worker.completed(responses, mask).tolist())

@@ -56,6 +56,11 @@ class ModelManifest(Manifest):
     pad_token_id: int
     eos_token_id: int
     stop_token_id: int | None  # TRL's meaning: EOS for `stop_token: eos`, `ppo.stop_token_id`, or None (no stop)
+    # The reward model's own tokenizer (prepared like the policy's), when it differs from the policy's:
+    # prompt + response are then re-encoded as text for scoring. None: it scores the policy's tokens.
+    reward_tokenizer_dir: Path | None = None
+    reward_tokenizer_sha256: str | None = None
+    reward_chat_template: bool = False  # the reward tokenizer renders conversations with its own template
 
     @property
     def stop_token_ids(self) -> list[int]:
@@ -69,7 +74,10 @@ class ModelManifest(Manifest):
         return self.eos_token_id if self.stop_token_id is None else self.stop_token_id
 
     def is_intact(self) -> bool:
-        return self.tokenizer_dir.is_dir() and sha256_tree(self.tokenizer_dir) == self.tokenizer_sha256
+        reward_intact = self.reward_tokenizer_dir is None or (
+            self.reward_tokenizer_dir.is_dir() and sha256_tree(self.reward_tokenizer_dir) == self.reward_tokenizer_sha256
+        )
+        return reward_intact and self.tokenizer_dir.is_dir() and sha256_tree(self.tokenizer_dir) == self.tokenizer_sha256
 
 
 class DatasetManifest(Manifest):

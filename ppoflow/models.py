@@ -29,7 +29,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
-from ppoflow.config import ModelsConfig, PeftConfig, RunConfig
+from ppoflow.config import CHAT_TEMPLATE_CHOICES, ModelsConfig, PeftConfig, RunConfig
 from ppoflow.errors import ModelError
 from ppoflow.hashing import sha256_tree
 from ppoflow.manifests import ModelManifest, ModelSource
@@ -101,14 +101,20 @@ def role_classes(config: PreTrainedConfig, *, classifier: bool) -> set[str]:
     return names
 
 
-def describe_source(role: str, field: str, source: str, revision: str | None, *, classifier: bool, trust_remote_code: bool) -> ModelSource:
-    """Locate a model, check it fits its role from its config alone, and fingerprint its files."""
+def describe_source(
+    role: str, field: str, source: str, revision: str | None, *, classifier: bool, trust_remote_code: bool, or_causal_lm: bool = False,
+) -> ModelSource:
+    """Locate a model, check it fits its role from its config alone, and fingerprint its files.
+    `or_causal_lm`: a classifier role that a causal LM may start too (the value model: its decoder
+    with a fresh scalar head)."""
     local_dir = resolve_source(field, source, revision)
     try:
         config = AutoConfig.from_pretrained(local_dir, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise ModelError(f"models.{field}: {local_dir} has no readable config.json ({type(exc).__name__}) — is it a Hugging Face model directory?") from None
     architectures = config.architectures or []
+    if or_causal_lm and role_classes(config, classifier=False).intersection(architectures):
+        classifier = False
     auto_class = "AutoModelForSequenceClassification" if classifier else "AutoModelForCausalLM"
     expected = role_classes(config, classifier=classifier)
     if not expected.intersection(architectures):
@@ -146,7 +152,7 @@ def describe_models(models: ModelsConfig, peft: PeftConfig) -> dict[str, ModelSo
     if models.value is None or models.value == models.reward:
         value = reward.model_copy(update={"role": "value"})
     else:
-        value = describe_source("value", "value", models.value, classifier=True, **common)
+        value = describe_source("value", "value", models.value, classifier=True, or_causal_lm=True, **common)
     return {"policy": policy, "ref": ref, "reward": reward, "value": value}
 
 
@@ -166,8 +172,13 @@ def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def prepare_tokenizer(config: RunConfig, sources: dict[str, ModelSource | None], out_dir: Path) -> PreTrainedTokenizerBase:
-    """Load the shared tokenizer, check it against the reward model's, left-pad, and set a pad token.
+def prepare_tokenizers(
+    config: RunConfig, sources: dict[str, ModelSource | None], out_dir: Path, reward_out_dir: Path
+) -> tuple[PreTrainedTokenizerBase, PreTrainedTokenizerBase | None]:
+    """The policy's tokenizer (left padding, a pad token set) saved to `out_dir`, and the reward
+    model's own when it tokenizes differently (vocabulary, special tokens, encoding or chat
+    template), saved to `reward_out_dir`; None when the reward model shares the policy's, which then
+    scores the policy's tokens as they are.
 
     A missing pad token becomes the UNK token when there is one (so pad != EOS and no embedding
     resize is needed); only as a last resort is EOS reused, which the rollout handles because it
@@ -179,26 +190,69 @@ def prepare_tokenizer(config: RunConfig, sources: dict[str, ModelSource | None],
     tokenizer = _load_tokenizer("tokenizer" if models.tokenizer else "policy", tokenizer_dir, models.trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise ModelError(f"models.{'tokenizer' if models.tokenizer else 'policy'}: the tokenizer has no EOS token — set eos_token in its tokenizer_config.json")
-    reward_tokenizer = _load_tokenizer("reward", sources["reward"].local_dir, models.trust_remote_code)
-    if tokenizer_identity(reward_tokenizer) != tokenizer_identity(tokenizer):
-        raise ModelError(
-            "models.reward: its tokenizer differs from the policy's (vocabulary, special tokens or how it encodes text) — "
-            "the reward model must share the "
-            "policy tokenizer; retrain it on the policy tokenizer or point models.tokenizer at the shared one"
-        )
-    if tokenizer.pad_token_id is None:
-        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
-            tokenizer.pad_token = tokenizer.unk_token
-        else:
-            log.warning("tokenizer has no pad or unk token: padding with EOS")
-            tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
+    _set_pad_token("policy", tokenizer)
     vocab_size = AutoConfig.from_pretrained(policy_dir, trust_remote_code=models.trust_remote_code).vocab_size
     if len(tokenizer) > vocab_size:
         raise ModelError(f"models.policy: the tokenizer has {len(tokenizer)} tokens but the model only {vocab_size} embeddings — use the tokenizer the model was trained with")
+    reward_tokenizer = _load_tokenizer("reward", sources["reward"].local_dir, models.trust_remote_code)
+    shared = same_tokenizer(reward_tokenizer, tokenizer)
+    # A template file given for the prompts (data.chat_template) goes with the tokenizer, so that the
+    # released policy (final/) renders conversations as it was trained to. Set after the comparison:
+    # the reward model scores the policy's tokens as they are when the tokenizers themselves agree.
+    if config.data.chat_template not in CHAT_TEMPLATE_CHOICES:
+        tokenizer.chat_template = Path(config.data.chat_template).expanduser().read_text()
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out_dir)
-    return tokenizer
+    if shared:
+        return tokenizer, None
+    log.info("models.reward has its own tokenizer: each prompt + response is re-encoded with it for scoring")
+    _set_pad_token("reward", reward_tokenizer)
+    reward_out_dir.mkdir(parents=True, exist_ok=True)
+    reward_tokenizer.save_pretrained(reward_out_dir)
+    return tokenizer, reward_tokenizer
+
+
+def same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
+    """Whether two tokenizers turn text and conversations into the same ids."""
+    return tokenizer_identity(a) == tokenizer_identity(b) and a.chat_template == b.chat_template
+
+
+def settle_value_source(
+    config: RunConfig, sources: dict[str, ModelSource | None], tokenizer: PreTrainedTokenizerBase, *, reward_has_own_tokenizer: bool
+) -> ModelSource:
+    """Where the value model starts. It reads the policy's tokens (one value per response token), so
+    with `models.value: null` and a reward model of another tokenizer it starts from the policy
+    checkpoint (its decoder, a fresh scalar head); a value checkpoint must share the policy's tokenizer."""
+    value, policy = sources["value"], sources["policy"]
+    if config.models.value is None and reward_has_own_tokenizer:
+        log.info("models.value is null and models.reward has its own tokenizer: the value model starts from the policy "
+                 "checkpoint (its decoder and a fresh scalar head)")
+        return policy.model_copy(update={"role": "value"})
+    if value.local_dir != policy.local_dir:
+        _check_value_tokenizer(config, value, tokenizer)
+    return value
+
+
+def _check_value_tokenizer(config: RunConfig, value: ModelSource, tokenizer: PreTrainedTokenizerBase) -> None:
+    value_tokenizer = _load_tokenizer("value", value.local_dir, config.models.trust_remote_code)
+    if tokenizer_identity(value_tokenizer) != tokenizer_identity(tokenizer):  # token ids only: it renders no conversation
+        raise ModelError(
+            f"models.value: {value.source} has another tokenizer than the policy, but the value model reads the "
+            "policy's tokens — start it from a checkpoint with the policy's tokenizer (the SFT policy itself works), "
+            "or leave models.value null"
+        )
+
+
+def _set_pad_token(role: str, tokenizer: PreTrainedTokenizerBase) -> None:
+    if tokenizer.pad_token_id is None:
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+            tokenizer.pad_token = tokenizer.unk_token
+        elif tokenizer.eos_token is not None:
+            log.warning("models.%s: the tokenizer has no pad or unk token: padding with EOS", role)
+            tokenizer.pad_token = tokenizer.eos_token
+        else:
+            raise ModelError(f"models.{role}: the tokenizer has no pad, unk or EOS token to pad with — set pad_token in its tokenizer_config.json")
+    tokenizer.padding_side = "left"
 
 
 def _load_tokenizer(field: str, directory: Path, trust_remote_code: bool) -> PreTrainedTokenizerBase:

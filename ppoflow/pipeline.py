@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import shutil
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -27,7 +28,7 @@ from ppoflow.evaluate import evaluate_policy, save_policy, write_eval
 from ppoflow.locking import output_dir_lock
 from ppoflow.hashing import sha256_tree
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, Release, RunPlan
-from ppoflow.models import describe_models, load_policy, load_tokenizer, prepare_tokenizer
+from ppoflow.models import describe_models, load_policy, load_tokenizer, prepare_tokenizers, settle_value_source
 from ppoflow.rewards import load_reward_functions
 from ppoflow.runtime import process_state
 from ppoflow.trainer import MetricsCallback, PPOTrainer
@@ -93,12 +94,15 @@ def load_models(plan: RunPlan) -> ModelManifest:
     """Stage 2: fingerprint the four models, check their roles, and prepare the shared tokenizer."""
     config = plan.config
     sources = describe_models(config.models, config.peft)
-    tokenizer_dir = plan.output_dir / "tokenizer"
+    tokenizer_dir, reward_tokenizer_dir = plan.output_dir / "tokenizer", plan.output_dir / "reward_tokenizer"
     if process_state().is_main_process:
-        tokenizer = prepare_tokenizer(config, sources, tokenizer_dir)
+        shutil.rmtree(reward_tokenizer_dir, ignore_errors=True)
+        tokenizer, _ = prepare_tokenizers(config, sources, tokenizer_dir, reward_tokenizer_dir)
     process_state().wait_for_everyone()
     if not process_state().is_main_process:
         tokenizer = load_tokenizer(tokenizer_dir)
+    reward_has_own_tokenizer = reward_tokenizer_dir.is_dir()
+    sources["value"] = settle_value_source(config, sources, tokenizer, reward_has_own_tokenizer=reward_has_own_tokenizer)
     vocab_size = AutoConfig.from_pretrained(sources["policy"].local_dir).vocab_size
     stop_token_id = tokenizer.eos_token_id if config.ppo.stop_token == "eos" else config.ppo.stop_token_id
     if stop_token_id is not None and stop_token_id >= vocab_size:
@@ -115,6 +119,9 @@ def load_models(plan: RunPlan) -> ModelManifest:
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         stop_token_id=stop_token_id,
+        reward_tokenizer_dir=reward_tokenizer_dir if reward_has_own_tokenizer else None,
+        reward_tokenizer_sha256=sha256_tree(reward_tokenizer_dir) if reward_has_own_tokenizer else None,
+        reward_chat_template=reward_has_own_tokenizer and load_tokenizer(reward_tokenizer_dir).chat_template is not None,
     )
 
 

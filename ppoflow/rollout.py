@@ -19,8 +19,11 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 
 from ppoflow.losses import holds_token, logprobs_of, response_mask
-from ppoflow.models import has_logit_transform, response_logits, token_values
+from ppoflow.config import RunConfig
+from ppoflow.manifests import ModelManifest
+from ppoflow.models import has_logit_transform, load_tokenizer, response_logits, token_values, use_packing
 from ppoflow.packing import Layout, make_layout
+from ppoflow.reward_inputs import Messages, RewardTextEncoder
 
 
 @dataclass
@@ -60,7 +63,7 @@ class RolloutWorker:
         policy: PreTrainedModel,
         ref: PreTrainedModel | None,
         reward: PreTrainedModel,
-        value: PreTrainedModel,
+        value: PreTrainedModel | None,
         *,
         pad_token_id: int,
         stop_token_ids: list[int],
@@ -71,8 +74,14 @@ class RolloutWorker:
         top_p: float,
         chunk_size: int,
         packed: bool = False,
+        reward_encoder: RewardTextEncoder | None = None,
+        reward_packed: bool = False,
     ):
+        """`reward_encoder`: the reward model has its own tokenizer, and scores re-encoded text
+        (laid out packed when `reward_packed`); None: it scores the policy's tokens in their layout."""
         self.policy, self.ref, self.reward, self.value = policy, ref, reward, value
+        self.reward_encoder = reward_encoder
+        self.reward_packed = reward_packed
         self.pad_token_id = pad_token_id
         self.stop_token_ids = stop_token_ids
         self.completion_token_id = completion_token_id
@@ -140,12 +149,27 @@ class RolloutWorker:
         logits = response_logits(model, layout.decoder_inputs(), layout.before).float()
         return layout.unflatten(logprobs_of(logits, responses[layout.response_mask], self.temperature))
 
-    def end_scores(self, layout: Layout) -> torch.Tensor:
-        """[B] reward-model score at each sequence's last real token."""
-        return token_values(self.reward, layout.decoder_inputs(), layout.last).float()
+    def end_scores(self, layout: Layout, queries, query_mask, responses, response_mask, messages: list[Messages | None] | None) -> torch.Tensor:
+        """[B] reward-model score at each sequence's last real token: in the policy's `layout`, or,
+        for a reward model with its own tokenizer, of the re-encoded sequences (`messages`: each
+        prompt's conversation, None for a text prompt)."""
+        if self.reward_encoder is None:
+            return token_values(self.reward, layout.decoder_inputs(), layout.last).float()
+        complete = self.completed(responses, response_mask).tolist()
+        messages = messages or [None] * len(responses)
+        sequences = [
+            self.reward_encoder.encode(q[qm].tolist(), r[rm].tolist(), conversation, done)
+            for q, qm, r, rm, conversation, done in zip(queries, query_mask, responses, response_mask, messages, complete)
+        ]
+        pad = self.reward_encoder.reward_tokenizer.pad_token_id
+        ids, mask = left_pad(sequences, pad, queries.device)
+        no_response = torch.zeros((len(sequences), 1), dtype=torch.bool, device=queries.device)
+        reward_layout = make_layout(ids, mask, no_response.long(), no_response, packed=self.reward_packed, pad_token_id=pad)
+        return token_values(self.reward, reward_layout.decoder_inputs(), reward_layout.last).float()
 
     @torch.no_grad()
-    def evaluate(self, queries, query_mask, responses, response_mask, logprobs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def evaluate(self, queries, query_mask, responses, response_mask, logprobs: torch.Tensor | None = None,
+                 messages: list[Messages | None] | None = None) -> dict[str, torch.Tensor]:
         """Log-probs (policy, unless given; reference), values and reward-model scores for given responses."""
         layout = self.layout(queries, query_mask, responses, response_mask)
         timings = {}
@@ -162,7 +186,7 @@ class RolloutWorker:
         values = layout.unflatten(token_values(self.value, layout.decoder_inputs(), layout.before).float())
         timings["value"] = time.perf_counter() - start
         start = time.perf_counter()
-        rm_scores = self.end_scores(layout)
+        rm_scores = self.end_scores(layout, queries, query_mask, responses, response_mask, messages)
         timings["score"] = time.perf_counter() - start
         return {"logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values, "rm_scores": rm_scores, "timings": timings}
 
@@ -174,8 +198,10 @@ class RolloutWorker:
         decode: Callable[[torch.Tensor, torch.Tensor], list[str]],
         reward_functions: list[tuple[str, float, Callable]],
         missing_eos_penalty: float | None,
+        messages: list[Messages | None] | None = None,
     ) -> Rollout:
-        """Generate and evaluate a local batch in chunks of `chunk_size` prompts."""
+        """Generate and evaluate a local batch in chunks of `chunk_size` prompts (`messages`: each
+        prompt's conversation, or None, for a reward model that re-renders it)."""
         timings = {"rollout": 0.0, "policy": 0.0, "ref": 0.0, "value": 0.0, "score": 0.0}
         pieces: list[dict] = []
         for start in range(0, queries.shape[0], self.chunk_size):
@@ -183,7 +209,8 @@ class RolloutWorker:
             began = time.perf_counter()
             responses, response_mask, logprobs = self.generate(chunk_q, chunk_m, record_logprobs=self.reuse_logprobs)
             timings["rollout"] += time.perf_counter() - began
-            evaluated = self.evaluate(chunk_q, chunk_m, responses, response_mask, logprobs)
+            chunk_messages = messages[start : start + self.chunk_size] if messages is not None else None
+            evaluated = self.evaluate(chunk_q, chunk_m, responses, response_mask, logprobs, chunk_messages)
             for key, seconds in evaluated.pop("timings").items():
                 timings[key] += seconds
             pieces.append({"responses": responses, "response_mask": response_mask, **evaluated})
@@ -220,6 +247,32 @@ class RolloutWorker:
             function_scores=function_scores,
             timings=timings,
         )
+
+
+def build_worker(
+    config: RunConfig, models: ModelManifest, policy: PreTrainedModel, ref: PreTrainedModel | None, reward: PreTrainedModel,
+    value: PreTrainedModel | None, *, chunk_size: int,
+) -> RolloutWorker:
+    """The rollout worker of a run, the same for training and evaluation (which needs no value model):
+    the run's stop rule and sampling, packing where every model honours it, and the reward model's
+    own tokenizer when it has one (its packing then decided apart, with its own pad token)."""
+    ppo = config.ppo
+    reward_tokenizer = load_tokenizer(models.reward_tokenizer_dir) if models.reward_tokenizer_dir else None
+    policy_side = {"policy": policy, "ref": ref, "value": value} | ({"reward": reward} if reward_tokenizer is None else {})
+    return RolloutWorker(
+        policy, ref, reward, value,
+        pad_token_id=models.pad_token_id,
+        stop_token_ids=models.stop_token_ids,
+        completion_token_id=models.completion_token_id,
+        response_length=ppo.response_length,
+        temperature=ppo.temperature,
+        top_k=ppo.top_k,
+        top_p=ppo.top_p,
+        chunk_size=chunk_size,
+        packed=use_packing(ppo.pack_sequences, policy_side, models.pad_token_id),
+        reward_encoder=None if reward_tokenizer is None else RewardTextEncoder(load_tokenizer(models.tokenizer_dir), reward_tokenizer),
+        reward_packed=reward_tokenizer is not None and use_packing(ppo.pack_sequences, {"reward": reward}, reward_tokenizer.pad_token_id),
+    )
 
 
 class SampledLogprobs:

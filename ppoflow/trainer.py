@@ -49,12 +49,12 @@ from ppoflow.models import (
     load_value,
     response_logits,
     token_values,
-    use_packing,
 )
 from ppoflow.rewards import load_reward_functions
 from ppoflow.runtime import make_accelerator
 from ppoflow.schedule import make_scheduler, warmup_steps
-from ppoflow.rollout import Rollout, RolloutWorker, left_pad
+from ppoflow.reward_inputs import conversations
+from ppoflow.rollout import Rollout, build_worker, left_pad
 
 log = logging.getLogger(__name__)
 
@@ -143,18 +143,8 @@ class PPOTrainer:
             warmup_steps=warmup_steps(self.ppo.warmup_ratio, self.batch.optimizer_steps),
             total_steps=self.batch.optimizer_steps,
         )
-        packed = use_packing(self.ppo.pack_sequences, {"policy": policy, "ref": ref, "reward": reward, "value": value}, self.models.pad_token_id)
-        self.worker = RolloutWorker(
-            self.policy, ref, reward, self.value,
-            pad_token_id=self.models.pad_token_id,
-            stop_token_ids=self.models.stop_token_ids,
-            completion_token_id=self.models.completion_token_id,
-            response_length=self.ppo.response_length,
-            temperature=self.ppo.temperature,
-            top_k=self.ppo.top_k,
-            top_p=self.ppo.top_p,
-            chunk_size=self.ppo.local_rollout_forward_batch_size,
-            packed=packed,
+        self.worker = build_worker(
+            self.config, self.models, self.policy, ref, reward, self.value, chunk_size=self.ppo.local_rollout_forward_batch_size,
         )
         if checkpoint is not None:
             self._load_state(checkpoint)
@@ -252,6 +242,7 @@ class PPOTrainer:
             queries, query_mask, prompts["prompt"], self._decode,
             [(fn.metric_name, fn.weight, fn.function) for fn in self.reward_functions],
             ppo.missing_eos_penalty,
+            conversations(prompts),
         )
         self._check_finite({"objective/scores": rollout.scores, "values": rollout.values})
         mask = rollout.response_mask

@@ -218,6 +218,9 @@ class TrackingRun:
             "ppoflow.tokenizer.pad_token_id": models.pad_token_id,
             "ppoflow.tokenizer.eos_token_id": models.eos_token_id,
             "ppoflow.tokenizer.stop_token_id": models.stop_token_id,
+            "ppoflow.reward.tokenizer": "own (prompt + response re-encoded as text)" if models.reward_tokenizer_dir else "the policy's",
+            "ppoflow.reward.tokenizer.sha256": models.reward_tokenizer_sha256,
+            "ppoflow.reward.chat_template": ("its own" if models.reward_chat_template else "none") if models.reward_tokenizer_dir else None,
         }
         self.set_tags(tags)
 

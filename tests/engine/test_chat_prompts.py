@@ -45,3 +45,6 @@ def test_a_conversational_dataset_trains_and_samples_show_the_rendered_prompt(to
     assert len(samples) == 4
     assert all(sample["prompt"].startswith("<bos>") and sample["prompt"].removeprefix("<bos>") in texts for sample in samples)
     assert release.eval_metrics["num_prompts"] == 32
+    # the template file goes with the released policy's tokenizer: final/ renders conversations as trained
+    assert load_tokenizer(release.policy_dir).chat_template == TOY_TEMPLATE
+    assert tokenizer.chat_template == TOY_TEMPLATE

@@ -8,7 +8,6 @@ a real closed TCP port as the tracking URI, then resumes the run against the SQL
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -95,12 +94,6 @@ def steps_of(run: TrackingRun, key: str) -> list[int]:
     return sorted(point.step for point in run.client.get_metric_history(run.run_id, key))
 
 
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_tracking_uri_defaults_to_sqlite_below_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -111,10 +104,10 @@ def test_tracking_uri_defaults_to_sqlite_below_the_working_directory(tmp_path, m
     assert resolve_tracking_uri("sqlite:////x/y.db") == "sqlite:////x/y.db"
 
 
-def test_check_reachable_fails_fast_and_names_the_fix(tmp_path):
+def test_check_reachable_fails_fast_and_names_the_fix(tmp_path, closed_port):
     started = time.monotonic()
     with pytest.raises(TrackingError) as caught:
-        check_reachable(f"http://alice:hunter2@127.0.0.1:{closed_port()}")
+        check_reachable(f"http://alice:hunter2@127.0.0.1:{closed_port}")
     assert time.monotonic() - started < 5
     message = str(caught.value)
     assert "MLFLOW_TRACKING_URI" in message and "does not answer" in message and "\n" not in message
@@ -190,7 +183,7 @@ def test_metrics_sink_logs_each_update_once_across_a_resume(store, make_plan):
     assert not (plan.output_dir / SPOOL_FILE).exists()
 
 
-def test_metrics_survive_an_unreachable_server_through_the_spool(store, make_plan, monkeypatch):
+def test_metrics_survive_an_unreachable_server_through_the_spool(store, make_plan, monkeypatch, closed_port):
     plan = make_plan()
     run = open_run(plan, tracking_uri=store)
     sink = run.metrics_sink()
@@ -200,7 +193,7 @@ def test_metrics_survive_an_unreachable_server_through_the_spool(store, make_pla
 
     # The same run seen through a tracking URI where nothing listens: training must not notice.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    down = TrackingRun(mlflow.MlflowClient(tracking_uri=f"http://127.0.0.1:{closed_port()}"), run.run_id, run.experiment_id, plan.output_dir)
+    down = TrackingRun(mlflow.MlflowClient(tracking_uri=f"http://127.0.0.1:{closed_port}"), run.run_id, run.experiment_id, plan.output_dir)
     down_sink = down.metrics_sink()
     started = time.monotonic()
     for step in range(3, 6):
@@ -260,6 +253,15 @@ def test_models_and_flow_runs_are_tagged(store, make_plan, policy_dir):
     tags = run.client.get_run(run.run_id).data.tags
     assert tags["ppoflow.policy.sha256"] == "c" * 64 and tags["ppoflow.value.num_parameters"] == "2864"
     assert tags["ppoflow.ref.class"] == "LlamaForCausalLM" and tags["ppoflow.tokenizer.sha256"] == "d" * 64
+    assert tags["ppoflow.reward.tokenizer"] == "the policy's" and "ppoflow.reward.tokenizer.sha256" not in tags
+    run.log_models(ModelManifest(
+        policy=source, ref=source, reward=source, value=source, tokenizer_dir=policy_dir, tokenizer_sha256="d" * 64,
+        pad_token_id=0, eos_token_id=2, stop_token_id=2, reward_tokenizer_dir=policy_dir, reward_tokenizer_sha256="e" * 64,
+        reward_chat_template=True,
+    ))
+    tags = run.client.get_run(run.run_id).data.tags
+    assert tags["ppoflow.reward.tokenizer"].startswith("own") and tags["ppoflow.reward.tokenizer.sha256"] == "e" * 64
+    assert tags["ppoflow.reward.chat_template"] == "its own"
     assert tags["prefect.flow_run_ids"] == "flow-1,flow-2" and tags["prefect.last_flow_run_id"] == "flow-2"
     assert json.loads(tags["prefect.flow_run.flow-2"]) == {"name": "calm-heron", "deployment": "ppo/nightly", "url": None}
 
@@ -267,7 +269,9 @@ def test_models_and_flow_runs_are_tagged(store, make_plan, policy_dir):
 def test_system_metrics_are_sampled_into_the_run(store, make_plan):
     run = open_run(make_plan(), tracking_uri=store)
     run.start_system_metrics(sampling_interval=0.2)
-    time.sleep(1.0)
+    deadline = time.monotonic() + 60
+    while "system/cpu_utilization_percentage" not in run.client.get_run(run.run_id).data.metrics and time.monotonic() < deadline:
+        time.sleep(0.1)  # polling: the monitor logs its first batch of samples when it is ready
     run.stop_system_metrics()
     assert "system/cpu_utilization_percentage" in run.client.get_run(run.run_id).data.metrics
 

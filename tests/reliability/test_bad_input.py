@@ -84,8 +84,8 @@ CASES = [
     Case("policy is not a causal LM", "models.policy:", ("models.policy={toy}/reward",)),
     Case("reward is not a sequence classifier", "models.reward:", ("models.reward={toy}/policy",)),
     Case("reward with num_labels=2", "models.reward:", ("models.reward={bad}/two-labels",)),
-    Case("value is not a sequence classifier", "models.value:", ("models.value={toy}/policy",)),
-    Case("reward tokenizer differs from the policy's", "models.reward:", ("models.reward={bad}/other-vocab",)),
+    Case("value neither a sequence classifier nor a causal LM", "models.value:", ("models.value={bad}/base-model",)),
+    Case("value tokenizer differs from the policy's", "models.value:", ("models.value={bad}/other-vocab",)),
     Case("tokenizer without EOS", "models.policy:", ("models.policy={bad}/no-eos",)),
     Case("LoRA target modules absent", "peft.target_modules:", ("peft.enabled=true", "peft.target_modules=[c_attn]")),
     Case("weights not in safetensors", "models.policy", ("models.policy={bad}/pickle-only",)),
@@ -114,6 +114,7 @@ CASES = [
     Case("registered model name MLflow refuses", "`tracking.registered_model_name`", ("tracking.registered_model_name=team/policy",), command="run"),
     Case("registry alias MLflow reserves", "`tracking.alias`", ("tracking.alias=latest",), command="run"),
     Case("experiment deleted", "`tracking.experiment`", ("tracking.experiment=deleted-experiment",), command="run"),
+    Case("push to the Hub while offline", "`tracking.push_to_hub`", ("tracking.push_to_hub=true", "tracking.hub_repo_id=org/policy"), command="run"),
 ]
 @pytest.fixture(scope="module")
 def bad(toy_world, tmp_path_factory) -> Path:
@@ -147,6 +148,12 @@ def bad(toy_world, tmp_path_factory) -> Path:
     shutil.copytree(toy_world / "policy", root / "pickle-only")
     torch.save(load_file(root / "pickle-only" / "model.safetensors"), root / "pickle-only" / "pytorch_model.bin")
     (root / "pickle-only" / "model.safetensors").unlink()
+
+    from transformers import AutoModel
+
+    AutoModel.from_config(AutoConfig.from_pretrained(toy_world / "policy")).save_pretrained(root / "base-model")  # no head at all
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(toy_world / "policy" / name, root / "base-model" / name)
 
     lines = {
         "prompts.csv": "prompt\nhello\n",
