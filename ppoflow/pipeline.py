@@ -30,7 +30,7 @@ from ppoflow.hashing import sha256_tree
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, Release, RunPlan
 from ppoflow.models import describe_models, load_policy, load_tokenizer, prepare_tokenizers, settle_value_source
 from ppoflow.rewards import load_reward_functions
-from ppoflow.runtime import process_state
+from ppoflow.runtime import check_mixed_precision, process_state
 from ppoflow.trainer import MetricsCallback, PPOTrainer
 
 log = logging.getLogger(__name__)
@@ -72,16 +72,25 @@ def _clear_storage_errors(stage):
 def configure(config: RunConfig, world_size: int | None = None) -> RunPlan:
     """Stage 1: validate everything cheap to check, derive the batch plan, claim the workspace."""
     validate_sources(config)
+    check_mixed_precision()
     load_reward_functions(config.reward_functions)
     batch = BatchPlan.derive(config.ppo, world_size or process_state().num_processes)
     output_dir = config.output_dir.expanduser().resolve()
     config_hash = config.config_hash()
     found = newest_valid_checkpoint(output_dir / "checkpoints")
-    if found is not None and read_state(found[0])["config_hash"] != config_hash:
+    state = read_state(found[0]) if found is not None else None
+    if state is not None and state["config_hash"] != config_hash:
         raise ConfigError(
             "output_dir",
-            f"{output_dir} holds checkpoints of another config ({read_state(found[0])['config_hash']})",
+            f"{output_dir} holds checkpoints of another config ({state['config_hash']})",
             "use a new output_dir for a changed config, or delete the old run",
+        )
+    # The data order and the RNG states of a checkpoint are per process: it resumes only on as many.
+    if state is not None and state.get("world_size", 1) != batch.world_size:
+        raise ConfigError(
+            "output_dir",
+            f"{output_dir} holds checkpoints written by {state.get('world_size', 1)} process(es), and this run has {batch.world_size}",
+            f"resume with {state.get('world_size', 1)} process(es) (accelerate launch --num_processes), or use a new output_dir",
         )
     if process_state().is_main_process:
         _check_writable(output_dir)

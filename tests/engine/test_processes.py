@@ -1,0 +1,59 @@
+"""What a run's processes must agree on, refused at stage 1 in one line: the number of processes of
+the checkpoints it resumes, and no fp16 mixed precision (accelerate's GradScaler would go unused)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ppoflow import pipeline
+from ppoflow.errors import ConfigError
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def launch(config, tmp_path: Path, *launch_args: str) -> subprocess.CompletedProcess:
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    return subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "--num_machines", "1", "--dynamo_backend", "no",
+         "-m", "ppoflow.cli", "train", "--config", str(config_path)],
+        cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
+    )
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("error: ")]
+
+
+def test_checkpoints_of_another_number_of_processes_are_refused(run_stages):
+    stages = run_stages("ppo.total_episodes=32", "ppo.per_device_train_batch_size=8", "ppo.num_mini_batches=1", train=False)
+    with pytest.raises(ConfigError, match=r"`output_dir`: .* written by 1 process\(es\), and this run has 2 — resume with 1"):
+        pipeline.configure(stages.plan.config, world_size=2)
+    assert pipeline.configure(stages.plan.config, world_size=1).batch.world_size == 1
+
+
+@pytest.mark.distributed
+def test_two_processes_on_a_one_process_output_dir_fail_in_one_line(run_stages, tmp_path):
+    # it used to crash with an IndexError restoring the second process's RNG state
+    stages = run_stages("ppo.total_episodes=32", "ppo.per_device_train_batch_size=8", "ppo.num_mini_batches=1", train=False)
+    result = launch(stages.plan.config, tmp_path, "--multi_gpu", "--num_processes", "2", "--mixed_precision", "no")
+    assert result.returncode != 0, result.stderr[-3000:]  # the launcher's own code for a failed process (each exits 2)
+    lines = set(error_lines(result.stderr))  # each process says it, in the same words
+    assert len(lines) == 1 and "`output_dir`" in lines.pop() and "IndexError" not in result.stderr, result.stderr[-3000:]
+
+
+def test_fp16_mixed_precision_is_refused_before_any_work(make_config, tmp_path):
+    config = make_config()
+    result = launch(config, tmp_path, "--num_processes", "1", "--mixed_precision", "fp16")
+    assert result.returncode != 0, result.stderr[-3000:]  # the launcher's code for a failed process (it exits 2)
+    (line,) = set(error_lines(result.stderr))
+    assert "--mixed_precision" in line and "fp16 is not supported" in line
+    assert not (config.output_dir / "checkpoints").exists()
