@@ -46,6 +46,12 @@ class ModelsConfig(_Section):
         "auto", description="One dtype for all models; auto = bf16 on a GPU that supports it, else fp32."
     )
     trust_remote_code: bool = Field(False, description="Run model code shipped with a Hub checkpoint.")
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field(
+        "auto",
+        description="Attention kernel of every model: auto = transformers' default for the device (sdpa where the "
+        "family has it); flash_attention_2 needs CUDA and the flash-attn package. Packing is used only where the "
+        "start-up self-check passes with the chosen kernel (several packed rows), else padded rows.",
+    )
 
 
 class DataConfig(_Section):
@@ -368,6 +374,17 @@ def check_model_source(field: str, source: str) -> None:
 def validate_sources(config: RunConfig) -> None:
     """Cheap existence checks on every path the config names, before anything is loaded."""
     models = config.models
+    if models.attn_implementation == "flash_attention_2":
+        import importlib.util
+
+        import torch
+
+        if not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError(
+                "models.attn_implementation", "flash_attention_2 needs a CUDA GPU and the flash-attn package, and this machine lacks "
+                + ("a GPU" if not torch.cuda.is_available() else "flash-attn"),
+                "use auto or sdpa here (or pip install flash-attn on a GPU machine)",
+            )
     for field in ("policy", "reward", "value", "ref", "tokenizer"):
         source = getattr(models, field)
         if source is not None:

@@ -304,15 +304,18 @@ def _is_stochastic_setting(name: str, value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value != 0 and bool(_STOCHASTIC_SETTING.search(name))
 
 
-def load_causal_lm(directory: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> PreTrainedModel:
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
+def load_causal_lm(directory: Path, dtype: torch.dtype, trust_remote_code: bool = False, attn_implementation: str | None = None) -> PreTrainedModel:
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, attn_implementation=attn_implementation
+    )
     disable_dropout(model)
     return model
 
 
-def load_classifier(directory: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> PreTrainedModel:
+def load_classifier(directory: Path, dtype: torch.dtype, trust_remote_code: bool = False, attn_implementation: str | None = None) -> PreTrainedModel:
     model = AutoModelForSequenceClassification.from_pretrained(
-        directory, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, num_labels=1
+        directory, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, num_labels=1,
+        attn_implementation=attn_implementation,
     )
     disable_dropout(model)
     if scalar_head(model) is None:
@@ -337,18 +340,23 @@ def scalar_head(classifier: nn.Module) -> nn.Module | None:
 
 
 # The run's models are loaded through the three functions below, by training and by evaluation
-# alike: the run's dtype and trust_remote_code, safetensors only, dropout off.
+# alike: the run's dtype, trust_remote_code and attention kernel, safetensors only, dropout off.
+
+
+def _load_options(config: RunConfig) -> tuple[torch.dtype, bool, str | None]:
+    models = config.models
+    return resolve_dtype(models.dtype), models.trust_remote_code, None if models.attn_implementation == "auto" else models.attn_implementation
 
 
 def load_policy(config: RunConfig, models: ModelManifest, checkpoint: Path | None, *, trainable: bool) -> PreTrainedModel:
     """The policy at the start (`checkpoint` None) or of a checkpoint: full weights, or with LoRA the
     base model plus its adapter (a new one at the start)."""
-    dtype, trust = resolve_dtype(config.models.dtype), config.models.trust_remote_code
+    options = _load_options(config)
     if not config.peft.enabled:
-        return load_causal_lm(checkpoint / "policy" if checkpoint else models.policy.local_dir, dtype, trust)
+        return load_causal_lm(checkpoint / "policy" if checkpoint else models.policy.local_dir, *options)
     from peft import PeftModel
 
-    base = load_causal_lm(models.policy.local_dir, dtype, trust)
+    base = load_causal_lm(models.policy.local_dir, *options)
     if checkpoint is None:
         policy = add_lora(base, config.peft)
     else:
@@ -360,14 +368,14 @@ def load_policy(config: RunConfig, models: ModelManifest, checkpoint: Path | Non
 def load_value(config: RunConfig, models: ModelManifest, checkpoint: Path | None) -> PreTrainedModel:
     """The value model at the start (from `models.value`) or of a checkpoint."""
     directory = checkpoint / "value" if checkpoint else models.value.local_dir
-    return load_classifier(directory, resolve_dtype(config.models.dtype), config.models.trust_remote_code)
+    return load_classifier(directory, *_load_options(config))
 
 
 def load_frozen(config: RunConfig, models: ModelManifest, device: torch.device) -> tuple[PreTrainedModel | None, PreTrainedModel]:
     """The reference (None with LoRA: the policy with its adapter off) and the reward model, frozen on `device`."""
-    dtype, trust = resolve_dtype(config.models.dtype), config.models.trust_remote_code
-    ref = None if models.ref is None else load_causal_lm(models.ref.local_dir, dtype, trust)
-    reward = load_classifier(models.reward.local_dir, dtype, trust)
+    options = _load_options(config)
+    ref = None if models.ref is None else load_causal_lm(models.ref.local_dir, *options)
+    reward = load_classifier(models.reward.local_dir, *options)
     return tuple(None if model is None else model.requires_grad_(False).eval().to(device) for model in (ref, reward))
 
 
@@ -431,21 +439,26 @@ def token_values(classifier: nn.Module, inputs: dict[str, torch.Tensor | None], 
 
 @torch.no_grad()
 def packing_supported(model: nn.Module, pad_token_id: int) -> bool:
-    """Whether `model` honours packed sequences (restarting position ids, no attention mask): two short
-    sequences packed in one row must give the hidden states they give in padded rows. Deterministic
-    tokens, no RNG draw (a resumed run must not see a different random stream)."""
+    """Whether `model` honours packed sequences (restarting position ids, no attention mask): three
+    short sequences packed into two rows, the second holding two, must give the hidden states they
+    give in padded rows. Several rows matter: transformers reads packed position ids as packing only
+    in a one-row batch for some attention kernels (flash-attention), which a one-row check would
+    miss. Deterministic tokens, no RNG draw (a resumed run must not see a different random stream)."""
     from ppoflow.packing import packed_layout, padded_layout
 
     vocab = model.config.vocab_size
     device = next(model.parameters()).device
-    tokens = (torch.arange(11, device=device) * 7 + 3) % vocab
-    queries = torch.stack([tokens[:4], torch.cat([tokens[:1].new_full((1,), pad_token_id), tokens[4:7]])])
-    query_mask = torch.tensor([[True] * 4, [False, True, True, True]], device=device)
-    responses = torch.stack([tokens[7:10], torch.cat([tokens[10:11], tokens[:1].new_full((2,), pad_token_id)])])
-    response_mask = torch.tensor([[True] * 3, [True, False, False]], device=device)
+    tokens = (torch.arange(14, device=device) * 7 + 3) % vocab
+    pad = tokens[:1].new_full((1,), pad_token_id)
+    # prompt + response lengths 4 + 3, 3 + 1 and 2 + 1: rows of 7 tokens hold [A] and [B C]
+    queries = torch.stack([tokens[:4], torch.cat([pad, tokens[4:7]]), torch.cat([pad, pad, tokens[7:9]])])
+    query_mask = torch.tensor([[True] * 4, [False, True, True, True], [False, False, True, True]], device=device)
+    responses = torch.stack([tokens[9:12], torch.cat([tokens[12:13], pad, pad]), torch.cat([tokens[13:14], pad, pad])])
+    response_mask = torch.tensor([[True] * 3, [True, False, False], [True, False, False]], device=device)
+    packed_rows = packed_layout(queries, query_mask, responses, response_mask, pad_token_id, row_tokens=7)
+    assert packed_rows.input_ids.shape[0] == 2, "the self-check must pack several rows"
     states = []
-    for layout in (padded_layout(queries, query_mask, responses, response_mask),
-                   packed_layout(queries, query_mask, responses, response_mask, pad_token_id, row_tokens=64)):
+    for layout in (padded_layout(queries, query_mask, responses, response_mask), packed_rows):
         index = torch.cat([layout.before, layout.last])
         states.append(decoder_states(model, layout.decoder_inputs())[index].float())
     padded, packed = states

@@ -57,3 +57,23 @@ def test_fp16_mixed_precision_is_refused_before_any_work(make_config, tmp_path):
     (line,) = set(error_lines(result.stderr))
     assert "--mixed_precision" in line and "fp16 is not supported" in line
     assert not (config.output_dir / "checkpoints").exists()
+
+
+def test_the_attention_kernel_is_chosen_in_the_config(run_stages):
+    trainer = run_stages("models.attn_implementation=eager", "ppo.total_episodes=8", "ppo.per_device_train_batch_size=8",
+                         "ppo.num_mini_batches=1", train=False).trainer()
+    for model in (trainer.policy, trainer.value, trainer.worker.ref, trainer.worker.reward):
+        assert model.config._attn_implementation == "eager"
+    assert trainer.worker.packed  # the multi-row self-check passes with eager attention too
+    default = run_stages("ppo.total_episodes=8", "ppo.per_device_train_batch_size=8", "ppo.num_mini_batches=1", train=False,
+                         output_dir=trainer.output_dir.parent / "default").trainer()
+    assert default.policy.config._attn_implementation == "sdpa"
+
+
+def test_flash_attention_without_a_gpu_is_refused_in_stage_1(make_config):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the refusal is for machines without one")
+    with pytest.raises(ConfigError, match=r"`models.attn_implementation`: flash_attention_2 needs a CUDA GPU"):
+        pipeline.configure(make_config("models.attn_implementation=flash_attention_2"))

@@ -67,6 +67,7 @@ CASES = [
     Case("stop token given twice", "`ppo.stop_token_id`", ("ppo.stop_token=eos", "ppo.stop_token_id=2")),
     Case("stop token outside the vocabulary", "`ppo.stop_token_id`", ("ppo.stop_token_id=100000",)),
     Case("reference with LoRA", "`models.ref`", ("peft.enabled=true", "models.ref=/tmp")),
+    Case("flash-attention without a GPU", "`models.attn_implementation`", ("models.attn_implementation=flash_attention_2",)),
     Case("push to hub without a repo", "`tracking`", ("tracking.push_to_hub=true",)),
     Case("negative lock timeout", "`flow.lock_timeout_seconds`", ("flow.lock_timeout_seconds=-1",)),
     Case("reward function: unknown module", "`reward_functions.0.path`", (rf("no_such_module:score"),)),

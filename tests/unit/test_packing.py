@@ -104,6 +104,36 @@ def test_packing_self_check_rejects_a_model_that_ignores_positions():
     assert packing_supported(_LeakyDecoder(), pad_token_id=0) is False
 
 
+class _OneRowPackingDecoder(_LeakyDecoder):
+    """Honours packed position ids only in a one-row batch, as transformers' flash-attention path
+    does: a position-0 token starts a new sequence there; with several rows it mixes them."""
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
+        embedded = self.embed(input_ids)
+        if attention_mask is not None:  # padded rows: attend to real tokens only
+            embedded = embedded * attention_mask[..., None]
+            return SimpleNamespace(last_hidden_state=embedded.cumsum(1))
+        if input_ids.shape[0] > 1:
+            return SimpleNamespace(last_hidden_state=embedded.cumsum(1))
+        starts = (position_ids == 0).long().cumsum(1)  # which sequence each token belongs to
+        states = torch.stack([
+            (embedded * (starts[..., None] == starts[:, t, None, None]))[:, : t + 1].sum(1) for t in range(input_ids.shape[1])
+        ], dim=1)
+        return SimpleNamespace(last_hidden_state=states)
+
+
+def test_packing_self_check_catches_packing_that_holds_in_one_row_only():
+    torch.manual_seed(0)
+    decoder = _OneRowPackingDecoder()
+    # in one row it does separate sequences (the check would pass with one row)...
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    alone = decoder(ids[:, 3:], position_ids=torch.tensor([[0, 1]])).last_hidden_state
+    packed = decoder(ids, position_ids=torch.tensor([[0, 1, 2, 0, 1]])).last_hidden_state[:, 3:]
+    assert torch.allclose(alone, packed)
+    # ...but the self-check packs several rows
+    assert packing_supported(decoder, pad_token_id=0) is False
+
+
 def test_a_model_that_fails_the_check_turns_packing_off_with_a_warning_naming_it(caplog):
     torch.manual_seed(0)
     with caplog.at_level("WARNING", logger="ppoflow.models"):
