@@ -65,32 +65,33 @@ def evaluate_policy(config: RunConfig, models: ModelManifest, eval_dir: Path, po
     results: dict[str, list] = {key: [] for key in ("prompt", "policy", "ref", "score_policy", "score_ref", "kl", "stop")}
     function_values: dict[str, list[float]] = {f"{fn.metric_name}_{who}": [] for fn in functions for who in ("policy", "ref")}
     saved_rng = torch.get_rng_state()
-    for start in range(0, len(rows), config.eval.batch_size):
-        chunk = rows.select(range(start, min(start + config.eval.batch_size, len(rows))))
-        queries, query_mask = left_pad(chunk["input_ids"], models.pad_token_id, device)
-        completions = {}
-        for who in ("policy", "ref"):
-            torch.manual_seed(config.eval.seed + start)
-            model, context = (policy, nullcontext()) if who == "policy" else worker.reference()
-            with context:
-                responses, mask, _ = worker.generate(queries, query_mask, model)
-            layout = worker.layout(queries, query_mask, responses, mask)
-            scores = worker.end_scores(layout, queries, query_mask, responses, mask, conversations(chunk))
-            results[f"score_{who}"].extend(scores.tolist())
-            completions[who] = [tokenizer.decode(row[keep].tolist(), skip_special_tokens=True) for row, keep in zip(responses, mask)]
-            if who == "policy":
-                results["stop"].extend(worker.completed(responses, mask).tolist())
-                policy_logprobs = worker.logprobs(policy, layout, responses)
-                ref_model, context = worker.reference()
-                with context:
-                    ref_logprobs = worker.logprobs(ref_model, layout, responses)
-                results["kl"].extend((policy_logprobs - ref_logprobs).sum(1).tolist())
-        results["prompt"].extend(chunk["prompt"])
-        results["policy"].extend(completions["policy"])
-        results["ref"].extend(completions["ref"])
-        for fn in functions:
+    with worker.autocast():  # the precision training used
+        for start in range(0, len(rows), config.eval.batch_size):
+            chunk = rows.select(range(start, min(start + config.eval.batch_size, len(rows))))
+            queries, query_mask = left_pad(chunk["input_ids"], models.pad_token_id, device)
+            completions = {}
             for who in ("policy", "ref"):
-                function_values[f"{fn.metric_name}_{who}"].extend(fn.function(chunk["prompt"], completions[who]))
+                torch.manual_seed(config.eval.seed + start)
+                model, context = (policy, nullcontext()) if who == "policy" else worker.reference()
+                with context:
+                    responses, mask, _ = worker.generate(queries, query_mask, model)
+                layout = worker.layout(queries, query_mask, responses, mask)
+                scores = worker.end_scores(layout, queries, query_mask, responses, mask, conversations(chunk))
+                results[f"score_{who}"].extend(scores.tolist())
+                completions[who] = [tokenizer.decode(row[keep].tolist(), skip_special_tokens=True) for row, keep in zip(responses, mask)]
+                if who == "policy":
+                    results["stop"].extend(worker.completed(responses, mask).tolist())
+                    policy_logprobs = worker.logprobs(policy, layout, responses)
+                    ref_model, context = worker.reference()
+                    with context:
+                        ref_logprobs = worker.logprobs(ref_model, layout, responses)
+                    results["kl"].extend((policy_logprobs - ref_logprobs).sum(1).tolist())
+            results["prompt"].extend(chunk["prompt"])
+            results["policy"].extend(completions["policy"])
+            results["ref"].extend(completions["ref"])
+            for fn in functions:
+                for who in ("policy", "ref"):
+                    function_values[f"{fn.metric_name}_{who}"].extend(fn.function(chunk["prompt"], completions[who]))
     torch.set_rng_state(saved_rng)
     count = len(results["prompt"])
     wins = sum(1.0 if p > r else 0.5 if p == r else 0.0 for p, r in zip(results["score_policy"], results["score_ref"]))

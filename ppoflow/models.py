@@ -340,7 +340,11 @@ def scalar_head(classifier: nn.Module) -> nn.Module | None:
 
 
 # The run's models are loaded through the three functions below, by training and by evaluation
-# alike: the run's dtype, trust_remote_code and attention kernel, safetensors only, dropout off.
+# alike: trust_remote_code and attention kernel of the run, safetensors only, dropout off. Precision:
+# what training updates (the policy's weights or its LoRA adapter, the value model) is kept in fp32
+# with its optimizer state, whatever `models.dtype` says (a bf16 weight of 0.02 does not move by a
+# 3e-6 step); frozen weights (reference, reward, a LoRA base) are stored in `models.dtype`; forwards
+# compute in `models.dtype` through autocast (`RolloutWorker.autocast`).
 
 
 def _load_options(config: RunConfig) -> tuple[torch.dtype, bool, str | None]:
@@ -351,12 +355,13 @@ def _load_options(config: RunConfig) -> tuple[torch.dtype, bool, str | None]:
 def load_policy(config: RunConfig, models: ModelManifest, checkpoint: Path | None, *, trainable: bool) -> PreTrainedModel:
     """The policy at the start (`checkpoint` None) or of a checkpoint: full weights, or with LoRA the
     base model plus its adapter (a new one at the start)."""
-    options = _load_options(config)
+    dtype, trust, attention = _load_options(config)
     if not config.peft.enabled:
-        return load_causal_lm(checkpoint / "policy" if checkpoint else models.policy.local_dir, *options)
+        weights = torch.float32 if trainable else dtype
+        return load_causal_lm(checkpoint / "policy" if checkpoint else models.policy.local_dir, weights, trust, attention)
     from peft import PeftModel
 
-    base = load_causal_lm(models.policy.local_dir, *options)
+    base = load_causal_lm(models.policy.local_dir, dtype, trust, attention)  # frozen; peft keeps the adapter in fp32
     if checkpoint is None:
         policy = add_lora(base, config.peft)
     else:
@@ -366,9 +371,10 @@ def load_policy(config: RunConfig, models: ModelManifest, checkpoint: Path | Non
 
 
 def load_value(config: RunConfig, models: ModelManifest, checkpoint: Path | None) -> PreTrainedModel:
-    """The value model at the start (from `models.value`) or of a checkpoint."""
+    """The value model at the start (from `models.value`) or of a checkpoint, in fp32 (it is trained)."""
     directory = checkpoint / "value" if checkpoint else models.value.local_dir
-    return load_classifier(directory, *_load_options(config))
+    _, trust, attention = _load_options(config)
+    return load_classifier(directory, torch.float32, trust, attention)
 
 
 def load_frozen(config: RunConfig, models: ModelManifest, device: torch.device) -> tuple[PreTrainedModel | None, PreTrainedModel]:

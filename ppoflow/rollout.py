@@ -21,7 +21,7 @@ from transformers import GenerationConfig, PreTrainedModel
 from ppoflow.losses import holds_token, logprobs_of, response_mask
 from ppoflow.config import RunConfig
 from ppoflow.manifests import ModelManifest
-from ppoflow.models import has_logit_transform, load_tokenizer, response_logits, token_values, use_packing
+from ppoflow.models import has_logit_transform, load_tokenizer, resolve_dtype, response_logits, token_values, use_packing
 from ppoflow.packing import Layout, make_layout
 from ppoflow.reward_inputs import Messages, RewardTextEncoder
 
@@ -76,12 +76,14 @@ class RolloutWorker:
         packed: bool = False,
         reward_encoder: RewardTextEncoder | None = None,
         reward_packed: bool = False,
+        compute_dtype: torch.dtype = torch.float32,
     ):
         """`reward_encoder`: the reward model has its own tokenizer, and scores re-encoded text
         (laid out packed when `reward_packed`); None: it scores the policy's tokens in their layout."""
         self.policy, self.ref, self.reward, self.value = policy, ref, reward, value
         self.reward_encoder = reward_encoder
         self.reward_packed = reward_packed
+        self.compute_dtype = compute_dtype
         self.pad_token_id = pad_token_id
         self.stop_token_ids = stop_token_ids
         self.completion_token_id = completion_token_id
@@ -92,9 +94,7 @@ class RolloutWorker:
         # they are the same numbers a fresh forward gives: fp32 (a KV-cached bf16 forward drifts ~1e-2 from
         # a full one, enough to move PPO's first ratio off 1), no top-k/top-p (PPO's log-probs are of the
         # unfiltered distribution) and logits that are the LM head's output as is.
-        self.reuse_logprobs = (
-            next(policy.parameters()).dtype == torch.float32 and not top_k and top_p >= 1.0 and not has_logit_transform(policy)
-        )
+        self.reuse_logprobs = compute_dtype == torch.float32 and not top_k and top_p >= 1.0 and not has_logit_transform(policy)
         self.generation_config = GenerationConfig(
             max_new_tokens=response_length,
             do_sample=True,
@@ -105,6 +105,13 @@ class RolloutWorker:
             eos_token_id=list(stop_token_ids),
             pad_token_id=pad_token_id,
         )
+
+    def autocast(self):
+        """The precision every forward runs in: bf16 (or fp16) compute over fp32 trainable weights
+        through autocast, so rollout and training log-probs come from the same precision; fp32 as is."""
+        if self.compute_dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=next(self.policy.parameters()).device.type, dtype=self.compute_dtype)
 
     def reference(self):
         """The reference model and the context to run it in (the policy with its LoRA adapter off)."""
@@ -202,6 +209,10 @@ class RolloutWorker:
     ) -> Rollout:
         """Generate and evaluate a local batch in chunks of `chunk_size` prompts (`messages`: each
         prompt's conversation, or None, for a reward model that re-renders it)."""
+        with self.autocast():
+            return self._rollout(queries, query_mask, prompts, decode, reward_functions, missing_eos_penalty, messages)
+
+    def _rollout(self, queries, query_mask, prompts, decode, reward_functions, missing_eos_penalty, messages) -> Rollout:
         timings = {"rollout": 0.0, "policy": 0.0, "ref": 0.0, "value": 0.0, "score": 0.0}
         pieces: list[dict] = []
         for start in range(0, queries.shape[0], self.chunk_size):
@@ -272,6 +283,7 @@ def build_worker(
         packed=use_packing(ppo.pack_sequences, policy_side, models.pad_token_id),
         reward_encoder=None if reward_tokenizer is None else RewardTextEncoder(load_tokenizer(models.tokenizer_dir), reward_tokenizer),
         reward_packed=reward_tokenizer is not None and use_packing(ppo.pack_sequences, {"reward": reward}, reward_tokenizer.pad_token_id),
+        compute_dtype=resolve_dtype(config.models.dtype),
     )
 
 

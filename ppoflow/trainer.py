@@ -337,7 +337,8 @@ class PPOTrainer:
         responses = rollout.responses[rows]
         layout = self.worker.layout(rollout.queries[rows], rollout.query_mask[rows], responses, mask)
         inputs = (layout.input_ids, layout.attention_mask, layout.position_ids, layout.before)
-        logits = self.policy_wrapper(*inputs).float()
+        with self.worker.autocast():  # the rollout's precision, so the first ratio is 1
+            logits = self.policy_wrapper(*inputs).float()
         new_logprobs = layout.unflatten(logprobs_of(logits, responses[mask], ppo.temperature))
         pg_loss, pg_stats = policy_loss(new_logprobs, rollout.logprobs[rows], advantages[rows], mask, ppo.cliprange)
         self._check_finite({"loss/policy": pg_loss.detach()})
@@ -348,7 +349,8 @@ class PPOTrainer:
         with torch.no_grad():
             entropy = entropy_from_logits(logits.detach(), ppo.temperature).mean()
         del logits, new_logprobs
-        new_values = layout.unflatten(self.value_wrapper(*inputs).float())
+        with self.worker.autocast():
+            new_values = layout.unflatten(self.value_wrapper(*inputs).float())
         vf_loss, vf_stats = value_loss(new_values, rollout.values[rows], returns[rows], mask, ppo.cliprange_value)
         self._check_finite({"loss/value": vf_loss.detach()})
         self.accelerator.backward(ppo.vf_coef * vf_loss / micro_batches)

@@ -1,0 +1,61 @@
+"""Precision: trained weights and their optimizer state in fp32 whatever models.dtype says, bf16
+compute through autocast, the same precision on both sides of the PPO ratio (issue 17), on CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+ONE_UPDATE = ("ppo.total_episodes=8", "ppo.per_device_train_batch_size=8", "ppo.num_mini_batches=1", "ppo.num_ppo_epochs=1",
+              "ppo.learning_rate=3e-6")
+
+
+def test_a_bf16_only_adamw_step_vanishes_and_an_fp32_one_does_not():
+    # golden: Adam's first step moves each weight by lr (m/sqrt(v) = 1); 0.02 + 3e-6 rounds back to
+    # 0.02 in bf16 (its spacing near 0.02 is 2^-13 ≈ 1.2e-4), while fp32 keeps it
+    for dtype, moved in ((torch.bfloat16, False), (torch.float32, True)):
+        weight = torch.nn.Parameter(torch.full((4,), 0.02, dtype=dtype))
+        weight.grad = torch.ones_like(weight)
+        torch.optim.AdamW([weight], lr=3e-6, weight_decay=0.0).step()
+        assert bool((weight.detach() != torch.tensor(0.02, dtype=dtype)).all()) is moved
+        if moved:
+            assert torch.allclose(weight.detach(), torch.full((4,), 0.02 - 3e-6), atol=1e-9)
+
+
+def change(stages) -> float:
+    before = load_file(stages.start.path / "policy" / "model.safetensors")
+    after = load_file(stages.final.path / "policy" / "model.safetensors")
+    return sum(float((after[k].double() - before[k].double()).norm() ** 2) for k in before) ** 0.5
+
+
+def test_bf16_training_keeps_fp32_weights_and_updates_them_as_fp32_does(run_stages, tmp_path):
+    fp32 = run_stages(*ONE_UPDATE, output_dir=tmp_path / "fp32")
+    bf16 = run_stages(*ONE_UPDATE, "models.dtype=bfloat16", output_dir=tmp_path / "bf16")
+    trainer = bf16.trainer()
+    assert {p.dtype for p in trainer.policy.parameters()} == {torch.float32}
+    assert {p.dtype for p in trainer.value.parameters()} == {torch.float32}
+    assert {p.dtype for p in trainer.worker.ref.parameters()} == {torch.bfloat16}  # frozen: stored in bf16
+    assert {p.dtype for p in trainer.worker.reward.parameters()} == {torch.bfloat16}
+    assert trainer.worker.compute_dtype == torch.bfloat16 and not trainer.worker.reuse_logprobs
+    with torch.no_grad(), trainer.worker.autocast():  # forwards compute in bf16 over the fp32 weights
+        assert trainer.policy(input_ids=torch.tensor([[1, 5, 6]])).logits.dtype == torch.bfloat16
+    optimizer = torch.load(bf16.final.path / "optimizer.pt", weights_only=True)
+    assert optimizer["state"] and {state["exp_avg"].dtype for state in optimizer["state"].values()} == {torch.float32}
+    # one update at lr 3e-6 moves the weights as in fp32 (bf16 compute changes the gradients a little)
+    reference, moved = change(fp32), change(bf16)
+    assert reference > 0 and 0.5 < moved / reference < 2.0, (moved, reference)
+
+
+def test_the_first_ratio_is_one_in_bf16(run_stages):
+    stages = run_stages("ppo.total_episodes=16", "ppo.per_device_train_batch_size=16", "ppo.num_mini_batches=1",
+                        "ppo.num_ppo_epochs=1", "models.dtype=bfloat16")
+    (first,) = [json.loads(line) for line in (stages.plan.output_dir / "metrics.jsonl").read_text().splitlines()]
+    # rollout log-probs and the training forward come from the same bf16 autocast over the same packed
+    # layout; what remains is bf16 summation order across different row packings
+    assert first["val/ratio"] == pytest.approx(1.0, abs=2e-3), first["val/ratio"]
+    assert first["policy/approxkl_avg"] < 1e-4, first["policy/approxkl_avg"]
