@@ -127,6 +127,10 @@ class PPOTrainer:
         self.value_wrapper = self.accelerator.prepare_model(AtResponseTokens(value, token_values))
         self.policy = self.accelerator.unwrap_model(self.policy_wrapper).model
         self.value = self.accelerator.unwrap_model(self.value_wrapper).model
+        if self.ppo.gradient_checkpointing:
+            # Non-reentrant: works with a frozen LoRA base too (no inputs that require grad needed).
+            for model in (self.policy, self.value):
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.policy.eval()
         self.value.eval()
         self.trainable = [p for model in (self.policy, self.value) for p in model.parameters() if p.requires_grad]

@@ -59,3 +59,15 @@ def test_the_first_ratio_is_one_in_bf16(run_stages):
     # layout; what remains is bf16 summation order across different row packings
     assert first["val/ratio"] == pytest.approx(1.0, abs=2e-3), first["val/ratio"]
     assert first["policy/approxkl_avg"] < 1e-4, first["policy/approxkl_avg"]
+
+
+def test_gradient_checkpointing_gives_the_same_update(run_stages, tmp_path):
+    plain = run_stages(*ONE_UPDATE, "ppo.learning_rate=1e-3", output_dir=tmp_path / "plain")
+    checkpointed = run_stages(*ONE_UPDATE, "ppo.learning_rate=1e-3", "ppo.gradient_checkpointing=true", output_dir=tmp_path / "ckpt")
+    trainer = checkpointed.trainer()
+    assert trainer.policy.is_activation_checkpointing and trainer.value.is_activation_checkpointing
+    for role in ("policy", "value"):
+        a = load_file(plain.final.path / role / "model.safetensors")
+        b = load_file(checkpointed.final.path / role / "model.safetensors")
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), role
+    assert change(plain) > 1e-3
