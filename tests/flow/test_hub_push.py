@@ -5,7 +5,6 @@ version; once the Hub answers, the same command pushes that version without trai
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
