@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                 scores.extend(token_values(reward_model, layout.decoder_inputs(), layout.last).float().tolist())
                 completions.extend(tokenizer.decode(row[k].tolist(), skip_special_tokens=True) for row, k in zip(responses, mask))
                 resp_tokens.extend(mask.sum(1).tolist())
-                has_stop.extend(is_stop.logical_and(mask).any(1).tolist())
+                has_stop.extend(torch.isin(responses, stop_ids.to(responses.device)).logical_and(mask).any(1).tolist())
         eval_prompts = [p for p, _ in eval_rows]
         eval_result.update(
             decoding="sample" if do_sample else "greedy",
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             "accelerate": importlib.import_module("accelerate").__version__,
         },
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "device": str(trainer.accelerator.device), "dtype": str(trainer.dtype).removeprefix("torch.")},
+                    "device": str(trainer.accelerator.device), "dtype": str(trainer.worker.compute_dtype).removeprefix("torch.")},
         "spec": spec,
         "ppoflow_config": config.ppo.model_dump(mode="json"),
         "ignored_spec_keys": ignored,
