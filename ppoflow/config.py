@@ -23,6 +23,10 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 CHAT_TEMPLATE_CHOICES = ("auto", "none")  # data.chat_template: any other value is a template file
 
 
+# Sections that say how one attempt runs, not what it computes: outside config_hash.
+ATTEMPT_SECTIONS = ("tracking", "flow", "runtime")
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -43,7 +47,13 @@ class ModelsConfig(_Section):
     tokenizer: str | None = Field(None, description="Tokenizer source; default: the policy checkpoint.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for Hub ids.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="One dtype for all models; auto = bf16 on a GPU that supports it, else fp32."
+        "auto", description="Compute dtype of every forward (autocast) and storage dtype of the frozen models; "
+        "auto = bf16 on a GPU that supports it, else fp32. Trained weights and optimizer state stay fp32.",
+    )
+    frozen_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="Storage dtype of the frozen reference (not a LoRA base: that is the policy) and reward "
+        "models; null = models.dtype. bfloat16 halves their memory (they run in it whatever the compute dtype), "
+        "at the cost of bf16-rounded reference log-probs and scores.",
     )
     trust_remote_code: bool = Field(False, description="Run model code shipped with a Hub checkpoint.")
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field(
@@ -224,6 +234,19 @@ class FlowConfig(_Section):
     )
 
 
+class RuntimeConfig(_Section):
+    """How this machine runs the job; not part of its identity (config_hash), so a resume may change
+    it — but a bitwise resume needs the same settings."""
+
+    deterministic: bool = Field(
+        True, description="Deterministic kernels: torch.use_deterministic_algorithms, cuDNN deterministic without "
+        "autotuning, CUBLAS_WORKSPACE_CONFIG=:4096:8 (unless set). Needed for bitwise resume on a GPU; off is faster there.",
+    )
+    num_threads: int | None = Field(
+        None, gt=0, description="torch CPU threads per process; null = torch's default (OMP_NUM_THREADS, else the cores).",
+    )
+
+
 class RunConfig(_Section):
     """A whole ppoflow run."""
 
@@ -236,10 +259,12 @@ class RunConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     flow: FlowConfig = Field(default_factory=FlowConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     def config_hash(self) -> str:
-        """Identity of the training job: everything that changes its results, not tracking or retries."""
-        identity = self.model_dump(mode="json", exclude={"tracking", "flow"})
+        """Identity of the training job: everything that changes its results, not tracking, retries or
+        how this machine runs it."""
+        identity = self.model_dump(mode="json", exclude=set(ATTEMPT_SECTIONS))
         canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

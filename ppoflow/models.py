@@ -14,6 +14,7 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -304,18 +305,31 @@ def _is_stochastic_setting(name: str, value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value != 0 and bool(_STOCHASTIC_SETTING.search(name))
 
 
-def load_causal_lm(directory: Path, dtype: torch.dtype, trust_remote_code: bool = False, attn_implementation: str | None = None) -> PreTrainedModel:
+def _on_device(device: torch.device | None) -> dict[str, Any]:
+    """from_pretrained arguments that put the weights straight on `device` as they are read (one
+    device, so transformers adds no dispatch hooks), instead of a full copy in host RAM first."""
+    return {} if device is None else {"device_map": {"": torch.device(device)}}
+
+
+def load_causal_lm(
+    directory: Path, dtype: torch.dtype, trust_remote_code: bool = False, attn_implementation: str | None = None,
+    device: torch.device | None = None,
+) -> PreTrainedModel:
     model = AutoModelForCausalLM.from_pretrained(
-        directory, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, attn_implementation=attn_implementation
+        directory, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, attn_implementation=attn_implementation,
+        **_on_device(device),
     )
     disable_dropout(model)
     return model
 
 
-def load_classifier(directory: Path, dtype: torch.dtype, trust_remote_code: bool = False, attn_implementation: str | None = None) -> PreTrainedModel:
+def load_classifier(
+    directory: Path, dtype: torch.dtype, trust_remote_code: bool = False, attn_implementation: str | None = None,
+    device: torch.device | None = None,
+) -> PreTrainedModel:
     model = AutoModelForSequenceClassification.from_pretrained(
         directory, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, num_labels=1,
-        attn_implementation=attn_implementation,
+        attn_implementation=attn_implementation, **_on_device(device),
     )
     disable_dropout(model)
     if scalar_head(model) is None:
@@ -340,11 +354,12 @@ def scalar_head(classifier: nn.Module) -> nn.Module | None:
 
 
 # The run's models are loaded through the three functions below, by training and by evaluation
-# alike: trust_remote_code and attention kernel of the run, safetensors only, dropout off. Precision:
-# what training updates (the policy's weights or its LoRA adapter, the value model) is kept in fp32
-# with its optimizer state, whatever `models.dtype` says (a bf16 weight of 0.02 does not move by a
-# 3e-6 step); frozen weights (reference, reward, a LoRA base) are stored in `models.dtype`; forwards
-# compute in `models.dtype` through autocast (`RolloutWorker.autocast`).
+# alike: trust_remote_code and attention kernel of the run, safetensors only, dropout off, straight
+# onto the process's device. Precision: what training updates (the policy's weights or its LoRA
+# adapter, the value model) is kept in fp32 with its optimizer state, whatever `models.dtype` says
+# (a bf16 weight of 0.02 does not move by a 3e-6 step); a LoRA base is stored in `models.dtype`, the
+# reference and reward models in `models.frozen_dtype` (default `models.dtype`; they run in it);
+# forwards compute in `models.dtype` through autocast (`RolloutWorker.autocast`).
 
 
 def _load_options(config: RunConfig) -> tuple[torch.dtype, bool, str | None]:
@@ -352,16 +367,24 @@ def _load_options(config: RunConfig) -> tuple[torch.dtype, bool, str | None]:
     return resolve_dtype(models.dtype), models.trust_remote_code, None if models.attn_implementation == "auto" else models.attn_implementation
 
 
-def load_policy(config: RunConfig, models: ModelManifest, checkpoint: Path | None, *, trainable: bool) -> PreTrainedModel:
+def frozen_dtype(config: RunConfig) -> torch.dtype:
+    return resolve_dtype(config.models.frozen_dtype or config.models.dtype)
+
+
+def load_policy(
+    config: RunConfig, models: ModelManifest, checkpoint: Path | None, *, trainable: bool, device: torch.device | None = None,
+) -> PreTrainedModel:
     """The policy at the start (`checkpoint` None) or of a checkpoint: full weights, or with LoRA the
     base model plus its adapter (a new one at the start)."""
     dtype, trust, attention = _load_options(config)
     if not config.peft.enabled:
         weights = torch.float32 if trainable else dtype
-        return load_causal_lm(checkpoint / "policy" if checkpoint else models.policy.local_dir, weights, trust, attention)
+        return load_causal_lm(checkpoint / "policy" if checkpoint else models.policy.local_dir, weights, trust, attention, device)
     from peft import PeftModel
 
-    base = load_causal_lm(models.policy.local_dir, dtype, trust, attention)  # frozen; peft keeps the adapter in fp32
+    # The frozen base in models.dtype, not frozen_dtype: its layers take the fp32 adapter's output,
+    # which only autocast in models.dtype reconciles; peft keeps the adapter in fp32.
+    base = load_causal_lm(models.policy.local_dir, dtype, trust, attention, device)
     if checkpoint is None:
         policy = add_lora(base, config.peft)
     else:
@@ -370,19 +393,20 @@ def load_policy(config: RunConfig, models: ModelManifest, checkpoint: Path | Non
     return policy
 
 
-def load_value(config: RunConfig, models: ModelManifest, checkpoint: Path | None) -> PreTrainedModel:
+def load_value(config: RunConfig, models: ModelManifest, checkpoint: Path | None, device: torch.device | None = None) -> PreTrainedModel:
     """The value model at the start (from `models.value`) or of a checkpoint, in fp32 (it is trained)."""
     directory = checkpoint / "value" if checkpoint else models.value.local_dir
     _, trust, attention = _load_options(config)
-    return load_classifier(directory, torch.float32, trust, attention)
+    return load_classifier(directory, torch.float32, trust, attention, device)
 
 
 def load_frozen(config: RunConfig, models: ModelManifest, device: torch.device) -> tuple[PreTrainedModel | None, PreTrainedModel]:
     """The reference (None with LoRA: the policy with its adapter off) and the reward model, frozen on `device`."""
-    options = _load_options(config)
+    _, trust, attention = _load_options(config)
+    options = (frozen_dtype(config), trust, attention, device)
     ref = None if models.ref is None else load_causal_lm(models.ref.local_dir, *options)
     reward = load_classifier(models.reward.local_dir, *options)
-    return tuple(None if model is None else model.requires_grad_(False).eval().to(device) for model in (ref, reward))
+    return tuple(None if model is None else model.requires_grad_(False).eval() for model in (ref, reward))
 
 
 def add_lora(policy: PreTrainedModel, peft: PeftConfig) -> PreTrainedModel:

@@ -30,7 +30,7 @@ from ppoflow.hashing import sha256_tree
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, Release, RunPlan
 from ppoflow.models import describe_models, load_policy, load_tokenizer, prepare_tokenizers, settle_value_source
 from ppoflow.rewards import load_reward_functions
-from ppoflow.runtime import check_mixed_precision, process_state
+from ppoflow.runtime import check_mixed_precision, configure_torch, process_state
 from ppoflow.trainer import MetricsCallback, PPOTrainer
 
 log = logging.getLogger(__name__)
@@ -195,8 +195,9 @@ def save_and_evaluate(plan: RunPlan, models: ModelManifest, data: DatasetManifes
     config = plan.config
     policy_dir = plan.output_dir / "final"
     state = process_state()
+    configure_torch(config.runtime)
     if state.is_main_process:
-        policy = load_policy(config, models, final.path, trainable=False)
+        policy = load_policy(config, models, final.path, trainable=False, device=state.device)
         metrics, samples = evaluate_policy(config, models, data.eval_dir, policy, state.device)
         write_eval(plan.output_dir, metrics, samples)
         save_policy(config, policy, load_tokenizer(models.tokenizer_dir), models, policy_dir)  # merging LoRA mutates: last

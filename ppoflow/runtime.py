@@ -7,12 +7,20 @@ the CPU, so we ask whenever no GPU is present. One process alone is unaffected.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 from accelerate import Accelerator, PartialState
 
+from ppoflow.config import RuntimeConfig
 from ppoflow.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# cuBLAS reuses its workspace across streams nondeterministically unless given fixed buffers
+# (CUDA >= 10.2, "Reproducibility" in torch's notes); read when cuBLAS makes its first handle.
+CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
 
 
 def process_state() -> PartialState:
@@ -35,3 +43,22 @@ def make_accelerator() -> Accelerator:
     check_mixed_precision()
     process_state()
     return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def configure_torch(runtime: RuntimeConfig) -> None:
+    """Apply `runtime` to this process, before its first model forward (cuBLAS reads its workspace
+    setting once, when CUDA makes its first handle, so the engine calls this before loading models).
+
+    Deterministic: torch picks deterministic kernels (and warns, rather than fails, for an op that has
+    none, so a long run is not lost to it); cuDNN does not autotune. On CPU every kernel ppoflow runs
+    is deterministic already, so the switch changes nothing there."""
+    if runtime.num_threads is not None and torch.get_num_threads() != runtime.num_threads:
+        torch.set_num_threads(runtime.num_threads)
+    if runtime.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
+        if os.environ["CUBLAS_WORKSPACE_CONFIG"] not in (":4096:8", ":16:8"):
+            log.warning("CUBLAS_WORKSPACE_CONFIG=%s is not one of cuBLAS's deterministic settings (:4096:8, :16:8)",
+                        os.environ["CUBLAS_WORKSPACE_CONFIG"])
+    torch.use_deterministic_algorithms(runtime.deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = runtime.deterministic
+    torch.backends.cudnn.benchmark = not runtime.deterministic

@@ -51,7 +51,7 @@ from ppoflow.models import (
     token_values,
 )
 from ppoflow.rewards import load_reward_functions
-from ppoflow.runtime import make_accelerator
+from ppoflow.runtime import configure_torch, make_accelerator
 from ppoflow.schedule import make_scheduler, warmup_steps
 from ppoflow.reward_inputs import conversations
 from ppoflow.rollout import Rollout, build_worker, left_pad
@@ -101,6 +101,7 @@ class PPOTrainer:
         self.config = plan.config
         self.ppo = plan.config.ppo
         self.batch = plan.batch
+        configure_torch(self.config.runtime)
         self.accelerator = accelerator or make_accelerator()
         if self.accelerator.num_processes != self.batch.world_size:
             raise CheckpointError(
@@ -120,8 +121,8 @@ class PPOTrainer:
     def _build(self, checkpoint: Path | None) -> None:
         """Load models (from the sources, or from a checkpoint) and the optimizer state."""
         device = self.accelerator.device
-        policy = load_policy(self.config, self.models, checkpoint, trainable=True)
-        value = load_value(self.config, self.models, checkpoint)
+        policy = load_policy(self.config, self.models, checkpoint, trainable=True, device=device)
+        value = load_value(self.config, self.models, checkpoint, device=device)
         ref, reward = load_frozen(self.config, self.models, device)
         self.policy_wrapper = self.accelerator.prepare_model(AtResponseTokens(policy, response_logits))
         self.value_wrapper = self.accelerator.prepare_model(AtResponseTokens(value, token_values))
@@ -130,7 +131,7 @@ class PPOTrainer:
         if self.ppo.gradient_checkpointing:
             # Non-reentrant: works with a frozen LoRA base too (no inputs that require grad needed).
             for model in (self.policy, self.value):
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.policy.eval()
         self.value.eval()
         self.trainable = [p for model in (self.policy, self.value) for p in model.parameters() if p.requires_grad]

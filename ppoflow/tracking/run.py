@@ -40,7 +40,7 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
-from ppoflow.config import RunConfig
+from ppoflow.config import ATTEMPT_SECTIONS, RunConfig
 from ppoflow.errors import TrackingError
 from ppoflow.manifests import DatasetManifest, ModelManifest, ModelSource, RunPlan
 from ppoflow.provenance import git_state, library_versions
@@ -181,7 +181,7 @@ class TrackingRun:
         """Params: the flattened config, the batch arithmetic and library versions; tags: hash and git;
         artifact: the resolved config as `config/config.yaml`."""
         tree = redact(plan.config.model_dump(mode="json"))
-        attempt_sections = {name: tree.pop(name) for name in ("tracking", "flow")}
+        attempt_sections = {name: tree.pop(name) for name in ATTEMPT_SECTIONS}
         identity = flatten(tree) | flatten({"batch": plan.batch.model_dump(mode="json")})
         attempt = flatten(attempt_sections) | flatten({"version": library_versions()})
         self._log_params(identity, identity=True)

@@ -71,3 +71,37 @@ def test_gradient_checkpointing_gives_the_same_update(run_stages, tmp_path):
         b = load_file(checkpointed.final.path / role / "model.safetensors")
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), role
     assert change(plain) > 1e-3
+
+
+def test_frozen_models_in_bf16_under_fp32_training(run_stages):
+    stages = run_stages(*ONE_UPDATE, "ppo.learning_rate=1e-3", "models.dtype=float32", "models.frozen_dtype=bfloat16")
+    trainer = stages.trainer()
+    assert {p.dtype for p in trainer.worker.ref.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in trainer.worker.reward.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in trainer.policy.parameters()} == {torch.float32}
+    assert trainer.worker.compute_dtype == torch.float32
+    (first,) = [json.loads(line) for line in (stages.plan.output_dir / "metrics.jsonl").read_text().splitlines()]
+    # the policy starts as the reference: the KL is only the reference's bf16 rounding, small but not 0
+    assert 0 < abs(first["objective/kl"]) < 0.5, first["objective/kl"]
+    assert first["val/ratio"] == pytest.approx(1.0, abs=1e-6)  # both sides of the ratio in fp32
+    assert change(stages) > 1e-3
+
+
+def test_models_are_loaded_onto_the_device_without_dispatch_hooks(run_stages):
+    stages = run_stages(train=False)
+    trainer = stages.trainer()
+    for model in (trainer.policy, trainer.value, trainer.worker.ref, trainer.worker.reward):
+        assert {p.device for p in model.parameters()} == {trainer.accelerator.device}
+        assert not any(hasattr(module, "_hf_hook") for module in model.modules())  # one device: no accelerate hooks
+
+
+def test_the_trainer_applies_the_runtime_section(run_stages):
+    saved = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        run_stages("runtime.deterministic=false", "runtime.num_threads=1", train=False).trainer()
+        assert not torch.are_deterministic_algorithms_enabled() and torch.get_num_threads() == 1
+        run_stages(train=False, output_dir=None).trainer()  # the default: deterministic
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1], warn_only=True)
