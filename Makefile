@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: install test test-fast demo toy bench clean mlflow-server mlflow-server-stop
+.PHONY: install test test-fast demo toy bench gpu-check clean mlflow-server mlflow-server-stop
 
 install: $(STAMP)
 
@@ -78,6 +78,12 @@ $(BENCH_TOY)/toy.json: | $(STAMP)
 
 bench: bench-venv $(BENCH_TOY)/toy.json | $(STAMP)
 	$(PY) benchmarks/run.py --toy $(BENCH_TOY) $(if $(BENCH_THREADS),--threads $(BENCH_THREADS)) $(BENCH_ARGS)
+
+# The CUDA path's checks (benchmarks/gpu_check.py), one JSON file; without a GPU it says so and exits 0.
+# The throughput check needs .venv-bench (make bench-venv) built against the machine's CUDA torch.
+GPU_CHECK_ARGS ?=
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py --out .ppoflow/gpu-check/gpu_check.json $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf runs .ppoflow

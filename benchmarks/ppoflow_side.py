@@ -51,7 +51,7 @@ import trl_baseline as tb  # noqa: E402  (stdlib-only at import time: the SPEC r
 # SPEC keys that are TRL-only and have no ppoflow meaning; they are accepted and listed in the RESULT.
 TRL_ONLY_KEYS = {"num_sample_generations", "eval_batch_size", "eval_do_sample", "eval_temperature", "eval_seed",
                  "rss_sample_interval_s", "name", "notes", "oracle_per_update", "batch_semantics", "torch_threads", "oracle", "prompts",
-                 "prompt_column", "eval_size", "max_prompt_length", "policy", "reward", "value"}
+                 "prompt_column", "eval_size", "max_prompt_length", "policy", "reward", "value", "ppoflow_overrides", "bf16"}
 
 
 def ppo_section(spec: dict[str, Any], ppo_fields: set[str]) -> tuple[dict[str, Any], list[str]]:
@@ -125,14 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     ppo, ignored = ppo_section(spec, set(FlowPPOConfig.model_fields))
     tree: dict[str, Any] = {
         "output_dir": str(workdir / "run"),
-        "models": {"policy": spec["policy"], "reward": spec["reward"], "value": spec["value"], "dtype": "float32"},
+        "models": {"policy": spec["policy"], "reward": spec["reward"], "value": spec["value"],
+                   "dtype": "bfloat16" if spec.get("bf16") else "float32"},  # bf16: autocast over fp32 weights, as TRL's bf16
         "data": {"path": str(train_file), "prompt_column": "prompt", "max_prompt_length": max_len, "eval_size": 0},
         "ppo": ppo,
         "reward_functions": (
             [{"path": spec["oracle"], "name": "oracle", "weight": 0.0}] if (oracle and spec.get("oracle_per_update")) else []
         ),
     }
-    config = build_config(tree)
+    config = build_config(tree, spec.get("ppoflow_overrides", []))  # `key.path=value`, ppoflow-only variants
 
     # ---------- stages 1-4 and the trainer (not timed as training) ----------
     probe = tb.RssSampler(1.0)  # not started: only its rss() reader

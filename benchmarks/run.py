@@ -87,6 +87,13 @@ QUICK = {
     "orchestration": {"runs": 1, "total_episodes": 64},
     "yardstick_s": 1.0,
 }
+# ppoflow's memory options, each run once on the large size (RSS barely varies between runs).
+MEMORY_VARIANTS = {
+    "default": [],
+    "ppo.gradient_checkpointing": ["ppo.gradient_checkpointing=true"],
+    "models.frozen_dtype=bfloat16": ["models.frozen_dtype=bfloat16"],
+    "both": ["ppo.gradient_checkpointing=true", "models.frozen_dtype=bfloat16"],
+}
 GOALS = {"toy_speedup": 3.0, "large_speedup": 1.5, "memory_ratio": 1.0, "orch_fixed_s": 15.0, "orch_fraction": 0.05}
 PHASES = ("rollout", "policy", "ref", "value", "score", "train", "other")
 
@@ -401,6 +408,26 @@ def throughput_size(name: str, spec: dict[str, Any], rounds: int, threads: int, 
     }
 
 
+def memory_options(spec: dict[str, Any], threads: int, run_dir: Path) -> dict[str, Any]:
+    """Peak RSS of ppoflow's training loop with each memory option, on one model size."""
+    variants = {}
+    for name, overrides in MEMORY_VARIANTS.items():
+        log(f"memory: {name}")
+        label = name.replace("=", "-").replace(".", "_")
+        spec_path = write_spec(run_dir / f"memory-{label}.spec.json", {**spec, "name": f"memory-{label}", "ppoflow_overrides": overrides})
+        result = run_side("ours", spec_path, run_dir / f"memory-{label}.json", run_dir / f"memory-{label}.log", threads, ARGS.timeout)
+        variants[name] = {
+            "overrides": overrides,
+            "peak_rss_train_mib": result["memory"]["peak_rss_train_mib"],
+            "rss_before_train_mib": result["memory"]["rss_before_train_mib"],
+            "s_per_update": rnd(result["timing_s"]["train_loop"] / result["throughput"]["updates"], 3),
+        }
+    base = variants["default"]["peak_rss_train_mib"]
+    for row in variants.values():
+        row["peak_vs_default"] = rnd(row["peak_rss_train_mib"] / base, 3)
+    return {"spec": spec["name"], "variants": variants}
+
+
 def parity(base_spec: dict[str, Any], seeds: list[int], threads: int, run_dir: Path) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": []}
     commands = {}
@@ -634,6 +661,16 @@ def markdown(res: dict[str, Any]) -> str:
               "yardstick, with useful FLOPs = 2·N·tokens for generation, reference, value and reward forwards and "
               "6·N·tokens·epochs for policy and value training, N = nn.Linear parameters (LM head included), "
               "tokens = real prompt + response tokens.", ""]
+    mem = res.get("memory")
+    if mem:
+        lines += ["ppoflow's memory options on the large size (one run each; peak RSS of the training loop, whole "
+                  "process; on a GPU the same options cut device memory):", "",
+                  "| options | peak RSS in training (MiB) | vs default | RSS before training (MiB) | s/update |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, row in mem["variants"].items():
+            lines.append(f"| {name} | {fmt(row['peak_rss_train_mib'], 0)} | {fmt(row['peak_vs_default'], 3)} | "
+                         f"{fmt(row['rss_before_train_mib'], 0)} | {fmt(row['s_per_update'], 2)} |")
+        lines.append("")
     par = res.get("parity")
     if par:
         v = par["verdict"]
@@ -680,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="rounds per size (default 3; 1 with --quick)")
     parser.add_argument("--toy", type=Path, default=WORK / "toy", help="the toy world (built by make bench)")
     parser.add_argument("--trl-python", type=Path, default=REPO / ".venv-bench" / "bin" / "python")
-    parser.add_argument("--skip", action="append", default=[], choices=["parity", "orchestration", "large", "toy"],
+    parser.add_argument("--skip", action="append", default=[], choices=["parity", "orchestration", "large", "toy", "memory"],
                         help="leave a part out (the README table then lacks it)")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per child process")
     parser.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
@@ -738,6 +775,8 @@ def main(argv: list[str] | None = None) -> int:
         size["goals"] = {"speedup": size["ratios_median"]["episodes_per_s"] >= goal,
                          "memory": size["ratios_median"]["peak_rss_train"] <= GOALS["memory_ratio"]}
         res["sizes"][key] = size
+        if key == "large" and "memory" not in ARGS.skip:
+            res["memory"] = memory_options(spec, threads, run_dir)
         (out_root / "latest.partial.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
 
     if "parity" not in ARGS.skip:

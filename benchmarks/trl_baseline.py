@@ -46,13 +46,14 @@ OWN_KEYS = {
 }
 # PPOConfig fields the benchmark fixes; a SPEC may not change them.
 FIXED_CONFIG = {
-    "bf16": False, "fp16": False, "report_to": "none", "save_strategy": "no", "eval_strategy": "no",
+    "fp16": False, "report_to": "none", "save_strategy": "no", "eval_strategy": "no",
     "push_to_hub": False, "logging_steps": 1, "disable_tqdm": True,
 }
 # PPOConfig fields the benchmark sets unless the SPEC says otherwise.
 DEFAULT_CONFIG = {
     "num_sample_generations": 0,  # TRL's periodic sample tables: extra generation inside the timed loop
     "stop_token": "eos",
+    "bf16": False,  # True: accelerate's bf16 autocast over fp32 weights (gpu_check.py's throughput check)
 }
 
 
@@ -488,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             "datasets": importlib.import_module("datasets").__version__,
         },
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "device": str(trainer.accelerator.device), "dtype": "float32"},
+                    "device": str(trainer.accelerator.device), "dtype": "bfloat16" if config.bf16 else "float32"},
         "spec": spec,
         "trl_config": {
             k: getattr(config, k, None)
