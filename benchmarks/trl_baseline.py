@@ -256,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     config_kwargs.update(FIXED_CONFIG)
     if config_kwargs.get("stop_token_id") is not None:
         config_kwargs["stop_token"] = None
+    if config_kwargs["bf16"] and not torch.cuda.is_available():
+        config_kwargs["use_cpu"] = True  # transformers refuses bf16 without a GPU unless told it is meant for the CPU
     out_dir = tempfile.mkdtemp(prefix="trl-baseline-")
     config_kwargs["output_dir"] = out_dir
     config = PPOConfig(**config_kwargs)
