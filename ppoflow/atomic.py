@@ -58,3 +58,11 @@ def remove_leftovers(directory: Path) -> None:
     for prefix in (PARTIAL_PREFIX, RETIRED_PREFIX):
         for leftover in directory.glob(f"{prefix}*"):
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+def write_text_atomic(target: Path, text: str) -> None:
+    """`target` holds the old text or all of `text`, never a part: written beside it, then renamed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f"{PARTIAL_PREFIX}{target.name}")
+    staging.write_text(text)
+    os.replace(staging, target)

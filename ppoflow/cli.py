@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from ppoflow.errors import PpoflowError
 from ppoflow.manifests import Release, RunPlan
 
 EXIT_USER_ERROR = 2
+EXIT_ORPHANED = 3
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--seed", type=int, default=0, help="build seed (same seed, same bytes)")
     train = commands.add_parser("train", help="run the PPO engine alone, resuming from the newest checkpoint")
     add_config_arguments(train)
+    stage = commands.add_parser("stage", help="run stage 4 or 5 from manifests on disk: what `ppoflow run` starts under accelerate launch")
+    stage.add_argument("name", choices=sorted(STAGES))
+    stage.add_argument("--inputs", required=True, type=Path, help="JSON object of the stage's input manifests (plan, models, data)")
+    stage.add_argument("--result", required=True, type=Path, help="where the main process writes the stage's result manifest")
+    stage.add_argument("--mlflow-run-id", default=None, help="stage 5: send each update's metrics to this MLflow run")
+    stage.add_argument("--parent-pid", type=int, default=None, help="end this process when that one is gone (no orphans)")
     return parser
 
 
@@ -78,12 +86,67 @@ def command_train(args: argparse.Namespace) -> dict[str, Any]:
     return {**run_summary(plan, release), "wall_seconds": round(time.perf_counter() - began, 2)}
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"toy": command_toy, "train": command_train}
+STAGES = ("init_trainer", "train")
+
+
+def _end_with_parent(pid: int) -> None:
+    """A daemon thread that ends this process when `pid` is gone: a flow process killed outright
+    (SIGKILL, OOM) cannot end its launched group itself, and a rank left behind would hold its GPU."""
+    import os
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                logging.getLogger(__name__).error("the process that launched this one (%d) is gone: exiting", pid)
+                os._exit(EXIT_ORPHANED)
+            except PermissionError:  # alive, another user's (cannot be ours): keep watching
+                pass
+
+    threading.Thread(target=watch, name="ppoflow-parent-watch", daemon=True).start()
+
+
+def command_stage(args: argparse.Namespace) -> dict[str, Any]:
+    from ppoflow import pipeline
+    from ppoflow.atomic import write_text_atomic
+    from ppoflow.manifests import DatasetManifest, ModelManifest
+    from ppoflow.runtime import process_state
+
+    if args.parent_pid is not None:
+        _end_with_parent(args.parent_pid)
+    inputs = json.loads(args.inputs.read_text())
+    plan = RunPlan.model_validate(inputs["plan"])
+    models = ModelManifest.model_validate(inputs["models"])
+    data = DatasetManifest.model_validate(inputs["data"])
+    main_process = process_state().is_main_process
+    if args.name == "init_trainer":
+        result = pipeline.init_trainer(plan, models, data)
+    else:
+        sink = None
+        if args.mlflow_run_id and main_process:
+            from ppoflow.tracking import TrackingRun
+
+            sink = TrackingRun.attach(args.mlflow_run_id, output_dir=plan.output_dir).metrics_sink()
+        try:
+            result = pipeline.train(plan, models, data, callbacks=[sink] if sink else [])
+        finally:
+            if sink is not None:
+                sink.close()  # delivers what is buffered (the rest waits in the spool for the resume)
+    if main_process:
+        write_text_atomic(args.result, result.model_dump_json())
+    return {"stage": args.name, "result": str(args.result)}
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"toy": command_toy, "train": command_train, "stage": command_stage}
 
 
 def run_command(parser: argparse.ArgumentParser, commands: dict[str, Callable], argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""  # set by accelerate launch
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format=f"%(asctime)s {rank}%(levelname)s %(name)s: %(message)s")
     try:
         summary = commands[args.command](args)
     except PpoflowError as exc:

@@ -245,6 +245,11 @@ class RuntimeConfig(_Section):
     num_threads: int | None = Field(
         None, gt=0, description="torch CPU threads per process; null = torch's default (OMP_NUM_THREADS, else the cores).",
     )
+    num_processes: int = Field(
+        1, gt=0, description="Training processes on this machine (one per GPU, or gloo processes on a CPU). 1: "
+        "the calling process. More: `ppoflow run` runs stages 4 and 5 under `accelerate launch`, a child process "
+        "group of the task; `ppoflow train` must itself be started by `accelerate launch --num_processes` with as many.",
+    )
 
 
 class RunConfig(_Section):

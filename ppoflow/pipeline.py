@@ -69,12 +69,32 @@ def _clear_storage_errors(stage):
     return run
 
 
+def planned_world_size(num_processes: int) -> int:
+    """The processes the run trains on: `runtime.num_processes` from one process (the flow launches
+    them, stages 4 and 5), else the processes accelerate launched, which it must then agree with."""
+    import torch
+
+    running = process_state().num_processes
+    if running > 1 and num_processes not in (1, running):
+        raise ConfigError(
+            "runtime.num_processes", f"is {num_processes} but accelerate launched {running} processes",
+            f"set it to {running}, or launch with --num_processes {num_processes}",
+        )
+    wanted = max(running, num_processes)
+    if torch.cuda.is_available() and wanted > torch.cuda.device_count():
+        raise ConfigError(
+            "runtime.num_processes", f"asks for {wanted} processes and this machine has {torch.cuda.device_count()} GPU(s)",
+            f"use at most {torch.cuda.device_count()} (one process per GPU)",
+        )
+    return wanted
+
+
 def configure(config: RunConfig, world_size: int | None = None) -> RunPlan:
     """Stage 1: validate everything cheap to check, derive the batch plan, claim the workspace."""
     validate_sources(config)
     check_mixed_precision()
     load_reward_functions(config.reward_functions)
-    batch = BatchPlan.derive(config.ppo, world_size or process_state().num_processes)
+    batch = BatchPlan.derive(config.ppo, world_size or planned_world_size(config.runtime.num_processes))
     output_dir = config.output_dir.expanduser().resolve()
     config_hash = config.config_hash()
     found = newest_valid_checkpoint(output_dir / "checkpoints")
@@ -90,7 +110,7 @@ def configure(config: RunConfig, world_size: int | None = None) -> RunPlan:
         raise ConfigError(
             "output_dir",
             f"{output_dir} holds checkpoints written by {state.get('world_size', 1)} process(es), and this run has {batch.world_size}",
-            f"resume with {state.get('world_size', 1)} process(es) (accelerate launch --num_processes), or use a new output_dir",
+            f"resume with {state.get('world_size', 1)} process(es) (runtime.num_processes, or accelerate launch --num_processes), or use a new output_dir",
         )
     if process_state().is_main_process:
         _check_writable(output_dir)
@@ -219,6 +239,11 @@ def run_all(config: RunConfig, callbacks: Sequence[MetricsCallback] = ()) -> tup
     main = process_state().is_main_process
     with output_dir_lock(config.output_dir, config.flow.lock_timeout_seconds) if main else nullcontext():
         plan = configure(config)
+        if plan.batch.world_size != process_state().num_processes:
+            raise ConfigError(
+                "runtime.num_processes", f"is {plan.batch.world_size} and `ppoflow train` is one process",
+                f"start it with `accelerate launch --num_processes {plan.batch.world_size} -m ppoflow.cli train`, or use `ppoflow run`",
+            )
         models = load_models(plan)
         data = prepare_dataset(plan, models)
         init_trainer(plan, models, data)

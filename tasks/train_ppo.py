@@ -3,7 +3,9 @@
 A retried or re-run stage resumes where the crashed attempt last checkpointed (the engine finds the
 checkpoint; the data order and RNG states make the result bitwise that of an uninterrupted run).
 Each update's metrics go to the MLflow run and move a Prefect progress artifact; both callbacks run
-on the task's own thread, inside the trainer loop.
+on the task's own thread, inside the trainer loop. With runtime.num_processes > 1 the stage runs under
+accelerate launch (`tasks.launch`): the main rank sends the metrics to MLflow, and the task moves the
+progress artifact from `metrics.jsonl`.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from ppoflow import pipeline
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, RunPlan
+from ppoflow.runtime import process_state
 from ppoflow.tracking import TrackingRun
 from tasks.common import STAGE_OPTIONS
+from tasks.launch import run_launched
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +30,9 @@ log = logging.getLogger(__name__)
 def train_ppo(plan: RunPlan, models: ModelManifest, data: DatasetManifest, start: CheckpointManifest, mlflow_run_id: str) -> CheckpointManifest:
     """`start` (the step-0 checkpoint) orders the stages and keys the cache; training itself resumes
     from the newest intact checkpoint on disk. Returns the final checkpoint."""
+    if plan.batch.world_size > process_state().num_processes:  # runtime.num_processes > 1
+        return run_launched("train", plan, {"plan": plan, "models": models, "data": data}, CheckpointManifest,
+                            mlflow_run_id=mlflow_run_id, on_metrics=TrainingProgress(plan))
     sink = TrackingRun.attach(mlflow_run_id, output_dir=plan.output_dir).metrics_sink()
     try:
         return pipeline.train(plan, models, data, callbacks=[sink, TrainingProgress(plan)])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 from pathlib import Path
 
 CRASH_ENV = "PPOFLOW_TEST_CRASH_AFTER"  # "<update>:<marker file>", read by `crash_once_after_update` only
@@ -45,4 +46,19 @@ def crash_once_after_update(prompts: list[str], completions: list[str]) -> list[
     if _count("crash") == int(after) + 1 and not Path(marker).exists():
         Path(marker).write_text("injected\n")
         raise InjectedCrash(f"crash injected after update {after}")
+    return [0.0] * len(completions)
+
+
+KILL_RANK_ENV = "PPOFLOW_TEST_KILL_RANK"  # "<rank>:<update>:<marker file>", read by `sigkill_rank_once_after_update`
+
+
+def sigkill_rank_once_after_update(prompts: list[str], completions: list[str]) -> list[float]:
+    """0.0; with `PPOFLOW_TEST_KILL_RANK=R:N:MARKER`, the process of rank R SIGKILLs itself in the
+    rollout after update N, once (the marker file records it): a rank that dies as under the OOM killer."""
+    spec = os.environ.get(KILL_RANK_ENV)
+    if spec and _count("kill-rank") == int(spec.split(":", 2)[1]) + 1:
+        rank, _, marker = spec.split(":", 2)
+        if os.environ.get("RANK") == rank and not Path(marker).exists():
+            Path(marker).write_text("killed\n")
+            os.kill(os.getpid(), signal.SIGKILL)
     return [0.0] * len(completions)
