@@ -144,10 +144,12 @@ def check_packing(ctx: dict[str, Any]) -> dict[str, Any]:
     padded, packed = padded_layout(*batch), packed_layout(*batch, pad_token_id=0, row_tokens=64)
     tokens = batch[2][batch[3]]  # the response tokens, in the layouts' order
 
-    def forward(kernel: str, dtype: torch.dtype, layout) -> tuple[torch.Tensor, torch.Tensor]:
+    def load(kernel: str, dtype: torch.dtype):
+        return (load_causal_lm(ctx["toy"] / "policy", dtype, attn_implementation=kernel, device=device).eval(),
+                load_classifier(ctx["toy"] / "reward", dtype, attn_implementation=kernel, device=device).eval())
+
+    def forward(policy, reward, layout) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs of the response tokens and the reward scores, in fp32."""
-        policy = load_causal_lm(ctx["toy"] / "policy", dtype, attn_implementation=kernel, device=device).eval()
-        reward = load_classifier(ctx["toy"] / "reward", dtype, attn_implementation=kernel, device=device).eval()
         with torch.no_grad():
             logits = response_logits(policy, layout.decoder_inputs(), layout.before).float()
             logprobs = torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
@@ -156,17 +158,16 @@ def check_packing(ctx: dict[str, Any]) -> dict[str, Any]:
     # The yardstick is the dtype's own rounding: padded rows in `dtype` against padded rows in fp32.
     # Packing passes when it adds no more than that (a sequence that attended to another packed in
     # its row would be off by far more).
-    exact = forward("eager", torch.float32, padded)
+    exact = forward(*load("eager", torch.float32), padded)
     results: dict[str, Any] = {"dtype": str(dtype).removeprefix("torch."), "packed_rows": int(packed.input_ids.shape[0]),
                                "padded_rows": int(padded.input_ids.shape[0]), "response_tokens": int(tokens.numel())}
     passed = True
     for kernel in kernels:
-        policy = load_causal_lm(ctx["toy"] / "policy", dtype, attn_implementation=kernel, device=device)
-        reward = load_classifier(ctx["toy"] / "reward", dtype, attn_implementation=kernel, device=device)
+        policy, reward = load(kernel, dtype)
         self_check = bool(packing_supported(policy, 0) and packing_supported(reward, 0))
         row: dict[str, Any] = {"self_check_packs": self_check}
         for name, layout in (("padded", padded), ("packed", packed)):
-            logprobs, scores = forward(kernel, dtype, layout)
+            logprobs, scores = forward(policy, reward, layout)
             row[f"{name}_max_abs_logprob_error"] = float((logprobs - exact[0]).abs().max())
             row[f"{name}_max_abs_score_error"] = float((scores - exact[1]).abs().max())
         allowed = {what: 2 * row[f"padded_max_abs_{what}_error"] + 1e-4 for what in ("logprob", "score")}

@@ -92,7 +92,6 @@ STAGES = ("init_trainer", "train")
 def _end_with_parent(pid: int) -> None:
     """A daemon thread that ends this process when `pid` is gone: a flow process killed outright
     (SIGKILL, OOM) cannot end its launched group itself, and a rank left behind would hold its GPU."""
-    import os
     import threading
 
     def watch() -> None:

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 # cuBLAS reuses its workspace across streams nondeterministically unless given fixed buffers
 # (CUDA >= 10.2, "Reproducibility" in torch's notes); read when cuBLAS makes its first handle.
 CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
+CUBLAS_DETERMINISTIC_SETTINGS = (CUBLAS_DETERMINISTIC_WORKSPACE, ":16:8")
 
 
 def process_state() -> PartialState:
@@ -55,10 +56,9 @@ def configure_torch(runtime: RuntimeConfig) -> None:
     if runtime.num_threads is not None and torch.get_num_threads() != runtime.num_threads:
         torch.set_num_threads(runtime.num_threads)
     if runtime.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
-        if os.environ["CUBLAS_WORKSPACE_CONFIG"] not in (":4096:8", ":16:8"):
-            log.warning("CUBLAS_WORKSPACE_CONFIG=%s is not one of cuBLAS's deterministic settings (:4096:8, :16:8)",
-                        os.environ["CUBLAS_WORKSPACE_CONFIG"])
+        workspace = os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
+        if workspace not in CUBLAS_DETERMINISTIC_SETTINGS:
+            log.warning("CUBLAS_WORKSPACE_CONFIG=%s is not one of cuBLAS's deterministic settings %s", workspace, CUBLAS_DETERMINISTIC_SETTINGS)
     torch.use_deterministic_algorithms(runtime.deterministic, warn_only=True)
     # Filling every torch.empty with NaN is a debugging aid against reading uninitialised memory, not
     # a need of determinism, and costs ~20 % of a CPU toy run.

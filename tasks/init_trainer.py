@@ -6,15 +6,14 @@ from prefect import task
 
 from ppoflow import pipeline
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, RunPlan
-from ppoflow.runtime import process_state
 from tasks.common import STAGE_OPTIONS
-from tasks.launch import run_launched
+from tasks.launch import needs_launch, run_launched
 
 
 @task(name="init_trainer", **STAGE_OPTIONS)
 def init_trainer(plan: RunPlan, models: ModelManifest, data: DatasetManifest) -> CheckpointManifest:
     """In this process, or (runtime.num_processes > 1) under accelerate launch: the step-0 checkpoint
     holds every process's RNG state."""
-    if plan.batch.world_size > process_state().num_processes:
+    if needs_launch(plan):
         return run_launched("init_trainer", plan, {"plan": plan, "models": models, "data": data}, CheckpointManifest)
     return pipeline.init_trainer(plan, models, data)

@@ -44,6 +44,13 @@ class LaunchFailed(RuntimeError):
     """The launched group failed; a transient failure, so the task retries (and resumes)."""
 
 
+def needs_launch(plan: RunPlan) -> bool:
+    """Whether the plan is for more processes than this one (runtime.num_processes > 1)."""
+    from ppoflow.runtime import process_state
+
+    return plan.batch.world_size > process_state().num_processes
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

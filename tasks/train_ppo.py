@@ -18,10 +18,9 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from ppoflow import pipeline
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, RunPlan
-from ppoflow.runtime import process_state
 from ppoflow.tracking import TrackingRun
 from tasks.common import STAGE_OPTIONS
-from tasks.launch import run_launched
+from tasks.launch import needs_launch, run_launched
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +29,7 @@ log = logging.getLogger(__name__)
 def train_ppo(plan: RunPlan, models: ModelManifest, data: DatasetManifest, start: CheckpointManifest, mlflow_run_id: str) -> CheckpointManifest:
     """`start` (the step-0 checkpoint) orders the stages and keys the cache; training itself resumes
     from the newest intact checkpoint on disk. Returns the final checkpoint."""
-    if plan.batch.world_size > process_state().num_processes:  # runtime.num_processes > 1
+    if needs_launch(plan):
         return run_launched("train", plan, {"plan": plan, "models": models, "data": data}, CheckpointManifest,
                             mlflow_run_id=mlflow_run_id, on_metrics=TrainingProgress(plan))
     sink = TrackingRun.attach(mlflow_run_id, output_dir=plan.output_dir).metrics_sink()
