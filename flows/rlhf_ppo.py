@@ -33,7 +33,7 @@ from prefect.settings import PREFECT_UI_URL
 
 from ppoflow import tracking
 from ppoflow.cli import final_metrics, run_summary
-from ppoflow.config import RunConfig, build_config
+from ppoflow.config import MODEL_SOURCE_FIELDS, RunConfig, build_config
 from ppoflow.hub import check_push
 from ppoflow.locking import output_dir_lock
 from ppoflow.manifests import DatasetManifest, ModelManifest, Release, RunPlan
@@ -82,7 +82,7 @@ def effective_config(config: RunConfig, overrides: list[str] | None) -> RunConfi
     config hash must not depend on the directory it happens to start in."""
     if overrides:
         config = build_config(config.model_dump(mode="json"), overrides)
-    models = {field: _absolute(getattr(config.models, field)) for field in ("policy", "reward", "value", "ref", "tokenizer")}
+    models = {field: _absolute(getattr(config.models, field)) for field in MODEL_SOURCE_FIELDS}
     update: dict[str, Any] = {
         "output_dir": config.output_dir.expanduser().resolve(),
         "models": config.models.model_copy(update=models),
@@ -164,6 +164,8 @@ def summary_markdown(plan: RunPlan, models: ModelManifest, data: DatasetManifest
     lines += [f"| {key} | {value:.4g} |" for key, value in shown.items() if isinstance(value, (int, float))]
     if release.registered_model:
         lines += ["", f"Registered model **{release.registered_model}** version **{release.registered_version}** (`{release.model_uri}`)."]
+    if release.promotion:
+        lines += ["", f"Promotion gate (@{release.promotion['alias']}): **{release.promotion['decision']}**."]
     if release.hub_commit_url:
         lines += ["", f"Pushed to the Hugging Face Hub: {release.hub_commit_url}"]
     return "\n".join(lines) + "\n"
@@ -178,4 +180,5 @@ def summary(plan: RunPlan, release: Release) -> dict[str, Any]:
         "model_uri": release.model_uri,
         "registered_model": {"name": release.registered_model, "version": release.registered_version},
         "hub_commit_url": release.hub_commit_url,
+        "promotion": release.promotion,
     }

@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ppoflow.errors import ConfigError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+REGISTRY_URI = re.compile(r"models:/(?P<name>[^/@\s]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>[1-9][0-9]*))")
+MODEL_SOURCE_FIELDS = ("policy", "reward", "value", "ref", "tokenizer", "policy_fallback")  # models.* naming a model
 CHAT_TEMPLATE_CHOICES = ("auto", "none")  # data.chat_template: any other value is a template file
 
 
@@ -32,7 +34,9 @@ class _Section(BaseModel):
 
 
 class ModelsConfig(_Section):
-    """Where the four models come from. Each is a local directory or a Hugging Face Hub id."""
+    """Where the four models come from. Each is a local directory, a Hugging Face Hub id, or a model of the
+    MLflow Model Registry (`models:/NAME@ALIAS` or `models:/NAME/VERSION`, resolved in stage 2 against
+    the run's tracking store to one version, fetched once into `output_dir/registry/`)."""
 
     policy: str = Field(description="The SFT checkpoint the policy starts from (causal LM).")
     reward: str = Field(
@@ -43,7 +47,12 @@ class ModelsConfig(_Section):
         None, description="Value model start: a one-label classifier, or a causal LM (its decoder, a fresh scalar head), "
         "with the policy's tokenizer; default: the reward checkpoint, or the policy when the reward model has its own tokenizer.",
     )
-    ref: str | None = Field(None, description="Frozen reference; default: the policy checkpoint. Unused with LoRA.")
+    policy_fallback: str | None = Field(
+        None, description="Where the policy starts while models.policy names a registry alias that points at no version "
+        "yet (the first run of a chain that continues from `models:/NAME@champion`): a local directory or Hub id.",
+    )
+    ref: str | None = Field(None, description="Frozen reference; default: the policy checkpoint (with a registry "
+                            "policy: the version it resolved to, so KL is measured from where this run started). Unused with LoRA.")
     tokenizer: str | None = Field(None, description="Tokenizer source; default: the policy checkpoint.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for Hub ids.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -194,12 +203,31 @@ class EvalConfig(_Section):
     seed: int = Field(1234, ge=0, description="Sampling seed, the same for policy and reference.")
 
 
+class PromotionConfig(_Section):
+    """The gate a new version passes to take the promotion alias (stage 6, after registration)."""
+
+    alias: str = Field("champion", description="Alias the gate moves to a new version that passes every bound.")
+    min_win_rate: float = Field(
+        0.55, ge=0, le=1, description="Least win rate (by the reward model, ties half) of the new policy against the "
+        "alias's current holder on the eval prompts, head to head; against the reference while no version holds it.",
+    )
+    max_kl: float | None = Field(None, ge=0, description="Most mean per-sequence KL(policy‖reference) on the eval prompts; null: no bound.")
+    min_reward_functions: dict[str, float] = Field(
+        default_factory=dict, description="Least eval mean of the new policy per reward function, by metric name "
+        "(e.g. {oracle: 0.5}); each must name one of reward_functions.",
+    )
+
+
 class TrackingConfig(_Section):
     """MLflow tracking (used by `ppoflow run`). The tracking URI comes from MLFLOW_TRACKING_URI."""
 
     experiment: str = Field("ppoflow", description="MLflow experiment name.")
     registered_model_name: str = Field("ppoflow-policy", description="Model Registry name of the trained policy.")
-    alias: str = Field("candidate", description="Alias given to the newly registered version.")
+    alias: str = Field("candidate", description="Alias given to every newly registered version.")
+    promotion: PromotionConfig | None = Field(
+        default_factory=PromotionConfig, description="The promotion gate (with log_model): the new version takes "
+        "promotion.alias only when it beats the holder and every bound holds; null: no gate, no promotion alias.",
+    )
     log_model: bool = Field(True, description="Log and register the trained policy.")
     system_metrics: bool = Field(True, description="Log CPU/memory system metrics during the run.")
     push_to_hub: bool = Field(
@@ -215,6 +243,9 @@ class TrackingConfig(_Section):
             raise ValueError("push_to_hub needs tracking.hub_repo_id (e.g. my-org/my-policy)")
         if self.hub_repo_id is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", self.hub_repo_id):
             raise ValueError(f"hub_repo_id must be `owner/name`, like my-org/my-policy (got {self.hub_repo_id!r})")
+        if self.promotion is not None and self.promotion.alias == self.alias:
+            raise ValueError(f"promotion.alias and alias are both {self.alias!r}: every new version takes `alias`, "
+                             "only one that passes the gate `promotion.alias` — give them different names")
         return self
 
 
@@ -265,6 +296,18 @@ class RunConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     flow: FlowConfig = Field(default_factory=FlowConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @model_validator(mode="after")
+    def _promotion_bounds(self) -> RunConfig:
+        promotion = self.tracking.promotion
+        names = [function.metric_name for function in self.reward_functions]
+        for name in promotion.min_reward_functions if promotion is not None else ():
+            if name not in names:
+                raise ConfigError(
+                    f"tracking.promotion.min_reward_functions.{name}", "names no reward function",
+                    f"use one of {names} (reward_functions[].name)" if names else "add the function to reward_functions first",
+                )
+        return self
 
     def config_hash(self) -> str:
         """Identity of the training job: everything that changes its results, not tracking, retries or
@@ -397,8 +440,17 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return build_config(tree, overrides)
 
 
+def is_registry_uri(source: str | None) -> bool:
+    """`models:/...`: a model of the MLflow Model Registry (resolved in stage 2, `ppoflow.tracking.registry`)."""
+    return source is not None and source.startswith("models:/")
+
+
 def check_model_source(field: str, source: str) -> None:
-    """A local path must exist; anything else must at least look like a Hub id."""
+    """A local path must exist, a registry URI be well formed; anything else must look like a Hub id."""
+    if is_registry_uri(source):
+        if not REGISTRY_URI.fullmatch(source):
+            raise ConfigError(field, f"{source!r} is not a registry URI", "write models:/NAME@ALIAS or models:/NAME/VERSION")
+        return
     if Path(source).expanduser().exists():
         return
     if not HUB_ID.fullmatch(source):
@@ -419,10 +471,17 @@ def validate_sources(config: RunConfig) -> None:
                 + ("a GPU" if not torch.cuda.is_available() else "flash-attn"),
                 "use auto or sdpa here (or pip install flash-attn on a GPU machine)",
             )
-    for field in ("policy", "reward", "value", "ref", "tokenizer"):
+    for field in MODEL_SOURCE_FIELDS:
         source = getattr(models, field)
         if source is not None:
             check_model_source(f"models.{field}", source)
+    if models.policy_fallback is not None:
+        match = REGISTRY_URI.fullmatch(models.policy)
+        if match is None or match["alias"] is None or is_registry_uri(models.policy_fallback):
+            raise ConfigError(
+                "models.policy_fallback", "is only for a models.policy of the form models:/NAME@ALIAS, and must be a local directory or Hub id",
+                "remove it, or point models.policy at a registry alias",
+            )
     data_path = config.data.path
     if not Path(data_path).expanduser().exists() and not HUB_ID.fullmatch(data_path):
         raise ConfigError("data.path", f"{data_path!r} does not exist", "point it at a JSONL/Parquet file, a saved dataset or a Hub id")

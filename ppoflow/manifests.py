@@ -8,6 +8,7 @@ were deleted or altered is recomputed, never trusted.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -42,6 +43,7 @@ class ModelSource(Manifest):
     sha256: str
     model_class: str
     num_parameters: int
+    registry_uri: str | None = None  # `models:/NAME/VERSION` a registry source resolved to (its files: local_dir)
 
 
 class ModelManifest(Manifest):
@@ -151,6 +153,7 @@ class Release(Manifest):
     registered_model: str | None = None
     registered_version: str | None = None
     hub_commit_url: str | None = None
+    promotion: dict[str, Any] | None = None  # the promotion gate's decision (`ppoflow.tracking.promotion`)
 
     def is_intact(self) -> bool:
         return self.policy_dir.is_dir() and sha256_tree(self.policy_dir) == self.policy_sha256

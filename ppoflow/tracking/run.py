@@ -197,7 +197,8 @@ class TrackingRun:
         self.client.log_text(self.run_id, yaml.safe_dump(resolved, sort_keys=False), "config/config.yaml")
 
     def log_models(self, models: ModelManifest) -> None:
-        """Lineage tags `ppoflow.<role>.{source,revision,sha256,class,num_parameters}` and the tokenizer's."""
+        """Lineage tags `ppoflow.<role>.{source,revision,sha256,class,num_parameters}` (and `registry_version`,
+        `models:/NAME/VERSION`, for a registry source) and the tokenizer's."""
         tags: dict[str, Any] = {}
         roles: dict[str, ModelSource | None] = {
             "policy": models.policy, "ref": models.ref, "reward": models.reward, "value": models.value,
@@ -208,6 +209,7 @@ class TrackingRun:
                 continue
             tags |= {
                 f"ppoflow.{role}.source": model.source,
+                f"ppoflow.{role}.registry_version": model.registry_uri,
                 f"ppoflow.{role}.revision": model.revision or "none",
                 f"ppoflow.{role}.sha256": model.sha256,
                 f"ppoflow.{role}.class": model.model_class,

@@ -90,6 +90,9 @@ CASES = [
     Case("tokenizer without EOS", "models.policy:", ("models.policy={bad}/no-eos",)),
     Case("LoRA target modules absent", "peft.target_modules:", ("peft.enabled=true", "peft.target_modules=[c_attn]")),
     Case("weights not in safetensors", "models.policy", ("models.policy={bad}/pickle-only",)),
+    Case("registry URI malformed", "`models.policy`", ("models.policy=models:/policy@",)),
+    Case("registry version that does not exist", "models.policy:", ("models.policy=models:/no-such-policy/3",)),
+    Case("policy fallback without a registry alias", "`models.policy_fallback`", ("models.policy_fallback={toy}/policy",)),
     # -- data ------------------------------------------------------------------------------------
     Case("data path missing", "`data.path`", ("data.path=/no/such/prompts.jsonl",)),
     Case("data file of unknown type", "data.path:", ("data.path={bad}/prompts.csv",)),
@@ -114,6 +117,9 @@ CASES = [
     Case("tracking store not writable", "MLFLOW_TRACKING_URI=", command="run", tracking_uri="sqlite:////proc/ppoflow/mlflow.db"),
     Case("registered model name MLflow refuses", "`tracking.registered_model_name`", ("tracking.registered_model_name=team/policy",), command="run"),
     Case("registry alias MLflow reserves", "`tracking.alias`", ("tracking.alias=latest",), command="run"),
+    Case("promotion alias MLflow reserves", "`tracking.promotion.alias`", ("tracking.promotion.alias=latest",), command="run"),
+    Case("promotion alias equal to the candidate alias", "`tracking`", ("tracking.promotion.alias=candidate",)),
+    Case("promotion bound on an unknown reward function", "`tracking.promotion.min_reward_functions.nope`", ("tracking.promotion.min_reward_functions={{nope: 0.5}}",)),
     Case("experiment deleted", "`tracking.experiment`", ("tracking.experiment=deleted-experiment",), command="run"),
     Case("push to the Hub while offline", "`tracking.push_to_hub`", ("tracking.push_to_hub=true", "tracking.hub_repo_id=org/policy"), command="run"),
 ]
