@@ -40,7 +40,7 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
-from ppoflow.config import ATTEMPT_SECTIONS, RunConfig
+from ppoflow.config import ATTEMPT_SECTIONS, REGISTRY_URI, RunConfig
 from ppoflow.errors import TrackingError
 from ppoflow.manifests import DatasetManifest, ModelManifest, ModelSource, RunPlan
 from ppoflow.provenance import git_state, library_versions
@@ -60,7 +60,12 @@ FLOW_RUN_IDS_TAG = "prefect.flow_run_ids"
 def run_name(config: RunConfig, config_hash: str) -> str:
     """`{policy model name}-{config_hash[:8]}`, e.g. `policy-3f2a9c01`: the MLflow run's name, and
     the Prefect flow run's (its stage runs add the stage: `load_models[policy-3f2a9c01]`)."""
-    policy = Path(config.models.policy.rstrip("/")).name or "policy"
+    source = config.models.policy
+    match = REGISTRY_URI.fullmatch(source)
+    if match:  # models:/NAME@ALIAS -> NAME@ALIAS, models:/NAME/VERSION -> NAME-v3
+        policy = f"{match['name']}@{match['alias']}" if match["alias"] else f"{match['name']}-v{match['version']}"
+    else:
+        policy = Path(source.rstrip("/")).name or "policy"
     return f"{policy}-{config_hash[:8]}"
 
 

@@ -139,3 +139,15 @@ def test_the_gate_promotes_rejects_and_re_evaluates_when_another_run_moves_the_a
     assert not losing["promoted"] and losing["decision"] == f"rejected: win rate 0.2 < 0.55 against models:/{NAME}/2"
     assert alias_holder(run, NAME, "champion") == "2"
     assert gate(run, promotion, name=NAME, version="3", **arguments) == losing and asked == []
+
+
+def test_runs_from_the_registry_are_named_after_the_registered_model():
+    from ppoflow.config import RunConfig
+    from ppoflow.tracking import run_name
+
+    def named(policy: str) -> str:
+        return run_name(RunConfig(models={"policy": policy, "reward": "/r"}, data={"path": "/p"}), "0123456789abcdef")
+
+    assert named("models:/team-policy@champion") == "team-policy@champion-01234567"
+    assert named("models:/team-policy/12") == "team-policy-v12-01234567"
+    assert named("/models/sft/") == "sft-01234567"
