@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import re
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +24,8 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 REGISTRY_URI = re.compile(r"models:/(?P<name>[^/@\s]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>[1-9][0-9]*))")
 MODEL_SOURCE_FIELDS = ("policy", "reward", "value", "ref", "tokenizer", "policy_fallback")  # models.* naming a model
 CHAT_TEMPLATE_CHOICES = ("auto", "none")  # data.chat_template: any other value is a template file
+OUTPUT_DIR_PLACEHOLDERS = ("date", "flow_run")  # what output_dir may hold in braces (`expand_output_dir`)
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
 
 # Sections that say how one attempt runs, not what it computes: outside config_hash.
@@ -286,7 +289,16 @@ class RuntimeConfig(_Section):
 class RunConfig(_Section):
     """A whole ppoflow run."""
 
-    output_dir: Path = Field(Path("runs/toy"), description="Run workspace: checkpoints, metrics, final model.")
+    output_dir: Path = Field(
+        Path("runs/toy"),
+        description="Run workspace: checkpoints, metrics, final model. May hold `{date}` and `{flow_run}`, expanded when "
+        "the run starts (`expand_output_dir`): under `ppoflow run` (the flow), `{date}` is the UTC day "
+        "(YYYY-MM-DD) of the flow run's scheduled start time and `{flow_run}` the flow run's id (a UUID; its name "
+        "comes from the config hash, so it is no different between two scheduled runs); both stay the same when that "
+        "flow run is retried (`prefect flow-run retry`, stage retries), so a retry resumes in the same workspace, "
+        "while a new flow run gets a new `{flow_run}`. `ppoflow train` has no flow run: `{date}` is today's UTC "
+        "day when it starts and `{flow_run}` is refused. Braces are kept for these two placeholders.",
+    )
     models: ModelsConfig
     data: DataConfig
     ppo: PPOConfig = Field(default_factory=PPOConfig)
@@ -296,6 +308,12 @@ class RunConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     flow: FlowConfig = Field(default_factory=FlowConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _known_placeholders(cls, value: Path) -> Path:
+        output_dir_placeholders(value)
+        return value
 
     @model_validator(mode="after")
     def _promotion_bounds(self) -> RunConfig:
@@ -376,6 +394,36 @@ class BatchPlan(BaseModel):
             num_updates=num_updates,
             optimizer_steps=num_updates * ppo.num_ppo_epochs * ppo.num_mini_batches,
         )
+
+
+def output_dir_placeholders(output_dir: str | Path) -> set[str]:
+    """The placeholders (`date`, `flow_run`) in an output_dir; ValueError for an unknown one or a stray brace."""
+    text = str(output_dir)
+    names = set(_PLACEHOLDER.findall(text))
+    unknown = sorted(names - set(OUTPUT_DIR_PLACEHOLDERS))
+    if unknown:
+        raise ValueError(f"has an unknown placeholder {{{unknown[0]}}}: output_dir may hold only {{date}} and {{flow_run}}")
+    if set("{}") & set(_PLACEHOLDER.sub("", text)):
+        raise ValueError("has an unbalanced brace: braces are only for the placeholders {date} and {flow_run}")
+    return names
+
+
+def expand_output_dir(config: RunConfig, *, scheduled_start: datetime, flow_run: str | None) -> RunConfig:
+    """`config` with `{date}` in output_dir replaced by the UTC day of `scheduled_start` (YYYY-MM-DD; a
+    naive time is taken as UTC) and `{flow_run}` by `flow_run`, the orchestrator's run id. None means
+    there is no flow run (`ppoflow train`): `{flow_run}` is then refused."""
+    names = output_dir_placeholders(config.output_dir)
+    if not names:
+        return config
+    if "flow_run" in names and flow_run is None:
+        raise ConfigError(
+            "output_dir", f"{config.output_dir} holds {{flow_run}} and `ppoflow train` runs outside any flow run",
+            "use `ppoflow run` (the Prefect flow), or put {date} or a fixed name there",
+        )
+    day = (scheduled_start if scheduled_start.tzinfo else scheduled_start.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+    values = {"date": day.strftime("%Y-%m-%d"), "flow_run": flow_run}
+    expanded = _PLACEHOLDER.sub(lambda match: values[match.group(1)], str(config.output_dir))
+    return config.model_copy(update={"output_dir": Path(expanded)})
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -14,6 +14,7 @@ import logging
 import shutil
 from collections.abc import Sequence
 from contextlib import nullcontext
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -22,7 +23,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ppoflow.checkpoint import newest_valid_checkpoint, read_state, storage_problem, verify_checkpoint
 from ppoflow.atomic import write_text_atomic
-from ppoflow.config import BatchPlan, ModelsConfig, RunConfig, is_registry_uri, validate_sources
+from ppoflow.config import (
+    BatchPlan, ModelsConfig, RunConfig, expand_output_dir, is_registry_uri, output_dir_placeholders, validate_sources,
+)
 from ppoflow.data import prepare_prompts
 from ppoflow.errors import ConfigError, ModelError, PpoflowError
 from ppoflow.evaluate import evaluate_policy, save_policy, write_eval
@@ -95,6 +98,8 @@ def planned_world_size(num_processes: int) -> int:
 
 def configure(config: RunConfig, world_size: int | None = None) -> RunPlan:
     """Stage 1: validate everything cheap to check, derive the batch plan, claim the workspace."""
+    if output_dir_placeholders(config.output_dir):
+        raise ConfigError("output_dir", f"{config.output_dir} still holds placeholders", "expand them first (ppoflow.config.expand_output_dir)")
     validate_sources(config)
     check_mixed_precision()
     load_reward_functions(config.reward_functions)
@@ -272,7 +277,9 @@ def evaluate_against(plan: RunPlan, models: ModelManifest, data: DatasetManifest
 
 def run_all(config: RunConfig, callbacks: Sequence[MetricsCallback] = ()) -> tuple[RunPlan, Release]:
     """The six stages in one process: what `ppoflow train` does. The main process holds the output
-    directory's lock throughout (`ppoflow.locking`): a second run of it waits, then reuses the work."""
+    directory's lock throughout (`ppoflow.locking`): a second run of it waits, then reuses the work.
+    There is no flow run: `{date}` in output_dir is today's UTC day, `{flow_run}` is refused."""
+    config = expand_output_dir(config, scheduled_start=datetime.now(timezone.utc), flow_run=None)
     main = process_state().is_main_process
     with output_dir_lock(config.output_dir, config.flow.lock_timeout_seconds) if main else nullcontext():
         plan = configure(config)
