@@ -464,7 +464,7 @@ def describe(stack: Stack) -> str:
         "Trigger a run (from another shell, in this directory):",
         f"  export PREFECT_API_URL={stack.api_url} MLFLOW_TRACKING_URI={stack.mlflow_url}",
         f"  {prefect_cli} deployment run rlhf-ppo/toy-nightly --watch \\",
-        "      --param overrides='[\"ppo.total_episodes=256\", \"output_dir=runs/toy-256\"]'",
+        "      --param overrides='[\"ppo.total_episodes=256\", \"output_dir=runs/toy-256/{flow_run}\"]'",
         "Stop everything: make serve-stop",
     ])
 

@@ -13,12 +13,16 @@ from tests.deployment_files import config_file, declared
 
 
 def test_each_deployment_takes_its_config_from_a_valid_run_config_file():
-    """The files exist and validate; the nightly is the demo config, the template uses LoRA."""
+    """The files exist and validate; the nightly chains from the champion on the newest partition in a
+    workspace per night, the template uses LoRA."""
     deployments = declared()
-    assert config_file(deployments["toy-nightly"]) == serve.REPO_ROOT / "configs" / "toy.yaml"
+    assert config_file(deployments["toy-nightly"]) == serve.REPO_ROOT / "configs" / "toy-nightly.yaml"
     template = load_config(config_file(deployments["my-model"]))
     assert template.peft.enabled and template.models.ref is None
-    assert load_run_config(str(config_file(deployments["toy-nightly"])))["config"]["tracking"]["experiment"] == "ppoflow-toy"
+    nightly = load_run_config(str(config_file(deployments["toy-nightly"])))["config"]
+    assert nightly["tracking"]["experiment"] == "ppoflow-toy-nightly" and nightly["output_dir"] == "runs/toy-nightly/{date}"
+    assert nightly["models"]["policy"] == f"models:/{nightly['tracking']['registered_model_name']}@champion"
+    assert nightly["tracking"]["promotion"]["alias"] == "champion" and nightly["data"]["window"] == {"newest": 1}
     assert all(entry["entrypoint"] == "flows/rlhf_ppo.py:rlhf_ppo" for entry in deployments.values())
 
 
