@@ -185,10 +185,13 @@ def init_trainer(plan: RunPlan, models: ModelManifest, data: DatasetManifest) ->
     if step_zero.is_dir():
         try:
             digest = verify_checkpoint(step_zero)
-            if read_state(step_zero)["config_hash"] == plan.config_hash:
-                return CheckpointManifest(path=step_zero, update=0, episode=0, num_updates=plan.batch.num_updates, sha256=digest)
+            state = read_state(step_zero)
         except Exception as exc:  # a damaged step-0 is rewritten below
             log.warning("rewriting the initial checkpoint: %s", exc)
+        else:
+            if state.get("config_hash") == plan.config_hash:
+                _check_same_data(plan, state, data)
+                return CheckpointManifest(path=step_zero, update=0, episode=0, num_updates=plan.batch.num_updates, sha256=digest)
     trainer = PPOTrainer.from_checkpoint(plan, models, data, checkpoint=None)
     return trainer.save_checkpoint()
 
@@ -201,12 +204,26 @@ def train(plan: RunPlan, models: ModelManifest, data: DatasetManifest, callbacks
         raise ModelError(f"no intact checkpoint in {plan.output_dir / 'checkpoints'} — run stage 4 (init_trainer) first")
     path, digest = found
     state = read_state(path)
+    _check_same_data(plan, state, data)
     if state["update"] >= plan.batch.num_updates:
         return CheckpointManifest(path=path, update=state["update"], episode=state["episode"], num_updates=plan.batch.num_updates, sha256=digest)
     if state["update"] > 0:
         log.info("resuming from %s (update %d of %d)", path.name, state["update"], plan.batch.num_updates)
     trainer = PPOTrainer.from_checkpoint(plan, models, data, checkpoint=path)
     return trainer.train(callbacks)
+
+
+def _check_same_data(plan: RunPlan, state: dict, data: DatasetManifest) -> None:
+    """A workspace's checkpoints go on only with the data they were trained on: with the same config
+    and new partitions, "resuming" would return last night's training as tonight's. Checkpoints
+    written before the fingerprint was recorded cannot tell, and are taken as they are."""
+    trained_on = state.get("data_fingerprint")
+    if trained_on is not None and trained_on != data.fingerprint:
+        raise ConfigError(
+            "output_dir",
+            f"{plan.output_dir} holds a training on other data (fingerprint {trained_on[:16]}, this run's {data.fingerprint[:16]})",
+            "give each data window its own workspace: put {date} or {flow_run} in output_dir, or use a new output_dir",
+        )
 
 
 @_clear_storage_errors
