@@ -10,9 +10,12 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ppoflow.config import DataWindow
 from ppoflow.partitions import select_partitions
+
+if TYPE_CHECKING:
+    from ppoflow.config import DataWindow
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -382,7 +382,11 @@ def test_window_and_glob_pick_the_partitions_read(tmp_path):
     assert sorted(stored_prompts(newest)) == sorted(["hello world", "one two three", "the mat", "a cat"])
     by_glob = prepare(directory / "prompts-2026-11-*.jsonl", tmp_path / "glob", window={"days": 1}, eval_size=0)
     assert [r.path.name for r in by_glob.partitions] == ["prompts-2026-11-30.jsonl"]
-    assert by_glob.source_window == DataWindow(days=1)
+    assert by_glob.source_window == DataWindow(days=1) and by_glob.is_intact()
+    write_jsonl(directory / "prompts-2026-12-02.jsonl", records(["a new night"]))  # outside the pattern
+    assert by_glob.is_intact()
+    write_jsonl(directory / "prompts-2026-11-30b.jsonl", records(["a second file of the night"]))
+    assert not by_glob.is_intact()
 
 
 def test_an_empty_partition_is_recorded_with_no_rows(tmp_path):
