@@ -38,6 +38,7 @@ import json
 import logging
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,10 +99,13 @@ class _Prompts:
     template: _ChatTemplate | None  # what rendered the conversations; None for text
 
 
-def prepare_prompts(data: DataConfig, tokenizer: PreTrainedTokenizerBase, out_dir: Path, *, seed: int) -> DatasetManifest:
+def prepare_prompts(
+    data: DataConfig, tokenizer: PreTrainedTokenizerBase, out_dir: Path, *, seed: int, check_fingerprint: Callable[[str], None] | None = None
+) -> DatasetManifest:
     """Read, clean, tokenize and split the prompts; write `out_dir/{train,eval,dataset.json}` atomically.
 
-    Every problem with the data or config raises a `DataError`/`ConfigError` before anything is written.
+    Every problem with the data or config raises a `DataError`/`ConfigError` before anything is
+    written, and so may `check_fingerprint`, called with the dataset's fingerprint before the write.
     """
     source = _read_source(data)
     rows_read = source.table.num_rows
@@ -129,6 +133,8 @@ def prepare_prompts(data: DataConfig, tokenizer: PreTrainedTokenizerBase, out_di
         for name, indices in (("train", order[data.eval_size :]), ("eval", order[: data.eval_size]))
     }
     fingerprint = _fingerprint(source.digest, tokenizer, data, seed, prompts.template)
+    if check_fingerprint is not None:
+        check_fingerprint(fingerprint)
     manifest = _write_atomically(
         Path(out_dir).absolute(),
         splits,
