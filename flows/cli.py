@@ -2,8 +2,9 @@
 
 `ppoflow run --config FILE [--set key.path=value ...]` runs `flows.rlhf_ppo` against the Prefect API
 of `PREFECT_API_URL`, or an ephemeral one when it is unset, with MLflow tracking from
-`MLFLOW_TRACKING_URI` (else the SQLite store in `.ppoflow/mlflow`). A config error is reported
-before Prefect starts. Logs go to stderr; the last stdout line is the JSON summary, with the Prefect
+`MLFLOW_TRACKING_URI` (else the SQLite store in `.ppoflow/mlflow`). A config error, or a tracking
+store that does not answer, is reported in one line (exit status 2) before Prefect starts; the flow
+checks the store again itself, for the deployments that run it without this command. Logs go to stderr; the last stdout line is the JSON summary, with the Prefect
 flow run id, the MLflow run id and the registered model version. After a failure, the same command
 again (or `prefect flow-run retry <id>`) reuses the finished stages and resumes training.
 
@@ -46,6 +47,9 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
 
     began = time.perf_counter()
     config = load_config(args.config, args.overrides)  # a bad config stops here, before Prefect starts
+    from ppoflow import tracking
+
+    tracking.check_reachable(tracking.resolve_tracking_uri())  # so does a tracking store that does not answer
     from flows import rlhf_ppo as flow_module
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise

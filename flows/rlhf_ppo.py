@@ -9,12 +9,18 @@ RunConfig ─1 configure────────→ RunPlan          MLflow: the
           ─6 save_and_evaluate→ Release          MLflow: logged + registered model with alias
 ```
 
+`output_dir` may hold `{date}` (the UTC day of the flow run's scheduled start) and `{flow_run}` (the
+flow run's id): the same for every retry of that flow run, so a retry resumes in its workspace.
+
 A stage whose inputs and source are unchanged comes back `Cached` in any later flow run, unless
 the files its manifest names are gone or changed (`tasks.common`). A failed flow run re-run (or
 retried) finds stages 1–4 cached and resumes training from its newest checkpoint.
 
 Parameters: `config`, a whole `RunConfig` (the UI renders it as a form and a deployment stores it as
 JSON), and `overrides`, `key.path=value` strings applied on top (as `--set` does).
+
+A failed or crashed flow run leaves a `rlhf-ppo-failure` markdown artifact (the failed stage, the
+error line, how to resume) and tags its MLflow run, if it opened one, with `ppoflow.failure`.
 """
 
 from __future__ import annotations
@@ -23,17 +29,22 @@ import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect import Flow, flow
+from prefect.artifacts import MarkdownArtifact, create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.objects import FlowRun
+from prefect.states import State
 from prefect.runtime import deployment, flow_run
 from prefect.settings import PREFECT_UI_URL
 
 from ppoflow import tracking
 from ppoflow.cli import final_metrics, run_summary
-from ppoflow.config import RunConfig, build_config
+from ppoflow.config import MODEL_SOURCE_FIELDS, RunConfig, build_config, expand_output_dir
 from ppoflow.hub import check_push
 from ppoflow.locking import output_dir_lock
 from ppoflow.manifests import DatasetManifest, ModelManifest, Release, RunPlan
@@ -41,22 +52,80 @@ from ppoflow.redaction import redact
 from tasks import Stages
 
 
+FAILURE_ARTIFACT = "rlhf-ppo-failure"
+
+
 def run_name() -> str:
-    """`policy-3f2a9c01`: the policy model's name and the config hash (as the MLflow run is named)."""
+    """`policy-3f2a9c01`: the policy model's name and the config hash (as the MLflow run is named), of
+    the config with its placeholders expanded (the flow run's id and scheduled start are known here)."""
     parameters = flow_run.parameters
     try:
-        config = effective_config(RunConfig.model_validate(parameters["config"]), parameters.get("overrides"))
+        config = effective_config(
+            RunConfig.model_validate(parameters["config"]), parameters.get("overrides"), flow_run.scheduled_start_time, flow_run.id,
+        )
     except Exception:  # the flow body reports a bad config with its message
         return "rlhf-ppo-invalid-config"
     return tracking.run_name(config, config.config_hash())
 
 
-@flow(name="rlhf-ppo", flow_run_name=run_name, description="RLHF with PPO: policy, reference, reward and value models.")
+def record_failure(_flow: Flow, run: FlowRun, state: State) -> None:
+    """`on_failure` and `on_crashed`: tag the MLflow run this flow run worked on (if it opened one) with
+    the error line, and leave the `rlhf-ppo-failure` artifact: failed stage, error line, how to resume."""
+    error = state.result(raise_on_failure=False)
+    reason = redact(tracking.first_line(error) if isinstance(error, BaseException) else (state.message or state.name))
+    if isinstance(error, BaseException) and not reason.startswith(type(error).__name__):
+        reason = f"{type(error).__name__}: {reason}"
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+    failed = [task.name.split("[")[0] for task in task_runs if task.state is not None and (task.state.is_failed() or task.state.is_crashed())]
+    stage = failed[-1] if failed else None
+    try:
+        config = effective_config(RunConfig.model_validate(run.parameters["config"]), run.parameters.get("overrides"), run.expected_start_time, run.id)
+    except Exception:  # the config itself is what failed: the reason says so
+        config = None
+    mlflow_run_id = None
+    if config is not None:
+        try:
+            mlflow_run_id = tracking.tag_failure(str(run.id), config.tracking.experiment, reason, stage)
+        except Exception as exc:  # the tracking store may be what failed; the artifact still tells
+            logging.getLogger(__name__).warning("the MLflow run was not tagged with the failure: %s", redact(tracking.first_line(exc)))
+    MarkdownArtifact(
+        key=FAILURE_ARTIFACT, description="Why this flow run failed and how to resume it", flow_run_id=run.id,
+        markdown=failure_markdown(run, state, stage, reason, config, mlflow_run_id),
+    ).create()
+
+
+def failure_markdown(run: FlowRun, state: State, stage: str | None, reason: str, config: RunConfig | None, mlflow_run_id: str | None) -> str:
+    where = f"in stage `{stage}`" if stage else "before stage 1 (the start-up checks)"
+    lines = [f"# Flow run `{run.name}` {state.name.lower()} {where}", "", "```", reason, "```", ""]
+    if config is not None:
+        lines.append(f"Workspace `{config.output_dir}`.")
+    if mlflow_run_id:
+        lines.append(f"MLflow run `{mlflow_run_id}` ended FAILED, tagged `{tracking.FAILURE_TAG}`.")
+    lines += [
+        "",
+        "To resume (finished stages come back Cached, training continues from its newest checkpoint): fix the cause, then",
+        "",
+        "```",
+        f"prefect flow-run retry {run.id}" + ("" if run.deployment_id else f" --entrypoint {Path(__file__).resolve()}:rlhf_ppo"),
+        "```",
+        "",
+        "or start the same command (`ppoflow run --config ...`) or deployment again: a new flow run resumes the same "
+        "workspace unless output_dir holds `{flow_run}` (a new flow run id, a new workspace); `{date}` is the day it was "
+        "scheduled for.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+@flow(
+    name="rlhf-ppo", flow_run_name=run_name, description="RLHF with PPO: policy, reference, reward and value models.",
+    on_failure=[record_failure], on_crashed=[record_failure],
+)
 def rlhf_ppo(config: RunConfig, overrides: list[str] | None = None) -> dict[str, Any]:
     """Train a policy with PPO against a reward model; return the run summary."""
     if logging.getLogger("ppoflow").level == logging.NOTSET:  # a worker's process: no CLI set the level
         logging.getLogger("ppoflow").setLevel(logging.INFO)  # so the engine's progress reaches the Prefect UI
-    config = effective_config(config, overrides)
+    config = effective_config(config, overrides, flow_run.scheduled_start_time, flow_run.id)
     stages = Stages(config.flow)
     # Fail before any expensive work: the tracking store answers, MLflow accepts the release names,
     # and a Hub push could happen (online, with a token).
@@ -77,12 +146,15 @@ def rlhf_ppo(config: RunConfig, overrides: list[str] | None = None) -> dict[str,
         return summary(plan, release)
 
 
-def effective_config(config: RunConfig, overrides: list[str] | None) -> RunConfig:
-    """`config` with the overrides applied and local paths made absolute: a flow run's cache keys and
-    config hash must not depend on the directory it happens to start in."""
+def effective_config(config: RunConfig, overrides: list[str] | None, scheduled_start: datetime, flow_run_id: Any) -> RunConfig:
+    """`config` with the overrides applied, output_dir's `{date}` and `{flow_run}` expanded from the flow
+    run's scheduled start and id (both fixed for the flow run's life: its retries land in the same
+    workspace), and local paths made absolute: a flow run's cache keys and config hash must not depend
+    on the directory it happens to start in."""
     if overrides:
         config = build_config(config.model_dump(mode="json"), overrides)
-    models = {field: _absolute(getattr(config.models, field)) for field in ("policy", "reward", "value", "ref", "tokenizer")}
+    config = expand_output_dir(config, scheduled_start=scheduled_start, flow_run=str(flow_run_id))
+    models = {field: _absolute(getattr(config.models, field)) for field in MODEL_SOURCE_FIELDS}
     update: dict[str, Any] = {
         "output_dir": config.output_dir.expanduser().resolve(),
         "models": config.models.model_copy(update=models),
@@ -164,6 +236,8 @@ def summary_markdown(plan: RunPlan, models: ModelManifest, data: DatasetManifest
     lines += [f"| {key} | {value:.4g} |" for key, value in shown.items() if isinstance(value, (int, float))]
     if release.registered_model:
         lines += ["", f"Registered model **{release.registered_model}** version **{release.registered_version}** (`{release.model_uri}`)."]
+    if release.promotion:
+        lines += ["", f"Promotion gate (@{release.promotion['alias']}): **{release.promotion['decision']}**."]
     if release.hub_commit_url:
         lines += ["", f"Pushed to the Hugging Face Hub: {release.hub_commit_url}"]
     return "\n".join(lines) + "\n"
@@ -178,4 +252,5 @@ def summary(plan: RunPlan, release: Release) -> dict[str, Any]:
         "model_uri": release.model_uri,
         "registered_model": {"name": release.registered_model, "version": release.registered_version},
         "hub_commit_url": release.hub_commit_url,
+        "promotion": release.promotion,
     }

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import re
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +22,11 @@ from ppoflow.errors import ConfigError
 from ppoflow.partitions import is_glob, select_partitions
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+REGISTRY_URI = re.compile(r"models:/(?P<name>[^/@\s]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>[1-9][0-9]*))")
+MODEL_SOURCE_FIELDS = ("policy", "reward", "value", "ref", "tokenizer", "policy_fallback")  # models.* naming a model
 CHAT_TEMPLATE_CHOICES = ("auto", "none")  # data.chat_template: any other value is a template file
+OUTPUT_DIR_PLACEHOLDERS = ("date", "flow_run")  # what output_dir may hold in braces (`expand_output_dir`)
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
 
 # Sections that say how one attempt runs, not what it computes: outside config_hash.
@@ -33,7 +38,9 @@ class _Section(BaseModel):
 
 
 class ModelsConfig(_Section):
-    """Where the four models come from. Each is a local directory or a Hugging Face Hub id."""
+    """Where the four models come from. Each is a local directory, a Hugging Face Hub id, or a model of the
+    MLflow Model Registry (`models:/NAME@ALIAS` or `models:/NAME/VERSION`, resolved in stage 2 against
+    the run's tracking store to one version, fetched once into `output_dir/registry/`)."""
 
     policy: str = Field(description="The SFT checkpoint the policy starts from (causal LM).")
     reward: str = Field(
@@ -44,7 +51,12 @@ class ModelsConfig(_Section):
         None, description="Value model start: a one-label classifier, or a causal LM (its decoder, a fresh scalar head), "
         "with the policy's tokenizer; default: the reward checkpoint, or the policy when the reward model has its own tokenizer.",
     )
-    ref: str | None = Field(None, description="Frozen reference; default: the policy checkpoint. Unused with LoRA.")
+    policy_fallback: str | None = Field(
+        None, description="Where the policy starts while models.policy names a registry alias that points at no version "
+        "yet (the first run of a chain that continues from `models:/NAME@champion`): a local directory or Hub id.",
+    )
+    ref: str | None = Field(None, description="Frozen reference; default: the policy checkpoint (with a registry "
+                            "policy: the version it resolved to, so KL is measured from where this run started). Unused with LoRA.")
     tokenizer: str | None = Field(None, description="Tokenizer source; default: the policy checkpoint.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for Hub ids.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -217,12 +229,31 @@ class EvalConfig(_Section):
     seed: int = Field(1234, ge=0, description="Sampling seed, the same for policy and reference.")
 
 
+class PromotionConfig(_Section):
+    """The gate a new version passes to take the promotion alias (stage 6, after registration)."""
+
+    alias: str = Field("champion", description="Alias the gate moves to a new version that passes every bound.")
+    min_win_rate: float = Field(
+        0.55, ge=0, le=1, description="Least win rate (by the reward model, ties half) of the new policy against the "
+        "alias's current holder on the eval prompts, head to head; against the reference while no version holds it.",
+    )
+    max_kl: float | None = Field(None, ge=0, description="Most mean per-sequence KL(policy‖reference) on the eval prompts; null: no bound.")
+    min_reward_functions: dict[str, float] = Field(
+        default_factory=dict, description="Least eval mean of the new policy per reward function, by metric name "
+        "(e.g. {oracle: 0.5}); each must name one of reward_functions.",
+    )
+
+
 class TrackingConfig(_Section):
     """MLflow tracking (used by `ppoflow run`). The tracking URI comes from MLFLOW_TRACKING_URI."""
 
     experiment: str = Field("ppoflow", description="MLflow experiment name.")
     registered_model_name: str = Field("ppoflow-policy", description="Model Registry name of the trained policy.")
-    alias: str = Field("candidate", description="Alias given to the newly registered version.")
+    alias: str = Field("candidate", description="Alias given to every newly registered version.")
+    promotion: PromotionConfig | None = Field(
+        default_factory=PromotionConfig, description="The promotion gate (with log_model): the new version takes "
+        "promotion.alias only when it beats the holder and every bound holds; null: no gate, no promotion alias.",
+    )
     log_model: bool = Field(True, description="Log and register the trained policy.")
     system_metrics: bool = Field(True, description="Log CPU/memory system metrics during the run.")
     push_to_hub: bool = Field(
@@ -238,6 +269,9 @@ class TrackingConfig(_Section):
             raise ValueError("push_to_hub needs tracking.hub_repo_id (e.g. my-org/my-policy)")
         if self.hub_repo_id is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", self.hub_repo_id):
             raise ValueError(f"hub_repo_id must be `owner/name`, like my-org/my-policy (got {self.hub_repo_id!r})")
+        if self.promotion is not None and self.promotion.alias == self.alias:
+            raise ValueError(f"promotion.alias and alias are both {self.alias!r}: every new version takes `alias`, "
+                             "only one that passes the gate `promotion.alias` — give them different names")
         return self
 
 
@@ -278,7 +312,16 @@ class RuntimeConfig(_Section):
 class RunConfig(_Section):
     """A whole ppoflow run."""
 
-    output_dir: Path = Field(Path("runs/toy"), description="Run workspace: checkpoints, metrics, final model.")
+    output_dir: Path = Field(
+        Path("runs/toy"),
+        description="Run workspace: checkpoints, metrics, final model. May hold `{date}` and `{flow_run}`, expanded when "
+        "the run starts (`expand_output_dir`): under `ppoflow run` (the flow), `{date}` is the UTC day "
+        "(YYYY-MM-DD) of the flow run's scheduled start time and `{flow_run}` the flow run's id (a UUID; its name "
+        "comes from the config hash, so it is no different between two scheduled runs); both stay the same when that "
+        "flow run is retried (`prefect flow-run retry`, stage retries), so a retry resumes in the same workspace, "
+        "while a new flow run gets a new `{flow_run}`. `ppoflow train` has no flow run: `{date}` is today's UTC "
+        "day when it starts and `{flow_run}` is refused. Braces are kept for these two placeholders.",
+    )
     models: ModelsConfig
     data: DataConfig
     ppo: PPOConfig = Field(default_factory=PPOConfig)
@@ -288,6 +331,24 @@ class RunConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     flow: FlowConfig = Field(default_factory=FlowConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _known_placeholders(cls, value: Path) -> Path:
+        output_dir_placeholders(value)
+        return value
+
+    @model_validator(mode="after")
+    def _promotion_bounds(self) -> RunConfig:
+        promotion = self.tracking.promotion
+        names = [function.metric_name for function in self.reward_functions]
+        for name in promotion.min_reward_functions if promotion is not None else ():
+            if name not in names:
+                raise ConfigError(
+                    f"tracking.promotion.min_reward_functions.{name}", "names no reward function",
+                    f"use one of {names} (reward_functions[].name)" if names else "add the function to reward_functions first",
+                )
+        return self
 
     def config_hash(self) -> str:
         """Identity of the training job: everything that changes its results, not tracking, retries or
@@ -358,6 +419,36 @@ class BatchPlan(BaseModel):
         )
 
 
+def output_dir_placeholders(output_dir: str | Path) -> set[str]:
+    """The placeholders (`date`, `flow_run`) in an output_dir; ValueError for an unknown one or a stray brace."""
+    text = str(output_dir)
+    names = set(_PLACEHOLDER.findall(text))
+    unknown = sorted(names - set(OUTPUT_DIR_PLACEHOLDERS))
+    if unknown:
+        raise ValueError(f"has an unknown placeholder {{{unknown[0]}}}: output_dir may hold only {{date}} and {{flow_run}}")
+    if set("{}") & set(_PLACEHOLDER.sub("", text)):
+        raise ValueError("has an unbalanced brace: braces are only for the placeholders {date} and {flow_run}")
+    return names
+
+
+def expand_output_dir(config: RunConfig, *, scheduled_start: datetime, flow_run: str | None) -> RunConfig:
+    """`config` with `{date}` in output_dir replaced by the UTC day of `scheduled_start` (YYYY-MM-DD; a
+    naive time is taken as UTC) and `{flow_run}` by `flow_run`, the orchestrator's run id. None means
+    there is no flow run (`ppoflow train`): `{flow_run}` is then refused."""
+    names = output_dir_placeholders(config.output_dir)
+    if not names:
+        return config
+    if "flow_run" in names and flow_run is None:
+        raise ConfigError(
+            "output_dir", f"{config.output_dir} holds {{flow_run}} and `ppoflow train` runs outside any flow run",
+            "use `ppoflow run` (the Prefect flow), or put {date} or a fixed name there",
+        )
+    day = (scheduled_start if scheduled_start.tzinfo else scheduled_start.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+    values = {"date": day.strftime("%Y-%m-%d"), "flow_run": flow_run}
+    expanded = _PLACEHOLDER.sub(lambda match: values[match.group(1)], str(config.output_dir))
+    return config.model_copy(update={"output_dir": Path(expanded)})
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
@@ -420,8 +511,17 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return build_config(tree, overrides)
 
 
+def is_registry_uri(source: str | None) -> bool:
+    """`models:/...`: a model of the MLflow Model Registry (resolved in stage 2, `ppoflow.tracking.registry`)."""
+    return source is not None and source.startswith("models:/")
+
+
 def check_model_source(field: str, source: str) -> None:
-    """A local path must exist; anything else must at least look like a Hub id."""
+    """A local path must exist, a registry URI be well formed; anything else must look like a Hub id."""
+    if is_registry_uri(source):
+        if not REGISTRY_URI.fullmatch(source):
+            raise ConfigError(field, f"{source!r} is not a registry URI", "write models:/NAME@ALIAS or models:/NAME/VERSION")
+        return
     if Path(source).expanduser().exists():
         return
     if not HUB_ID.fullmatch(source):
@@ -442,10 +542,17 @@ def validate_sources(config: RunConfig) -> None:
                 + ("a GPU" if not torch.cuda.is_available() else "flash-attn"),
                 "use auto or sdpa here (or pip install flash-attn on a GPU machine)",
             )
-    for field in ("policy", "reward", "value", "ref", "tokenizer"):
+    for field in MODEL_SOURCE_FIELDS:
         source = getattr(models, field)
         if source is not None:
             check_model_source(f"models.{field}", source)
+    if models.policy_fallback is not None:
+        match = REGISTRY_URI.fullmatch(models.policy)
+        if match is None or match["alias"] is None or is_registry_uri(models.policy_fallback):
+            raise ConfigError(
+                "models.policy_fallback", "is only for a models.policy of the form models:/NAME@ALIAS, and must be a local directory or Hub id",
+                "remove it, or point models.policy at a registry alias",
+            )
     data_path = config.data.path
     select_partitions(data_path, config.data.window)  # a glob matching nothing, unordered names, a window on one file
     if not is_glob(data_path) and not Path(data_path).expanduser().exists() and not HUB_ID.fullmatch(data_path):

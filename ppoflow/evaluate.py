@@ -54,8 +54,14 @@ def save_policy(config: RunConfig, policy: PreTrainedModel, tokenizer: PreTraine
 
 
 @torch.no_grad()
-def evaluate_policy(config: RunConfig, models: ModelManifest, eval_dir: Path, policy: PreTrainedModel, device: torch.device) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Eval metrics and the sample-completions rows (prompt, both completions, their scores)."""
+def evaluate_policy(
+    config: RunConfig, models: ModelManifest, eval_dir: Path, policy: PreTrainedModel, device: torch.device,
+    baseline: PreTrainedModel | None = None,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Eval metrics and the sample-completions rows (prompt, both completions, their scores).
+    `baseline`: another policy sampled in the reference's place (the promotion gate's head-to-head
+    against the alias holder): the `*_ref` numbers and the win rate are then against it; KL stays
+    against the reference."""
     tokenizer = load_tokenizer(models.tokenizer_dir)
     ref, reward = load_frozen(config, models, device)
     policy = policy.eval().to(device)
@@ -72,7 +78,10 @@ def evaluate_policy(config: RunConfig, models: ModelManifest, eval_dir: Path, po
             completions = {}
             for who in ("policy", "ref"):
                 torch.manual_seed(config.eval.seed + start)
-                model, context = (policy, nullcontext()) if who == "policy" else worker.reference()
+                if who == "policy" or baseline is not None:
+                    model, context = (policy if who == "policy" else baseline), nullcontext()
+                else:
+                    model, context = worker.reference()
                 with context:
                     responses, mask, _ = worker.generate(queries, query_mask, model)
                 layout = worker.layout(queries, query_mask, responses, mask)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -43,6 +44,7 @@ class ModelSource(Manifest):
     sha256: str
     model_class: str
     num_parameters: int
+    registry_uri: str | None = None  # `models:/NAME/VERSION` a registry source resolved to (its files: local_dir)
 
 
 class ModelManifest(Manifest):
@@ -171,6 +173,7 @@ class Release(Manifest):
     registered_model: str | None = None
     registered_version: str | None = None
     hub_commit_url: str | None = None
+    promotion: dict[str, Any] | None = None  # the promotion gate's decision (`ppoflow.tracking.promotion`)
 
     def is_intact(self) -> bool:
         return self.policy_dir.is_dir() and sha256_tree(self.policy_dir) == self.policy_sha256

@@ -30,7 +30,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
-from ppoflow.config import CHAT_TEMPLATE_CHOICES, ModelsConfig, PeftConfig, RunConfig
+from ppoflow.config import CHAT_TEMPLATE_CHOICES, ModelsConfig, PeftConfig, RunConfig, is_registry_uri
 from ppoflow.errors import ModelError
 from ppoflow.hashing import sha256_tree
 from ppoflow.manifests import ModelManifest, ModelSource
@@ -156,6 +156,46 @@ def describe_models(models: ModelsConfig, peft: PeftConfig) -> dict[str, ModelSo
         value = describe_source("value", "value", models.value, classifier=True, or_causal_lm=True, **common)
     return {"policy": policy, "ref": ref, "reward": reward, "value": value}
 
+
+
+REGISTRY_FIELDS = ("policy", "reward", "value", "ref", "tokenizer")
+
+
+def pin_registry_sources(models: ModelsConfig, root: Path) -> tuple[ModelsConfig, dict[Path, tuple[str, str]]]:
+    """Registry URIs (`models:/NAME@ALIAS`, `models:/NAME/VERSION`) resolved to one version each and
+    fetched under `root`: the models config with those local directories in their place (two fields
+    naming one URI get one directory), and for each directory the URI configured and the version
+    (`models:/NAME/VERSION`) it resolved to."""
+    wanted = {getattr(models, field): field for field in reversed(REGISTRY_FIELDS) if is_registry_uri(getattr(models, field))}
+    if not wanted:
+        return models, {}
+    from ppoflow.tracking import registry  # MLflow: only for configs that name the registry
+
+    local: dict[str, str] = {}
+    pinned: dict[Path, tuple[str, str]] = {}
+    for uri, field in wanted.items():
+        fallback = models.policy_fallback if uri == models.policy else None
+        version = registry.resolve(f"models.{field}", uri, unset_alias_ok=fallback is not None)
+        if version is None:
+            log.info("models.%s: %s points at no version yet: starting from models.policy_fallback %s", field, uri, fallback)
+            local[uri] = fallback
+            continue
+        directory = registry.fetch(f"models.{field}", version, root)
+        local[uri] = str(directory)
+        pinned[directory] = (uri, version.uri)
+        log.info("models.%s: %s is %s", field, uri, version.uri)
+    update = {field: local[getattr(models, field)] for field in REGISTRY_FIELDS if getattr(models, field) in local}
+    return models.model_copy(update=update), pinned
+
+
+def restore_registry_sources(sources: dict[str, ModelSource | None], pinned: dict[Path, tuple[str, str]]) -> dict[str, ModelSource | None]:
+    """The described sources with the registry URI each was configured as, and the version it resolved to."""
+    restored = dict(sources)
+    for role, source in sources.items():
+        if source is not None and source.local_dir in pinned:
+            configured, resolved = pinned[source.local_dir]
+            restored[role] = source.model_copy(update={"source": configured, "registry_uri": resolved})
+    return restored
 
 PROBE_TEXT = "Hello, World! 123 probe"
 
@@ -398,6 +438,13 @@ def load_value(config: RunConfig, models: ModelManifest, checkpoint: Path | None
     directory = checkpoint / "value" if checkpoint else models.value.local_dir
     _, trust, attention = _load_options(config)
     return load_classifier(directory, torch.float32, trust, attention, device)
+
+
+def load_released(config: RunConfig, directory: Path, device: torch.device) -> PreTrainedModel:
+    """A released policy (a full Hugging Face directory: `final/`, a registry version), frozen on
+    `device` in `models.dtype`, as the trained policy is evaluated."""
+    dtype, trust, attention = _load_options(config)
+    return load_causal_lm(directory, dtype, trust, attention, device).requires_grad_(False).eval()
 
 
 def load_frozen(config: RunConfig, models: ModelManifest, device: torch.device) -> tuple[PreTrainedModel | None, PreTrainedModel]:

@@ -14,6 +14,7 @@ import logging
 import shutil
 from collections.abc import Sequence
 from contextlib import nullcontext
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -21,14 +22,20 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ppoflow.checkpoint import list_checkpoints, newest_valid_checkpoint, read_state, storage_problem, verify_checkpoint
-from ppoflow.config import BatchPlan, RunConfig, validate_sources
+from ppoflow.atomic import write_text_atomic
+from ppoflow.config import (
+    BatchPlan, ModelsConfig, RunConfig, expand_output_dir, is_registry_uri, output_dir_placeholders, validate_sources,
+)
 from ppoflow.data import prepare_prompts
 from ppoflow.errors import ConfigError, ModelError, PpoflowError
 from ppoflow.evaluate import evaluate_policy, save_policy, write_eval
 from ppoflow.locking import output_dir_lock
 from ppoflow.hashing import sha256_tree
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, Release, RunPlan
-from ppoflow.models import describe_models, load_policy, load_tokenizer, prepare_tokenizers, settle_value_source
+from ppoflow.models import (
+    REGISTRY_FIELDS, describe_models, load_policy, load_released, load_tokenizer, pin_registry_sources, prepare_tokenizers,
+    restore_registry_sources, settle_value_source,
+)
 from ppoflow.rewards import load_reward_functions
 from ppoflow.runtime import check_mixed_precision, configure_torch, process_state
 from ppoflow.trainer import MetricsCallback, PPOTrainer
@@ -91,6 +98,8 @@ def planned_world_size(num_processes: int) -> int:
 
 def configure(config: RunConfig, world_size: int | None = None) -> RunPlan:
     """Stage 1: validate everything cheap to check, derive the batch plan, claim the workspace."""
+    if output_dir_placeholders(config.output_dir):
+        raise ConfigError("output_dir", f"{config.output_dir} still holds placeholders", "expand them first (ppoflow.config.expand_output_dir)")
     validate_sources(config)
     check_mixed_precision()
     load_reward_functions(config.reward_functions)
@@ -121,7 +130,8 @@ def configure(config: RunConfig, world_size: int | None = None) -> RunPlan:
 @_clear_storage_errors
 def load_models(plan: RunPlan) -> ModelManifest:
     """Stage 2: fingerprint the four models, check their roles, and prepare the shared tokenizer."""
-    config = plan.config
+    models_config, pinned = _pinned_models(plan)
+    config = plan.config.model_copy(update={"models": models_config})
     sources = describe_models(config.models, config.peft)
     tokenizer_dir, reward_tokenizer_dir = plan.output_dir / "tokenizer", plan.output_dir / "reward_tokenizer"
     if process_state().is_main_process:
@@ -138,6 +148,7 @@ def load_models(plan: RunPlan) -> ModelManifest:
         raise ConfigError("ppo.stop_token_id", f"{stop_token_id} is outside the vocabulary of {vocab_size} tokens", "use a token id of the tokenizer")
     if config.peft.enabled:
         _check_lora_targets(sources["policy"].local_dir, config)
+    sources = restore_registry_sources(sources, pinned)
     return ModelManifest(
         policy=sources["policy"],
         ref=sources["ref"],
@@ -152,6 +163,22 @@ def load_models(plan: RunPlan) -> ModelManifest:
         reward_tokenizer_sha256=sha256_tree(reward_tokenizer_dir) if reward_has_own_tokenizer else None,
         reward_chat_template=reward_has_own_tokenizer and load_tokenizer(reward_tokenizer_dir).chat_template is not None,
     )
+
+
+def _pinned_models(plan: RunPlan) -> tuple[ModelsConfig, dict[Path, tuple[str, str]]]:
+    """Registry URIs become the versions they name now, fetched into the workspace by the main
+    process; the others read its record, so every rank trains the same version even if an alias
+    moves meanwhile. From here on every model is a local directory."""
+    if not any(is_registry_uri(getattr(plan.config.models, field)) for field in REGISTRY_FIELDS):
+        return plan.config.models, {}
+    record = plan.output_dir / "registry" / "pinned.json"
+    if process_state().is_main_process:
+        models_config, pinned = pin_registry_sources(plan.config.models, record.parent)
+        listed = [[str(path), *uris] for path, uris in pinned.items()]
+        write_text_atomic(record, json.dumps({"models": models_config.model_dump(mode="json"), "pinned": listed}, indent=1))
+    process_state().wait_for_everyone()
+    saved = json.loads(record.read_text())
+    return ModelsConfig.model_validate(saved["models"]), {Path(path): (configured, resolved) for path, configured, resolved in saved["pinned"]}
 
 
 def _check_lora_targets(policy_dir: Path, config: RunConfig) -> None:
@@ -266,14 +293,31 @@ def save_and_evaluate(plan: RunPlan, models: ModelManifest, data: DatasetManifes
         policy_dir=policy_dir,
         policy_sha256=sha256_tree(policy_dir),
         eval_path=eval_path,
-        eval_metrics=json.loads(eval_path.read_text()),
+        eval_metrics={key: value for key, value in json.loads(eval_path.read_text()).items() if isinstance(value, (int, float))},
         merged_dir=merged if merged.is_dir() else None,
     )
 
 
+def evaluate_against(plan: RunPlan, models: ModelManifest, data: DatasetManifest, policy_dir: Path, baseline_dir: Path) -> dict[str, float]:
+    """The released policy (`policy_dir`, a full Hugging Face directory) head to head with another one
+    (`baseline_dir`: the promotion alias's holder) on the eval prompts, as stage 6 compares it with
+    the reference: `win_rate` and `reward_ref` are against the baseline, `kl` against the reference."""
+    config = plan.config
+    state = process_state()
+    configure_torch(config.runtime)
+    if AutoConfig.from_pretrained(baseline_dir).vocab_size != AutoConfig.from_pretrained(policy_dir).vocab_size:
+        raise ModelError(f"{baseline_dir} has another vocabulary than the trained policy: the two cannot be compared head to head")
+    policy = load_released(config, policy_dir, state.device)
+    baseline = load_released(config, baseline_dir, state.device)
+    metrics, _ = evaluate_policy(config, models, data.eval_dir, policy, state.device, baseline=baseline)
+    return metrics
+
+
 def run_all(config: RunConfig, callbacks: Sequence[MetricsCallback] = ()) -> tuple[RunPlan, Release]:
     """The six stages in one process: what `ppoflow train` does. The main process holds the output
-    directory's lock throughout (`ppoflow.locking`): a second run of it waits, then reuses the work."""
+    directory's lock throughout (`ppoflow.locking`): a second run of it waits, then reuses the work.
+    There is no flow run: `{date}` in output_dir is today's UTC day, `{flow_run}` is refused."""
+    config = expand_output_dir(config, scheduled_start=datetime.now(timezone.utc), flow_run=None)
     main = process_state().is_main_process
     with output_dir_lock(config.output_dir, config.flow.lock_timeout_seconds) if main else nullcontext():
         plan = configure(config)

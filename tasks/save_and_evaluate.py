@@ -1,5 +1,6 @@
-"""Stage 6: the trained policy in Hugging Face format, its evaluation, its MLflow release, and (with
-`tracking.push_to_hub`) its push to the Hugging Face Hub, after the registry has the version."""
+"""Stage 6: the trained policy in Hugging Face format, its evaluation, its MLflow release, the
+promotion gate (`tracking.promotion`), and (with `tracking.push_to_hub`) its push to the Hugging
+Face Hub, after the registry has the version."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import pandas as pd
 from prefect import task
 
 from ppoflow import pipeline
+from ppoflow.atomic import write_text_atomic
 from ppoflow.hub import push_policy
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, Release, RunPlan
 from ppoflow.tracking import TrackingRun, log_release
+from ppoflow.tracking.promotion import gate
 from tasks.common import STAGE_OPTIONS
 
 
@@ -33,12 +36,31 @@ def save_and_evaluate(plan: RunPlan, models: ModelManifest, data: DatasetManifes
         registered_model_name=tracking.registered_model_name,
         alias=tracking.alias,
         log_model=tracking.log_model,
+        policy_source=models.policy.registry_uri or models.policy.source,
     )
+    if tracking.log_model and tracking.promotion is not None:
+        release = promote(plan, models, data, release, run)
     if not tracking.push_to_hub:
         return release
     pushed = push_policy(plan, data, release)
     run.set_tags({"ppoflow.hub.repo_id": pushed.repo_id, "ppoflow.hub.commit": pushed.commit_url})
     return release.model_copy(update={"hub_commit_url": pushed.commit_url})
+
+
+def promote(plan: RunPlan, models: ModelManifest, data: DatasetManifest, release: Release, run: TrackingRun) -> Release:
+    """The promotion gate (`ppoflow.tracking.promotion`); its decision also goes into eval.json and the release."""
+    policy_dir = release.merged_dir or release.policy_dir
+    decision = gate(
+        run, plan.config.tracking.promotion,
+        name=release.registered_model, version=release.registered_version, eval_metrics=release.eval_metrics,
+        evaluate=lambda baseline_dir: pipeline.evaluate_against(plan, models, data, policy_dir, baseline_dir),
+        fetch_root=plan.output_dir / "registry",
+        reference_uri=models.ref.registry_uri if models.ref is not None else None,
+    )
+    report = {**release.eval_metrics, "promotion": decision}
+    write_text_atomic(release.eval_path, json.dumps(report, indent=2, sort_keys=True) + "\n")
+    run.client.log_dict(run.run_id, report, "eval/eval.json")
+    return release.model_copy(update={"promotion": decision})
 
 
 def read_jsonl(path: Path) -> list[dict]:

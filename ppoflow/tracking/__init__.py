@@ -3,7 +3,7 @@
     store.py     where tracking goes (`MLFLOW_TRACKING_URI` or the embedded SQLite store),
                  whether it answers, MLflow's process-wide URI under a lock
     run.py       `open_run` and `TrackingRun`: the run of a config hash, its params, tags,
-                 datasets, Prefect flow runs and system metrics; `run_name`
+                 datasets, Prefect flow runs and system metrics; `run_name`; `tag_failure`
     metrics.py   `MetricsSink`: per-update metrics through a spool, never blocking training
     release.py   `check_release_names`, `log_release`: eval artifacts, logged model, registry, alias
 
@@ -15,11 +15,12 @@ MLflow: the engine (`ppoflow train`) never does.
 
 from ppoflow.tracking.metrics import SPOOL_FILE, MetricsSink
 from ppoflow.tracking.release import check_release_names, log_release
-from ppoflow.tracking.run import CONFIG_HASH_TAG, TrackingRun, flatten, open_run, run_name
-from ppoflow.tracking.store import TRACKING_URI_ENV, check_reachable, default_tracking_uri, resolve_tracking_uri
+from ppoflow.tracking.run import CONFIG_HASH_TAG, FAILURE_TAG, TrackingRun, flatten, open_run, run_name, tag_failure
+from ppoflow.tracking.store import TRACKING_URI_ENV, check_reachable, default_tracking_uri, first_line, resolve_tracking_uri
 
 __all__ = [
     "CONFIG_HASH_TAG",
+    "FAILURE_TAG",
     "SPOOL_FILE",
     "TRACKING_URI_ENV",
     "MetricsSink",
@@ -27,9 +28,11 @@ __all__ = [
     "check_reachable",
     "check_release_names",
     "default_tracking_uri",
+    "first_line",
     "flatten",
     "log_release",
     "open_run",
     "resolve_tracking_uri",
     "run_name",
+    "tag_failure",
 ]

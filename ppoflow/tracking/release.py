@@ -23,6 +23,7 @@ from ppoflow.config import TrackingConfig
 from ppoflow.errors import TrackingError
 from ppoflow.manifests import Release
 from ppoflow.provenance import library_versions
+from ppoflow.redaction import redact
 from ppoflow.tracking.metrics import SPOOL_FILE, MetricsSink, is_number
 from ppoflow.tracking.run import CONFIG_HASH_TAG, TrackingRun
 from ppoflow.tracking.store import first_line, global_tracking_uri, in_batches
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 _LOGGER = logging.getLogger(__name__)
 
 POLICY_SHA_TAG = "ppoflow.policy_sha256"
+POLICY_SOURCE_TAG = "ppoflow.policy_source"  # what the version's policy started from: models:/NAME/VERSION, a path, a Hub id
 PLOTS = {
     "reward": ("objective/scores", "objective/rlhf_reward"),
     "kl": ("objective/kl",),
@@ -47,10 +49,13 @@ def check_release_names(tracking: TrackingConfig) -> None:
         return
     from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved, _validate_model_name
 
-    checks = (
+    alias_rules = (_validate_model_alias_name, _validate_model_alias_name_reserved)
+    checks = [
         ("tracking.registered_model_name", tracking.registered_model_name, (_validate_model_name,)),
-        ("tracking.alias", tracking.alias, (_validate_model_alias_name, _validate_model_alias_name_reserved)),
-    )
+        ("tracking.alias", tracking.alias, alias_rules),
+    ]
+    if tracking.promotion is not None:
+        checks.append(("tracking.promotion.alias", tracking.promotion.alias, alias_rules))
     for field, value, validators in checks:
         for validate in validators:
             try:
@@ -70,9 +75,11 @@ def log_release(
     registered_model_name: str,
     alias: str,
     log_model: bool,
+    policy_source: str,
 ) -> Release:
     """Artifacts (samples table, plots, eval report), `eval/*` metrics, and (with `log_model`) the
-    policy as an MLflow logged model registered under `registered_model_name` with `alias`.
+    policy as an MLflow logged model registered under `registered_model_name` with `alias`, tagged
+    with `policy_source` (what the policy started from: a registry version, a path or a Hub id).
     A retried release finds the version this run already registered for the same weights."""
     _deliver_spooled_metrics(run)
     version = None
@@ -96,7 +103,7 @@ def log_release(
         return filled
     if version is None:
         model_id = _log_policy(run, Path(policy_dir), release, last_update)
-        version = _register(run, registered_model_name, model_id, release, numeric)
+        version = _register(run, registered_model_name, model_id, release, numeric, policy_source)
     else:
         _LOGGER.info("policy %s is already version %s of %s", release.policy_sha256[:12], version.version, registered_model_name)
     try:
@@ -189,9 +196,9 @@ def _log_policy(run: TrackingRun, policy_dir: Path, release: Release, step: int)
     return logged.model_id
 
 
-def _register(run: TrackingRun, name: str, model_id: str, release: Release, eval_metrics: Mapping[str, float]) -> Any:
+def _register(run: TrackingRun, name: str, model_id: str, release: Release, eval_metrics: Mapping[str, float], policy_source: str) -> Any:
     tags = {f"eval.{key}": repr(value) for key, value in eval_metrics.items()}
-    tags |= {CONFIG_HASH_TAG: run.config_hash(), POLICY_SHA_TAG: release.policy_sha256}
+    tags |= {CONFIG_HASH_TAG: run.config_hash(), POLICY_SHA_TAG: release.policy_sha256, POLICY_SOURCE_TAG: redact(policy_source)}
     # The SQL registry resolves a `models:/<id>` source through the process-wide tracking URI.
     with global_tracking_uri(run.tracking_uri):
         version = run.client.create_model_version(

@@ -15,6 +15,9 @@ psutil) takes an explicit run id and tracking URI and runs in its own thread, so
 It samples every `sampling_interval` seconds into `system/*` metrics and stops by itself when the
 run is no longer RUNNING or the store cannot be read.
 
+A failed flow run's reason is the run's `ppoflow.failure` tag (and `ppoflow.failed_stage`), set by
+`tag_failure` from the flow's failure hook; a later run that finishes the job removes them.
+
 Every param, tag and config artifact goes through `ppoflow.redaction.redact`.
 """
 
@@ -41,7 +44,7 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
-from ppoflow.config import ATTEMPT_SECTIONS, RunConfig
+from ppoflow.config import ATTEMPT_SECTIONS, REGISTRY_URI, RunConfig
 from ppoflow.errors import TrackingError
 from ppoflow.manifests import DatasetManifest, ModelManifest, ModelSource, RunPlan
 from ppoflow.partitions import is_glob
@@ -59,12 +62,20 @@ CONFIG_HASH_TAG = "ppoflow.config_hash"
 PARTITIONS_TAG = "ppoflow.data.partitions"
 PARTITION_CONTEXT = "partition"
 FLOW_RUN_IDS_TAG = "prefect.flow_run_ids"
+LAST_FLOW_RUN_TAG = "prefect.last_flow_run_id"
+FAILURE_TAG = "ppoflow.failure"
+FAILED_STAGE_TAG = "ppoflow.failed_stage"
 
 
 def run_name(config: RunConfig, config_hash: str) -> str:
     """`{policy model name}-{config_hash[:8]}`, e.g. `policy-3f2a9c01`: the MLflow run's name, and
     the Prefect flow run's (its stage runs add the stage: `load_models[policy-3f2a9c01]`)."""
-    policy = Path(config.models.policy.rstrip("/")).name or "policy"
+    source = config.models.policy
+    match = REGISTRY_URI.fullmatch(source)
+    if match:  # models:/NAME@ALIAS -> NAME@ALIAS, models:/NAME/VERSION -> NAME-v3
+        policy = f"{match['name']}@{match['alias']}" if match["alias"] else f"{match['name']}-v{match['version']}"
+    else:
+        policy = Path(source.rstrip("/")).name or "policy"
     return f"{policy}-{config_hash[:8]}"
 
 
@@ -107,6 +118,23 @@ def open_run(plan: RunPlan, *, tracking_uri: str | None = None) -> TrackingRun:
         )
         _LOGGER.info("created MLflow run %s (%s)", run.info.run_id, run.info.run_name)
     return TrackingRun(client, run.info.run_id, experiment_id, plan.output_dir)
+
+
+def tag_failure(flow_run_id: str, experiment: str, reason: str, stage: str | None, *, tracking_uri: str | None = None) -> str | None:
+    """Tag the MLflow run that flow run `flow_run_id` last worked on with why it failed (`reason`, one
+    line, redacted) and where; its run id, or None when that flow run opened no MLflow run."""
+    uri = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs(
+        [found.experiment_id], filter_string=f"tags.`{LAST_FLOW_RUN_TAG}` = '{flow_run_id}'", max_results=1,
+    ) if found is not None else []
+    if not runs:
+        return None
+    run = TrackingRun(client, runs[0].info.run_id, found.experiment_id, Path("."))
+    run.set_tags({FAILURE_TAG: redact(reason), FAILED_STAGE_TAG: stage or "start-up checks"})
+    return run.run_id
 
 
 def _experiment_id(client: mlflow.MlflowClient, name: str, location: str | None) -> str:
@@ -201,7 +229,8 @@ class TrackingRun:
         self.client.log_text(self.run_id, yaml.safe_dump(resolved, sort_keys=False), "config/config.yaml")
 
     def log_models(self, models: ModelManifest) -> None:
-        """Lineage tags `ppoflow.<role>.{source,revision,sha256,class,num_parameters}` and the tokenizer's."""
+        """Lineage tags `ppoflow.<role>.{source,revision,sha256,class,num_parameters}` (and `registry_version`,
+        `models:/NAME/VERSION`, for a registry source) and the tokenizer's."""
         tags: dict[str, Any] = {}
         roles: dict[str, ModelSource | None] = {
             "policy": models.policy, "ref": models.ref, "reward": models.reward, "value": models.value,
@@ -212,6 +241,7 @@ class TrackingRun:
                 continue
             tags |= {
                 f"ppoflow.{role}.source": model.source,
+                f"ppoflow.{role}.registry_version": model.registry_uri,
                 f"ppoflow.{role}.revision": model.revision or "none",
                 f"ppoflow.{role}.sha256": model.sha256,
                 f"ppoflow.{role}.class": model.model_class,
@@ -282,7 +312,7 @@ class TrackingRun:
             self.set_tags({
                 FLOW_RUN_IDS_TAG: ",".join(ids),
                 f"prefect.flow_run.{flow_run_id}": about,
-                "prefect.last_flow_run_id": flow_run_id,
+                LAST_FLOW_RUN_TAG: flow_run_id,
             })
 
     # -- metrics --------------------------------------------------------------------------------
@@ -337,6 +367,11 @@ class TrackingRun:
             self.client.set_terminated(self.run_id, status=status)
         for line in captured.getvalue().splitlines():
             _LOGGER.info("%s", redact(line))  # the run's URL carries the tracking URI's password, if any
+        if status == "FINISHED":  # the job got through: an earlier flow run's failure is history
+            tags = self.client.get_run(self.run_id).data.tags
+            for key in (FAILURE_TAG, FAILED_STAGE_TAG):
+                if key in tags:
+                    self.client.delete_tag(self.run_id, key)
 
 
 def _partitions_tag(data: DatasetManifest) -> str:

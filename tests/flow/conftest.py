@@ -80,3 +80,63 @@ def make_flow_config(toy_world, flow_workspace):
         return build_config(tree, overrides).model_dump(mode="json")
 
     return make
+
+
+# ---------------------------------------------------------------------- a tiny policy and plans (no toy world)
+
+VOCAB = ["<pad>", "<bos>", "<eos>", "<unk>", "great", "awful", "movie", "plot", "acting", ","]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """An embedded SQLite MLflow store for the module."""
+    from ppoflow.tracking import default_tracking_uri
+
+    return default_tracking_uri(tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama (a few thousand parameters) with a WordLevel tokenizer, saved offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    directory = tmp_path_factory.mktemp("policy")
+    backend = Tokenizer(models.WordLevel(vocab={word: index for index, word in enumerate(VOCAB)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+    config = LlamaConfig(
+        vocab_size=len(VOCAB), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    model = LlamaForCausalLM(config)
+    assert model.num_parameters() < 1_000_000
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def make_plan(tmp_path, policy_dir):
+    """`build(name, **sections)` -> a RunPlan over the tiny policy, its output_dir `tmp_path/name`."""
+    from ppoflow.config import BatchPlan, DataConfig, ModelsConfig, PPOConfig, RunConfig, TrackingConfig
+    from ppoflow.manifests import RunPlan
+
+    def build(name: str = "job", **sections) -> RunPlan:
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text('{"prompt": "great movie"}\n{"prompt": "awful plot"}\n')
+        config = RunConfig(
+            output_dir=tmp_path / name,
+            models=ModelsConfig(policy=str(policy_dir), reward=str(policy_dir)),
+            data=sections.pop("data", DataConfig(path=str(prompts), eval_size=1)),
+            ppo=sections.pop("ppo", PPOConfig(total_episodes=16, per_device_train_batch_size=4, learning_rate=1e-5)),
+            tracking=sections.pop("tracking", TrackingConfig(experiment="ppoflow-test", registered_model_name="ppoflow-test")),
+            **sections,
+        )
+        return RunPlan(
+            config=config, config_hash=config.config_hash(), output_dir=config.output_dir, batch=BatchPlan.derive(config.ppo)
+        )
+
+    return build

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import shutil
+from datetime import timezone
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -110,9 +111,9 @@ def test_a_full_run_leaves_its_lineage_in_mlflow_and_prefect(reference, flow_env
     assert {"reward_policy", "reward_ref", "win_rate", "kl", "oracle_policy"} <= summary["eval"].keys()
     assert summary["wall_seconds"] > 0 and "objective/scores" in summary["final_metrics"]
 
-    client = mlflow.MlflowClient(tracking_uri=flow_env)
     run = client.get_run(summary["mlflow_run_id"])
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and run.info.run_id == failed_run.info.run_id
+    assert "ppoflow.failure" not in run.data.tags and "ppoflow.failed_stage" not in run.data.tags  # the job got through
     assert run.data.params["ppo.learning_rate"] == "5e-05" and run.data.params["batch.num_updates"] == "3"
     assert run.data.tags["ppoflow.config_hash"] == summary["config_hash"]
     assert summary["prefect_flow_run_id"] in run.data.tags["prefect.flow_run_ids"].split(",")
@@ -208,6 +209,17 @@ def test_a_crashed_training_resumes_from_its_checkpoint_to_the_same_policy(refer
     assert states == {"configure": "Completed", "load_models": "Completed", "prepare_dataset": "Completed", "init_trainer": "Completed", "train_ppo": "Failed"}
     before = metric_lines(output_dir)
     assert [json.loads(line)["update"] for line in before] == [1, 2]
+    # the failure is recorded where users look: a Prefect artifact and a tag on the (FAILED) MLflow run
+    failed_id = str(failed.state_details.flow_run_id)
+    (artifact,) = [item for item in flow_artifacts(failed_id) if item.key == "rlhf-ppo-failure"]
+    assert "in stage `train_ppo`" in artifact.data and "InjectedCrash: " in artifact.data
+    assert f"prefect flow-run retry {failed_id} --entrypoint " in artifact.data and f"Workspace `{output_dir}`" in artifact.data
+    client = mlflow.MlflowClient(tracking_uri=flow_env)
+    (failed_run,) = client.search_runs(
+        [client.get_experiment_by_name("ppoflow-flow-test").experiment_id], filter_string=f"tags.`prefect.last_flow_run_id` = '{failed_id}'",
+    )
+    assert failed_run.info.status == "FAILED" and failed_run.data.tags["ppoflow.failed_stage"] == "train_ppo"
+    assert failed_run.data.tags["ppoflow.failure"].startswith("InjectedCrash: ") and "\n" not in failed_run.data.tags["ppoflow.failure"]
 
     caplog.set_level(logging.INFO, logger="ppoflow")
     resumed = run_flow(tree)
@@ -221,9 +233,9 @@ def test_a_crashed_training_resumes_from_its_checkpoint_to_the_same_policy(refer
     after = metric_lines(output_dir)
     assert after[:2] == before and json.loads(after[2])["update"] == 3  # updates 1-2 were not trained again
 
-    client = mlflow.MlflowClient(tracking_uri=flow_env)
     run = client.get_run(summary["mlflow_run_id"])
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and run.info.run_id == failed_run.info.run_id
+    assert "ppoflow.failure" not in run.data.tags and "ppoflow.failed_stage" not in run.data.tags  # the job got through
     flow_runs = set(run.data.tags["prefect.flow_run_ids"].split(","))
     assert {str(failed.state_details.flow_run_id), str(resumed.state_details.flow_run_id)} <= flow_runs
     assert [point.step for point in client.get_metric_history(run.info.run_id, "objective/scores")] == [1, 2, 3]
@@ -240,7 +252,10 @@ def test_a_crashed_training_resumes_from_its_checkpoint_to_the_same_policy(refer
 
 
 def test_a_bad_config_fails_in_stage_one_without_retries(flow_env, make_flow_config, flow_workspace, capsys):
+    from prefect.client.orchestration import get_client
+
     tree = make_flow_config("bad", "ppo.num_mini_batches=3")  # does not divide the rollout batch of 16
+    tree["output_dir"] = str(flow_workspace / "bad-{date}" / "{flow_run}")
 
     state = run_flow(tree)
 
@@ -251,6 +266,15 @@ def test_a_bad_config_fails_in_stage_one_without_retries(flow_env, make_flow_con
     assert list(runs) == ["configure"]
     assert runs["configure"].state.is_failed() and runs["configure"].run_count == 1  # retries: 2, none used
     assert "ppo.num_mini_batches" in runs["configure"].state.message
+    # output_dir's placeholders: the UTC day it was scheduled for and the flow run's id; the flow run is
+    # named from the expanded config, as its stages are
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(state.state_details.flow_run_id)
+    workspace = flow_workspace / f"bad-{flow_run.expected_start_time.astimezone(timezone.utc):%Y-%m-%d}" / str(flow_run.id)
+    (artifact,) = [item for item in flow_artifacts(flow_run.id) if item.key == "rlhf-ppo-failure"]
+    assert f"Workspace `{workspace}`" in artifact.data and "in stage `configure`" in artifact.data
+    assert "ConfigError: config field `ppo.num_mini_batches`" in artifact.data
+    assert runs["configure"].name == f"configure[{flow_run.name}]"
 
     config_file = flow_workspace / "typo.yaml"
     config_file.write_text(yaml.safe_dump(make_flow_config("typo"), sort_keys=False))

@@ -15,9 +15,9 @@ import mlflow
 import pandas as pd
 import pytest
 
-from ppoflow.config import BatchPlan, DataConfig, ModelsConfig, PPOConfig, RunConfig, TrackingConfig
+from ppoflow.config import DataConfig, TrackingConfig
 from ppoflow.errors import TrackingError
-from ppoflow.manifests import DatasetManifest, ModelManifest, ModelSource, PartitionRecord, Release, RunPlan
+from ppoflow.manifests import DatasetManifest, ModelManifest, ModelSource, PartitionRecord, Release
 from ppoflow.tracking import (
     SPOOL_FILE,
     TrackingRun,
@@ -30,57 +30,6 @@ from ppoflow.tracking import (
 )
 
 pytestmark = pytest.mark.flow
-
-VOCAB = ["<pad>", "<bos>", "<eos>", "<unk>", "great", "awful", "movie", "plot", "acting", ","]
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    return default_tracking_uri(tmp_path_factory.mktemp("store"))
-
-
-@pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory) -> Path:
-    """A tiny random Llama (a few thousand parameters) with a WordLevel tokenizer, saved offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    directory = tmp_path_factory.mktemp("policy")
-    backend = Tokenizer(models.WordLevel(vocab={word: index for index, word in enumerate(VOCAB)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
-    )
-    config = LlamaConfig(
-        vocab_size=len(VOCAB), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-    model = LlamaForCausalLM(config)
-    assert model.num_parameters() < 1_000_000
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture
-def make_plan(tmp_path, policy_dir):
-    def build(name: str = "job", **sections) -> RunPlan:
-        prompts = tmp_path / "prompts.jsonl"
-        prompts.write_text('{"prompt": "great movie"}\n{"prompt": "awful plot"}\n')
-        config = RunConfig(
-            output_dir=tmp_path / name,
-            models=ModelsConfig(policy=str(policy_dir), reward=str(policy_dir)),
-            data=sections.pop("data", DataConfig(path=str(prompts), eval_size=1)),
-            ppo=sections.pop("ppo", PPOConfig(total_episodes=16, per_device_train_batch_size=4, learning_rate=1e-5)),
-            tracking=sections.pop("tracking", TrackingConfig(experiment="ppoflow-test", registered_model_name="ppoflow-test")),
-            **sections,
-        )
-        return RunPlan(
-            config=config, config_hash=config.config_hash(), output_dir=config.output_dir, batch=BatchPlan.derive(config.ppo)
-        )
-
-    return build
-
 
 def update(step: int, kl: float | None = None) -> dict:
     return {
@@ -294,7 +243,7 @@ def test_log_release_registers_the_policy_with_alias_and_eval_tags(store, make_p
     samples = pd.DataFrame({"prompt": ["great movie"], "policy": ["great acting"], "ref": ["awful plot"], "reward": [1.2]})
     arguments = dict(
         samples=samples, metrics_history=history, eval_report=report, policy_dir=policy_dir,
-        registered_model_name="ppoflow-test-policy", alias="candidate", log_model=True,
+        registered_model_name="ppoflow-test-policy", alias="candidate", log_model=True, policy_source="models:/sft/3",
     )
 
     with pytest.raises(TrackingError, match="tracking.registered_model_name"):
@@ -310,6 +259,7 @@ def test_log_release_registers_the_policy_with_alias_and_eval_tags(store, make_p
     assert str(version.version) == "1" and version.run_id == run.run_id
     assert version.source == released.model_uri
     assert version.tags["ppoflow.config_hash"] == plan.config_hash and float(version.tags["eval.win_rate"]) == 0.75
+    assert version.tags["ppoflow.policy_source"] == "models:/sft/3"
     logged_model = run.client.get_logged_model(released.model_uri.removeprefix("models:/"))
     assert logged_model.source_run_id == run.run_id and logged_model.experiment_id == run.experiment_id
     assert str(logged_model.status) in ("READY", "LoggedModelStatus.READY")

@@ -4,7 +4,8 @@ Every case goes through the `ppoflow` command itself (`ppoflow train`, or `ppofl
 only the flow uses: tracking), in this process, and must be refused with exit code 2, nothing on
 stdout, exactly one `error: ...` line on stderr that names the field and says what to do (` — `),
 before anything is trained (no checkpoint directory) and with nothing in MLflow's model registry.
-The `ppoflow run` cases (marked `flow`) share one Prefect test server for the module.
+The `ppoflow run` cases (marked `flow`) share one Prefect test server for the module, except those
+refused before Prefect starts (a config error, a tracking store that does not answer): no server.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Case:
     tracking_uri: str | None = None  # MLFLOW_TRACKING_URI for this case (default: the module's store)
     config_file: str | None = None  # a broken config file instead of the good one
     prepare: Callable[[Path], None] | None = field(default=None, compare=False)  # given the output_dir
+    before_prefect: bool = False  # `ppoflow run` refuses it before Prefect starts: no Prefect server for it
 
 
 def _another_configs_checkpoint(output_dir: Path) -> None:
@@ -77,6 +79,8 @@ CASES = [
     Case("config file not YAML", "`--config`", config_file="broken"),
     Case("output_dir not writable", "`output_dir`", ("output_dir=/proc/ppoflow-run",)),
     Case("output_dir holds another config's run", "`output_dir`", prepare=_another_configs_checkpoint),
+    Case("output_dir with {flow_run} outside a flow", "`output_dir`", ("output_dir=runs/{{flow_run}}",)),
+    Case("output_dir with an unbalanced brace", "`output_dir`", ("output_dir=runs/{{date",)),
     # -- models ----------------------------------------------------------------------------------
     Case("policy path missing", "`models.policy`", ("models.policy=/no/such/policy",)),
     Case("policy path is a file", "models.policy:", ("models.policy={toy}/prompts.jsonl",)),
@@ -90,6 +94,9 @@ CASES = [
     Case("tokenizer without EOS", "models.policy:", ("models.policy={bad}/no-eos",)),
     Case("LoRA target modules absent", "peft.target_modules:", ("peft.enabled=true", "peft.target_modules=[c_attn]")),
     Case("weights not in safetensors", "models.policy", ("models.policy={bad}/pickle-only",)),
+    Case("registry URI malformed", "`models.policy`", ("models.policy=models:/policy@",)),
+    Case("registry version that does not exist", "models.policy:", ("models.policy=models:/no-such-policy/3",)),
+    Case("policy fallback without a registry alias", "`models.policy_fallback`", ("models.policy_fallback={toy}/policy",)),
     # -- data ------------------------------------------------------------------------------------
     Case("data path missing", "`data.path`", ("data.path=/no/such/prompts.jsonl",)),
     Case("data file of unknown type", "data.path:", ("data.path={bad}/prompts.csv",)),
@@ -112,11 +119,15 @@ CASES = [
     Case("data window on a single file", "`data.window`", ("data.window={{newest: 2}}",)),
     Case("data window by days on undated partitions", "`data.window`", ("data.path={bad}/shards", "data.window={{days: 3}}")),
     # -- tracking (the flow) ---------------------------------------------------------------------
-    Case("tracking server unreachable", "MLFLOW_TRACKING_URI=", command="run", tracking_uri="http://127.0.0.1:{closed_port}"),
-    Case("tracking file store", "MLFLOW_TRACKING_URI=", command="run", tracking_uri="file:///tmp/mlruns"),
-    Case("tracking store not writable", "MLFLOW_TRACKING_URI=", command="run", tracking_uri="sqlite:////proc/ppoflow/mlflow.db"),
+    Case("tracking server unreachable", "MLFLOW_TRACKING_URI=", command="run", tracking_uri="http://127.0.0.1:{closed_port}", before_prefect=True),
+    Case("tracking file store", "MLFLOW_TRACKING_URI=", command="run", tracking_uri="file:///tmp/mlruns", before_prefect=True),
+    Case("tracking store not writable", "MLFLOW_TRACKING_URI=", command="run", tracking_uri="sqlite:////proc/ppoflow/mlflow.db", before_prefect=True),
+    Case("output_dir with an unknown placeholder", "`output_dir`", ("output_dir=runs/{{foo}}",), command="run", before_prefect=True),
     Case("registered model name MLflow refuses", "`tracking.registered_model_name`", ("tracking.registered_model_name=team/policy",), command="run"),
     Case("registry alias MLflow reserves", "`tracking.alias`", ("tracking.alias=latest",), command="run"),
+    Case("promotion alias MLflow reserves", "`tracking.promotion.alias`", ("tracking.promotion.alias=latest",), command="run"),
+    Case("promotion alias equal to the candidate alias", "`tracking`", ("tracking.promotion.alias=candidate",)),
+    Case("promotion bound on an unknown reward function", "`tracking.promotion.min_reward_functions.nope`", ("tracking.promotion.min_reward_functions={{nope: 0.5}}",)),
     Case("experiment deleted", "`tracking.experiment`", ("tracking.experiment=deleted-experiment",), command="run"),
     Case("push to the Hub while offline", "`tracking.push_to_hub`", ("tracking.push_to_hub=true", "tracking.hub_repo_id=org/policy"), command="run"),
 ]
@@ -209,7 +220,7 @@ def ppoflow(argv: list[str]) -> tuple[int, str, str]:
 
 @pytest.fixture
 def flow_ready(request, case: Case) -> Iterator[None]:
-    if case.command == "run":
+    if case.command == "run" and not case.before_prefect:
         request.getfixturevalue("prefect")
     yield
 
@@ -245,6 +256,8 @@ def test_bad_input_is_refused_in_one_clear_line_before_any_work(
     assert code == 2, stderr[-2000:]
     assert stdout == ""
     assert len(lines) == 1, stderr[-2000:]
+    if case.command == "train" or case.before_prefect:  # a flow run that fails also gets Prefect's own traceback logged
+        assert "Traceback" not in stderr, stderr[-2000:]
     assert case.expected in lines[0] and " — " in lines[0], lines[0]
     assert not (output_dir / "checkpoints" / "step-000000").exists() or case.prepare is not None
     assert not (output_dir / "final").exists()

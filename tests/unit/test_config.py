@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from ppoflow.config import BatchPlan, PPOConfig, build_config, load_config, parse_override
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from ppoflow.config import BatchPlan, PPOConfig, build_config, expand_output_dir, load_config, parse_override
 from ppoflow.errors import ConfigError
 from ppoflow.pipeline import configure
 
@@ -91,6 +94,11 @@ BAD = [
     (["ppo=3"], "ppo", "valid dictionary"),
     (["ppo.seed=1.5"], "ppo.seed", "valid integer"),
     (["ppo.learning_rate"], "ppo.learning_rate", "key.path=value"),
+    (["output_dir=runs/{foo}"], "output_dir", "unknown placeholder {foo}"),
+    (["output_dir=runs/{Date}/x"], "output_dir", "unknown placeholder {Date}"),
+    (["output_dir=runs/{date"], "output_dir", "unbalanced brace"),
+    (["output_dir=runs/date}"], "output_dir", "unbalanced brace"),
+    (["output_dir=runs/{{date}}"], "output_dir", "unbalanced brace"),
 ]
 
 
@@ -143,3 +151,28 @@ def test_stage_one_refuses_before_any_work(tree, overrides, field, text):
     with pytest.raises(ConfigError) as caught:
         configure(config)
     assert f"`{field}`" in str(caught.value) and text in str(caught.value)
+
+
+def test_output_dir_placeholders_expand_from_the_utc_day_and_the_flow_run(tree):
+    config = build_config(tree, ["output_dir=runs/nightly-{date}/{flow_run}"])
+    evening_in_new_york = datetime(2026, 12, 1, 20, 30, tzinfo=timezone(timedelta(hours=-5)))  # 01:30 UTC next day
+
+    expanded = expand_output_dir(config, scheduled_start=evening_in_new_york, flow_run="0f1e2d3c")
+
+    assert expanded.output_dir == Path("runs/nightly-2026-12-02/0f1e2d3c")
+    assert expand_output_dir(config, scheduled_start=datetime(2026, 12, 2, 1, 30), flow_run="0f1e2d3c") == expanded  # naive: UTC
+    other = expand_output_dir(config, scheduled_start=evening_in_new_york, flow_run="9a8b7c6d")
+    assert other.output_dir != expanded.output_dir and other.config_hash() != expanded.config_hash()
+    assert config.output_dir == Path("runs/nightly-{date}/{flow_run}")  # the config itself is unchanged
+    plain = build_config(tree)
+    assert expand_output_dir(plain, scheduled_start=evening_in_new_york, flow_run=None) is plain
+
+
+def test_flow_run_placeholder_without_a_flow_run_is_refused_in_one_line(tree):
+    config = build_config(tree, ["output_dir=runs/{flow_run}"])
+    with pytest.raises(ConfigError) as caught:
+        expand_output_dir(config, scheduled_start=datetime.now(timezone.utc), flow_run=None)
+    message = str(caught.value)
+    assert message.startswith("config field `output_dir`:") and "`ppoflow run`" in message and "\n" not in message
+    with pytest.raises(ConfigError, match="`output_dir`: .* still holds placeholders"):
+        configure(build_config(tree, ["output_dir=runs/{date}"]))
