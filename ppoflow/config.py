@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ppoflow.errors import ConfigError
+from ppoflow.partitions import is_glob, select_partitions
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 REGISTRY_URI = re.compile(r"models:/(?P<name>[^/@\s]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>[1-9][0-9]*))")
@@ -76,10 +77,32 @@ class ModelsConfig(_Section):
     )
 
 
+class DataWindow(_Section):
+    """Which partitions of a partitioned `data.path` are read: exactly one of `newest` and `days`."""
+
+    newest: int | None = Field(None, gt=0, description="The newest N partitions (all of them when there are fewer).")
+    days: int | None = Field(
+        None, gt=0, description="The partitions dated within the last N days, counted back from the newest partition's "
+        "date, not from today's, so a re-run reads the same files (days: 1 is the newest date alone). Needs dated names.",
+    )
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> DataWindow:
+        if (self.newest is None) == (self.days is None):
+            raise ValueError("set exactly one of newest and days, like {newest: 7} or {days: 7}")
+        return self
+
+
 class DataConfig(_Section):
     """The prompt dataset."""
 
-    path: str = Field(description="JSONL or Parquet file, a saved dataset directory, or a Hub dataset id.")
+    path: str = Field(
+        description="JSONL or Parquet file, a saved dataset directory, a directory of dated partition files "
+        "(prompts-2026-12-01.jsonl, ...) or a glob of them (data/prompts-*.jsonl), or a Hub dataset id."
+    )
+    window: DataWindow | None = Field(
+        None, description="Partitions read from a partitioned data.path: null = all of them, {newest: N} or {days: N}."
+    )
     prompt_column: str = Field(
         "prompt",
         description="Column holding the prompts: text, or conversations as TRL writes them (lists of {role, content} "
@@ -531,7 +554,8 @@ def validate_sources(config: RunConfig) -> None:
                 "remove it, or point models.policy at a registry alias",
             )
     data_path = config.data.path
-    if not Path(data_path).expanduser().exists() and not HUB_ID.fullmatch(data_path):
+    select_partitions(data_path, config.data.window)  # a glob matching nothing, unordered names, a window on one file
+    if not is_glob(data_path) and not Path(data_path).expanduser().exists() and not HUB_ID.fullmatch(data_path):
         raise ConfigError("data.path", f"{data_path!r} does not exist", "point it at a JSONL/Parquet file, a saved dataset or a Hub id")
     chat_template = config.data.chat_template
     if chat_template not in CHAT_TEMPLATE_CHOICES and not Path(chat_template).expanduser().is_file():

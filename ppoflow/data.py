@@ -1,7 +1,9 @@
 """Stage 3: the prompt dataset, read once, cleaned, tokenized once and split into train/eval on disk.
 
 Sources: a `.jsonl`/`.json`/`.parquet` file, a directory written by `save_to_disk` (a `Dataset`,
-or a `DatasetDict` from which `data.split` is taken), a directory of such files, or a Hub dataset id.
+or a `DatasetDict` from which `data.split` is taken), partitions — a directory of such files or a
+glob of them, of which `data.window` picks some (`ppoflow.partitions`), read oldest first and
+concatenated, each recorded in the manifest — or a Hub dataset id.
 
 Prompts come in TRL's formats, all text or all conversations (a row of the other kind is refused):
 - text in `data.prompt_column` (default `prompt`), tokenized as it is, with the special tokens the
@@ -36,6 +38,7 @@ import json
 import logging
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,9 +52,10 @@ from transformers import PreTrainedTokenizerBase
 from ppoflow.atomic import write_directory
 from ppoflow.config import CHAT_TEMPLATE_CHOICES, HUB_ID, BatchPlan, DataConfig
 from ppoflow.errors import ConfigError, DataError
-from ppoflow.hashing import sha256_file, sha256_tree
-from ppoflow.manifests import DatasetManifest
+from ppoflow.hashing import partitions_digest, sha256_file, sha256_tree
+from ppoflow.manifests import DatasetManifest, PartitionRecord
 from ppoflow.models import tokenizer_identity
+from ppoflow.partitions import Partition, select_partitions
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +82,7 @@ class _Source:
     table: datasets.Dataset
     name: str
     digest: str
+    partitions: tuple[PartitionRecord, ...] = ()  # the partition files read, oldest first
 
 
 @dataclass(frozen=True)
@@ -94,10 +99,13 @@ class _Prompts:
     template: _ChatTemplate | None  # what rendered the conversations; None for text
 
 
-def prepare_prompts(data: DataConfig, tokenizer: PreTrainedTokenizerBase, out_dir: Path, *, seed: int) -> DatasetManifest:
+def prepare_prompts(
+    data: DataConfig, tokenizer: PreTrainedTokenizerBase, out_dir: Path, *, seed: int, check_fingerprint: Callable[[str], None] | None = None
+) -> DatasetManifest:
     """Read, clean, tokenize and split the prompts; write `out_dir/{train,eval,dataset.json}` atomically.
 
-    Every problem with the data or config raises a `DataError`/`ConfigError` before anything is written.
+    Every problem with the data or config raises a `DataError`/`ConfigError` before anything is
+    written, and so may `check_fingerprint`, called with the dataset's fingerprint before the write.
     """
     source = _read_source(data)
     rows_read = source.table.num_rows
@@ -125,6 +133,8 @@ def prepare_prompts(data: DataConfig, tokenizer: PreTrainedTokenizerBase, out_di
         for name, indices in (("train", order[data.eval_size :]), ("eval", order[: data.eval_size]))
     }
     fingerprint = _fingerprint(source.digest, tokenizer, data, seed, prompts.template)
+    if check_fingerprint is not None:
+        check_fingerprint(fingerprint)
     manifest = _write_atomically(
         Path(out_dir).absolute(),
         splits,
@@ -181,10 +191,13 @@ def local_batch(train_rows: datasets.Dataset, batch: BatchPlan, update: int, see
 
 def _read_source(data: DataConfig) -> _Source:
     path = Path(data.path).expanduser()
-    if path.is_file():
+    partitions = select_partitions(data.path, data.window)
+    if partitions is not None:
+        source = _read_partitions(data, partitions)
+    elif path.is_file():
         source = _read_file(path)
     elif path.is_dir():
-        source = _read_directory(path, data.split)
+        source = _read_saved_dataset(path, data.split)
     elif path.suffix.lower() in FILE_BUILDERS or not HUB_ID.fullmatch(data.path):
         raise _data_error("data.path", f"{data.path} does not exist", SOURCE_HINT)
     else:
@@ -214,9 +227,53 @@ def _read_file(path: Path) -> _Source:
     builder = FILE_BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise _data_error("data.path", f"{path} is not a .jsonl, .json or .parquet file", SOURCE_HINT)
-    if _has_no_rows(path, builder):
+    table, digest = _load_file(path, builder)
+    if table is None:
         raise _data_error("data.path", f"{path} is empty (0 rows)", "give it at least one prompt per training batch")
+    return _Source(table, str(path.resolve()), f"file:{digest}")
+
+
+def _read_partitions(data: DataConfig, partitions: list[Partition]) -> _Source:
+    """The selected partitions concatenated oldest first; an empty partition (a night without new
+    prompts) is recorded and read as no rows."""
+    if data.split != DataConfig.model_fields["split"].default:
+        raise ConfigError(
+            "data.split", f"is {data.split!r}, but data.path {data.path} names partition files, which have no splits",
+            "remove it: it picks a split of a Hub dataset or a saved DatasetDict",
+        )
+    builders = {FILE_BUILDERS[partition.path.suffix.lower()] for partition in partitions}
+    if len(builders) > 1:
+        raise _data_error("data.path", f"{data.path} mixes JSON and Parquet files", "keep one format among the partitions")
+    (builder,) = builders
+    tables, records = {}, []
+    for partition in partitions:
+        table, digest = _load_file(partition.path, builder)
+        records.append(PartitionRecord(path=partition.path, date=partition.date, sha256=digest, rows=0 if table is None else table.num_rows))
+        if table is not None:
+            tables[partition.path.name] = table
+    name = str(Path(data.path).expanduser().resolve())
+    if not tables:
+        raise _data_error("data.path", f"the {len(records)} partitions read from {name} are all empty (0 rows)", "give them at least one prompt per training batch")
+    (first, first_table), *rest = tables.items()
+    for other, table in rest:
+        if set(table.column_names) != set(first_table.column_names):
+            raise _data_error(
+                "data.path", f"partition {other} has the columns {', '.join(sorted(table.column_names))}, and {first} has "
+                f"{', '.join(sorted(first_table.column_names))}", "give every partition the same columns",
+            )
+    try:
+        table = datasets.concatenate_datasets(list(tables.values()))
+    except ValueError as exc:  # the same columns with types that cannot be aligned
+        raise _data_error("data.path", f"the partitions of {name} cannot be read as one table ({_reason(exc)})", "give every partition the same column types") from exc
+    logger.info("%d partitions of %s: %s to %s", len(records), name, records[0].path.name, records[-1].path.name)
+    return _Source(table, name, partitions_digest([(record.path.name, record.sha256) for record in records]), tuple(records))
+
+
+def _load_file(path: Path, builder: str) -> tuple[datasets.Dataset | None, str]:
+    """A JSON or Parquet file's rows (None when it has none) and its sha256."""
     digest = sha256_file(path)
+    if _has_no_rows(path, builder):
+        return None, digest
     # A private, throwaway cache and an in-memory table: nothing lingers in the shared cache, and a
     # file rewritten in place can never be answered from a stale cache entry.
     with tempfile.TemporaryDirectory(prefix="ppoflow-data-") as cache_dir:
@@ -224,7 +281,7 @@ def _read_file(path: Path) -> _Source:
             table = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir, keep_in_memory=True)
         except Exception as exc:
             raise _data_error("data.path", f"cannot read {path} as {builder} ({_reason(exc)})", "fix or replace the file") from exc
-    return _Source(table, str(path.resolve()), f"file:{digest}")
+    return table, digest
 
 
 def _has_no_rows(path: Path, builder: str) -> bool:
@@ -240,31 +297,18 @@ def _has_no_rows(path: Path, builder: str) -> bool:
     return True
 
 
-def _read_directory(path: Path, split: str) -> _Source:
+def _read_saved_dataset(path: Path, split: str) -> _Source:
+    """A directory written by `save_to_disk`: a Dataset, or a DatasetDict of which `split` is read."""
     name = str(path.resolve())
-    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-        try:
-            saved = datasets.load_from_disk(str(path))
-        except Exception as exc:
-            raise _data_error("data.path", f"cannot read the saved dataset {path} ({_reason(exc)})", "save it again with save_to_disk") from exc
-        if isinstance(saved, datasets.DatasetDict):
-            if split not in saved:
-                raise ConfigError("data.split", f"{split!r} is not a split of {path} (its splits: {', '.join(saved)})", "set it to one of them")
-            return _Source(saved[split], f"{name}[{split}]", f"saved:{sha256_tree(path / split)}")
-        return _Source(saved, name, f"saved:{sha256_tree(path)}")
-
-    data_files = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_BUILDERS]
-    if not data_files:
-        raise _data_error("data.path", f"{path} holds no .jsonl/.json/.parquet file and is not a saved dataset", SOURCE_HINT)
-    if len({FILE_BUILDERS[p.suffix.lower()] for p in data_files}) > 1:
-        raise _data_error("data.path", f"{path} mixes JSON and Parquet files", "keep one format in the directory")
-    digest = sha256_tree(path)
-    with tempfile.TemporaryDirectory(prefix="ppoflow-data-") as cache_dir:
-        try:
-            table = datasets.load_dataset(str(path), split=split, cache_dir=cache_dir, keep_in_memory=True)
-        except Exception as exc:
-            raise _data_error("data.path", f"cannot read the files in {path} as split {split!r} ({_reason(exc)})", "fix the files or data.split") from exc
-    return _Source(table, f"{name}[{split}]", f"files:{digest}")
+    try:
+        saved = datasets.load_from_disk(str(path))
+    except Exception as exc:
+        raise _data_error("data.path", f"cannot read the saved dataset {path} ({_reason(exc)})", "save it again with save_to_disk") from exc
+    if isinstance(saved, datasets.DatasetDict):
+        if split not in saved:
+            raise ConfigError("data.split", f"{split!r} is not a split of {path} (its splits: {', '.join(saved)})", "set it to one of them")
+        return _Source(saved[split], f"{name}[{split}]", f"saved:{sha256_tree(path / split)}")
+    return _Source(saved, name, f"saved:{sha256_tree(path)}")
 
 
 def _read_hub(data: DataConfig) -> _Source:
@@ -464,7 +508,10 @@ def _local_provenance(data: DataConfig, source: _Source) -> dict:
     """Where a local source lives and its digest as read, so a cached manifest notices an edit."""
     if source.digest.startswith("hub:"):
         return {}
-    return {"source_path": Path(data.path).expanduser().resolve(), "source_split": data.split, "source_digest": source.digest}
+    provenance = {"source_path": Path(data.path).expanduser().resolve(), "source_split": data.split, "source_digest": source.digest}
+    if source.partitions:
+        provenance |= {"source_window": data.window, "partitions": list(source.partitions)}
+    return provenance
 
 
 def _template_provenance(prompts: _Prompts) -> dict:

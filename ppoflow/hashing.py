@@ -7,7 +7,15 @@ checkpoint writer (which records them) both import it, and not each other.
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ppoflow.partitions import select_partitions
+
+if TYPE_CHECKING:
+    from ppoflow.config import DataWindow
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -28,15 +36,24 @@ def sha256_tree(root: Path, patterns: tuple[str, ...] = ("*",)) -> str:
     return digest.hexdigest()
 
 
-def local_source_digest(path: Path, split: str) -> str | None:
-    """Digest of a local prompt source as stage 3 read it (file, saved dataset or directory of
-    files); None for a Hub id, whose content the Hub versions by revision."""
+def partitions_digest(partitions: Sequence[tuple[str, str]]) -> str:
+    """Digest of the partitions read, in order, as (file name, sha256) pairs: a partition added,
+    dropped from the window, renamed (its date) or edited changes it."""
+    canonical = json.dumps([list(pair) for pair in partitions], separators=(",", ":"))
+    return f"partitions:{hashlib.sha256(canonical.encode()).hexdigest()}"
+
+
+def local_source_digest(path: Path | str, split: str, window: DataWindow | None = None) -> str | None:
+    """Digest of a local prompt source as stage 3 read it (file, saved dataset, or the partitions
+    `window` selects); None for a Hub id, whose content the Hub versions by revision."""
+    partitions = select_partitions(str(path), window)
+    if partitions is not None:
+        return partitions_digest([(partition.path.name, sha256_file(partition.path)) for partition in partitions])
+    path = Path(path)
     if path.is_file():
         return f"file:{sha256_file(path)}"
-    if not path.is_dir():
-        return None
     if (path / "dataset_dict.json").is_file():
         return f"saved:{sha256_tree(path / split)}"
     if (path / "state.json").is_file():
         return f"saved:{sha256_tree(path)}"
-    return f"files:{sha256_tree(path)}"
+    return None

@@ -7,14 +7,15 @@ were deleted or altered is recomputed, never trusted.
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from ppoflow.checkpoint import verify_checkpoint
-from ppoflow.config import BatchPlan, RunConfig
-from ppoflow.errors import CheckpointError
+from ppoflow.config import BatchPlan, DataWindow, RunConfig
+from ppoflow.errors import CheckpointError, PpoflowError
 from ppoflow.hashing import local_source_digest, sha256_file, sha256_tree
 
 
@@ -82,6 +83,15 @@ class ModelManifest(Manifest):
         return reward_intact and self.tokenizer_dir.is_dir() and sha256_tree(self.tokenizer_dir) == self.tokenizer_sha256
 
 
+class PartitionRecord(Manifest):
+    """One partition file stage 3 read (`ppoflow.partitions`): where, its date, digest and rows."""
+
+    path: Path
+    date: datetime.date | None  # from the file name; None: undated partitions, read in name order
+    sha256: str
+    rows: int
+
+
 class DatasetManifest(Manifest):
     """Stage 3: tokenized train/eval prompts on disk, their fingerprint and row counts."""
 
@@ -102,14 +112,18 @@ class DatasetManifest(Manifest):
     source_path: Path | None = None
     source_split: str = "train"
     source_digest: str | None = None
+    source_window: DataWindow | None = None  # data.window, for a partitioned source_path (a directory or a glob)
+    partitions: list[PartitionRecord] = []  # the partitions read, oldest first; empty for an unpartitioned source
     chat_template_path: Path | None = None  # the template file (data.chat_template) that rendered conversations
     chat_template_digest: str | None = None
 
     def is_intact(self) -> bool:
         """The prepared splits are unchanged, and so are a local source and a chat template file (an
-        edited prompts file must be prepared again, not answered from yesterday's cache)."""
+        edited prompts file must be prepared again, not answered from yesterday's cache). For a
+        partitioned source, the window selects the same partitions, each unchanged: a partition that
+        landed since is read the next time."""
         source_unchanged = self.source_digest is None or (
-            self.source_path is not None and local_source_digest(self.source_path, self.source_split) == self.source_digest
+            self.source_path is not None and self._current_source_digest() == self.source_digest
         )
         template_unchanged = self.chat_template_path is None or (
             self.chat_template_path.is_file() and sha256_file(self.chat_template_path) == self.chat_template_digest
@@ -122,6 +136,12 @@ class DatasetManifest(Manifest):
             and sha256_tree(self.train_dir) == self.train_digest
             and sha256_tree(self.eval_dir) == self.eval_digest
         )
+
+    def _current_source_digest(self) -> str | None:
+        try:
+            return local_source_digest(self.source_path, self.source_split, self.source_window)
+        except PpoflowError:  # the partitions are gone or can no longer be ordered: not intact
+            return None
 
 
 class CheckpointManifest(Manifest):

@@ -21,7 +21,7 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ppoflow.checkpoint import newest_valid_checkpoint, read_state, storage_problem, verify_checkpoint
+from ppoflow.checkpoint import list_checkpoints, newest_valid_checkpoint, read_state, storage_problem, verify_checkpoint
 from ppoflow.atomic import write_text_atomic
 from ppoflow.config import (
     BatchPlan, ModelsConfig, RunConfig, expand_output_dir, is_registry_uri, output_dir_placeholders, validate_sources,
@@ -195,7 +195,16 @@ def prepare_dataset(plan: RunPlan, models: ModelManifest) -> DatasetManifest:
     """Stage 3: tokenize, filter and split the prompts once, on the main process."""
     out_dir = plan.output_dir / "data"
     if process_state().is_main_process:
-        manifest = prepare_prompts(plan.config.data, load_tokenizer(models.tokenizer_dir), out_dir, seed=plan.config.ppo.seed)
+        trained_on = _trained_fingerprints(plan.output_dir)
+
+        def same_data(fingerprint: str) -> None:
+            # Refused before the workspace's prepared data is replaced by data its checkpoints never saw.
+            for trained in trained_on:
+                _check_same_data(plan, trained, fingerprint)
+
+        manifest = prepare_prompts(
+            plan.config.data, load_tokenizer(models.tokenizer_dir), out_dir, seed=plan.config.ppo.seed, check_fingerprint=same_data
+        )
     process_state().wait_for_everyone()
     if not process_state().is_main_process:
         manifest = DatasetManifest.model_validate_json((out_dir / "dataset.json").read_text())
@@ -212,10 +221,13 @@ def init_trainer(plan: RunPlan, models: ModelManifest, data: DatasetManifest) ->
     if step_zero.is_dir():
         try:
             digest = verify_checkpoint(step_zero)
-            if read_state(step_zero)["config_hash"] == plan.config_hash:
-                return CheckpointManifest(path=step_zero, update=0, episode=0, num_updates=plan.batch.num_updates, sha256=digest)
+            state = read_state(step_zero)
         except Exception as exc:  # a damaged step-0 is rewritten below
             log.warning("rewriting the initial checkpoint: %s", exc)
+        else:
+            if state.get("config_hash") == plan.config_hash:
+                _check_same_data(plan, state.get("data_fingerprint"), data.fingerprint)
+                return CheckpointManifest(path=step_zero, update=0, episode=0, num_updates=plan.batch.num_updates, sha256=digest)
     trainer = PPOTrainer.from_checkpoint(plan, models, data, checkpoint=None)
     return trainer.save_checkpoint()
 
@@ -228,12 +240,38 @@ def train(plan: RunPlan, models: ModelManifest, data: DatasetManifest, callbacks
         raise ModelError(f"no intact checkpoint in {plan.output_dir / 'checkpoints'} — run stage 4 (init_trainer) first")
     path, digest = found
     state = read_state(path)
+    _check_same_data(plan, state.get("data_fingerprint"), data.fingerprint)
     if state["update"] >= plan.batch.num_updates:
         return CheckpointManifest(path=path, update=state["update"], episode=state["episode"], num_updates=plan.batch.num_updates, sha256=digest)
     if state["update"] > 0:
         log.info("resuming from %s (update %d of %d)", path.name, state["update"], plan.batch.num_updates)
     trainer = PPOTrainer.from_checkpoint(plan, models, data, checkpoint=path)
     return trainer.train(callbacks)
+
+
+def _trained_fingerprints(output_dir: Path) -> set[str]:
+    """The dataset fingerprints the workspace's checkpoints record (their state files only, unverified:
+    cheap, and any of them trained on other data makes the workspace another training's)."""
+    found = set()
+    for path in list_checkpoints(output_dir / "checkpoints"):
+        try:
+            found.add(read_state(path)["data_fingerprint"])
+        except (OSError, ValueError, KeyError):  # damaged or older than the field: stages 4 and 5 judge it
+            continue
+    return found
+
+
+def _check_same_data(plan: RunPlan, trained_on: str | None, fingerprint: str) -> None:
+    """A workspace's checkpoints go on only with the data they were trained on (`trained_on`, the
+    fingerprint in their state): with the same config and new partitions, "resuming" would return
+    last night's training as tonight's. Checkpoints written before the fingerprint was recorded
+    (None) cannot tell, and are taken as they are."""
+    if trained_on is not None and trained_on != fingerprint:
+        raise ConfigError(
+            "output_dir",
+            f"{plan.output_dir} holds a training on other data (fingerprint {trained_on[:16]}, this run's {fingerprint[:16]})",
+            "give each data window its own workspace: put {date} or {flow_run} in output_dir, or use a new output_dir",
+        )
 
 
 @_clear_storage_errors

@@ -186,6 +186,7 @@ class PPOTrainer:
                 "optimizer_steps": self.optimizer_steps,
                 "num_updates": self.batch.num_updates,
                 "config_hash": self.plan.config_hash,
+                "data_fingerprint": self.data.fingerprint,  # stages 4 and 5 continue it only on this data
                 "world_size": self.batch.world_size,
             }
 

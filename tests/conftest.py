@@ -17,7 +17,7 @@ TOY_SEED = 0
 def toy_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The offline toy RLHF world built with seed 0, once per test session (about 30-60 s).
 
-    The directory holds `policy/`, `reward/`, `prompts.jsonl` and `toy.json` (see
+    The directory holds `policy/`, `reward/`, `prompts.jsonl`, `prompts/` and `toy.json` (see
     `ppoflow.toy.build_toy`). To iterate fast, build it once (`ppoflow toy --out DIR --seed 0`) and
     set `PPOFLOW_TEST_TOY_DIR=DIR`: a directory whose `toy.json` records seed 0 is used as is.
     Rebuild it after changing `ppoflow/toy`, or the determinism test will (rightly) fail.

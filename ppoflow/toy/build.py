@@ -4,6 +4,9 @@ Layout of `out_dir`:
   policy/         LlamaForCausalLM + tokenizer + generation_config (the SFT checkpoint)
   reward/         LlamaForSequenceClassification (num_labels=1) + the same tokenizer
   prompts.jsonl   {"prompt": ...} a line; the last `n_eval_prompts` lines are the eval split
+  prompts/        the train prompts of prompts.jsonl (all lines but the eval split), in order, cut
+                  in dated partitions `prompts-2026-11-30.jsonl`, `prompts-2026-12-01.jsonl` (a
+                  partitioned data.path); `add_partition` writes a further night of new prompts
   toy.json        what was built and how good it is (the dict `build_toy` returns)
 
 Everything derives from `seed`: data from `random.Random(seed)`, weights from torch seeded the same
@@ -13,11 +16,14 @@ byte-identical weight files on the same machine and library versions.
 
 from __future__ import annotations
 
+import datetime
 import importlib.metadata
 import json
 import logging
+import os
 import platform
 import random
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -35,7 +41,7 @@ from transformers import (
 
 from ppoflow.toy.tokenizer import build_tokenizer
 from ppoflow.toy.train import pairwise_accuracy, pairwise_agreement, reward_scores, train_reward, train_sft
-from ppoflow.toy.world import Prompt, oracle_score, sample_completion, sample_prompts
+from ppoflow.toy.world import Prompt, all_prompts, oracle_score, sample_completion, sample_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +58,8 @@ TRUNCATED_FRACTION = 0.3
 SAMPLE_TEMPERATURE = 0.7
 SAMPLE_MAX_NEW_TOKENS = 32
 N_SUMMARY_EXAMPLES = 3
+PARTITIONS_DIR = "prompts"
+PARTITION_DATES = (datetime.date(2026, 11, 30), datetime.date(2026, 12, 1))
 
 
 def build_toy(
@@ -88,6 +96,7 @@ def build_toy(
     prompts = sample_prompts(rng, n_prompts)
     train_prompts, eval_prompts = prompts[:-n_eval_prompts], prompts[-n_eval_prompts:]
     _write_prompts(out_dir / "prompts.jsonl", prompts)
+    partitions = _write_partitions(out_dir / PARTITIONS_DIR, train_prompts)
 
     with _deterministic_torch(seed, num_threads):
         generator = torch.Generator().manual_seed(seed)
@@ -119,6 +128,11 @@ def build_toy(
             "n_eval": n_eval_prompts,
             "eval_split": "the last n_eval lines",
         },
+        "partitions": {
+            "dir": PARTITIONS_DIR,
+            "files": partitions,
+            "from": "the train prompts of prompts.jsonl (all but the last n_eval lines), in order",
+        },
         "tokenizer": _tokenizer_facts(tokenizer),
         "model_shape": MODEL_SHAPE,
         "policy": {
@@ -147,6 +161,32 @@ def build_toy(
     (out_dir / "toy.json").write_text(json.dumps(summary, indent=2) + "\n")
     logger.info("toy: built %s in %.1f s", out_dir, summary["build_seconds"])
     return summary
+
+
+def add_partition(toy_dir: Path, date: datetime.date | str, n: int, seed: int = 0) -> Path:
+    """Write `toy_dir/prompts/prompts-DATE.jsonl`: `n` toy prompts that no prompts file of the toy
+    holds yet, drawn with `seed` — a night's new data arriving, for a nightly run to find.
+
+    The file appears whole (written under a hidden name, then renamed) and never replaces an
+    existing partition. `toy.json` is left as it is: it describes the build.
+    """
+    date = datetime.date.fromisoformat(str(date))
+    directory = Path(toy_dir) / PARTITIONS_DIR
+    path = directory / _partition_name(date)
+    if path.exists():
+        raise FileExistsError(f"{path} exists: a partition is written once (choose another date)")
+    known = {
+        json.loads(line)["prompt"]
+        for file in [Path(toy_dir) / "prompts.jsonl", *sorted(directory.glob("prompts-*.jsonl"))]
+        for line in file.read_text().splitlines()
+    }
+    fresh = [prompt for prompt in all_prompts() if prompt.text not in known]
+    if not 0 < n <= len(fresh):
+        raise ValueError(f"n={n} is out of range: the toy grammar has {len(fresh)} prompts no partition holds yet")
+    partial = directory / f".{path.name}.partial"
+    _write_prompts(partial, random.Random(seed).sample(fresh, n))
+    os.replace(partial, path)
+    return path
 
 
 def sample_responses(
@@ -200,6 +240,23 @@ def _deterministic_torch(seed: int, num_threads: int) -> Iterator[None]:
 def _write_prompts(path: Path, prompts: Sequence[Prompt]) -> None:
     with path.open("w") as handle:
         handle.writelines(json.dumps({"prompt": prompt.text}) + "\n" for prompt in prompts)
+
+
+def _partition_name(date: datetime.date) -> str:
+    return f"prompts-{date.isoformat()}.jsonl"
+
+
+def _write_partitions(directory: Path, prompts: Sequence[Prompt]) -> list[dict]:
+    """`prompts` in order, cut in one contiguous partition per date of PARTITION_DATES; a rebuild
+    replaces the directory (and any partition `add_partition` wrote)."""
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir()
+    files = []
+    bounds = [len(prompts) * index // len(PARTITION_DATES) for index in range(len(PARTITION_DATES) + 1)]
+    for date, start, stop in zip(PARTITION_DATES, bounds, bounds[1:]):
+        _write_prompts(directory / _partition_name(date), prompts[start:stop])
+        files.append({"file": f"{directory.name}/{_partition_name(date)}", "date": date.isoformat(), "n": stop - start})
+    return files
 
 
 def _model_config(tokenizer: PreTrainedTokenizerFast, **extra) -> LlamaConfig:

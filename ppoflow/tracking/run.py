@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import mlflow
 import yaml
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import (
@@ -46,6 +47,7 @@ from mlflow.utils.validation import (
 from ppoflow.config import ATTEMPT_SECTIONS, REGISTRY_URI, RunConfig
 from ppoflow.errors import TrackingError
 from ppoflow.manifests import DatasetManifest, ModelManifest, ModelSource, RunPlan
+from ppoflow.partitions import is_glob
 from ppoflow.provenance import git_state, library_versions
 from ppoflow.redaction import redact
 from ppoflow.tracking.metrics import SPOOL_FILE, MetricsSink
@@ -57,6 +59,8 @@ if TYPE_CHECKING:
 _LOGGER = logging.getLogger(__name__)
 
 CONFIG_HASH_TAG = "ppoflow.config_hash"
+PARTITIONS_TAG = "ppoflow.data.partitions"
+PARTITION_CONTEXT = "partition"
 FLOW_RUN_IDS_TAG = "prefect.flow_run_ids"
 LAST_FLOW_RUN_TAG = "prefect.last_flow_run_id"
 FAILURE_TAG = "ppoflow.failure"
@@ -256,9 +260,11 @@ class TrackingRun:
 
     def log_datasets(self, data: DatasetManifest, train: pandas.DataFrame, eval: pandas.DataFrame) -> None:
         """Both splits as MLflow dataset inputs (contexts "training"/"evaluation", digests from the
-        manifest), skipping ones already on the run; tags with the manifest's counts."""
+        manifest) and each partition read (context "partition", named by its file stem, its sha256
+        as digest), skipping ones already on the run; tags with the manifest's counts and
+        `ppoflow.data.partitions`."""
         present = {
-            (entry.dataset.digest, tag.value)
+            (entry.dataset.name, entry.dataset.digest, tag.value)
             for entry in self.client.get_run(self.run_id).inputs.dataset_inputs
             for tag in entry.tags
             if tag.key == "mlflow.data.context"
@@ -271,10 +277,16 @@ class TrackingRun:
             ("eval", "evaluation", eval, data.eval_digest),
         ):
             digest = digest[:MAX_DATASET_DIGEST_SIZE]
-            if (digest, context) in present:
+            if (f"{stem}-{split}", digest, context) in present:
                 continue
             dataset = mlflow.data.from_pandas(frame, source=_dataset_source(source), name=f"{stem}-{split}", digest=digest)
             inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
+        for partition in data.partitions:
+            name, digest = partition.path.stem, partition.sha256[:MAX_DATASET_DIGEST_SIZE]
+            if (name, digest, PARTITION_CONTEXT) in present:
+                continue
+            dataset = MetaDataset(_dataset_source(redact(str(partition.path))), name=name, digest=digest)
+            inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", PARTITION_CONTEXT)]))
         if inputs:
             self.client.log_inputs(self.run_id, datasets=inputs)
         self.set_tags({
@@ -283,7 +295,7 @@ class TrackingRun:
                 "source", "fingerprint", "rows_read", "rows_kept", "dropped_too_long", "dropped_empty",
                 "eos_stripped", "eos_dropped", "train_rows", "eval_rows", "train_digest", "eval_digest",
             )
-        })
+        } | {PARTITIONS_TAG: _partitions_tag(data) if data.partitions else None})
 
     def tag_flow_run(
         self, flow_run_id: str, flow_run_name: str | None, deployment: str | None, ui_url: str | None
@@ -362,11 +374,23 @@ class TrackingRun:
                     self.client.delete_tag(self.run_id, key)
 
 
+def _partitions_tag(data: DatasetManifest) -> str:
+    """JSON `[[file stem, sha256], ...]` of the partitions read, oldest first; past MLflow's tag
+    length the oldest are left out (the dataset inputs still list every one)."""
+    entries = [[partition.path.stem, partition.sha256] for partition in data.partitions]
+    while len(text := json.dumps(entries, separators=(",", ":"))) > MAX_TAG_VAL_LENGTH:
+        entries.pop(0)
+    return text
+
+
 def _dataset_source(source: str) -> Any:
-    """An MLflow dataset source for a local path, a URI, or a Hugging Face Hub dataset id."""
+    """An MLflow dataset source for a local path (a glob: the directory it looks in), a URI, or a
+    Hugging Face Hub dataset id."""
     from mlflow.data.dataset_source_registry import get_registered_sources, resolve_dataset_source
     from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
 
+    if is_glob(source) and Path(source).expanduser().parent.is_dir():
+        source = str(Path(source).expanduser().parent)
     if Path(source).expanduser().exists():
         # MLflow 3.17 registers its local source class twice and warns on every resolve: pick one.
         local = [candidate for candidate in get_registered_sources() if candidate._get_source_type() == "local"][:1]

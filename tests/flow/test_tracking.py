@@ -17,7 +17,7 @@ import pytest
 
 from ppoflow.config import DataConfig, TrackingConfig
 from ppoflow.errors import TrackingError
-from ppoflow.manifests import DatasetManifest, ModelManifest, ModelSource, Release
+from ppoflow.manifests import DatasetManifest, ModelManifest, ModelSource, PartitionRecord, Release
 from ppoflow.tracking import (
     SPOOL_FILE,
     TrackingRun,
@@ -274,3 +274,57 @@ def test_log_release_registers_the_policy_with_alias_and_eval_tags(store, make_p
     assert log_release(run, release, **arguments).registered_version == "1"
     assert len(run.client.search_model_versions("name = 'ppoflow-test-policy'")) == 1
     assert [point.step for point in run.client.get_metric_history(run.run_id, "eval/win_rate")] == [3]
+
+
+def test_partitions_are_logged_once_as_inputs_and_listed_in_a_tag(store, make_plan, tmp_path):
+    plan = make_plan("nightly")
+    run = open_run(plan, tracking_uri=store)
+    nightly = tmp_path / "nightly"
+    nightly.mkdir()
+    partitions = []
+    for day, digest in (("2026-11-30", "c" * 64), ("2026-12-01", "d" * 64)):
+        path = nightly / f"prompts-{day}.jsonl"
+        path.write_text('{"prompt": "great movie"}\n')
+        partitions.append(PartitionRecord(path=path, date=day, sha256=digest, rows=1))
+    manifest = DatasetManifest(
+        train_dir=tmp_path / "train", eval_dir=tmp_path / "eval", fingerprint="f" * 16, source=str(nightly),
+        rows_read=2, rows_kept=2, dropped_too_long=0, dropped_empty=0, eos_stripped=0, eos_dropped=0,
+        train_rows=1, eval_rows=1, train_digest="a" * 64, eval_digest="b" * 64, partitions=partitions,
+    )
+    train = pd.DataFrame({"prompt": ["great movie"], "input_ids": [[1, 4, 6]]})
+    evaluation = pd.DataFrame({"prompt": ["great movie"], "input_ids": [[1, 4, 6]]})
+    run.log_datasets(manifest, train, evaluation)
+    run.log_datasets(manifest, train, evaluation)
+
+    logged = run.client.get_run(run.run_id)
+    contexts = sorted(
+        (tag.value, entry.dataset.name, entry.dataset.digest)
+        for entry in logged.inputs.dataset_inputs for tag in entry.tags if tag.key == "mlflow.data.context"
+    )
+    assert contexts == [
+        ("evaluation", "nightly-eval", "b" * 36),
+        ("partition", "prompts-2026-11-30", "c" * 36),
+        ("partition", "prompts-2026-12-01", "d" * 36),
+        ("training", "nightly-train", "a" * 36),
+    ]
+    sources = {entry.dataset.name: json.loads(entry.dataset.source) for entry in logged.inputs.dataset_inputs}
+    assert sources["prompts-2026-12-01"]["uri"].endswith("nightly/prompts-2026-12-01.jsonl")
+    assert json.loads(logged.data.tags["ppoflow.data.partitions"]) == [
+        ["prompts-2026-11-30", "c" * 64], ["prompts-2026-12-01", "d" * 64],
+    ]
+
+
+def test_the_partitions_tag_keeps_the_newest_within_mlflow_s_limit(tmp_path):
+    from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+
+    from ppoflow.tracking.run import _partitions_tag
+
+    partitions = [PartitionRecord(path=tmp_path / f"prompts-{day:04d}.jsonl", date=None, sha256=f"{day:064d}", rows=1) for day in range(200)]
+    manifest = DatasetManifest(
+        train_dir=tmp_path, eval_dir=tmp_path, fingerprint="f", source="s", rows_read=1, rows_kept=1, dropped_too_long=0,
+        dropped_empty=0, eos_stripped=0, eos_dropped=0, train_rows=1, eval_rows=0, train_digest="a", eval_digest="b",
+        partitions=partitions,
+    )
+    entries = json.loads(text := _partitions_tag(manifest))
+    assert len(text) == 7981 <= MAX_TAG_VAL_LENGTH and len(entries) == 95  # 83 characters an entry, and commas
+    assert entries[-1] == ["prompts-0199", f"{199:064d}"] and entries[0][0] == "prompts-0105"

@@ -115,6 +115,9 @@ CASES = [
     Case("text and conversations mixed", "data.prompt_column:", ("data.path={bad}/mixed.jsonl",)),
     Case("messages without content", "data.prompt_column:", ("data.path={bad}/no-content.jsonl",)),
     Case("conversation that is only the reply", "data.prompt_column:", ("data.path={bad}/reply-only.jsonl",)),
+    Case("data glob matching no partition", "data.path:", ("data.path={bad}/nightly-*.jsonl",)),
+    Case("data window on a single file", "`data.window`", ("data.window={{newest: 2}}",)),
+    Case("data window by days on undated partitions", "`data.window`", ("data.path={bad}/shards", "data.window={{days: 3}}")),
     # -- tracking (the flow) ---------------------------------------------------------------------
     Case("tracking server unreachable", "MLFLOW_TRACKING_URI=", command="run", tracking_uri="http://127.0.0.1:{closed_port}", before_prefect=True),
     Case("tracking file store", "MLFLOW_TRACKING_URI=", command="run", tracking_uri="file:///tmp/mlruns", before_prefect=True),
@@ -181,6 +184,8 @@ def bad(toy_world, tmp_path_factory) -> Path:
         "no-content.jsonl": json.dumps({"prompt": [{"role": "user", "text": "review :"}]}) + "\n",
         "reply-only.jsonl": json.dumps({"messages": [reply("great .")]}) + "\n",
     }
+    (root / "shards").mkdir()
+    lines |= {f"shards/part-{i}.jsonl": json.dumps({"prompt": f"review number {i} :"}) + "\n" for i in range(2)}
     for name, text in lines.items():
         (root / name).write_text(text)
     return root

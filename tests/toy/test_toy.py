@@ -1,15 +1,18 @@
 """The offline toy world: oracle golden values, tokenizer contract, and the built models' quality."""
 
+import datetime
 import importlib
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from ppoflow.toy import build_toy, oracle_score
+from ppoflow.partitions import select_partitions
+from ppoflow.toy import add_partition, build_toy, oracle_score
 from ppoflow.toy.build import sample_responses
 from ppoflow.toy.tokenizer import build_tokenizer
 from ppoflow.toy.train import pad_right, pairwise_agreement, reward_scores
@@ -125,6 +128,8 @@ def test_build_is_deterministic(toy_world: Path, summary: dict, tmp_path: Path) 
                 " (with PPOFLOW_TEST_TOY_DIR set, rebuild that directory from the current code)"
             )
     assert (toy_world / "prompts.jsonl").read_bytes() == (tmp_path / "prompts.jsonl").read_bytes()
+    for partition in summary["partitions"]["files"]:
+        assert (toy_world / partition["file"]).read_bytes() == (tmp_path / partition["file"]).read_bytes()
     assert {**again, "build_seconds": None} == {**summary, "build_seconds": None}
 
 
@@ -157,6 +162,46 @@ def test_prompts_file(toy_world: Path, summary: dict, tokenizer) -> None:
     for ids in tokenizer(texts)["input_ids"]:
         assert ids[0] == tokenizer.bos_token_id
         assert tokenizer.eos_token_id not in ids and tokenizer.unk_token_id not in ids
+
+
+def _texts(path: Path) -> list[str]:
+    return [json.loads(line)["prompt"] for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_partitions_are_the_train_prompts_in_order(toy_world: Path, summary: dict) -> None:
+    assert summary["partitions"]["files"] == [
+        {"file": "prompts/prompts-2026-11-30.jsonl", "date": "2026-11-30", "n": 1372},
+        {"file": "prompts/prompts-2026-12-01.jsonl", "date": "2026-12-01", "n": 1372},
+    ]
+    partitions = select_partitions(str(toy_world / "prompts"), None)
+    assert [p.date for p in partitions] == [datetime.date(2026, 11, 30), datetime.date(2026, 12, 1)]
+    lines = _texts(toy_world / "prompts.jsonl")
+    assert [text for p in partitions for text in _texts(p.path)] == lines[: -summary["prompts"]["n_eval"]]
+
+
+@pytest.mark.slow
+def test_add_partition_writes_a_new_night_of_unseen_prompts(toy_world: Path, tmp_path: Path) -> None:
+    copies = []
+    for name in ("first", "second"):
+        copy = tmp_path / name
+        (copy / "prompts").mkdir(parents=True)
+        shutil.copy(toy_world / "prompts.jsonl", copy)
+        for partition in (toy_world / "prompts").glob("prompts-*.jsonl"):
+            shutil.copy(partition, copy / "prompts")
+        copies.append(copy)
+    path = add_partition(copies[0], "2026-12-02", 40, seed=1)
+    assert path == copies[0] / "prompts" / "prompts-2026-12-02.jsonl"
+    assert path.read_bytes() == add_partition(copies[1], datetime.date(2026, 12, 2), 40, seed=1).read_bytes()
+    new = _texts(path)
+    assert len(set(new)) == 40 and not set(new) & set(_texts(toy_world / "prompts.jsonl"))
+    assert [p.path.name for p in select_partitions(str(copies[0] / "prompts"), None)][-1] == path.name
+    assert sorted(p.name for p in (copies[0] / "prompts").iterdir()) == [
+        "prompts-2026-11-30.jsonl", "prompts-2026-12-01.jsonl", "prompts-2026-12-02.jsonl",
+    ]  # no partial file left
+    with pytest.raises(FileExistsError, match="prompts-2026-12-02.jsonl"):
+        add_partition(copies[0], "2026-12-02", 40, seed=2)
+    assert not set(_texts(add_partition(copies[0], "2026-12-03", 40, seed=1))) & set(new)
 
 
 @pytest.mark.slow

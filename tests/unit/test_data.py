@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -14,10 +15,10 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from ppoflow.config import DataConfig
+from ppoflow.config import DataConfig, DataWindow
 from ppoflow.data import load_prompts, prepare_prompts
 from ppoflow.errors import ConfigError, DataError
-from ppoflow.hashing import sha256_tree
+from ppoflow.hashing import partitions_digest, sha256_file, sha256_tree
 from ppoflow.manifests import DatasetManifest
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
@@ -107,6 +108,23 @@ def as_jsonl_shards(tmp: Path, rows: list[dict]) -> Path:
     write_jsonl(tmp / "shards" / "part-0.jsonl", rows[:5])
     write_jsonl(tmp / "shards" / "part-1.jsonl", rows[5:])
     return tmp / "shards"
+
+
+NIGHTS = {"prompts-2026-11-29.jsonl": ["the cat sat", "a dog ran"], "prompts-2026-11-30.jsonl": ["hello world"], "prompts-2026-12-01.jsonl": ["one two three", "the mat", "a cat"]}
+
+
+def as_partitions(tmp: Path, nights: dict[str, list[str]] = NIGHTS) -> Path:
+    directory = tmp / "nightly"
+    directory.mkdir(exist_ok=True)
+    for name, prompts in nights.items():
+        write_jsonl(directory / name, records(prompts))
+    return directory
+
+
+def as_partitions_of_other_columns(tmp: Path) -> Path:
+    directory = as_partitions(tmp, {"a-20261130.jsonl": ["the cat"]})
+    write_jsonl(directory / "b-20261201.jsonl", [{"text": "a dog"}])
+    return directory
 
 
 SOURCES = [as_jsonl, as_json_array, as_parquet, as_saved_dataset, as_saved_dataset_dict, as_parquet_shards, as_jsonl_shards]
@@ -280,6 +298,10 @@ ERROR_CASES = {
     "unsupported suffix": (_write("prompts.csv", "prompt\nthe cat\n"), {}, DataError, "data.path", ".jsonl"),
     "empty directory": (lambda tmp: tmp, {}, DataError, "data.path", "holds no"),
     "mixed directory": (_dir_of("a.jsonl", "b.parquet"), {}, DataError, "data.path", "mixes"),
+    "partitions split": (as_partitions, {"split": "test"}, ConfigError, "data.split", "partition files"),
+    "window on one file": (_jsonl(ROWS), {"window": {"newest": 1}}, ConfigError, "data.window", "single source"),
+    "glob matching nothing": (lambda tmp: tmp / "prompts-*.jsonl", {}, DataError, "data.path", "matches no file"),
+    "partitions with other columns": (as_partitions_of_other_columns, {}, DataError, "data.path", "columns"),
     "hub id offline": (lambda tmp: "nobody-here/no-such-prompts", {}, DataError, "data.path", "locally or on the Hub"),
     "missing split": (lambda tmp: as_saved_dataset_dict(tmp, records(ROWS)), {"split": "validation"}, ConfigError, "data.split", "train, test"),
     "missing column": (lambda tmp: write_jsonl(tmp / "p.jsonl", [{"text": "a"}]), {}, ConfigError, "data.prompt_column", "text"),
@@ -331,3 +353,82 @@ def test_manifest_notices_an_edited_local_source(tmp_path):
     with open(source, "a") as handle:
         handle.write('{"prompt": "one more prompt"}\n')
     assert not manifest.is_intact()
+
+
+
+def test_partitions_are_read_oldest_first_and_recorded(tmp_path):
+    directory = as_partitions(tmp_path)
+    manifest = prepare(directory, tmp_path / "out", eval_size=2)
+    # The same rows in date order, as one file, give the very same splits.
+    in_order = [prompt for night in sorted(NIGHTS) for prompt in NIGHTS[night]]
+    single = prepare(write_jsonl(tmp_path / "all.jsonl", records(in_order)), tmp_path / "single", eval_size=2)
+    assert (stored(manifest.train_dir), stored(manifest.eval_dir)) == (stored(single.train_dir), stored(single.eval_dir))
+    assert manifest.rows_read == 6 and manifest.source_path == directory.resolve()
+    assert [(r.path, r.date, r.rows) for r in manifest.partitions] == [
+        (directory.resolve() / "prompts-2026-11-29.jsonl", datetime.date(2026, 11, 29), 2),
+        (directory.resolve() / "prompts-2026-11-30.jsonl", datetime.date(2026, 11, 30), 1),
+        (directory.resolve() / "prompts-2026-12-01.jsonl", datetime.date(2026, 12, 1), 3),
+    ]
+    assert [r.sha256 for r in manifest.partitions] == [sha256_file(r.path) for r in manifest.partitions]
+    assert manifest.source_digest == partitions_digest([(r.path.name, r.sha256) for r in manifest.partitions])
+    assert manifest.fingerprint != single.fingerprint
+    assert DatasetManifest.model_validate_json((tmp_path / "out" / "dataset.json").read_text()) == manifest
+
+
+def test_window_and_glob_pick_the_partitions_read(tmp_path):
+    directory = as_partitions(tmp_path)
+    newest = prepare(directory, tmp_path / "newest", window={"newest": 2}, eval_size=0)
+    assert [r.path.name for r in newest.partitions] == ["prompts-2026-11-30.jsonl", "prompts-2026-12-01.jsonl"]
+    assert sorted(stored_prompts(newest)) == sorted(["hello world", "one two three", "the mat", "a cat"])
+    by_glob = prepare(directory / "prompts-2026-11-*.jsonl", tmp_path / "glob", window={"days": 1}, eval_size=0)
+    assert [r.path.name for r in by_glob.partitions] == ["prompts-2026-11-30.jsonl"]
+    assert by_glob.source_window == DataWindow(days=1) and by_glob.is_intact()
+    write_jsonl(directory / "prompts-2026-12-02.jsonl", records(["a new night"]))  # outside the pattern
+    assert by_glob.is_intact()
+    write_jsonl(directory / "prompts-2026-11-30b.jsonl", records(["a second file of the night"]))
+    assert not by_glob.is_intact()
+
+
+def test_an_empty_partition_is_recorded_with_no_rows(tmp_path):
+    directory = as_partitions(tmp_path)
+    (directory / "prompts-2026-12-02.jsonl").write_text("")
+    manifest = prepare(directory, tmp_path / "out")
+    assert [r.rows for r in manifest.partitions] == [2, 1, 3, 0]
+    assert manifest.rows_read == 6
+
+
+def test_manifest_notices_new_and_edited_partitions_in_its_window(tmp_path):
+    # A nightly run after a new partition landed must prepare the data again; one outside the window
+    # changes nothing.
+    directory = as_partitions(tmp_path)
+    manifest = prepare(directory, tmp_path / "out", window={"newest": 2})
+    assert manifest.is_intact()
+
+    write_jsonl(directory / "prompts-2026-11-01.jsonl", records(["an old night"]))  # older: outside the window
+    (directory / "prompts-2026-11-29.jsonl").write_text('{"prompt": "edited outside the window"}\n')
+    assert manifest.is_intact()
+    assert prepare(directory, tmp_path / "again", window={"newest": 2}).fingerprint == manifest.fingerprint
+
+    with open(directory / "prompts-2026-12-01.jsonl", "a") as handle:
+        handle.write('{"prompt": "hello"}\n')
+    assert not manifest.is_intact()
+    edited = prepare(directory, tmp_path / "edited", window={"newest": 2})
+    assert edited.fingerprint != manifest.fingerprint and edited.is_intact()
+
+    write_jsonl(directory / "prompts-2026-12-02.jsonl", records(["a new night"]))
+    assert not edited.is_intact()
+    landed = prepare(directory, tmp_path / "landed", window={"newest": 2})
+    assert [r.path.name for r in landed.partitions] == ["prompts-2026-12-01.jsonl", "prompts-2026-12-02.jsonl"]
+    assert landed.fingerprint not in (manifest.fingerprint, edited.fingerprint)
+
+    for partition in directory.iterdir():
+        partition.unlink()
+    assert not landed.is_intact()  # no partition left: not intact, and no exception
+
+
+def test_a_manifest_written_before_partitions_still_loads(reference):
+    old = json.loads(reference.model_dump_json())
+    for field in ("source_window", "partitions"):
+        del old[field]
+    loaded = DatasetManifest.model_validate(old)
+    assert loaded.partitions == [] and loaded.source_window is None and loaded.is_intact()
