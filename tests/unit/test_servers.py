@@ -22,7 +22,7 @@ def test_each_deployment_takes_its_config_from_a_valid_run_config_file():
     nightly = load_run_config(str(config_file(deployments["toy-nightly"])))["config"]
     assert nightly["tracking"]["experiment"] == "ppoflow-toy-nightly" and nightly["output_dir"] == "runs/toy-nightly/{date}"
     assert nightly["models"]["policy"] == f"models:/{nightly['tracking']['registered_model_name']}@champion"
-    assert nightly["tracking"]["promotion"]["alias"] == "champion" and nightly["data"]["window"] == {"newest": 1}
+    assert nightly["tracking"]["promotion"]["alias"] == "champion" and nightly["data"]["window"] == {"newest": 1, "days": None}
     assert all(entry["entrypoint"] == "flows/rlhf_ppo.py:rlhf_ppo" for entry in deployments.values())
 
 
