@@ -7,6 +7,7 @@ retried release stage) before registering a new one.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import mlflow
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
 from ppoflow.config import TrackingConfig
@@ -33,7 +35,9 @@ if TYPE_CHECKING:
 
 _LOGGER = logging.getLogger(__name__)
 
-POLICY_SHA_TAG = "ppoflow.policy_sha256"
+TRAINED_POLICY_SHA_TAG = "ppoflow.trained_policy.sha256"  # the released weights (`ppoflow.policy.sha256`: the SFT input)
+LEGACY_POLICY_SHA_TAG = "ppoflow.policy_sha256"  # the same, on versions registered before the rename: still read
+INPUT_POLICY_SHA_TAG = "ppoflow.policy.sha256"  # the policy training started from (`TrackingRun.log_models`)
 POLICY_SOURCE_TAG = "ppoflow.policy_source"  # what the version's policy started from: models:/NAME/VERSION, a path, a Hub id
 PLOTS = {
     "reward": ("objective/scores", "objective/rlhf_reward"),
@@ -82,6 +86,7 @@ def log_release(
     with `policy_source` (what the policy started from: a registry version, a path or a Hub id).
     A retried release finds the version this run already registered for the same weights."""
     _deliver_spooled_metrics(run)
+    run.set_tags({TRAINED_POLICY_SHA_TAG: release.policy_sha256})
     version = None
     if log_model:
         _check_model_dir(Path(policy_dir))
@@ -106,6 +111,9 @@ def log_release(
         version = _register(run, registered_model_name, model_id, release, numeric, policy_source)
     else:
         _LOGGER.info("policy %s is already version %s of %s", release.policy_sha256[:12], version.version, registered_model_name)
+    model_id = _logged_model_id(version)
+    if model_id:  # also on a retry: the earlier attempt may have died before linking
+        _link_logged_model(run, model_id, registered_model_name, str(version.version))
     try:
         run.client.set_registered_model_alias(registered_model_name, alias, version.version)
     except MlflowException as exc:
@@ -145,7 +153,10 @@ def _registered_version(run: TrackingRun, name: str, policy_sha256: str) -> Any:
         versions = run.client.search_model_versions(f"name = '{name}' and run_id = '{run.run_id}'")
     except MlflowException:
         return None
-    matching = [version for version in versions if version.tags.get(POLICY_SHA_TAG) == policy_sha256]
+    matching = [
+        version for version in versions
+        if policy_sha256 in (version.tags.get(TRAINED_POLICY_SHA_TAG), version.tags.get(LEGACY_POLICY_SHA_TAG))
+    ]
     return max(matching, key=lambda version: int(version.version), default=None)
 
 
@@ -168,18 +179,27 @@ def _log_policy(run: TrackingRun, policy_dir: Path, release: Release, step: int)
     logged as components. The logged model is created here with the run's experiment (the flavor
     would otherwise put it in the default experiment), pip requirements are given (the flavor's
     default list asks for torchvision), and a local model card keeps it off the Hub. `step` links
-    the run's metrics at that update (the final ones) to the logged model.
+    the run's metrics at that update (the final ones) to the logged model. The logged model gets the
+    run's params (the config) and the hashes that identify it as its own params, once, at creation.
     """
     from huggingface_hub import ModelCard
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(policy_dir, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    logged_run = run.client.get_run(run.run_id)
+    identity = {
+        CONFIG_HASH_TAG: run.config_hash(),
+        TRAINED_POLICY_SHA_TAG: release.policy_sha256,
+        INPUT_POLICY_SHA_TAG: logged_run.data.tags.get(INPUT_POLICY_SHA_TAG),
+    }
+    identity = {key: value for key, value in identity.items() if value}
     logged = run.client.create_logged_model(
         run.experiment_id,
         name="policy",
         source_run_id=run.run_id,
-        tags={POLICY_SHA_TAG: release.policy_sha256, CONFIG_HASH_TAG: run.config_hash()},
+        tags=identity,
+        params={**logged_run.data.params, **identity},
     )
     card = ModelCard(f"---\ntags: [ppoflow, rlhf, ppo]\n---\n# PPO policy\n\nTrained by ppoflow, MLflow run {run.run_id}.\n")
     with global_tracking_uri(run.tracking_uri):
@@ -198,7 +218,7 @@ def _log_policy(run: TrackingRun, policy_dir: Path, release: Release, step: int)
 
 def _register(run: TrackingRun, name: str, model_id: str, release: Release, eval_metrics: Mapping[str, float], policy_source: str) -> Any:
     tags = {f"eval.{key}": repr(value) for key, value in eval_metrics.items()}
-    tags |= {CONFIG_HASH_TAG: run.config_hash(), POLICY_SHA_TAG: release.policy_sha256, POLICY_SOURCE_TAG: redact(policy_source)}
+    tags |= {CONFIG_HASH_TAG: run.config_hash(), TRAINED_POLICY_SHA_TAG: release.policy_sha256, POLICY_SOURCE_TAG: redact(policy_source)}
     # The SQL registry resolves a `models:/<id>` source through the process-wide tracking URI.
     with global_tracking_uri(run.tracking_uri):
         version = run.client.create_model_version(
@@ -206,6 +226,25 @@ def _register(run: TrackingRun, name: str, model_id: str, release: Release, eval
         )
     _LOGGER.info("registered %s version %s (run %s)", name, version.version, run.run_id)
     return version
+
+
+def _logged_model_id(version: Any) -> str | None:
+    """The logged model a version was registered from: the SQL registry keeps no `model_id`, only
+    the source `models:/<model_id>`."""
+    if version.model_id:
+        return version.model_id
+    rest = version.source.removeprefix("models:/") if version.source.startswith("models:/") else ""
+    return rest if rest and "/" not in rest else None
+
+
+def _link_logged_model(run: TrackingRun, model_id: str, name: str, version: str) -> None:
+    """List the version on its logged model (`mlflow.modelVersions`, as `mlflow.register_model` does;
+    `create_model_version` alone leaves the logged model's page saying "Not registered")."""
+    entry = {"name": name, "version": version}
+    known = run.client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS)
+    entries = json.loads(known) if known else []
+    if entry not in entries:
+        run.client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*entries, entry])})
 
 
 def _check_model_dir(policy_dir: Path) -> None:

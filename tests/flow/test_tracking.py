@@ -263,9 +263,15 @@ def test_log_release_registers_the_policy_with_alias_and_eval_tags(store, make_p
     logged_model = run.client.get_logged_model(released.model_uri.removeprefix("models:/"))
     assert logged_model.source_run_id == run.run_id and logged_model.experiment_id == run.experiment_id
     assert str(logged_model.status) in ("READY", "LoggedModelStatus.READY")
+    # the logged model's page lists the version (as `mlflow.register_model` would) and the hashes
+    assert json.loads(logged_model.tags["mlflow.modelVersions"]) == [{"name": "ppoflow-test-policy", "version": "1"}]
+    assert logged_model.params["ppoflow.config_hash"] == plan.config_hash
+    assert logged_model.params["ppoflow.trained_policy.sha256"] == "e" * 64
+    assert version.tags["ppoflow.trained_policy.sha256"] == "e" * 64 and "ppoflow.policy_sha256" not in version.tags
 
     logged = run.client.get_run(run.run_id)
     assert logged.data.metrics["eval/win_rate"] == 0.75
+    assert logged.data.tags["ppoflow.trained_policy.sha256"] == "e" * 64
     assert [output.model_id for output in logged.outputs.model_outputs] == [logged_model.model_id]
     artifacts = {info.path for folder in ("eval", "plots") for info in run.client.list_artifacts(run.run_id, folder)}
     assert artifacts >= {"eval/samples.json", "eval/samples.csv", "eval/eval.json", "plots/reward.png", "plots/kl.png", "plots/losses.png"}
@@ -273,6 +279,13 @@ def test_log_release_registers_the_policy_with_alias_and_eval_tags(store, make_p
     # a retried release stage finds its version instead of registering the same weights again
     assert log_release(run, release, **arguments).registered_version == "1"
     assert len(run.client.search_model_versions("name = 'ppoflow-test-policy'")) == 1
+    # and so does the retry of a run released before the tag was renamed
+    run.client.delete_model_version_tag("ppoflow-test-policy", "1", "ppoflow.trained_policy.sha256")
+    run.client.set_model_version_tag("ppoflow-test-policy", "1", "ppoflow.policy_sha256", "e" * 64)
+    assert log_release(run, release, **arguments).registered_version == "1"
+    assert len(run.client.search_model_versions("name = 'ppoflow-test-policy'")) == 1
+    linked = run.client.get_logged_model(logged_model.model_id).tags["mlflow.modelVersions"]
+    assert json.loads(linked) == [{"name": "ppoflow-test-policy", "version": "1"}]
     assert [point.step for point in run.client.get_metric_history(run.run_id, "eval/win_rate")] == [3]
 
 
