@@ -39,10 +39,12 @@ TRAINED_POLICY_SHA_TAG = "ppoflow.trained_policy.sha256"  # the released weights
 LEGACY_POLICY_SHA_TAG = "ppoflow.policy_sha256"  # the same, on versions registered before the rename: still read
 INPUT_POLICY_SHA_TAG = "ppoflow.policy.sha256"  # the policy training started from (`TrackingRun.log_models`)
 POLICY_SOURCE_TAG = "ppoflow.policy_source"  # what the version's policy started from: models:/NAME/VERSION, a path, a Hub id
+# Each plot: key groups, one y axis each (the second on the right); a key ending in "/" stands for
+# every key with that prefix (`reward/<name>`: each reward function's mean score).
 PLOTS = {
-    "reward": ("objective/scores", "objective/rlhf_reward"),
-    "kl": ("objective/kl",),
-    "losses": ("loss/policy_avg", "loss/value_avg"),
+    "reward": (("objective/scores", "objective/rlhf_reward", "reward/"),),
+    "kl": (("objective/kl",),),
+    "losses": (("loss/policy_avg",), ("loss/value_avg",)),  # own axes: the value loss dwarfs the policy loss
 }
 
 
@@ -96,8 +98,8 @@ def log_release(
     run.client.log_table(run.run_id, samples, "eval/samples.json")
     run.client.log_text(run.run_id, samples.to_csv(index=False), "eval/samples.csv")
     run.client.log_dict(run.run_id, eval_report, "eval/eval.json")
-    for name, keys in PLOTS.items():
-        figure = _plot(metrics_history, keys, name)
+    for name, groups in PLOTS.items():
+        figure = _plot(metrics_history, groups, name)
         if figure is not None:
             run.client.log_figure(run.run_id, figure, f"plots/{name}.png")
     last_update = max((int(row.get("update", 0)) for row in metrics_history), default=0)
@@ -260,29 +262,46 @@ def _pip_requirements() -> list[str]:
     return [f"{name}=={versions[name]}" for name in ("transformers", "torch", "tokenizers", "accelerate") if name in versions]
 
 
-def _plot(history: list[dict], keys: tuple[str, ...], title: str) -> Any:
-    """A line plot of `keys` over updates, or None when no key has data. Uses the Agg canvas through
-    `matplotlib.figure.Figure` (no pyplot: no global figure state shared between threads)."""
+def _plot(history: list[dict], groups: tuple[tuple[str, ...], ...], title: str) -> Any:
+    """A line plot over updates with one y axis per key group (`PLOTS`), or None when no key has
+    data. Uses the Agg canvas through `matplotlib.figure.Figure` (no pyplot: no global figure state
+    shared between threads)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    present = sorted({key for row in history for key in row})
+    expanded = [
+        [found for key in group for found in ([k for k in present if k.startswith(key)] if key.endswith("/") else [key])]
+        for group in groups
+    ]
+    series = [
+        [(key, points) for key in group if (points := _points(history, key))]
+        for group in expanded
+    ]
+    series = [group for group in series if group]
+    if not series:
+        return None
     figure = Figure(figsize=(6.4, 3.6), layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    plotted = False
-    for key in keys:
-        points = [
-            (row.get("update", index), float(row[key]))
-            for index, row in enumerate(history)
-            if is_number(row.get(key)) and math.isfinite(row[key])
-        ]
-        if points:
-            axes.plot(*zip(*points), marker=".", label=key)
-            plotted = True
-    if not plotted:
-        return None
-    axes.set_xlabel("update")
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    axes.legend()
+    first = figure.add_subplot()
+    lines = []
+    for index, group in enumerate(series):
+        axes = first if index == 0 else first.twinx()
+        color_offset = sum(len(earlier) for earlier in series[:index])
+        for number, (key, points) in enumerate(group):
+            lines += axes.plot(*zip(*points), marker=".", label=key, color=f"C{color_offset + number}")
+        if len(series) > 1:
+            axes.set_ylabel(", ".join(key for key, _ in group))
+    first.set_xlabel("update")
+    first.set_title(title)
+    first.grid(alpha=0.3)
+    first.legend(lines, [line.get_label() for line in lines])
     return figure
+
+
+def _points(history: list[dict], key: str) -> list[tuple[Any, float]]:
+    return [
+        (row.get("update", index), float(row[key]))
+        for index, row in enumerate(history)
+        if is_number(row.get(key)) and math.isfinite(row[key])
+    ]

@@ -28,6 +28,7 @@ from ppoflow.tracking import (
     open_run,
     resolve_tracking_uri,
 )
+from ppoflow.tracking.release import PLOTS, _plot
 
 pytestmark = pytest.mark.flow
 
@@ -287,6 +288,24 @@ def test_log_release_registers_the_policy_with_alias_and_eval_tags(store, make_p
     linked = run.client.get_logged_model(logged_model.model_id).tags["mlflow.modelVersions"]
     assert json.loads(linked) == [{"name": "ppoflow-test-policy", "version": "1"}]
     assert [point.step for point in run.client.get_metric_history(run.run_id, "eval/win_rate")] == [3]
+
+
+def test_plots_show_the_reward_functions_and_each_loss_on_its_own_axis():
+    history = [update(step) | {"reward/length": 0.1 * step, "reward/sentiment": float("nan") if step == 1 else 0.5} for step in range(4)]
+    reward = _plot(history, PLOTS["reward"], "reward")
+    (axes,) = reward.axes
+    labels = [line.get_label() for line in axes.get_lines()]
+    assert labels == ["objective/scores", "objective/rlhf_reward", "reward/length", "reward/sentiment"]
+    assert list(axes.get_lines()[3].get_xdata()) == [0, 2, 3]  # the non-finite point left out
+    losses = _plot(history, PLOTS["losses"], "losses")
+    left, right = losses.axes
+    assert [line.get_label() for line in left.get_lines()] == ["loss/policy_avg"]
+    assert [line.get_label() for line in right.get_lines()] == ["loss/value_avg"]
+    assert left.get_ylabel() == "loss/policy_avg" and right.get_ylabel() == "loss/value_avg"
+    assert [text.get_text() for text in left.get_legend().get_texts()] == ["loss/policy_avg", "loss/value_avg"]
+    assert len(_plot([update(step) for step in range(2)], PLOTS["reward"], "reward").axes[0].get_lines()) == 2
+    assert _plot([{"update": 1, "loss/value_avg": 0.5}], PLOTS["losses"], "losses").axes[0].get_ylabel() == ""
+    assert _plot([{"update": 1}], PLOTS["kl"], "kl") is None
 
 
 def test_partitions_are_logged_once_as_inputs_and_listed_in_a_tag(store, make_plan, tmp_path):
