@@ -18,16 +18,16 @@ from typing import TYPE_CHECKING, Any
 import mlflow
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
-from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS, MLFLOW_RUN_NOTE
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
 from ppoflow.config import TrackingConfig
 from ppoflow.errors import TrackingError
-from ppoflow.manifests import Release
+from ppoflow.manifests import DatasetManifest, ModelManifest, ModelSource, Release
 from ppoflow.provenance import library_versions
 from ppoflow.redaction import redact
 from ppoflow.tracking.metrics import SPOOL_FILE, MetricsSink, is_number
-from ppoflow.tracking.run import CONFIG_HASH_TAG, TrackingRun
+from ppoflow.tracking.run import CONFIG_HASH_TAG, FLOW_RUN_IDS_TAG, TrackingRun
 from ppoflow.tracking.store import first_line, global_tracking_uri, in_batches
 
 if TYPE_CHECKING:
@@ -128,6 +128,98 @@ def log_release(
     return filled.model_copy(update={
         "model_uri": model_uri, "registered_model": registered_model_name, "registered_version": str(version.version),
     })
+
+
+MAX_DESCRIPTION = 5000  # the SQL registry's description column
+SHOWN_PARTITIONS = 20  # the newest partitions listed in the run's description
+
+
+def describe_release(run: TrackingRun, release: Release, models: ModelManifest, data: DatasetManifest) -> None:
+    """Markdown descriptions once the release is decided (after the promotion gate): the run's
+    (`mlflow.note.content`: config hash, the four models, data digests, Prefect flow runs, version
+    and decision), the registered version's (what it is and where it came from), and the registered
+    model's when it has none."""
+    tags = run.client.get_run(run.run_id).data.tags
+    lines = [f"# PPO run `{tags.get(CONFIG_HASH_TAG, '')}`", "", f"Config hash `{tags.get(CONFIG_HASH_TAG, '')}`.", ""]
+    lines += _models_table(models) + [""] + _data_lines(data) + [""]
+    flow_runs = [item for item in tags.get(FLOW_RUN_IDS_TAG, "").split(",") if item]
+    if flow_runs:
+        lines += ["## Prefect flow runs", ""]
+        for flow_run_id in flow_runs:
+            about = json.loads(tags.get(f"prefect.flow_run.{flow_run_id}", "{}"))
+            name = f" {about['name']}" if about.get("name") else ""
+            deployment = f" (deployment {about['deployment']})" if about.get("deployment") else ""
+            link = f": {about['url']}" if about.get("url") else ""
+            lines.append(f"- `{flow_run_id}`{name}{deployment}{link}")
+        lines.append("")
+    lines += ["## Release", "", *_release_lines(release)]
+    run.set_tags({MLFLOW_RUN_NOTE: "\n".join(lines) + "\n"})
+    if not release.registered_model:
+        return
+    version = [
+        f"PPO policy trained by ppoflow in MLflow run `{run.run_id}` (config hash `{tags.get(CONFIG_HASH_TAG, '')}`).",
+        "",
+        f"- trained weights sha256 `{release.policy_sha256}`",
+        f"- started from `{redact(models.policy.registry_uri or models.policy.source)}` (sha256 `{models.policy.sha256}`)",
+        f"- reward model `{redact(models.reward.registry_uri or models.reward.source)}` (sha256 `{models.reward.sha256}`)",
+        f"- prompts `{redact(data.source)}`: train digest `{data.train_digest}`, eval digest `{data.eval_digest}`"
+        + (f", {len(data.partitions)} partitions ({_partition_range(data)})" if data.partitions else ""),
+        "- eval against the reference: " + ", ".join(
+            f"{key} {release.eval_metrics[key]:.4g}" for key in ("win_rate", "reward_policy", "reward_ref", "kl") if key in release.eval_metrics
+        ),
+    ]
+    if release.promotion:
+        version.append(f"- promotion gate (@{release.promotion['alias']}): {release.promotion['decision']}")
+    run.client.update_model_version(release.registered_model, release.registered_version, description="\n".join(version)[:MAX_DESCRIPTION])
+    if not run.client.get_registered_model(release.registered_model).description:
+        run.client.update_registered_model(
+            release.registered_model,
+            description="PPO policies trained by ppoflow (RLHF). Each version names its MLflow run, the models and "
+            "data it was trained from, its evaluation and the promotion gate's decision.",
+        )
+
+
+def _models_table(models: ModelManifest) -> list[str]:
+    lines = ["## Models", "", "| role | source | sha256 | registry version |", "|---|---|---|---|"]
+    roles: dict[str, ModelSource | None] = {"policy": models.policy, "ref": models.ref, "reward": models.reward, "value": models.value}
+    for role, model in roles.items():
+        if model is None:
+            lines.append(f"| {role} | the policy with the LoRA adapter disabled | | |")
+        else:
+            lines.append(f"| {role} | `{redact(model.source)}` | `{model.sha256}` | {f'`{model.registry_uri}`' if model.registry_uri else '—'} |")
+    return lines
+
+
+def _data_lines(data: DatasetManifest) -> list[str]:
+    lines = [
+        "## Data", "",
+        f"Prompts `{redact(data.source)}` (fingerprint `{data.fingerprint}`): {data.train_rows} train, digest `{data.train_digest}`; "
+        f"{data.eval_rows} eval, digest `{data.eval_digest}`.",
+    ]
+    if data.partitions:
+        shown = data.partitions[-SHOWN_PARTITIONS:]
+        lines += ["", f"Partitions ({len(data.partitions)}{', the newest shown' if len(shown) < len(data.partitions) else ''}):", ""]
+        lines += ["| partition | date | sha256 | rows |", "|---|---|---|---|"]
+        lines += [f"| `{partition.path.name}` | {partition.date or '—'} | `{partition.sha256}` | {partition.rows} |" for partition in shown]
+    return lines
+
+
+def _partition_range(data: DatasetManifest) -> str:
+    first, last = data.partitions[0], data.partitions[-1]
+    return f"{first.path.stem} … {last.path.stem}" if len(data.partitions) > 1 else first.path.stem
+
+
+def _release_lines(release: Release) -> list[str]:
+    lines = [f"Trained policy sha256 `{release.policy_sha256}`."]
+    if release.registered_model:
+        lines += ["", f"Registered model **{release.registered_model}** version **{release.registered_version}** (`{release.model_uri}`)."]
+    else:
+        lines += ["", "Not registered (`tracking.log_model: false`)."]
+    if release.promotion:
+        lines += ["", f"Promotion gate (@{release.promotion['alias']}): **{release.promotion['decision']}**."]
+    if release.hub_commit_url:
+        lines += ["", f"Pushed to the Hugging Face Hub: {release.hub_commit_url}"]
+    return lines
 
 
 def _deliver_spooled_metrics(run: TrackingRun, timeout: float = 60.0) -> None:

@@ -24,6 +24,7 @@ from ppoflow.tracking import (
     check_reachable,
     check_release_names,
     default_tracking_uri,
+    describe_release,
     log_release,
     open_run,
     resolve_tracking_uri,
@@ -288,6 +289,49 @@ def test_log_release_registers_the_policy_with_alias_and_eval_tags(store, make_p
     linked = run.client.get_logged_model(logged_model.model_id).tags["mlflow.modelVersions"]
     assert json.loads(linked) == [{"name": "ppoflow-test-policy", "version": "1"}]
     assert [point.step for point in run.client.get_metric_history(run.run_id, "eval/win_rate")] == [3]
+
+
+def test_the_run_the_version_and_the_registered_model_are_described_after_the_gate(store, make_plan, policy_dir, tmp_path):
+    plan = make_plan("described")
+    run = open_run(plan, tracking_uri=store)
+    run.tag_flow_run("flow-1", "brave-otter", "ppo/nightly", "http://127.0.0.1:4200/runs/flow-run/flow-1")
+    sft = ModelSource(
+        role="policy", source="models:/sft/3", revision=None, local_dir=policy_dir, sha256="c" * 64,
+        model_class="LlamaForCausalLM", num_parameters=2864, registry_uri="models:/sft/3",
+    )
+    reward = sft.model_copy(update={"role": "reward", "source": str(policy_dir), "sha256": "d" * 64, "registry_uri": None})
+    models = ModelManifest(
+        policy=sft, ref=sft.model_copy(update={"role": "ref"}), reward=reward, value=reward.model_copy(update={"role": "value"}),
+        tokenizer_dir=policy_dir, tokenizer_sha256="d" * 64, pad_token_id=0, eos_token_id=2, stop_token_id=None,
+    )
+    partition = PartitionRecord(path=tmp_path / "prompts-2026-12-01.jsonl", date="2026-12-01", sha256="9" * 64, rows=2)
+    data = DatasetManifest(
+        train_dir=tmp_path / "train", eval_dir=tmp_path / "eval", fingerprint="f" * 16, source=str(tmp_path),
+        rows_read=2, rows_kept=2, dropped_too_long=0, dropped_empty=0, eos_stripped=0, eos_dropped=0,
+        train_rows=1, eval_rows=1, train_digest="a" * 64, eval_digest="b" * 64, partitions=[partition],
+    )
+    release = Release(
+        policy_dir=policy_dir, policy_sha256="e" * 64, eval_path=tmp_path / "eval.json", eval_metrics={"win_rate": 0.75, "kl": 0.2},
+        mlflow_run_id=run.run_id, model_uri="models:/m-1", registered_model="ppoflow-described", registered_version="1",
+        promotion={"alias": "champion", "decision": "promoted: win rate 0.75 >= 0.5 against the reference"},
+    )
+    run.client.create_registered_model("ppoflow-described")
+    run.client.create_model_version("ppoflow-described", source=str(policy_dir), run_id=run.run_id)
+    describe_release(run, release, models, data)
+
+    note = run.client.get_run(run.run_id).data.tags["mlflow.note.content"]
+    assert note.startswith(f"# PPO run `{plan.config_hash}`")
+    for text in ("c" * 64, "d" * 64, "`models:/sft/3`", "a" * 64, "b" * 64, "9" * 64, "prompts-2026-12-01.jsonl", "e" * 64,
+                 "`flow-1` brave-otter (deployment ppo/nightly): http://127.0.0.1:4200/runs/flow-run/flow-1",
+                 "**ppoflow-described** version **1**", "promoted: win rate 0.75 >= 0.5 against the reference"):
+        assert text in note, text
+    described = run.client.get_model_version("ppoflow-described", "1").description
+    for text in (run.run_id, plan.config_hash, "e" * 64, "models:/sft/3", "c" * 64, "a" * 64, "win_rate 0.75", "@champion): promoted"):
+        assert text in described, text
+    assert run.client.get_registered_model("ppoflow-described").description.startswith("PPO policies trained by ppoflow")
+    run.client.update_registered_model("ppoflow-described", description="the team's own words")
+    describe_release(run, release, models, data)
+    assert run.client.get_registered_model("ppoflow-described").description == "the team's own words"
 
 
 def test_plots_show_the_reward_functions_and_each_loss_on_its_own_axis():
