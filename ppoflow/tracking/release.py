@@ -2,7 +2,9 @@
 
 `check_release_names` refuses a registered model name or alias MLflow would refuse, before anything
 is trained. `log_release` finds the version the run already registered for the same weights (a
-retried release stage) before registering a new one.
+retried release stage) before registering a new one, and lists the version on its logged model.
+`describe_release`, last in stage 6 (after the promotion gate), writes the markdown descriptions
+of the run and the registered version.
 """
 
 from __future__ import annotations
