@@ -43,9 +43,10 @@ demo: install toy
 	$(VENV)/bin/ppoflow run --config configs/toy.yaml
 	@echo "Open the MLflow UI on this run's store:"
 	@echo "  $(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-$(MLFLOW_STORE)} --host 127.0.0.1 --port 5000"
-	@echo "then http://127.0.0.1:5000: experiment 'ppoflow-toy' > the run (Model metrics: objective/scores, objective/kl,"
-	@echo "loss/*; Datasets: train/eval prompts with digests; Artifacts: config, plots, sample completions, eval report;"
-	@echo "tags: model hashes and Prefect flow runs) and Models > 'ppoflow-toy-policy', alias 'candidate', linked to the run."
+	@echo "then open the URL printed above (the run's own page: its description with the lineage, Model metrics:"
+	@echo "objective/scores, objective/kl, loss/*; Datasets: train/eval prompts with digests; Artifacts: config, plots,"
+	@echo "sample completions, eval report; tags: model hashes and Prefect flow runs) and Models > 'ppoflow-toy-policy',"
+	@echo "alias 'candidate', linked to the run and to its logged model."
 
 mlflow-server: install
 	$(PY) -m mlflow_server.server start $(ARGS)

@@ -4,8 +4,9 @@
 of `PREFECT_API_URL`, or an ephemeral one when it is unset, with MLflow tracking from
 `MLFLOW_TRACKING_URI` (else the SQLite store in `.ppoflow/mlflow`). A config error, or a tracking
 store that does not answer, is reported in one line (exit status 2) before Prefect starts; the flow
-checks the store again itself, for the deployments that run it without this command. Logs go to stderr; the last stdout line is the JSON summary, with the Prefect
-flow run id, the MLflow run id and the registered model version. After a failure, the same command
+checks the store again itself, for the deployments that run it without this command. Logs go to stderr,
+the last of them the run's page in `mlflow ui`; the last stdout line is the JSON summary, with the Prefect
+flow run id, the MLflow experiment and run ids and the registered model version. After a failure, the same command
 again (or `prefect flow-run retry <id>`) reuses the finished stages and resumes training.
 
 Prefect settings it sets only when unset are in `PREFECT_DEFAULTS`. `PREFECT_HOME` is left alone, so
@@ -26,6 +27,8 @@ from ppoflow.cli import build_parser as build_engine_parser
 from ppoflow.errors import PpoflowError
 
 log = logging.getLogger("flows.cli")
+
+MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default (and `make demo` tells it to)
 
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # a cold ephemeral server needs ~12 s on 2 cores
@@ -66,7 +69,15 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
             flow_run_id, state.name, flow_run_id, flow_module.__file__,
         )
         raise
+    url = mlflow_ui_run_url(summary["mlflow_experiment_id"], summary["mlflow_run_id"])
+    log.info("the MLflow run, with `mlflow ui` on its store: %s", url)
     return {**summary, "wall_seconds": round(time.perf_counter() - began, 2)}
+
+
+def mlflow_ui_run_url(experiment_id: str, run_id: str, base: str = MLFLOW_UI) -> str:
+    """The run's own page in the MLflow 3 UI (its machine-learning view: the UI otherwise opens an
+    experiment on the GenAI overview)."""
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -143,7 +143,7 @@ def rlhf_ppo(config: RunConfig, overrides: list[str] | None = None) -> dict[str,
             final = stages.train_ppo(plan, models, data, start, run.run_id)
             release = stages.save_and_evaluate(plan, models, data, final, run.run_id)
             publish_artifacts(plan, models, data, release, run)
-        return summary(plan, release)
+        return summary(plan, release, run.experiment_id)
 
 
 def effective_config(config: RunConfig, overrides: list[str] | None, scheduled_start: datetime, flow_run_id: Any) -> RunConfig:
@@ -206,8 +206,18 @@ def publish_artifacts(plan: RunPlan, models: ModelManifest, data: DatasetManifes
     create_markdown_artifact(key="rlhf-ppo-summary", markdown=summary_markdown(plan, models, data, release), description="Run summary")
     samples_path = plan.output_dir / "samples.jsonl"
     if samples_path.is_file():
-        rows = [json.loads(line) for line in samples_path.read_text().splitlines() if line.strip()]
+        rows = [sample_row(json.loads(line)) for line in samples_path.read_text().splitlines() if line.strip()]
         create_table_artifact(key="sample-completions", table=rows, description="Policy and reference completions of eval prompts")
+
+
+SAMPLE_COLUMNS = ("prompt", "policy_completion", "ref_completion", "policy_score", "ref_score")
+
+
+def sample_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A samples.jsonl row for the table: the policy's completion before the reference's, scores to
+    4 significant digits."""
+    ordered = {key: row[key] for key in SAMPLE_COLUMNS if key in row} | row
+    return {key: float(f"{value:.4g}") if key.endswith("_score") and isinstance(value, float) else value for key, value in ordered.items()}
 
 
 def summary_markdown(plan: RunPlan, models: ModelManifest, data: DatasetManifest, release: Release) -> str:
@@ -222,11 +232,16 @@ def summary_markdown(plan: RunPlan, models: ModelManifest, data: DatasetManifest
     ]
     for source in (models.policy, models.ref, models.reward, models.value):
         if source is not None:
-            lines.append(f"| {source.role} | `{source.source}` | `{source.sha256[:12]}` | {source.num_parameters:,} |")
+            lines.append(f"| {source.role} | `{redact(source.source)}` | `{source.sha256}` | {source.num_parameters:,} |")
     lines += [
         "",
         f"Prompts: {data.rows_read} read, {data.rows_kept} kept ({data.dropped_too_long} too long, {data.dropped_empty} empty), "
-        f"{data.train_rows} train / {data.eval_rows} eval.",
+        f"{data.train_rows} train / {data.eval_rows} eval; train digest `{data.train_digest}`, eval digest `{data.eval_digest}`.",
+    ]
+    if data.partitions:
+        lines += ["", "| partition | date | sha256 | rows |", "|---|---|---|---|"]
+        lines += [f"| `{partition.path.name}` | {partition.date or '—'} | `{partition.sha256}` | {partition.rows} |" for partition in data.partitions]
+    lines += [
         "",
         "| metric | value |",
         "|---|---|",
@@ -234,6 +249,9 @@ def summary_markdown(plan: RunPlan, models: ModelManifest, data: DatasetManifest
     shown = {f"final {key}": value for key, value in last.items() if key.startswith(("objective/", "loss/"))}
     shown |= {f"eval {key}": value for key, value in release.eval_metrics.items()}
     lines += [f"| {key} | {value:.4g} |" for key, value in shown.items() if isinstance(value, (int, float))]
+    lines += ["", f"Trained policy sha256 `{release.policy_sha256}`."]
+    if release.mlflow_run_id:
+        lines += ["", f"MLflow run `{release.mlflow_run_id}`."]
     if release.registered_model:
         lines += ["", f"Registered model **{release.registered_model}** version **{release.registered_version}** (`{release.model_uri}`)."]
     if release.promotion:
@@ -243,11 +261,12 @@ def summary_markdown(plan: RunPlan, models: ModelManifest, data: DatasetManifest
     return "\n".join(lines) + "\n"
 
 
-def summary(plan: RunPlan, release: Release) -> dict[str, Any]:
+def summary(plan: RunPlan, release: Release, mlflow_experiment_id: str) -> dict[str, Any]:
     """The JSON summary `ppoflow run` prints (the CLI adds wall seconds)."""
     return {
         **run_summary(plan, release),
         "prefect_flow_run_id": str(flow_run.id),
+        "mlflow_experiment_id": mlflow_experiment_id,
         "mlflow_run_id": release.mlflow_run_id,
         "model_uri": release.model_uri,
         "registered_model": {"name": release.registered_model, "version": release.registered_version},

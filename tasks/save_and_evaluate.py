@@ -14,7 +14,7 @@ from ppoflow import pipeline
 from ppoflow.atomic import write_text_atomic
 from ppoflow.hub import push_policy
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, Release, RunPlan
-from ppoflow.tracking import TrackingRun, log_release
+from ppoflow.tracking import TrackingRun, describe_release, log_release
 from ppoflow.tracking.promotion import gate
 from tasks.common import STAGE_OPTIONS
 
@@ -22,7 +22,7 @@ from tasks.common import STAGE_OPTIONS
 @task(name="save_and_evaluate", **STAGE_OPTIONS)
 def save_and_evaluate(plan: RunPlan, models: ModelManifest, data: DatasetManifest, final: CheckpointManifest, mlflow_run_id: str) -> Release:
     """The release names the MLflow run, the logged model and its registry version (with the alias),
-    and the Hub commit when it was pushed."""
+    and the Hub commit when it was pushed; the run and the version get their descriptions last."""
     release = pipeline.save_and_evaluate(plan, models, data, final)
     tracking = plan.config.tracking
     run = TrackingRun.attach(mlflow_run_id, output_dir=plan.output_dir)
@@ -40,11 +40,12 @@ def save_and_evaluate(plan: RunPlan, models: ModelManifest, data: DatasetManifes
     )
     if tracking.log_model and tracking.promotion is not None:
         release = promote(plan, models, data, release, run)
-    if not tracking.push_to_hub:
-        return release
-    pushed = push_policy(plan, data, release)
-    run.set_tags({"ppoflow.hub.repo_id": pushed.repo_id, "ppoflow.hub.commit": pushed.commit_url})
-    return release.model_copy(update={"hub_commit_url": pushed.commit_url})
+    if tracking.push_to_hub:
+        pushed = push_policy(plan, data, release)
+        run.set_tags({"ppoflow.hub.repo_id": pushed.repo_id, "ppoflow.hub.commit": pushed.commit_url})
+        release = release.model_copy(update={"hub_commit_url": pushed.commit_url})
+    describe_release(run, release, models, data)  # last: with the gate's decision and the Hub commit
+    return release
 
 
 def promote(plan: RunPlan, models: ModelManifest, data: DatasetManifest, release: Release, run: TrackingRun) -> Release:

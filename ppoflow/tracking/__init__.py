@@ -5,7 +5,8 @@
     run.py       `open_run` and `TrackingRun`: the run of a config hash, its params, tags,
                  datasets, Prefect flow runs and system metrics; `run_name`; `tag_failure`
     metrics.py   `MetricsSink`: per-update metrics through a spool, never blocking training
-    release.py   `check_release_names`, `log_release`: eval artifacts, logged model, registry, alias
+    release.py   `check_release_names`, `log_release`: eval artifacts, logged model, registry, alias;
+                 `describe_release`: the run's and the version's markdown descriptions
 
 Everything here uses an explicit `MlflowClient(tracking_uri=...)` and run id (MLflow's active run is
 thread-local, and Prefect runs tasks in other threads). Secrets go through `ppoflow.redaction`; the
@@ -14,7 +15,7 @@ MLflow: the engine (`ppoflow train`) never does.
 """
 
 from ppoflow.tracking.metrics import SPOOL_FILE, MetricsSink
-from ppoflow.tracking.release import check_release_names, log_release
+from ppoflow.tracking.release import check_release_names, describe_release, log_release
 from ppoflow.tracking.run import CONFIG_HASH_TAG, FAILURE_TAG, TrackingRun, flatten, open_run, run_name, tag_failure
 from ppoflow.tracking.store import TRACKING_URI_ENV, check_reachable, default_tracking_uri, first_line, resolve_tracking_uri
 
@@ -28,6 +29,7 @@ __all__ = [
     "check_reachable",
     "check_release_names",
     "default_tracking_uri",
+    "describe_release",
     "first_line",
     "flatten",
     "log_release",

@@ -99,9 +99,21 @@ def reference(flow_env, make_flow_config, flow_workspace) -> dict[str, Any]:
     tree = make_flow_config("reference")
     config_file = flow_workspace / "reference.yaml"
     config_file.write_text(yaml.safe_dump(tree, sort_keys=False))
-    code, stdout = run_cli("run", "--config", str(config_file))
+    logged: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    cli_log = logging.getLogger("flows.cli")
+    level, cli_log.level = cli_log.level, logging.INFO  # under pytest, the CLI's basicConfig leaves the root level alone
+    cli_log.addHandler(handler)
+    try:
+        code, stdout = run_cli("run", "--config", str(config_file))
+    finally:
+        cli_log.removeHandler(handler)
+        cli_log.setLevel(level)
     assert code == 0, stdout
-    return {"tree": tree, "summary": json.loads(stdout.strip().splitlines()[-1]), "output_dir": Path(tree["output_dir"])}
+    return {
+        "tree": tree, "summary": json.loads(stdout.strip().splitlines()[-1]), "output_dir": Path(tree["output_dir"]), "logs": logged,
+    }
 
 
 def test_a_full_run_leaves_its_lineage_in_mlflow_and_prefect(reference, flow_env):
@@ -118,6 +130,11 @@ def test_a_full_run_leaves_its_lineage_in_mlflow_and_prefect(reference, flow_env
     assert run.data.tags["ppoflow.config_hash"] == summary["config_hash"]
     assert summary["prefect_flow_run_id"] in run.data.tags["prefect.flow_run_ids"].split(",")
     assert run.data.tags["ppoflow.policy.sha256"] and run.data.tags["ppoflow.reward.class"]
+    trained_sha = run.data.tags["ppoflow.trained_policy.sha256"]
+    assert len(trained_sha) == 64 and trained_sha != run.data.tags["ppoflow.policy.sha256"]
+    assert summary["mlflow_experiment_id"] == run.info.experiment_id
+    page = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
+    assert any(page in line for line in reference["logs"]), reference["logs"]
     for key in ("objective/scores", "objective/kl", "loss/policy_avg"):
         assert [point.step for point in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3]
     assert client.get_metric_history(run.info.run_id, "eval/win_rate")[0].value == pytest.approx(summary["eval"]["win_rate"])
@@ -133,6 +150,14 @@ def test_a_full_run_leaves_its_lineage_in_mlflow_and_prefect(reference, flow_env
     assert str(aliased.version) == version and aliased.run_id == run.info.run_id
     logged = client.get_logged_model(summary["model_uri"].removeprefix("models:/"))
     assert logged.source_run_id == run.info.run_id
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": name, "version": version}]
+    assert logged.params["ppoflow.trained_policy.sha256"] == trained_sha == aliased.tags["ppoflow.trained_policy.sha256"]
+    note = run.data.tags["mlflow.note.content"]
+    for text in (summary["config_hash"], run.data.tags["ppoflow.reward.sha256"], manifest.train_digest, trained_sha,
+                 summary["prefect_flow_run_id"], f"**{name}** version **{version}**"):
+        assert text in note, text
+    assert run.info.run_id in aliased.description and trained_sha in aliased.description
+    assert client.get_registered_model(name).description
     artifacts = {artifact.path for folder in ("eval", "config") for artifact in client.list_artifacts(run.info.run_id, folder)}
     assert {"eval/eval.json", "eval/samples.json", "config/config.yaml"} <= artifacts
 
@@ -143,8 +168,13 @@ def test_a_full_run_leaves_its_lineage_in_mlflow_and_prefect(reference, flow_env
     assert runs["train_ppo"].name == f"train_ppo[policy-{summary['config_hash'][:8]}]"
     by_key = {artifact.key: artifact for artifact in flow_artifacts(flow_run_id)}
     assert run.info.run_id in by_key["mlflow-run"].data and "mlflow ui --backend-store-uri" in by_key["mlflow-run"].data
-    assert summary["config_hash"] in by_key["rlhf-ppo-summary"].data
-    assert len(json.loads(by_key["sample-completions"].data)) == 4
+    for text in (summary["config_hash"], run.data.tags["ppoflow.policy.sha256"], manifest.train_digest, manifest.eval_digest,
+                 run.info.run_id, trained_sha):
+        assert text in by_key["rlhf-ppo-summary"].data, text
+    samples = json.loads(by_key["sample-completions"].data)
+    assert len(samples) == 4
+    assert list(samples[0])[:5] == ["prompt", "policy_completion", "ref_completion", "policy_score", "ref_score"]
+    assert all(row["policy_score"] == float(f"{row['policy_score']:.4g}") for row in samples)
     progress = by_key["ppo-training-progress"]
     assert progress.type == "progress" and float(progress.data) == 100.0
     assert progress.task_run_id == runs["train_ppo"].id

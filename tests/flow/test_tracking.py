@@ -24,10 +24,12 @@ from ppoflow.tracking import (
     check_reachable,
     check_release_names,
     default_tracking_uri,
+    describe_release,
     log_release,
     open_run,
     resolve_tracking_uri,
 )
+from ppoflow.tracking.release import PLOTS, _plot
 
 pytestmark = pytest.mark.flow
 
@@ -263,9 +265,15 @@ def test_log_release_registers_the_policy_with_alias_and_eval_tags(store, make_p
     logged_model = run.client.get_logged_model(released.model_uri.removeprefix("models:/"))
     assert logged_model.source_run_id == run.run_id and logged_model.experiment_id == run.experiment_id
     assert str(logged_model.status) in ("READY", "LoggedModelStatus.READY")
+    # the logged model's page lists the version (as `mlflow.register_model` would) and the hashes
+    assert json.loads(logged_model.tags["mlflow.modelVersions"]) == [{"name": "ppoflow-test-policy", "version": "1"}]
+    assert logged_model.params["ppoflow.config_hash"] == plan.config_hash
+    assert logged_model.params["ppoflow.trained_policy.sha256"] == "e" * 64
+    assert version.tags["ppoflow.trained_policy.sha256"] == "e" * 64 and "ppoflow.policy_sha256" not in version.tags
 
     logged = run.client.get_run(run.run_id)
     assert logged.data.metrics["eval/win_rate"] == 0.75
+    assert logged.data.tags["ppoflow.trained_policy.sha256"] == "e" * 64
     assert [output.model_id for output in logged.outputs.model_outputs] == [logged_model.model_id]
     artifacts = {info.path for folder in ("eval", "plots") for info in run.client.list_artifacts(run.run_id, folder)}
     assert artifacts >= {"eval/samples.json", "eval/samples.csv", "eval/eval.json", "plots/reward.png", "plots/kl.png", "plots/losses.png"}
@@ -273,7 +281,75 @@ def test_log_release_registers_the_policy_with_alias_and_eval_tags(store, make_p
     # a retried release stage finds its version instead of registering the same weights again
     assert log_release(run, release, **arguments).registered_version == "1"
     assert len(run.client.search_model_versions("name = 'ppoflow-test-policy'")) == 1
+    # and so does the retry of a run released before the tag was renamed
+    run.client.delete_model_version_tag("ppoflow-test-policy", "1", "ppoflow.trained_policy.sha256")
+    run.client.set_model_version_tag("ppoflow-test-policy", "1", "ppoflow.policy_sha256", "e" * 64)
+    assert log_release(run, release, **arguments).registered_version == "1"
+    assert len(run.client.search_model_versions("name = 'ppoflow-test-policy'")) == 1
+    linked = run.client.get_logged_model(logged_model.model_id).tags["mlflow.modelVersions"]
+    assert json.loads(linked) == [{"name": "ppoflow-test-policy", "version": "1"}]
     assert [point.step for point in run.client.get_metric_history(run.run_id, "eval/win_rate")] == [3]
+
+
+def test_the_run_the_version_and_the_registered_model_are_described_after_the_gate(store, make_plan, policy_dir, tmp_path):
+    plan = make_plan("described")
+    run = open_run(plan, tracking_uri=store)
+    run.tag_flow_run("flow-1", "brave-otter", "ppo/nightly", "http://127.0.0.1:4200/runs/flow-run/flow-1")
+    sft = ModelSource(
+        role="policy", source="models:/sft/3", revision=None, local_dir=policy_dir, sha256="c" * 64,
+        model_class="LlamaForCausalLM", num_parameters=2864, registry_uri="models:/sft/3",
+    )
+    reward = sft.model_copy(update={"role": "reward", "source": str(policy_dir), "sha256": "d" * 64, "registry_uri": None})
+    models = ModelManifest(
+        policy=sft, ref=sft.model_copy(update={"role": "ref"}), reward=reward, value=reward.model_copy(update={"role": "value"}),
+        tokenizer_dir=policy_dir, tokenizer_sha256="d" * 64, pad_token_id=0, eos_token_id=2, stop_token_id=None,
+    )
+    partition = PartitionRecord(path=tmp_path / "prompts-2026-12-01.jsonl", date="2026-12-01", sha256="9" * 64, rows=2)
+    data = DatasetManifest(
+        train_dir=tmp_path / "train", eval_dir=tmp_path / "eval", fingerprint="f" * 16, source=str(tmp_path),
+        rows_read=2, rows_kept=2, dropped_too_long=0, dropped_empty=0, eos_stripped=0, eos_dropped=0,
+        train_rows=1, eval_rows=1, train_digest="a" * 64, eval_digest="b" * 64, partitions=[partition],
+    )
+    release = Release(
+        policy_dir=policy_dir, policy_sha256="e" * 64, eval_path=tmp_path / "eval.json", eval_metrics={"win_rate": 0.75, "kl": 0.2},
+        mlflow_run_id=run.run_id, model_uri="models:/m-1", registered_model="ppoflow-described", registered_version="1",
+        promotion={"alias": "champion", "decision": "promoted: win rate 0.75 >= 0.5 against the reference"},
+    )
+    run.client.create_registered_model("ppoflow-described")
+    run.client.create_model_version("ppoflow-described", source=str(policy_dir), run_id=run.run_id)
+    describe_release(run, release, models, data)
+
+    note = run.client.get_run(run.run_id).data.tags["mlflow.note.content"]
+    assert note.startswith(f"# PPO run `{plan.config_hash}`")
+    for text in ("c" * 64, "d" * 64, "`models:/sft/3`", "a" * 64, "b" * 64, "9" * 64, "prompts-2026-12-01.jsonl", "e" * 64,
+                 "`flow-1` brave-otter (deployment ppo/nightly): http://127.0.0.1:4200/runs/flow-run/flow-1",
+                 "**ppoflow-described** version **1**", "promoted: win rate 0.75 >= 0.5 against the reference"):
+        assert text in note, text
+    described = run.client.get_model_version("ppoflow-described", "1").description
+    for text in (run.run_id, plan.config_hash, "e" * 64, "models:/sft/3", "c" * 64, "a" * 64, "win_rate 0.75", "@champion): promoted"):
+        assert text in described, text
+    assert run.client.get_registered_model("ppoflow-described").description.startswith("PPO policies trained by ppoflow")
+    run.client.update_registered_model("ppoflow-described", description="the team's own words")
+    describe_release(run, release, models, data)
+    assert run.client.get_registered_model("ppoflow-described").description == "the team's own words"
+
+
+def test_plots_show_the_reward_functions_and_each_loss_on_its_own_axis():
+    history = [update(step) | {"reward/length": 0.1 * step, "reward/sentiment": float("nan") if step == 1 else 0.5} for step in range(4)]
+    reward = _plot(history, PLOTS["reward"], "reward")
+    (axes,) = reward.axes
+    labels = [line.get_label() for line in axes.get_lines()]
+    assert labels == ["objective/scores", "objective/rlhf_reward", "reward/length", "reward/sentiment"]
+    assert list(axes.get_lines()[3].get_xdata()) == [0, 2, 3]  # the non-finite point left out
+    losses = _plot(history, PLOTS["losses"], "losses")
+    left, right = losses.axes
+    assert [line.get_label() for line in left.get_lines()] == ["loss/policy_avg"]
+    assert [line.get_label() for line in right.get_lines()] == ["loss/value_avg"]
+    assert left.get_ylabel() == "loss/policy_avg" and right.get_ylabel() == "loss/value_avg"
+    assert [text.get_text() for text in left.get_legend().get_texts()] == ["loss/policy_avg", "loss/value_avg"]
+    assert len(_plot([update(step) for step in range(2)], PLOTS["reward"], "reward").axes[0].get_lines()) == 2
+    assert _plot([{"update": 1, "loss/value_avg": 0.5}], PLOTS["losses"], "losses").axes[0].get_ylabel() == ""
+    assert _plot([{"update": 1}], PLOTS["kl"], "kl") is None
 
 
 def test_partitions_are_logged_once_as_inputs_and_listed_in_a_tag(store, make_plan, tmp_path):
