@@ -46,7 +46,8 @@ demo: install toy
 	@echo "then open the URL printed above (the run's own page: its description with the lineage, Model metrics:"
 	@echo "objective/scores, objective/kl, loss/*; Datasets: train/eval prompts with digests; Artifacts: config, plots,"
 	@echo "sample completions, eval report; tags: model hashes and Prefect flow runs) and Models > 'ppoflow-toy-policy',"
-	@echo "alias 'candidate', linked to the run and to its logged model."
+	@echo "aliases 'candidate' (the newest version) and 'champion' (the one that passed the promotion gate), linked to the"
+	@echo "run and to its logged model."
 
 mlflow-server: install
 	$(PY) -m mlflow_server.server start $(ARGS)
