@@ -61,6 +61,7 @@ def tiny_overrides(toy: Path, workspace: Path, name: str) -> list[str]:
     return [
         f"models.policy={toy / 'policy'}",
         "models.policy_fallback=null",
+        f"models.ref={toy / 'policy'}",
         f"models.reward={toy / 'reward'}",
         f"data.path={toy / 'prompts.jsonl'}",
         "data.window=null",

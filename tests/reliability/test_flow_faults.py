@@ -57,6 +57,17 @@ def prefect_task_states(prefect_home: Path) -> list[dict[str, str]]:
     return states
 
 
+def _recorded(workdir: Path, stage: str, state: str) -> bool:
+    """The embedded server has `stage` of the newest flow run in `state`. Prefect 3 reports task
+    states as events that the server records a moment later, so a kill as soon as a stage's files
+    are on disk could lose the record of the stage before it (not its cached result)."""
+    try:
+        states = prefect_task_states(workdir / "prefect")
+    except sqlite3.Error:  # not created yet, or busy
+        return False
+    return bool(states) and states[-1].get(stage) == state
+
+
 def _start_flow(config_path: Path, workdir: Path, name: str, env: dict[str, str]) -> tuple[subprocess.Popen, Path, Path]:
     log, out = workdir / f"{name}.log", workdir / f"{name}.out"
     return start_cli(["run", "--config", str(config_path)], log, env, stdout=out), log, out
@@ -95,7 +106,8 @@ def _run_campaign(toy_world: Path, workdir: Path, server_home: Path, port: int) 
     )
 
     first, first_log, _ = _start_flow(config_path, workdir, "first", env)
-    assert wait_for(lambda: (output_dir / "data" / "dataset.json").exists(), TIMEOUT, alive=lambda: first.poll() is None), first_log.read_text()[-3000:]
+    assert wait_for(lambda: (output_dir / "data" / "dataset.json").exists() and _recorded(workdir, "load_models", "Completed"),
+                    TIMEOUT, alive=lambda: first.poll() is None), first_log.read_text()[-3000:]
     kill_session(first)
 
     second, second_log, _ = _start_flow(config_path, workdir, "second", env)
