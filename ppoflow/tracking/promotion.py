@@ -27,10 +27,9 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 
 from ppoflow.config import PromotionConfig
-from ppoflow.errors import TrackingError
 from ppoflow.tracking.registry import RegistryVersion, fetch
+from ppoflow.tracking.release import set_alias
 from ppoflow.tracking.run import TrackingRun
-from ppoflow.tracking.store import first_line
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -109,7 +108,7 @@ def gate(
             break
         if alias_holder(run, name, promotion.alias) != holder:
             continue  # another run moved it while this one evaluated: compare with the new holder
-        _move_alias(run, name, promotion.alias, version)
+        set_alias(run, "tracking.promotion.alias", name, promotion.alias, version)
         if alias_holder(run, name, promotion.alias) == version:
             break
         # another run moved it right over this one: evaluate against that one in the next round
@@ -124,16 +123,6 @@ def gate(
     _record(run, name, version, decision)
     _LOGGER.info("promotion gate: version %s %s", version, decision["decision"])
     return decision
-
-
-def _move_alias(run: TrackingRun, name: str, alias: str, version: str) -> None:
-    try:
-        run.client.set_registered_model_alias(name, alias, version)
-    except MlflowException as exc:
-        raise TrackingError(
-            f"config field `tracking.promotion.alias`: MLflow refused alias {alias!r} ({first_line(exc)}) — "
-            "use letters, digits, '_' or '-', not 'latest' or 'v<number>'"
-        ) from None
 
 
 def _record(run: TrackingRun, name: str, version: str, decision: Mapping[str, Any]) -> None:

@@ -118,13 +118,7 @@ def log_release(
     model_id = _logged_model_id(version)
     if model_id:  # also on a retry: the earlier attempt may have died before linking
         _link_logged_model(run, model_id, registered_model_name, str(version.version))
-    try:
-        run.client.set_registered_model_alias(registered_model_name, alias, version.version)
-    except MlflowException as exc:
-        raise TrackingError(
-            f"config field `tracking.alias`: MLflow refused alias {alias!r} ({first_line(exc)}) — "
-            "use letters, digits, '_' or '-', not 'latest' or 'v<number>'"
-        ) from None
+    set_alias(run, "tracking.alias", registered_model_name, alias, str(version.version))
     model_uri = version.source if version.source.startswith("models:/") else f"models:/{registered_model_name}/{version.version}"
     run.set_tags({"ppoflow.model_uri": model_uri, "ppoflow.registered_model": f"{registered_model_name}/{version.version}"})
     return filled.model_copy(update={
@@ -222,6 +216,17 @@ def _release_lines(release: Release) -> list[str]:
     if release.hub_commit_url:
         lines += ["", f"Pushed to the Hugging Face Hub: {release.hub_commit_url}"]
     return lines
+
+
+def set_alias(run: TrackingRun, field: str, name: str, alias: str, version: str) -> None:
+    """Point `alias` of registered model `name` at `version`; a refusal names the config `field`."""
+    try:
+        run.client.set_registered_model_alias(name, alias, version)
+    except MlflowException as exc:
+        raise TrackingError(
+            f"config field `{field}`: MLflow refused alias {alias!r} ({first_line(exc)}) — "
+            "use letters, digits, '_' or '-', not 'latest' or 'v<number>'"
+        ) from None
 
 
 def _deliver_spooled_metrics(run: TrackingRun, timeout: float = 60.0) -> None:
