@@ -1,9 +1,10 @@
 """The RLHF PPO pipeline as one Prefect flow: six cached, retried stages with MLflow lineage.
 
 ```
-RunConfig ─1 configure────────→ RunPlan          MLflow: the run of this config hash, plan as params
-          ─2 load_models──────→ ModelManifest    MLflow: model lineage tags
-          ─3 prepare_dataset──→ DatasetManifest  MLflow: dataset inputs with digests
+RunConfig ─1 configure────────→ RunPlan
+          ─2 load_models──────→ ModelManifest
+          ─3 prepare_dataset──→ DatasetManifest  MLflow: the run of this training, plan as params,
+                                                 model lineage tags, dataset inputs with digests
           ─4 init_trainer─────→ Checkpoint       step 0
           ─5 train_ppo────────→ Checkpoint       MLflow: per-update metrics; Prefect: progress
           ─6 save_and_evaluate→ Release          MLflow: logged + registered model with alias
@@ -19,8 +20,15 @@ retried) finds stages 1–4 cached and resumes training from its newest checkpoi
 Parameters: `config`, a whole `RunConfig` (the UI renders it as a form and a deployment stores it as
 JSON), and `overrides`, `key.path=value` strings applied on top (as `--set` does).
 
+A training is the config hash plus what stages 2 and 3 found (`training_fingerprint`: the models'
+hashes, the data's fingerprint), so the MLflow run opens after stage 3. With the same config in the
+same workspace, a new partition in the data window (or a registry alias that moved: stage 2 resolves
+aliases again in each new flow run) finds stages 1-2 `Cached`, archives the previous training
+(`archive/`) and runs stages 3-6 as a new MLflow run.
+
 A failed or crashed flow run leaves a `rlhf-ppo-failure` markdown artifact (the failed stage, the
-error line, how to resume) and tags its MLflow run, if it opened one, with `ppoflow.failure`.
+error line, how to resume) and tags its MLflow run, if it opened one (from stage 4 on), with
+`ppoflow.failure`.
 """
 
 from __future__ import annotations
@@ -44,10 +52,11 @@ from prefect.settings import PREFECT_UI_URL
 
 from ppoflow import tracking
 from ppoflow.cli import final_metrics, run_summary
-from ppoflow.config import MODEL_SOURCE_FIELDS, RunConfig, build_config, expand_output_dir
+from ppoflow.config import MODEL_SOURCE_FIELDS, RunConfig, build_config, expand_output_dir, names_registry_alias
+from ppoflow.data import load_prompts
 from ppoflow.hub import check_push
 from ppoflow.locking import output_dir_lock
-from ppoflow.manifests import DatasetManifest, ModelManifest, Release, RunPlan
+from ppoflow.manifests import DatasetManifest, ModelManifest, Release, RunPlan, training_fingerprint
 from ppoflow.redaction import redact
 from tasks import Stages
 
@@ -136,9 +145,9 @@ def rlhf_ppo(config: RunConfig, overrides: list[str] | None = None) -> dict[str,
     # One run per output_dir at a time: a second one waits here, then finds its stages Cached.
     with output_dir_lock(config.output_dir, config.flow.lock_timeout_seconds):
         plan = stages.configure(config)
-        with mlflow_run(plan) as run:
-            models = stages.load_models(plan, run.run_id)
-            data = stages.prepare_dataset(plan, models, run.run_id)
+        models = stages.load_models(plan, str(flow_run.id) if names_registry_alias(config.models) else None)
+        data = stages.prepare_dataset(plan, models)
+        with mlflow_run(plan, models, data) as run:
             start = stages.init_trainer(plan, models, data)
             final = stages.train_ppo(plan, models, data, start, run.run_id)
             release = stages.save_and_evaluate(plan, models, data, final, run.run_id)
@@ -173,13 +182,17 @@ def _absolute(source: str | None) -> str | None:
 
 
 @contextmanager
-def mlflow_run(plan: RunPlan) -> Iterator[tracking.TrackingRun]:
-    """The MLflow run of this config hash (continued when a retry or re-run finds it), tagged with this
-    flow run, ended FINISHED when the flow body gets through and FAILED when a stage fails."""
-    run = tracking.open_run(plan)
+def mlflow_run(plan: RunPlan, models: ModelManifest, data: DatasetManifest) -> Iterator[tracking.TrackingRun]:
+    """The MLflow run of this training (config hash and training fingerprint: a new partition or a moved
+    alias is a new run, a retry or re-run continues its own), with the plan, the models' lineage and
+    the datasets logged (idempotently), tagged with this flow run, ended FINISHED when the flow body
+    gets through and FAILED when a stage fails."""
+    run = tracking.open_run(plan, training_fingerprint(models, data.fingerprint))
     ui_url = flow_run.ui_url if PREFECT_UI_URL.value() else None
     run.tag_flow_run(flow_run.id, flow_run.name, deployment.name, ui_url)
     run.log_plan(plan)
+    run.log_models(models)
+    run.log_datasets(data, *(load_prompts(split).to_pandas() for split in (data.train_dir, data.eval_dir)))
     if plan.config.tracking.system_metrics:
         run.start_system_metrics()
     try:

@@ -516,6 +516,14 @@ def is_registry_uri(source: str | None) -> bool:
     return source is not None and source.startswith("models:/")
 
 
+def names_registry_alias(models: ModelsConfig) -> bool:
+    """Some model is `models:/NAME@ALIAS`: a name whose version moves between runs of one config."""
+    return any(
+        (match := REGISTRY_URI.fullmatch(getattr(models, field) or "")) is not None and match["alias"] is not None
+        for field in MODEL_SOURCE_FIELDS
+    )
+
+
 def check_model_source(field: str, source: str) -> None:
     """A local path must exist, a registry URI be well formed; anything else must look like a Hub id."""
     if is_registry_uri(source):

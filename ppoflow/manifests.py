@@ -8,6 +8,7 @@ were deleted or altered is recomputed, never trusted.
 from __future__ import annotations
 
 import datetime
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -177,3 +178,16 @@ class Release(Manifest):
 
     def is_intact(self) -> bool:
         return self.policy_dir.is_dir() and sha256_tree(self.policy_dir) == self.policy_sha256
+
+
+def training_fingerprint(models: ModelManifest, data_fingerprint: str) -> str:
+    """What a training starts from besides its config: the four models' and the tokenizers' hashes
+    and the prepared data's fingerprint (`DatasetManifest.fingerprint`). Under one config hash it tells a workspace's training from
+    the next one: a new partition in the data window, or a registry alias that moved to another
+    version. Checkpoints record it (stages 4 and 5 continue only the same training), stage 3 archives
+    a workspace's training of another one, and each one is its own MLflow run."""
+    parts = [
+        f"{source.role}={source.sha256}" for source in (models.policy, models.ref, models.reward, models.value) if source is not None
+    ]
+    parts += [f"tokenizer={models.tokenizer_sha256}", f"reward_tokenizer={models.reward_tokenizer_sha256}", f"data={data_fingerprint}"]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()

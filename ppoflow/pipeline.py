@@ -31,7 +31,7 @@ from ppoflow.errors import ConfigError, ModelError, PpoflowError
 from ppoflow.evaluate import evaluate_policy, save_policy, write_eval
 from ppoflow.locking import output_dir_lock
 from ppoflow.hashing import sha256_tree
-from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, Release, RunPlan
+from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, Release, RunPlan, training_fingerprint
 from ppoflow.models import (
     REGISTRY_FIELDS, describe_models, load_policy, load_released, load_tokenizer, pin_registry_sources, prepare_tokenizers,
     restore_registry_sources, settle_value_source,
@@ -192,18 +192,21 @@ def _check_lora_targets(policy_dir: Path, config: RunConfig) -> None:
 
 @_clear_storage_errors
 def prepare_dataset(plan: RunPlan, models: ModelManifest) -> DatasetManifest:
-    """Stage 3: tokenize, filter and split the prompts once, on the main process."""
+    """Stage 3: tokenize, filter and split the prompts once, on the main process. A workspace whose
+    checkpoints are of another training (last night's partitions, or a policy version the alias has
+    since moved from) has that training moved to `archive/` first, so stages 4-6 start this one."""
     out_dir = plan.output_dir / "data"
     if process_state().is_main_process:
-        trained_on = _trained_fingerprints(plan.output_dir)
 
-        def same_data(fingerprint: str) -> None:
-            # Refused before the workspace's prepared data is replaced by data its checkpoints never saw.
-            for trained in trained_on:
-                _check_same_data(plan, trained, fingerprint)
+        def archive_other_trainings(fingerprint: str) -> None:
+            # Before the workspace's prepared data is replaced: the archived training keeps its own.
+            training = training_fingerprint(models, fingerprint)
+            if _trained_fingerprints(plan.output_dir) - {training}:
+                archive_training(plan.output_dir)
 
         manifest = prepare_prompts(
-            plan.config.data, load_tokenizer(models.tokenizer_dir), out_dir, seed=plan.config.ppo.seed, check_fingerprint=same_data
+            plan.config.data, load_tokenizer(models.tokenizer_dir), out_dir, seed=plan.config.ppo.seed,
+            check_fingerprint=archive_other_trainings,
         )
     process_state().wait_for_everyone()
     if not process_state().is_main_process:
@@ -226,7 +229,7 @@ def init_trainer(plan: RunPlan, models: ModelManifest, data: DatasetManifest) ->
             log.warning("rewriting the initial checkpoint: %s", exc)
         else:
             if state.get("config_hash") == plan.config_hash:
-                _check_same_data(plan, state.get("data_fingerprint"), data.fingerprint)
+                _check_same_training(plan, state, models, data)
                 return CheckpointManifest(path=step_zero, update=0, episode=0, num_updates=plan.batch.num_updates, sha256=digest)
     trainer = PPOTrainer.from_checkpoint(plan, models, data, checkpoint=None)
     return trainer.save_checkpoint()
@@ -240,7 +243,7 @@ def train(plan: RunPlan, models: ModelManifest, data: DatasetManifest, callbacks
         raise ModelError(f"no intact checkpoint in {plan.output_dir / 'checkpoints'} — run stage 4 (init_trainer) first")
     path, digest = found
     state = read_state(path)
-    _check_same_data(plan, state.get("data_fingerprint"), data.fingerprint)
+    _check_same_training(plan, state, models, data)
     if state["update"] >= plan.batch.num_updates:
         return CheckpointManifest(path=path, update=state["update"], episode=state["episode"], num_updates=plan.batch.num_updates, sha256=digest)
     if state["update"] > 0:
@@ -249,28 +252,51 @@ def train(plan: RunPlan, models: ModelManifest, data: DatasetManifest, callbacks
     return trainer.train(callbacks)
 
 
+TRAINING_PRODUCTS = (
+    "checkpoints", "data", "metrics.jsonl", "mlflow_spool.jsonl", "launch", "final", "final-merged", "eval.json", "samples.jsonl",
+)
+"""What stages 3-6 write into the workspace (`archive_training` moves them). Stage 1's and 2's products
+(config.yaml, the tokenizers, registry fetches) stay: the next training of the config uses them."""
+
+
+def archive_training(output_dir: Path) -> Path:
+    """Move the workspace's training (`TRAINING_PRODUCTS`: checkpoints, prepared data, metrics and the
+    MLflow spool, final policy, eval) into `archive/<UTC time>-<training fingerprint>/`, whole and
+    unchanged: nothing a training wrote is deleted. Renames within one filesystem: quick."""
+    trained = sorted(_trained_fingerprints(output_dir))
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    target = output_dir / "archive" / f"{stamp}-{(trained[-1] if trained else 'unknown')[:16]}"
+    target.mkdir(parents=True)
+    for name in TRAINING_PRODUCTS:
+        if (output_dir / name).exists():
+            (output_dir / name).rename(target / name)
+    log.warning("%s held another training (other data or models under the same config): moved it to %s", output_dir, target)
+    return target
+
+
 def _trained_fingerprints(output_dir: Path) -> set[str]:
-    """The dataset fingerprints the workspace's checkpoints record (their state files only, unverified:
-    cheap, and any of them trained on other data makes the workspace another training's)."""
+    """The training fingerprints the workspace's checkpoints record (their state files only, unverified:
+    cheap, and any of them of another training makes the workspace another training's)."""
     found = set()
     for path in list_checkpoints(output_dir / "checkpoints"):
         try:
-            found.add(read_state(path)["data_fingerprint"])
+            found.add(read_state(path)["training_fingerprint"])
         except (OSError, ValueError, KeyError):  # damaged or older than the field: stages 4 and 5 judge it
             continue
     return found
 
 
-def _check_same_data(plan: RunPlan, trained_on: str | None, fingerprint: str) -> None:
-    """A workspace's checkpoints go on only with the data they were trained on (`trained_on`, the
-    fingerprint in their state): with the same config and new partitions, "resuming" would return
-    last night's training as tonight's. Checkpoints written before the fingerprint was recorded
-    (None) cannot tell, and are taken as they are."""
+def _check_same_training(plan: RunPlan, state: dict, models: ModelManifest, data: DatasetManifest) -> None:
+    """A workspace's checkpoints go on only with the models and data they were trained from (the
+    `training_fingerprint` in their state): "resuming" last night's training would return it as
+    tonight's. Stage 3 archives such a training first; this guards stages 4 and 5 run on their own.
+    Checkpoints written before the fingerprint was recorded cannot tell, and are taken as they are."""
+    trained_on, fingerprint = state.get("training_fingerprint"), training_fingerprint(models, data.fingerprint)
     if trained_on is not None and trained_on != fingerprint:
         raise ConfigError(
             "output_dir",
-            f"{plan.output_dir} holds a training on other data (fingerprint {trained_on[:16]}, this run's {fingerprint[:16]})",
-            "give each data window its own workspace: put {date} or {flow_run} in output_dir, or use a new output_dir",
+            f"{plan.output_dir} holds a training of other models or data (training fingerprint {trained_on[:16]}, this run's {fingerprint[:16]})",
+            "run stage 3 (prepare_dataset) first, which archives it, or use a new output_dir",
         )
 
 

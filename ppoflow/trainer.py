@@ -41,7 +41,7 @@ from ppoflow.checkpoint import (
 from ppoflow.data import load_prompts, local_batch
 from ppoflow.errors import CheckpointError, TrainingDiverged
 from ppoflow.losses import entropy_from_logits, logprobs_of, policy_loss, value_loss
-from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, RunPlan
+from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, RunPlan, training_fingerprint
 from ppoflow.models import (
     load_frozen,
     load_policy,
@@ -186,7 +186,8 @@ class PPOTrainer:
                 "optimizer_steps": self.optimizer_steps,
                 "num_updates": self.batch.num_updates,
                 "config_hash": self.plan.config_hash,
-                "data_fingerprint": self.data.fingerprint,  # stages 4 and 5 continue it only on this data
+                # stages 4 and 5 continue it only from these models and data; stage 3 archives it otherwise
+                "training_fingerprint": training_fingerprint(self.models, self.data.fingerprint),
                 "world_size": self.batch.world_size,
             }
 

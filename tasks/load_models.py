@@ -6,13 +6,12 @@ from prefect import task
 
 from ppoflow import pipeline
 from ppoflow.manifests import ModelManifest, RunPlan
-from ppoflow.tracking import TrackingRun
 from tasks.common import STAGE_OPTIONS
 
 
 @task(name="load_models", **STAGE_OPTIONS)
-def load_models(plan: RunPlan, mlflow_run_id: str) -> ModelManifest:
-    """The models' provenance goes to the MLflow run as lineage tags."""
-    models = pipeline.load_models(plan)
-    TrackingRun.attach(mlflow_run_id, output_dir=plan.output_dir).log_models(models)
-    return models
+def load_models(plan: RunPlan, aliases_resolved_by: str | None = None) -> ModelManifest:
+    """`aliases_resolved_by` keys the cache when a model is a registry alias (`models:/NAME@ALIAS`):
+    the flow passes its flow run's id, so each new flow run resolves the aliases again (the champion
+    may have moved since) while its retries keep the versions it resolved first."""
+    return pipeline.load_models(plan)

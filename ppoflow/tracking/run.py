@@ -1,11 +1,12 @@
 """One MLflow run per training job: opening it, and its params, tags, datasets and system metrics.
 
-`open_run` looks up the newest run of the experiment tagged `ppoflow.config_hash` with the plan's
-hash, whatever its status, and creates one only when there is none. The hash covers everything
-that changes results, the output directory included, so a retried or resumed job continues its run
-(FAILED or RUNNING) and a finished job re-run with the same config (a cache hit: nothing new is
-trained) reuses its FINISHED run and only adds the new flow run's tags. A fresh run needs a new
-`output_dir` (or deleting the old run). Re-logging is idempotent: params already present are
+`open_run` looks up the newest run of the experiment tagged with the plan's config hash
+(`ppoflow.config_hash`) and the training's fingerprint (`ppoflow.training_fingerprint`: the models'
+and data's, `manifests.training_fingerprint`), whatever its status, and creates one only when there
+is none. Together they cover everything that changes results, the output directory included, so a
+retried or resumed job continues its run (FAILED or RUNNING), a finished job re-run (a cache hit:
+nothing new is trained) reuses its FINISHED run and only adds the new flow run's tags, and the same
+config on new partitions (or from a moved alias) is a run of its own. Re-logging is idempotent: params already present are
 skipped, datasets already logged (same digest) are skipped, metric points already in the run (same
 key and step) are never sent twice.
 
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
 _LOGGER = logging.getLogger(__name__)
 
 CONFIG_HASH_TAG = "ppoflow.config_hash"
+TRAINING_TAG = "ppoflow.training_fingerprint"
 PARTITIONS_TAG = "ppoflow.data.partitions"
 PARTITION_CONTEXT = "partition"
 FLOW_RUN_IDS_TAG = "prefect.flow_run_ids"
@@ -93,15 +95,16 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def open_run(plan: RunPlan, *, tracking_uri: str | None = None) -> TrackingRun:
-    """The MLflow run of this training job: the newest run tagged with the plan's config hash, else a new one."""
+def open_run(plan: RunPlan, training: str, *, tracking_uri: str | None = None) -> TrackingRun:
+    """The MLflow run of this training job: the newest run tagged with the plan's config hash and the
+    `training` fingerprint, else a new one."""
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiment_id = _experiment_id(client, plan.config.tracking.experiment, artifact_location(uri))
     found = client.search_runs(
         [experiment_id],
-        filter_string=f"tags.`{CONFIG_HASH_TAG}` = '{plan.config_hash}'",
+        filter_string=f"tags.`{CONFIG_HASH_TAG}` = '{plan.config_hash}' AND tags.`{TRAINING_TAG}` = '{training}'",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
@@ -114,7 +117,7 @@ def open_run(plan: RunPlan, *, tracking_uri: str | None = None) -> TrackingRun:
         run = client.create_run(
             experiment_id,
             run_name=run_name(plan.config, plan.config_hash),
-            tags={CONFIG_HASH_TAG: plan.config_hash, "mlflow.source.name": "ppoflow", "mlflow.source.type": "JOB"},
+            tags={CONFIG_HASH_TAG: plan.config_hash, TRAINING_TAG: training, "mlflow.source.name": "ppoflow", "mlflow.source.type": "JOB"},
         )
         _LOGGER.info("created MLflow run %s (%s)", run.info.run_id, run.info.run_name)
     return TrackingRun(client, run.info.run_id, experiment_id, plan.output_dir)

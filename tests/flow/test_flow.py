@@ -224,6 +224,42 @@ def test_a_cached_stage_whose_files_are_gone_or_changed_runs_again(flow_env, mak
     assert summary["registered_model"] == first["registered_model"]
 
 
+def test_a_new_partition_in_the_same_workspace_reruns_stages_3_to_6_as_a_new_mlflow_run(flow_env, make_flow_config, flow_workspace, toy_world):
+    from ppoflow.toy import add_partition
+
+    data_root = flow_workspace / "nightly-data"  # the toy's prompts and partitions, copied: a night is added
+    shutil.copytree(toy_world / "prompts", data_root / "prompts")
+    shutil.copy2(toy_world / "prompts.jsonl", data_root / "prompts.jsonl")
+    tree = make_flow_config("nightly", f"data.path={data_root / 'prompts'}", "data.window={newest: 1}", "tracking.log_model=false")
+    output_dir = Path(tree["output_dir"])
+    last_night = run_flow(tree).result()
+    trained = metric_lines(output_dir)
+    add_partition(data_root, "2026-12-02", 160, seed=1)
+
+    state = run_flow(tree)
+
+    tonight = state.result()
+    assert stage_states(state.state_details.flow_run_id) == {
+        **dict.fromkeys(STAGES[:2], "Cached"), **dict.fromkeys(STAGES[2:], "Completed"),
+    }
+    client = mlflow.MlflowClient(tracking_uri=flow_env)
+    runs = {night: client.get_run(summary["mlflow_run_id"]) for night, summary in (("last", last_night), ("tonight", tonight))}
+    assert runs["tonight"].info.run_id != runs["last"].info.run_id
+    assert runs["tonight"].data.tags["ppoflow.config_hash"] == runs["last"].data.tags["ppoflow.config_hash"]
+    assert [json.loads(runs[night].data.tags["ppoflow.data.partitions"])[0][0] for night in runs] == ["prompts-2026-12-01", "prompts-2026-12-02"]
+    for run in runs.values():  # last night's run as it was, tonight's with its own updates
+        assert run.info.status == "FINISHED" and [p.step for p in client.get_metric_history(run.info.run_id, "objective/scores")] == [1, 2, 3]
+    (archived,) = (output_dir / "archive").iterdir()
+    assert archived.name.endswith(runs["last"].data.tags["ppoflow.training_fingerprint"][:16])
+    assert metric_lines(archived) == trained and metric_lines(output_dir) != trained
+    assert sorted(path.name for path in (archived / "checkpoints").iterdir()) == ["step-000000", "step-000002", "step-000003"]
+    assert {"final", "eval.json", "data"} <= {path.name for path in archived.iterdir()}
+
+    again = run_flow(tree)  # nothing new: all cached, tonight's run
+    assert stage_states(again.state_details.flow_run_id) == dict.fromkeys(STAGES, "Cached")
+    assert again.result()["mlflow_run_id"] == tonight["mlflow_run_id"] and len(list((output_dir / "archive").iterdir())) == 1
+
+
 def test_a_crashed_training_resumes_from_its_checkpoint_to_the_same_policy(reference, flow_env, make_flow_config, monkeypatch, caplog):
     tree = make_flow_config("crashed", "flow.retries=0", "tracking.log_model=false", CRASH_REWARD)
     output_dir = Path(tree["output_dir"])

@@ -25,6 +25,7 @@ from ppoflow.tracking.registry import FETCHED, fetch, resolve
 pytestmark = pytest.mark.flow
 
 NAME = "gate-test-policy"
+TRAINING = "t" * 64  # a training fingerprint (`manifests.training_fingerprint`)
 EVAL = {"reward_policy": 1.5, "reward_ref": 0.5, "win_rate": 0.75, "kl": 2.0, "eos_rate": 1.0, "oracle_policy": 0.8}
 
 
@@ -43,7 +44,7 @@ def registry(store, policy_dir, tmp_path_factory):
         tracking=TrackingConfig(experiment="gate-test", registered_model_name=NAME),
     )
     plan = RunPlan(config=config, config_hash=config.config_hash(), output_dir=config.output_dir, batch=BatchPlan.derive(config.ppo))
-    run = open_run(plan, tracking_uri=store)
+    run = open_run(plan, TRAINING, tracking_uri=store)
     release = Release(policy_dir=policy_dir, policy_sha256="1" * 64, eval_path=base / "eval.json", eval_metrics=EVAL)
     log_release(
         run, release, samples=pd.DataFrame({"prompt": ["p"]}), metrics_history=[], eval_report=EVAL, policy_dir=policy_dir,

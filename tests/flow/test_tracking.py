@@ -33,6 +33,9 @@ from ppoflow.tracking.release import PLOTS, _plot
 
 pytestmark = pytest.mark.flow
 
+TRAINING = "t" * 64  # a training fingerprint (`manifests.training_fingerprint`)
+
+
 def update(step: int, kl: float | None = None) -> dict:
     return {
         "update": step, "episode": 4 * (step + 1), "objective/kl": kl if kl is not None else 0.1 * step,
@@ -71,9 +74,9 @@ def test_check_reachable_fails_fast_and_names_the_fix(tmp_path, closed_port):
 
 def test_open_run_logs_the_plan_once_and_continues_the_same_run(store, make_plan, tmp_path):
     plan = make_plan(data=DataConfig(path="s3://reader:hunter2@bucket/prompts.jsonl"))
-    run = open_run(plan, tracking_uri=store)
+    run = open_run(plan, TRAINING, tracking_uri=store)
     run.log_plan(plan)
-    again = open_run(plan, tracking_uri=store)
+    again = open_run(plan, TRAINING, tracking_uri=store)
     again.log_plan(plan)  # a resumed job re-logs the same params without error
     assert again.run_id == run.run_id
 
@@ -101,20 +104,24 @@ def test_open_run_logs_the_plan_once_and_continues_the_same_run(store, make_plan
         run.log_plan(collided)
 
 
-def test_a_finished_job_reuses_its_run_and_a_new_output_dir_gets_a_new_one(store, make_plan):
+def test_a_finished_job_reuses_its_run_and_a_new_output_dir_or_training_gets_a_new_one(store, make_plan):
     plan = make_plan()
-    run = open_run(plan, tracking_uri=store)
+    run = open_run(plan, TRAINING, tracking_uri=store)
     run.finish()
     assert run.client.get_run(run.run_id).info.status == "FINISHED"
-    reopened = open_run(plan, tracking_uri=store)
+    reopened = open_run(plan, TRAINING, tracking_uri=store)
     assert reopened.run_id == run.run_id
     assert reopened.client.get_run(run.run_id).info.status == "RUNNING"
-    assert open_run(make_plan("other"), tracking_uri=store).run_id != run.run_id
+    assert open_run(make_plan("other"), TRAINING, tracking_uri=store).run_id != run.run_id
+    tonight = open_run(plan, "n" * 64, tracking_uri=store)  # the same config on new partitions
+    assert tonight.run_id != run.run_id
+    assert tonight.client.get_run(tonight.run_id).data.tags["ppoflow.training_fingerprint"] == "n" * 64
+    assert open_run(plan, TRAINING, tracking_uri=store).run_id == run.run_id
 
 
 def test_metrics_sink_logs_each_update_once_across_a_resume(store, make_plan):
     plan = make_plan()
-    run = open_run(plan, tracking_uri=store)
+    run = open_run(plan, TRAINING, tracking_uri=store)
     sink = run.metrics_sink()
     for step in range(5):
         sink(update(step))
@@ -136,7 +143,7 @@ def test_metrics_sink_logs_each_update_once_across_a_resume(store, make_plan):
 
 def test_metrics_survive_an_unreachable_server_through_the_spool(store, make_plan, monkeypatch, closed_port):
     plan = make_plan()
-    run = open_run(plan, tracking_uri=store)
+    run = open_run(plan, TRAINING, tracking_uri=store)
     sink = run.metrics_sink()
     for step in range(3):
         sink(update(step))
@@ -167,7 +174,7 @@ def test_metrics_survive_an_unreachable_server_through_the_spool(store, make_pla
 
 def test_datasets_are_logged_once_with_digests_and_contexts(store, make_plan, tmp_path):
     plan = make_plan()
-    run = open_run(plan, tracking_uri=store)
+    run = open_run(plan, TRAINING, tracking_uri=store)
     manifest = DatasetManifest(
         train_dir=tmp_path / "train", eval_dir=tmp_path / "eval", fingerprint="f" * 16, source=plan.config.data.path,
         rows_read=10, rows_kept=9, dropped_too_long=1, dropped_empty=0, eos_stripped=2, eos_dropped=0,
@@ -189,7 +196,7 @@ def test_datasets_are_logged_once_with_digests_and_contexts(store, make_plan, tm
 
 
 def test_models_and_flow_runs_are_tagged(store, make_plan, policy_dir):
-    run = open_run(make_plan(), tracking_uri=store)
+    run = open_run(make_plan(), TRAINING, tracking_uri=store)
     source = ModelSource(
         role="policy", source=str(policy_dir), revision=None, local_dir=policy_dir, sha256="c" * 64,
         model_class="LlamaForCausalLM", num_parameters=2864,
@@ -218,7 +225,7 @@ def test_models_and_flow_runs_are_tagged(store, make_plan, policy_dir):
 
 
 def test_system_metrics_are_sampled_into_the_run(store, make_plan):
-    run = open_run(make_plan(), tracking_uri=store)
+    run = open_run(make_plan(), TRAINING, tracking_uri=store)
     run.start_system_metrics(sampling_interval=0.2)
     deadline = time.monotonic() + 60
     while "system/cpu_utilization_percentage" not in run.client.get_run(run.run_id).data.metrics and time.monotonic() < deadline:
@@ -238,7 +245,7 @@ def test_release_names_mlflow_would_refuse_are_refused_before_any_work():
 
 def test_log_release_registers_the_policy_with_alias_and_eval_tags(store, make_plan, policy_dir, tmp_path):
     plan = make_plan()
-    run = open_run(plan, tracking_uri=store)
+    run = open_run(plan, TRAINING, tracking_uri=store)
     history = [update(step) for step in range(4)]
     release = Release(policy_dir=policy_dir, policy_sha256="e" * 64, eval_path=tmp_path / "eval.json", eval_metrics={"win_rate": 0.75})
     report = {"reward_policy": 1.5, "reward_ref": 0.5, "win_rate": 0.75, "kl": 0.2, "eos_rate": 1.0, "oracle_policy": 0.8}
@@ -293,7 +300,7 @@ def test_log_release_registers_the_policy_with_alias_and_eval_tags(store, make_p
 
 def test_the_run_the_version_and_the_registered_model_are_described_after_the_gate(store, make_plan, policy_dir, tmp_path):
     plan = make_plan("described")
-    run = open_run(plan, tracking_uri=store)
+    run = open_run(plan, TRAINING, tracking_uri=store)
     run.tag_flow_run("flow-1", "brave-otter", "ppo/nightly", "http://127.0.0.1:4200/runs/flow-run/flow-1")
     sft = ModelSource(
         role="policy", source="models:/sft/3", revision=None, local_dir=policy_dir, sha256="c" * 64,
@@ -354,7 +361,7 @@ def test_plots_show_the_reward_functions_and_each_loss_on_its_own_axis():
 
 def test_partitions_are_logged_once_as_inputs_and_listed_in_a_tag(store, make_plan, tmp_path):
     plan = make_plan("nightly")
-    run = open_run(plan, tracking_uri=store)
+    run = open_run(plan, TRAINING, tracking_uri=store)
     nightly = tmp_path / "nightly"
     nightly.mkdir()
     partitions = []

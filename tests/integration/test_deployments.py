@@ -46,6 +46,7 @@ pytestmark = pytest.mark.integration
 
 STAGES = ["configure", "load_models", "prepare_dataset", "init_trainer", "train_ppo", "save_and_evaluate"]
 CACHED_ON_RETRY = STAGES[:4]
+SFT_NIGHTLY = "sft-nightly"  # the workspace the chain's nights 3 and 4 share
 EXPERIMENT = "deploy-test"
 REGISTERED_MODEL = "deploy-test-policy"
 CHAIN_MODEL = "deploy-chain-policy"  # the nightly chain's registered model
@@ -353,18 +354,18 @@ def test_failed_run_retried_keeps_stages_1_to_4_cached(served_stack, triggered, 
 
 @pytest.fixture(scope="module")
 def chain(served_stack, triggered, toy_world, workspace, partitions) -> dict[str, Any]:
-    """Nights 2 and 3 of the chain, one after the other through the deployment, each after a new
-    partition landed: night 2 continues from @champion as deployed; night 3 is a run that cannot beat
-    the champion (the SFT model, barely trained)."""
+    """Nights 2 to 4 of the chain, one after the other through the deployment, each after a new
+    partition landed: night 2 continues from @champion as deployed; nights 3 and 4 cannot beat the
+    champion (the SFT model, barely trained) and share one fixed workspace, so night 4 is the same
+    config on a new partition."""
     from ppoflow.toy import add_partition
 
+    from_sft = [f"models.policy={toy_world / 'policy'}", "models.policy_fallback=null", "ppo.learning_rate=1e-9",
+                "ppo.total_episodes=32", f"output_dir={workspace / SFT_NIGHTLY}"]
     nights = {"night 1": triggered["good"]}
     with prefect_client(served_stack) as client:
         deployment = client.read_deployment_by_name("rlhf-ppo/toy-nightly")
-        for night, date, extra in (
-            ("night 2", "2026-12-02", []),
-            ("night 3", "2026-12-03", [f"models.policy={toy_world / 'policy'}", "models.policy_fallback=null", "ppo.learning_rate=1e-9"]),
-        ):
+        for night, date, extra in (("night 2", "2026-12-02", []), ("night 3", "2026-12-03", from_sft), ("night 4", "2026-12-04", from_sft)):
             add_partition(partitions.parent, date, 160, seed=len(nights))
             overrides = [*chain_overrides(toy_world, partitions, workspace), *extra]
             flow_run = client.create_flow_run_from_deployment(deployment.id, parameters={"overrides": overrides})
@@ -373,7 +374,7 @@ def chain(served_stack, triggered, toy_world, workspace, partitions) -> dict[str
 
 
 @TRIGGERED_TIMEOUT
-def test_nightly_runs_chain_through_the_registry_and_promote_only_through_the_gate(served_stack, chain, toy_world):
+def test_nightly_runs_chain_through_the_registry_and_promote_only_through_the_gate(served_stack, chain, toy_world, workspace):
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=served_stack.mlflow_url)
@@ -383,7 +384,7 @@ def test_nightly_runs_chain_through_the_registry_and_promote_only_through_the_ga
         _, runs[night] = mlflow_run_of(served_stack, flow_run.id)
         (versions[night],) = [v for v in client.search_model_versions(f"name='{CHAIN_MODEL}'") if v.run_id == runs[night].info.run_id]
     number = {night: str(version.version) for night, version in versions.items()}
-    assert sorted(number.values()) == ["1", "2", "3"]
+    assert sorted(number.values()) == ["1", "2", "3", "4"]
     decisions = {night: versions[night].tags["ppoflow.promotion"] for night in chain}
 
     # night 1: no champion yet, so it started from the SFT model and was judged against the reference
@@ -401,14 +402,28 @@ def test_nightly_runs_chain_through_the_registry_and_promote_only_through_the_ga
 
     # night 3 cannot beat the champion: rejected, the alias stays where it was, the decision is everywhere
     assert decisions["night 3"].startswith("rejected: win rate ") and decisions["night 3"].endswith(f" against models:/{CHAIN_MODEL}/{champion_after_2}")
-    assert str(client.get_model_version_by_alias(CHAIN_MODEL, "champion").version) == champion_after_2
-    assert str(client.get_model_version_by_alias(CHAIN_MODEL, "candidate").version) == number["night 3"]
     assert runs["night 3"].data.tags["ppoflow.promotion"] == decisions["night 3"]
     report = json.loads(Path(client.download_artifacts(runs["night 3"].info.run_id, "eval/eval.json")).read_text())
     assert report["promotion"]["promoted"] is False and report["promotion"]["decision"] == decisions["night 3"]
     with prefect_client(served_stack) as prefect:
         (summary,) = [a for a in prefect.read_artifacts() if a.flow_run_id == chain["night 3"].id and a.key == "rlhf-ppo-summary"]
+        night_4_stages = {stage: run.state.name for stage, run in latest_task_runs(prefect, chain["night 4"].id).items()}
     assert decisions["night 3"] in summary.data
+
+    # night 4: night 3's config in night 3's workspace on a new partition: stages 1-2 Cached, 3-6 run as a
+    # new MLflow run (night 3's stays as it was), night 3's training archived whole, rejected as well
+    assert night_4_stages == {**dict.fromkeys(STAGES[:2], "Cached"), **dict.fromkeys(STAGES[2:], "Completed")}
+    assert runs["night 4"].info.run_id != runs["night 3"].info.run_id and runs["night 3"].info.status == "FINISHED"
+    assert runs["night 4"].data.tags["ppoflow.config_hash"] == runs["night 3"].data.tags["ppoflow.config_hash"]
+    assert runs["night 4"].data.tags["ppoflow.training_fingerprint"] != runs["night 3"].data.tags["ppoflow.training_fingerprint"]
+    assert [stem for stem, _ in json.loads(runs["night 4"].data.tags["ppoflow.data.partitions"])] == ["prompts-2026-12-04"]
+    (archived,) = (workspace / SFT_NIGHTLY / "archive").iterdir()
+    assert archived.name.endswith(runs["night 3"].data.tags["ppoflow.training_fingerprint"][:16])
+    assert {path.name for path in (archived / "checkpoints").iterdir()} == {"step-000000", "step-000002"}
+    assert json.loads((archived / "eval.json").read_text())["promotion"]["decision"] == decisions["night 3"]
+    assert decisions["night 4"].startswith("rejected: ")
+    assert str(client.get_model_version_by_alias(CHAIN_MODEL, "champion").version) == champion_after_2
+    assert str(client.get_model_version_by_alias(CHAIN_MODEL, "candidate").version) == number["night 4"]
 
 
 @TRIGGERED_TIMEOUT

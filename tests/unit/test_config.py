@@ -7,7 +7,7 @@ import pytest
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from ppoflow.config import BatchPlan, PPOConfig, build_config, expand_output_dir, load_config, parse_override
+from ppoflow.config import BatchPlan, PPOConfig, build_config, expand_output_dir, load_config, names_registry_alias, parse_override
 from ppoflow.errors import ConfigError
 from ppoflow.pipeline import configure
 
@@ -176,3 +176,17 @@ def test_flow_run_placeholder_without_a_flow_run_is_refused_in_one_line(tree):
     assert message.startswith("config field `output_dir`:") and "`ppoflow run`" in message and "\n" not in message
     with pytest.raises(ConfigError, match="`output_dir`: .* still holds placeholders"):
         configure(build_config(tree, ["output_dir=runs/{date}"]))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "moves"),
+    [
+        ([], False),
+        (["models.policy=models:/team-policy/3"], False),  # a version never moves
+        (["models.policy=models:/team-policy@champion"], True),
+        (["models.reward=models:/team-reward@production"], True),
+        (["models.policy=models:/team-policy/3", "models.policy_fallback=models:/team-policy@sft"], True),
+    ],
+)
+def test_a_registry_alias_is_what_stage_two_resolves_again_in_each_flow_run(tree, overrides, moves):
+    assert names_registry_alias(build_config(tree, overrides).models) is moves
