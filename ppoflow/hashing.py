@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,11 +21,36 @@ if TYPE_CHECKING:
     from ppoflow.config import DataWindow
 
 
+_REMEMBERED: ContextVar[dict[tuple, str] | None] = ContextVar("ppoflow_remembered_digests", default=None)
+
+
+@contextmanager
+def remembered_digests() -> Iterator[None]:
+    """Within the block, a file is hashed once while its path, inode, size and modification time stay
+    the same. For checking many records against the same files in one go: the cache's walk over a
+    stage's stale manifests (`tasks.common.IntactManifests`) would otherwise hash the data window's
+    partitions once per night the workspace has seen. Nothing is remembered past the block."""
+    token = _REMEMBERED.set({}) if _REMEMBERED.get() is None else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _REMEMBERED.reset(token)
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    remembered = _REMEMBERED.get()
+    if remembered is not None:
+        stat = os.stat(path)
+        key = (os.path.realpath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if key in remembered:
+            return remembered[key]
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
             digest.update(block)
+    if remembered is not None:
+        remembered[key] = digest.hexdigest()
     return digest.hexdigest()
 
 

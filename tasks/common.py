@@ -31,6 +31,7 @@ from prefect.utilities.hashing import hash_objects
 
 from ppoflow.config import FlowConfig
 from ppoflow.errors import PpoflowError
+from ppoflow.hashing import remembered_digests
 from ppoflow.manifests import Manifest
 from ppoflow.provenance import engine_identity
 from ppoflow.tracking import run_name
@@ -50,7 +51,8 @@ class IntactManifests(CachePolicy):
     `hash(key, stale manifest)`, and so on, until a key without a record (the stage runs and stores
     its fresh manifest there) or one with an intact manifest (a hit). The walk is deterministic, so
     the next flow run follows the same chain to the fresh result; nothing is deleted, and a stale
-    record whose files come back unchanged is valid again.
+    record whose files come back unchanged is valid again. A workspace retrained every night on new
+    partitions grows stage 3's chain by one a night; within one walk each file is hashed once.
     """
 
     base: CachePolicy = field(default_factory=lambda: INPUTS + TASK_SOURCE)
@@ -60,12 +62,13 @@ class IntactManifests(CachePolicy):
         if key is not None:
             key = hash_objects(key, engine_identity(), raise_on_failure=True)
         store = task_ctx.result_store if task_ctx else None
-        while key is not None and store is not None and store.exists(key):
-            stale = _stale_manifest(store, key)
-            if stale is None:
-                return key
-            log.warning("%s: the cached result's files are missing or changed — running the stage again", task_ctx.task.name)
-            key = hash_objects(key, stale, raise_on_failure=True)
+        with remembered_digests():  # the stale manifests of a long chain check the same files
+            while key is not None and store is not None and store.exists(key):
+                stale = _stale_manifest(store, key)
+                if stale is None:
+                    return key
+                log.warning("%s: the cached result's files are missing or changed — running the stage again", task_ctx.task.name)
+                key = hash_objects(key, stale, raise_on_failure=True)
         return key
 
 
