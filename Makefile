@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: install test test-fast demo toy bench gpu-check clean mlflow-server mlflow-server-stop
+.PHONY: install test test-fast demo toy bench gpu-check clean mlflow-server mlflow-server-stop prefect-ui screenshots
 
 install: $(STAMP)
 
@@ -38,7 +38,12 @@ $(TOY_DIR)/toy.json: | $(STAMP)
 toy: $(TOY_DIR)/toy.json
 
 MLFLOW_STORE := sqlite:///$(CURDIR)/.ppoflow/mlflow/mlflow.db
+# The demo's Prefect history (its ephemeral server's database) stays here, not in ~/.prefect;
+# `make prefect-ui` serves it.
+DEMO_PREFECT_HOME := $(CURDIR)/.ppoflow/prefect
+PREFECT_UI_PORT ?= 4200
 
+demo: export PREFECT_HOME := $(DEMO_PREFECT_HOME)
 demo: install toy
 	$(VENV)/bin/ppoflow run --config configs/toy.yaml
 	@echo "Open the MLflow UI on this run's store:"
@@ -48,6 +53,14 @@ demo: install toy
 	@echo "sample completions, eval report; tags: model hashes and Prefect flow runs) and Models > 'ppoflow-toy-policy',"
 	@echo "aliases 'candidate' (the newest version) and 'champion' (the one that passed the promotion gate), linked to the"
 	@echo "run and to its logged model."
+	@echo "Open the Prefect UI on the demo's flow runs (six task runs, progress, summary and sample artifacts):"
+	@echo "  make prefect-ui    then http://127.0.0.1:$(PREFECT_UI_PORT)/runs/flow-run/<prefect_flow_run_id of the summary above>"
+
+# A Prefect server with its UI on the demo's history, in the foreground (Ctrl-C stops it). Its UI is
+# told which port its API is on: on any port but 4200 it would call :4200 otherwise.
+prefect-ui: install
+	PREFECT_HOME=$(DEMO_PREFECT_HOME) PREFECT_UI_API_URL=http://127.0.0.1:$(PREFECT_UI_PORT)/api \
+	    $(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_UI_PORT) --no-prompt --analytics-off
 
 mlflow-server: install
 	$(PY) -m mlflow_server.server start $(ARGS)
@@ -86,6 +99,29 @@ bench: bench-venv $(BENCH_TOY)/toy.json | $(STAMP)
 GPU_CHECK_ARGS ?=
 gpu-check: install
 	$(PY) benchmarks/gpu_check.py --out .ppoflow/gpu-check/gpu_check.json $(GPU_CHECK_ARGS)
+
+# The README's screenshots (docs/screenshots/*.png) from the ui tests: the integration stack, its toy
+# runs through the deployment worker, the pages in Chromium (about 4-5 min on 2 cores).
+SCREENSHOT_RUN := .ppoflow/screenshots
+SCREENSHOTS := mlflow-run.png mlflow-model-version.png prefect-flow-run.png
+
+screenshots: install toy
+	rm -rf $(SCREENSHOT_RUN)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -p no:cacheprovider -m ui --basetemp $(SCREENSHOT_RUN) tests/integration/test_deployments.py
+	mkdir -p docs/screenshots
+	$(PY) -c "$$SHRINK_PNG" $(addprefix $(SCREENSHOT_RUN)/screenshots/,$(SCREENSHOTS))
+
+# Each screenshot as a 256-colour PNG (a UI has few colours: a third of the size, no visible change),
+# with Pillow (installed with mlflow's matplotlib).
+define SHRINK_PNG
+import sys
+from pathlib import Path
+from PIL import Image
+for shot in map(Path, sys.argv[1:]):
+    image = Image.open(shot).convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    image.save(Path("docs/screenshots") / shot.name, optimize=True)
+endef
+export SHRINK_PNG
 
 clean:
 	rm -rf runs .ppoflow

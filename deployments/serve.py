@@ -13,8 +13,9 @@
 2. the `process` work pool `ppoflow` with concurrency limit 1 (created or updated);
 3. `prefect deploy --all --prefect-file deployments/prefect.yaml`, run from the repository root;
 4. `prefect worker start --pool ppoflow` (background, own session; it boots while step 3 runs),
-   with PREFECT_API_URL and MLFLOW_TRACKING_URI pointing at the two servers; ready once it has
-   heartbeated to the server.
+   with PREFECT_API_URL and MLFLOW_TRACKING_URI pointing at the two servers and PREFECT_UI_URL at
+   the Prefect UI (empty with `--no-ui`), so each flow run tags its MLflow run with its UI page;
+   ready once it has heartbeated to the server.
 
 Everything lives in HOME (default `.ppoflow/serve`): `serve.json` (URLs, pids, deployments),
 `prefect-server.log`, `deploy.log`, `worker.log`, the Prefect database under `prefect/` (Prefect's
@@ -99,6 +100,7 @@ class Stack:
     processes: dict[str, Process] = field(default_factory=dict)
     mlflow_home: str = ""
     mlflow_auth: bool = False
+    ui: bool = True  # whether the Prefect server serves its UI
     started_at: str = ""
     startup_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -269,9 +271,11 @@ def wait_worker_online(api_url: str, proc: Process, since: datetime, timeout: fl
 
 
 def worker_environment(stack: Stack, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """A worker's environment (its flow runs inherit it): this stack's URLs and MLflow login."""
-    return {**os.environ, **prefect_env(Path(stack.home)), **stack.client_env(), **mlflow_credentials(stack.mlflow_auth),
-            **(extra or {})}
+    """A worker's environment (its flow runs inherit it): this stack's URLs and MLflow login, and the
+    Prefect UI a flow run names on its MLflow run (none when the server has no UI: Prefect would
+    otherwise derive a UI URL from the API's)."""
+    return {**os.environ, **prefect_env(Path(stack.home)), **stack.client_env(), "PREFECT_UI_URL": stack.prefect_url if stack.ui else "",
+            **mlflow_credentials(stack.mlflow_auth), **(extra or {})}
 
 
 def crash_orphaned_runs(api_url: str, pool: str = WORK_POOL) -> list[str]:
@@ -362,7 +366,7 @@ def start(
     prefect_port = choose_port(prefect_port, DEFAULT_PREFECT_PORT, "Prefect server")
     mlflow_port = choose_port(mlflow_port, DEFAULT_MLFLOW_PORT, "MLflow server")
     stack = Stack(home=str(home), prefect_url=f"http://{HOST}:{prefect_port}", mlflow_url="", work_pool=WORK_POOL,
-                  deployments=[], mlflow_home=str(home / "mlflow"), mlflow_auth=mlflow_auth, started_at=_now())
+                  deployments=[], mlflow_home=str(home / "mlflow"), mlflow_auth=mlflow_auth, ui=ui, started_at=_now())
     try:
         stack.processes["prefect-server"] = start_prefect_server(home, prefect_port, ui=ui, scheduler=scheduler)
         write_stack(stack)
@@ -455,7 +459,7 @@ def describe(stack: Stack) -> str:
     total = max(stack.startup_seconds.values(), default=0.0)
     return "\n".join([
         f"ppoflow stack up in {total:.0f} s (state and logs in {_shown(stack.home)}/)",
-        f"  Prefect UI    {stack.prefect_url}    (API {stack.api_url})",
+        f"  Prefect UI    {stack.prefect_url if stack.ui else '(none: --no-ui)'}    (API {stack.api_url})",
         f"  MLflow UI     {stack.mlflow_url}{'    (basic auth)' if stack.mlflow_auth else ''}",
         f"  work pool     {stack.work_pool} (process, concurrency limit {POOL_CONCURRENCY_LIMIT})"
         + (f", worker pid {worker.pid}" if worker else ""),

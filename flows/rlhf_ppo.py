@@ -40,6 +40,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from prefect import Flow, flow
 from prefect.artifacts import MarkdownArtifact, create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -50,6 +51,7 @@ from prefect.states import State
 from prefect.runtime import deployment, flow_run
 from prefect.settings import PREFECT_UI_URL
 
+from flows.cli import mlflow_ui_run_url
 from ppoflow import tracking
 from ppoflow.cli import final_metrics, run_summary
 from ppoflow.config import MODEL_SOURCE_FIELDS, RunConfig, build_config, expand_output_dir, names_registry_alias
@@ -204,11 +206,14 @@ def mlflow_run(plan: RunPlan, models: ModelManifest, data: DatasetManifest) -> I
 
 
 def publish_artifacts(plan: RunPlan, models: ModelManifest, data: DatasetManifest, release: Release, run: tracking.TrackingRun) -> None:
-    """Prefect artifacts of this flow run: where the MLflow run is, a summary, sample completions."""
+    """Prefect artifacts of this flow run: where the MLflow run is (a link to its page in the tracking
+    server's UI, or how to browse a local store), a summary, sample completions."""
     uri = redact(run.tracking_uri)
     if uri.startswith(("http://", "https://")):
+        parts = urlsplit(uri)  # the page's URL without a login (the browser asks for it)
+        server = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path.rstrip("/"), "", ""))
         create_link_artifact(
-            key="mlflow-run", link=f"{uri.rstrip('/')}/#/experiments/{run.experiment_id}/runs/{run.run_id}",
+            key="mlflow-run", link=mlflow_ui_run_url(run.experiment_id, run.run_id, base=server),
             link_text=f"MLflow run {run.run_id}", description="The MLflow run of this training job",
         )
     else:

@@ -9,13 +9,14 @@ and the stage runs again. The key also holds ppoflow's version and a digest of t
 (`provenance.engine_identity`): an upgraded or edited engine never reuses the old one's results.
 
 Retries. Every stage retries transient failures (a crash, a lost connection, an injected fault)
-with the backoff of `config.flow`; a `PpoflowError` (bad config, bad data, a model that does not fit
-its role) is a user error that no retry can fix, so it fails at once with its message.
+with the backoff of `config.flow` (`RetryDelays`); a `PpoflowError` (bad config, bad data, a model
+that does not fit its role) is a user error that no retry can fix, so it fails at once with its message.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,9 +105,46 @@ def result_storage(flow: FlowConfig) -> Path:
     return Path(flow.result_storage or DEFAULT_RESULT_STORAGE).expanduser().resolve()
 
 
+class RetryDelays(float):
+    """The backoff of `config.flow.retry_delay_seconds` as a stage's `retry_delay_seconds`: a number
+    (the first delay) to the task run's recorded policy, a sequence of delays to the task engine.
+
+    Prefect records a task's `retry_delay_seconds` as its task runs' `empirical_policy.retry_delay`,
+    and its UI formats that field as a number of seconds: a list shows as "Retry Delay NaNs". As a
+    number, a plain float would lose the backoff; the engine indexes a `Sequence` by the attempt
+    (`delays[min(retry, len - 1)]`, the last repeated), so this float is one too, and the UI shows
+    the first delay while retry N waits delay N.
+    """
+
+    delays: tuple[float, ...]
+
+    def __new__(cls, delays: Sequence[float]) -> RetryDelays:
+        value = super().__new__(cls, delays[0] if delays else 0.0)
+        value.delays = tuple(float(delay) for delay in delays)
+        return value
+
+    def __getitem__(self, index: int) -> float:
+        return self.delays[index]
+
+    def __len__(self) -> int:
+        return len(self.delays)
+
+    def __bool__(self) -> bool:  # true when it holds delays, as the list was (the engine asks)
+        return bool(self.delays)
+
+    def __repr__(self) -> str:
+        return f"RetryDelays({list(self.delays)})"
+
+    def __getnewargs__(self) -> tuple[tuple[float, ...]]:  # copies and pickles keep every delay
+        return (self.delays,)
+
+
+Sequence.register(RetryDelays)
+
+
 def flow_options(flow: FlowConfig) -> dict[str, Any]:
     """The `with_options` a flow run applies to every stage: retries, backoff, where results live."""
-    return {"retries": flow.retries, "retry_delay_seconds": list(flow.retry_delay_seconds), "result_storage": result_storage(flow)}
+    return {"retries": flow.retries, "retry_delay_seconds": RetryDelays(flow.retry_delay_seconds), "result_storage": result_storage(flow)}
 
 
 def stage_run_name(parameters: dict[str, Any]) -> str:

@@ -374,6 +374,49 @@ def test_transient_failures_are_retried_and_user_errors_are_not(flow_env):
     assert attempts == ["InjectedCrash", "InjectedCrash", "ConfigError"]
 
 
+def test_stage_retries_back_off_and_record_a_number_the_ui_can_show(flow_env):
+    """`flow.retry_delay_seconds` as a backoff: retry N waits delay N, and the task run's recorded
+    `retry_delay` is a number (a list reads "Retry Delay NaNs" on Prefect's task run page)."""
+    import time
+
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from ppoflow.config import FlowConfig
+    from tasks.common import flow_options
+
+    options = flow_options(FlowConfig(retries=2, retry_delay_seconds=[0.3, 1.2]))
+    attempts: list[float] = []
+
+    @task
+    def fails_twice() -> int:
+        attempts.append(time.monotonic())
+        if len(attempts) < 3:
+            raise InjectedCrash("transient")
+        return len(attempts)
+
+    @flow
+    def retried():
+        return fails_twice.with_options(retries=options["retries"], retry_delay_seconds=options["retry_delay_seconds"])(return_state=True)
+
+    state = retried()
+    assert state.is_completed()
+    first_wait, second_wait = attempts[1] - attempts[0], attempts[2] - attempts[1]
+    assert 0.3 <= first_wait < 1.2 <= second_wait
+    deadline = time.monotonic() + 20  # task runs are recorded from events, a moment later
+    with get_client(sync_client=True) as client:
+        while True:
+            with contextlib.suppress(ObjectNotFound):
+                recorded = client.read_task_run(state.state_details.task_run_id)
+                if recorded.state is not None and recorded.state.is_completed():
+                    break
+            assert time.monotonic() < deadline, "the task run was not recorded"
+            time.sleep(0.2)
+    assert (recorded.empirical_policy.retries, recorded.empirical_policy.retry_delay) == (2, 0.3)
+    assert isinstance(recorded.empirical_policy.retry_delay, float)
+
+
 def test_an_unreachable_tracking_server_stops_the_flow_before_any_stage(flow_env, make_flow_config, closed_port, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed_port}")
 

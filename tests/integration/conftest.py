@@ -1,9 +1,9 @@
 """Real servers for the deployment tests: the stack `make serve` starts, on free loopback ports.
 
 `served_stack` starts it once per module through `deployments.serve.start` (the code behind
-`make serve`): a Prefect server (no UI), the MLflow server with basic auth (SQLite), the `ppoflow`
-work pool, the deployments of deployments/prefect.yaml, and one process worker whose MLflow
-credentials come from its environment. Its teardown is `make serve-stop` and checks that every
+`make serve`): a Prefect server with its UI (the `ui` tests browse it), the MLflow server with basic
+auth (SQLite), the `ppoflow` work pool, the deployments of deployments/prefect.yaml, and one process
+worker whose MLflow credentials come from its environment. Its teardown is `make serve-stop` and checks that every
 process it started is gone. Nothing here is autouse.
 """
 
@@ -46,7 +46,7 @@ def served_stack(tmp_path_factory) -> Iterator[Stack]:
         # The test's own MLflow client logs in like the worker does.
         patch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
         patch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
-        stack = serve.start(home, prefect_port=0, mlflow_port=0, mlflow_auth=True, ui=False, worker_env=WORKER_ENV)
+        stack = serve.start(home, prefect_port=0, mlflow_port=0, mlflow_auth=True, ui=True, worker_env=WORKER_ENV)
         try:
             yield stack
         finally:

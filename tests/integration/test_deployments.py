@@ -113,7 +113,7 @@ def chain_overrides(toy: Path, partitions: Path, workspace: Path) -> list[str]:
         f"tracking.registered_model_name={CHAIN_MODEL}",
         "tracking.system_metrics=false",
         f"flow.result_storage={workspace / 'prefect-results'}",
-        "flow.retry_delay_seconds=[0]",
+        "flow.retry_delay_seconds=[1, 5]",  # a backoff: the task run page must show its first delay
     ]
 
 
@@ -287,11 +287,12 @@ def test_scheduler_plans_the_nightly_at_two_utc(served_stack, served_deployments
 def test_toy_run_lands_in_mlflow_with_its_prefect_lineage(served_stack, triggered, workspace):
     good = triggered["good"]
     assert good.state.is_completed(), f"good run ended {good.state_name}: {good.state.message}"
-    assert good.parameters["overrides"][-1] == "flow.retry_delay_seconds=[0]"
+    assert good.parameters["overrides"][-1] == "flow.retry_delay_seconds=[1, 5]"
     client, run = mlflow_run_of(served_stack, good.id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["prefect.last_flow_run_id"] == str(good.id)
-    assert json.loads(run.data.tags[f"prefect.flow_run.{good.id}"])["deployment"] == "toy-nightly"
+    about = json.loads(run.data.tags[f"prefect.flow_run.{good.id}"])
+    assert (about["deployment"], about["url"]) == ("toy-nightly", f"{served_stack.prefect_url}/flow-runs/flow-run/{good.id}")
     assert run.data.params["output_dir"] == str(workspace / "nights" / str(good.id))  # {flow_run} expanded
     assert [m.step for m in client.get_metric_history(run.info.run_id, "objective/kl")] == [1, 2, 3, 4]
     assert {"eval/reward_policy", "eval/oracle_policy", "loss/policy_avg"} <= set(run.data.metrics)
@@ -302,7 +303,8 @@ def test_toy_run_lands_in_mlflow_with_its_prefect_lineage(served_stack, triggere
 
     with prefect_client(served_stack) as prefect:
         artifacts = {a.key: a for a in prefect.read_artifacts() if a.flow_run_id == good.id}
-    assert run.info.run_id in artifacts["mlflow-run"].data and served_stack.mlflow_url in artifacts["mlflow-run"].data
+    page = f"{served_stack.mlflow_url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
+    assert f"({page})" in artifacts["mlflow-run"].data  # a markdown link to the run's page
     assert {"rlhf-ppo-summary", "sample-completions"} <= set(artifacts)
 
 
@@ -438,3 +440,192 @@ def test_mlflow_refuses_clients_without_credentials(served_stack, triggered):
     import mlflow
 
     assert mlflow.MlflowClient(tracking_uri=served_stack.mlflow_url).get_experiment_by_name(EXPERIMENT) is not None
+
+
+# --------------------------------------------------------------------------- what a person sees (the ui tier)
+# Chromium (Debian's package, never a browser Playwright downloads) through the stack's two UIs, on the
+# night-1 run above: no stack or training of their own. Each page is asserted by what it shows, waiting
+# for content, not for time. Screenshots land in the session's `screenshots/` directory; `make
+# screenshots` copies three of them into docs/screenshots/ for the README.
+
+CHROMIUM = Path("/usr/bin/chromium")
+PAGE_TIMEOUT_MS = 60_000  # a React page takes 5-15 s to fill on 2 busy cores
+VIEWPORT = {"width": 1400, "height": 1000}
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("screenshots", numbered=False)
+
+
+@pytest.fixture(scope="module")
+def browser(served_stack):
+    """One headless Chromium for the module, logged in to MLflow (basic auth) as the worker is."""
+    from playwright.sync_api import expect, sync_playwright
+
+    if not CHROMIUM.is_file():
+        pytest.fail(f"no {CHROMIUM}: install Debian's browser (apt-get install -y chromium), as .ci/run does")
+    expect.set_options(timeout=PAGE_TIMEOUT_MS)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        context = chromium.new_context(viewport=VIEWPORT, http_credentials={
+            "username": os.environ["MLFLOW_TRACKING_USERNAME"], "password": os.environ["MLFLOW_TRACKING_PASSWORD"]})
+        context.set_default_timeout(PAGE_TIMEOUT_MS)
+        try:
+            yield context
+        finally:
+            chromium.close()
+
+
+@pytest.fixture(scope="module")
+def night_one(served_stack, triggered) -> dict[str, Any]:
+    """The night-1 run as the UIs should show it: its flow run, MLflow run, registered version, logged model."""
+    good = triggered["good"]
+    assert good.state.is_completed(), f"good run ended {good.state_name}: {good.state.message}"
+    client, run = mlflow_run_of(served_stack, good.id)
+    name, _, version = run.data.tags["ppoflow.registered_model"].partition("/")
+    datasets = {tag.value: entry.dataset for entry in run.inputs.dataset_inputs for tag in entry.tags if tag.key == "mlflow.data.context"}
+    return {"flow_run": good, "run": run, "registered_model": name, "version": version, "datasets": datasets,
+            "model_id": run.data.tags["ppoflow.model_uri"].removeprefix("models:/")}
+
+
+def clip_between(page, top, bottom, margin: int = 12) -> dict[str, float]:
+    """The band of the page from locator `top` to locator `bottom`, from `top`'s left edge to the right
+    (the navigation column left out): a small PNG of what matters."""
+    first, last = top.bounding_box(), bottom.bounding_box()
+    x, y = max(first["x"] - margin, 0), max(first["y"] - margin, 0)
+    return {"x": x, "y": y, "width": page.viewport_size["width"] - x, "height": last["y"] + last["height"] + margin - y}
+
+
+def open_mlflow_run_page(browser, stack: serve.Stack, run):
+    from flows.cli import mlflow_ui_run_url
+    from playwright.sync_api import expect
+
+    page = browser.new_page()
+    page.goto(mlflow_ui_run_url(run.info.experiment_id, run.info.run_id, base=stack.mlflow_url))
+    expect(page.get_by_text("About this run")).to_be_visible()
+    return page
+
+
+@pytest.mark.ui
+@TRIGGERED_TIMEOUT
+def test_ui_mlflow_run_page_shows_datasets_model_hashes_and_registered_version(served_stack, browser, night_one, screenshots):
+    from playwright.sync_api import expect
+
+    run, flow_run = night_one["run"], night_one["flow_run"]
+    page = open_mlflow_run_page(browser, served_stack, run)
+    page.set_viewport_size({"width": 1600, "height": 1000})  # the sidebar wide enough for a dataset's digest
+    assistant = page.get_by_role("button", name="Close")  # MLflow's assistant panel hides the run's sidebar
+    if assistant.is_visible():
+        assistant.click()
+    expect(page.get_by_text(run.info.run_name, exact=True).first).to_be_visible()
+
+    # Datasets, each with its digest: the training one in the sidebar, the others behind "+N".
+    train = night_one["datasets"]["training"]
+    expect(page.get_by_text(f"{train.name} ({train.digest})")).to_be_visible()
+    page.get_by_text(f"+{len(run.inputs.dataset_inputs) - 1}", exact=True).click()
+    evaluation = night_one["datasets"]["evaluation"]
+    expect(page.get_by_text(f"{evaluation.name} ({evaluation.digest})")).to_be_visible()
+    page.keyboard.press("Escape")
+
+    # The registered version in the sidebar.
+    registered = page.get_by_text("Registered models", exact=True).locator("xpath=..")
+    expect(registered.get_by_role("link", name=night_one["registered_model"])).to_be_visible()
+    expect(registered.get_by_text(f"v{night_one['version']}", exact=True)).to_be_visible()
+
+    # The description, expanded: each model's sha256 in full, the trained policy's, the version again.
+    page.get_by_role("button", name="Expand description").click()
+    for role in ("policy", "ref", "reward", "value"):
+        expect(page.get_by_role("cell", name=run.data.tags[f"ppoflow.{role}.sha256"]).first).to_be_visible()
+    expect(page.get_by_text(f"Trained policy sha256 {run.data.tags['ppoflow.trained_policy.sha256']}")).to_be_visible()
+    release = page.get_by_text(f"Registered model {night_one['registered_model']} version {night_one['version']}")
+    expect(release).to_be_visible()
+    page.screenshot(path=screenshots / "mlflow-run.png",
+                    clip=clip_between(page, page.get_by_text("Description", exact=True).first, release))
+
+    # The link to the Prefect flow run opens its page.
+    flow_run_page = page.get_by_role("link", name=f"{served_stack.prefect_url}/flow-runs/flow-run/{flow_run.id}")
+    page.goto(flow_run_page.get_attribute("href"))
+    expect(page.get_by_text(flow_run.name, exact=True).first).to_be_visible()
+    expect(page.get_by_text("6 Task runs", exact=True)).to_be_visible()
+
+
+@pytest.mark.ui
+@TRIGGERED_TIMEOUT
+def test_ui_logged_model_page_shows_its_registered_version(served_stack, browser, night_one, screenshots):
+    from playwright.sync_api import expect
+
+    run = night_one["run"]
+    page = browser.new_page()
+    page.goto(f"{served_stack.mlflow_url}/#/experiments/{run.info.experiment_id}/models/{night_one['model_id']}")
+    versions = page.get_by_text("Model versions", exact=True).locator("xpath=..")
+    expect(versions.get_by_role("link", name=night_one["registered_model"])).to_be_visible()
+    expect(versions.get_by_text(f"v{night_one['version']}", exact=True)).to_be_visible()
+    expect(page.get_by_role("link", name=run.info.run_id[:8])).to_be_visible()  # source run id (shortened)
+    page.screenshot(path=screenshots / "mlflow-logged-model.png")
+
+
+@pytest.mark.ui
+@TRIGGERED_TIMEOUT
+def test_ui_model_version_page_links_its_run(served_stack, browser, night_one, screenshots):
+    from playwright.sync_api import expect
+
+    run = night_one["run"]
+    page = browser.new_page()
+    page.goto(f"{served_stack.mlflow_url}/#/models/{night_one['registered_model']}/versions/{night_one['version']}")
+    source_run = page.get_by_role("link", name=run.info.run_name, exact=True)
+    expect(source_run).to_be_visible()
+    expect(page.get_by_text(run.data.tags["ppoflow.trained_policy.sha256"]).first).to_be_visible()
+    description = page.get_by_text(f"PPO policy trained by ppoflow in MLflow run {run.info.run_id}")
+    expect(description).to_be_visible()
+    page.screenshot(path=screenshots / "mlflow-model-version.png",
+                    clip=clip_between(page, page.get_by_text(f"Version {night_one['version']}", exact=True).first,
+                                      page.get_by_text("promotion gate (@").first))
+    source_run.click()
+    expect(page.get_by_text("About this run")).to_be_visible()
+    assert run.info.run_id in page.url
+
+
+@pytest.mark.ui
+@TRIGGERED_TIMEOUT
+def test_ui_prefect_flow_run_page_shows_six_completed_tasks_artifacts_and_a_working_mlflow_link(
+        served_stack, browser, night_one, screenshots):
+    from playwright.sync_api import expect
+
+    flow_run, run = night_one["flow_run"], night_one["run"]
+    page = browser.new_page()
+    # The UI reaches the API of its own port (not :4200): else "Can't connect to Server API".
+    page.goto(f"{served_stack.prefect_url}/flow-runs/flow-run/{flow_run.id}")
+    expect(page.get_by_text("6 Task runs", exact=True)).to_be_visible()
+
+    page.get_by_text("Task Runs", exact=True).click()
+    expect(page.get_by_text("(6 completed)")).to_be_visible()  # the UI capitalizes it
+    for stage in STAGES:
+        expect(page.get_by_text(f"{stage}[{flow_run.name}]", exact=True).last).to_be_visible()
+
+    page.get_by_text("Artifacts", exact=True).click()
+    for key in ("mlflow-run", "rlhf-ppo-summary", "sample-completions", "ppo-training-progress"):
+        expect(page.get_by_text(key, exact=True)).to_be_visible()
+    page.screenshot(path=screenshots / "prefect-flow-run.png",
+                    clip=clip_between(page, page.get_by_text("Runs", exact=True).last, page.get_by_text("ppo-training-progress", exact=True)))
+
+    page.get_by_text("mlflow-run", exact=True).click()
+    link = page.get_by_role("link", name=f"MLflow run {run.info.run_id}")
+    expect(link).to_be_visible()
+    page.goto(link.get_attribute("href"))
+    expect(page.get_by_text("About this run")).to_be_visible()
+    expect(page.get_by_text(run.info.run_name, exact=True).first).to_be_visible()
+
+
+@pytest.mark.ui
+@TRIGGERED_TIMEOUT
+def test_ui_prefect_task_run_page_shows_the_first_retry_delay(served_stack, browser, night_one, screenshots):
+    from playwright.sync_api import expect
+
+    with prefect_client(served_stack) as client:
+        train = latest_task_runs(client, night_one["flow_run"].id)["train_ppo"]
+    page = browser.new_page()
+    page.goto(f"{served_stack.prefect_url}/runs/task-run/{train.id}")
+    delay = page.get_by_text("Retry Delay", exact=True).locator("xpath=following-sibling::*[1]")
+    expect(delay).to_have_text("1s")  # flow.retry_delay_seconds=[1, 5]; a list read "NaNs"
+    page.screenshot(path=screenshots / "prefect-task-run.png")

@@ -33,6 +33,16 @@ def test_the_prefect_ui_calls_the_api_of_its_own_port(tmp_path, monkeypatch):
     assert "PREFECT_API_URL" not in env and env["PREFECT_HOME"] == str(tmp_path / "prefect")
 
 
+def test_flow_runs_of_the_worker_know_the_prefect_ui_only_when_it_is_served(tmp_path):
+    """PREFECT_UI_URL is what a flow run writes as its page into the MLflow run's flow-run tag."""
+    stack = serve.Stack(home=str(tmp_path), prefect_url="http://127.0.0.1:4321", mlflow_url="http://127.0.0.1:5432",
+                        work_pool=serve.WORK_POOL, deployments=[])
+    env = serve.worker_environment(stack)
+    assert (env["PREFECT_API_URL"], env["PREFECT_UI_URL"]) == ("http://127.0.0.1:4321/api", "http://127.0.0.1:4321")
+    stack.ui = False
+    assert serve.worker_environment(stack)["PREFECT_UI_URL"] == ""
+
+
 def test_the_backend_uri_the_mlflow_server_stores_has_no_password():
     assert redact_uri("postgresql://u:s3cret@db:5432/mlflow") == "postgresql://u:***@db:5432/mlflow"
     assert redact_uri("postgresql://u@db/mlflow") == "postgresql://u@db/mlflow"
