@@ -110,6 +110,41 @@ def test_toy_run_improves_reward_and_oracle(make_config):
     assert len(samples) == 4 and {"prompt", "policy_completion", "ref_completion", "policy_score", "ref_score"} <= samples[0].keys()
 
 
+def checkpoint_files(checkpoint: Path) -> dict[str, bytes]:
+    """A checkpoint's files but its state.json (which names the config hash) and the manifest of their checksums."""
+    return {
+        str(path.relative_to(checkpoint)): path.read_bytes()
+        for path in sorted(checkpoint.rglob("*")) if path.is_file() and path.name not in ("state.json", "manifest.json")
+    }
+
+
+def test_eval_every_evaluates_at_its_updates_and_the_last_as_stage_6_without_changing_training(run_stages, tmp_path):
+    # 40 episodes in batches of 8: five updates, evaluated after 2, 4 and the last. The evaluation draws no
+    # random number training draws, so the run without it writes the same checkpoint byte for byte
+    # (weights, optimizer, scheduler, RNG states) and the same training metrics.
+    plain = run_stages("ppo.total_episodes=40", output_dir=tmp_path / "plain")
+    evaluated = run_stages("ppo.total_episodes=40", "ppo.eval_every=2", output_dir=tmp_path / "evaluated")
+    assert evaluated.final.update == 5
+    assert checkpoint_files(evaluated.final.path) == checkpoint_files(plain.final.path)
+    rows = read_metrics(evaluated.plan.output_dir)
+    assert [row["update"] for row in rows if any(key.startswith("eval/") for key in row)] == [2, 4, 5]
+
+    def training(row: dict) -> dict:
+        return {key: value for key, value in row.items() if not key.startswith(("eval/", "timing/", "perf/"))}
+
+    assert [training(row) for row in rows] == [training(row) for row in read_metrics(plain.plan.output_dir)]
+    for row in rows[1], rows[3], rows[4]:
+        assert 0.0 <= row["eval/win_rate"] <= 1.0 and 0.0 <= row["eval/eos_rate"] <= 1.0
+        assert row["eval/num_prompts"] == 32 and row["timing/eval"] > 0
+        assert {"eval/reward_policy", "eval/reward_ref", "eval/kl", "eval/oracle_policy", "eval/oracle_ref"} <= row.keys()
+    assert rows[1]["eval/reward_policy"] != rows[4]["eval/reward_policy"]  # the policy trained in between
+    # The last update's evaluation is stage 6's, of the same weights: the same numbers, key for key.
+    release = pipeline.save_and_evaluate(evaluated.plan, evaluated.models, evaluated.data, evaluated.final)
+    assert {f"eval/{key}": value for key, value in release.eval_metrics.items()} == {
+        key: value for key, value in rows[-1].items() if key.startswith("eval/")
+    }
+
+
 def run_train(config_path: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
