@@ -176,7 +176,8 @@ def kill_after_next_update(process: subprocess.Popen, output_dir: Path, rng: ran
 
 
 def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(make_config, tmp_path):
-    overrides = ("ppo.total_episodes=96", "ppo.per_device_train_batch_size=8", "ppo.gradient_accumulation_steps=2", "ppo.num_mini_batches=2")
+    overrides = ("ppo.total_episodes=96", "ppo.per_device_train_batch_size=8", "ppo.gradient_accumulation_steps=2", "ppo.num_mini_batches=2",
+                 "ppo.eval_every=2")
     reference = make_config(*overrides, output_dir=tmp_path / "uninterrupted")
     killed = make_config(*overrides, output_dir=tmp_path / "killed")
     assert reference.config_hash() != killed.config_hash()  # different output dirs, same training
@@ -194,11 +195,20 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(make_config,
     assert_same_weights(tmp_path / "uninterrupted" / "final", tmp_path / "killed" / "final")
     updates = [m["update"] for m in read_metrics(tmp_path / "killed")]
     assert updates == list(range(1, 7)), updates  # 96 episodes / 16 per batch, each logged once
+    # evaluated after updates 2, 4 and 6 (eval_every=2), a resumed run with the same numbers
+    evaluations = [eval_metrics_of(m) for m in read_metrics(tmp_path / "killed")]
+    assert [bool(e) for e in evaluations] == [False, True] * 3
+    assert evaluations == [eval_metrics_of(m) for m in read_metrics(tmp_path / "uninterrupted")]
+
+
+def eval_metrics_of(row: dict) -> dict:
+    """An update's evaluation as eval.json has it (`eval/win_rate` -> `win_rate`)."""
+    return {key.removeprefix("eval/"): value for key, value in row.items() if key.startswith("eval/")}
 
 
 def test_lora_run_has_no_reference_copy(run_stages):
     stages = run_stages("peft.enabled=true", "peft.target_modules=[q_proj,v_proj]", "ppo.learning_rate=1e-3", "peft.merge_on_save=true",
-                        train=False)
+                        "ppo.eval_every=4", train=False)
     plan, models, data = stages.plan, stages.models, stages.data
     assert models.ref is None
     trainer = stages.trainer()
@@ -211,11 +221,16 @@ def test_lora_run_has_no_reference_copy(run_stages):
     assert release.merged_dir is not None and (release.merged_dir / "config.json").is_file()
     assert list_checkpoints(plan.output_dir / "checkpoints")[0].joinpath("policy", "adapter_model.safetensors").is_file()
     assert set(release.eval_metrics) >= {"reward_policy", "reward_ref", "win_rate", "kl", "eos_rate", "oracle_policy", "oracle_ref"}
+    # evaluated during training too (reference: the adapter disabled), as stage 6 evaluates the saved adapter
+    rows = read_metrics(plan.output_dir)
+    assert [row["update"] for row in rows if "eval/kl" in row] == [4]
+    assert eval_metrics_of(rows[-1]) == release.eval_metrics
 
 
 @pytest.mark.distributed
 def test_two_processes_under_accelerate_launch(make_config, tmp_path):
-    config = make_config("ppo.total_episodes=64", "ppo.per_device_train_batch_size=8", "ppo.num_mini_batches=1", "ppo.checkpoint_every=2")
+    config = make_config("ppo.total_episodes=64", "ppo.per_device_train_batch_size=8", "ppo.num_mini_batches=1", "ppo.checkpoint_every=2",
+                         "ppo.eval_every=3")
     config_path = write_config(config, tmp_path / "dist.yaml")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
@@ -230,6 +245,8 @@ def test_two_processes_under_accelerate_launch(make_config, tmp_path):
     assert summary["episodes"] == 64 and summary["updates"] == 4  # batch = 8 × 2 processes
     metrics = read_metrics(Path(summary["output_dir"]))
     assert [m["update"] for m in metrics] == [1, 2, 3, 4]
+    assert [m["update"] for m in metrics if "eval/win_rate" in m] == [3, 4]  # the main process evaluated, the other waited
+    assert eval_metrics_of(metrics[-1]) == summary["eval"]  # stage 6's numbers (one process) at the last update
     checkpoints = [p.name for p in list_checkpoints(Path(summary["output_dir"]) / "checkpoints")]
     assert checkpoints == ["step-000004", "step-000002", "step-000000"]
     assert read_state(Path(summary["output_dir"]) / "checkpoints" / "step-000004")["world_size"] == 2
