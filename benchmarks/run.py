@@ -509,6 +509,7 @@ def orchestration(toy: Path, threads: int, runs: int, episodes: int, run_dir: Pa
     env.pop("PREFECT_API_URL", None)
     overrides = [f"models.policy={toy / 'policy'}", f"models.reward={toy / 'reward'}",
                  f"data.path={toy / 'prompts.jsonl'}", f"ppo.total_episodes={episodes}",
+                 "ppo.eval_every=null",  # the demo's evaluations during training are no orchestration cost
                  f"flow.result_storage={(home / 'prefect-results').resolve()}"]
     # `python -m flows.cli` is the `ppoflow` console script's entry point (pyproject: ppoflow = flows.cli:main)
     results: dict[str, list[dict[str, Any]]] = {"train": [], "run": []}

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from ppoflow.errors import ConfigError
 from ppoflow.partitions import is_glob, select_partitions
@@ -178,6 +178,13 @@ class PPOConfig(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Global gradient-norm clip; null disables.")
     seed: int = Field(42, ge=0, description="Seeds data order, sampling and initialisation.")
     checkpoint_every: int = Field(10, gt=0, description="Write a checkpoint every this many updates (and at the end).")
+    eval_every: StrictInt | None = Field(  # strict: `true` would read as 1, an evaluation every update
+        None, gt=0, description="Evaluate the policy against the reference on the held-out prompts (data.eval_size) "
+        "every this many updates and at the last one, as stage 6 does: its eval.json keys as `eval/<key>` (eval/win_rate, "
+        "eval/kl, eval/reward_policy, eval/oracle_policy, ...) in that update's metrics (metrics.jsonl; MLflow at step = "
+        "update). Each costs one stage-6 evaluation; it draws no random number training uses, so the trained weights are "
+        "the same with or without it. null: only stage 6 evaluates, once, after training.",
+    )
     keep_checkpoints: int = Field(2, gt=0, description="Newest complete checkpoints kept on disk.")
 
 
@@ -337,6 +344,15 @@ class RunConfig(_Section):
     def _known_placeholders(cls, value: Path) -> Path:
         output_dir_placeholders(value)
         return value
+
+    @model_validator(mode="after")
+    def _eval_prompts_for_eval_every(self) -> RunConfig:
+        if self.ppo.eval_every is not None and self.data.eval_size == 0:
+            raise ConfigError(
+                "ppo.eval_every", f"is {self.ppo.eval_every} and data.eval_size is 0: there are no held-out prompts to evaluate on",
+                "hold out prompts (data.eval_size > 0) or set ppo.eval_every: null",
+            )
+        return self
 
     @model_validator(mode="after")
     def _promotion_bounds(self) -> RunConfig:

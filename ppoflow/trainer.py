@@ -6,6 +6,8 @@ over `num_mini_batches` shuffled mini-batches, each accumulated over its micro-b
 one optimizer step. Every update is a resumable boundary: a checkpoint holds everything the next
 update reads (weights, optimizer, scheduler, RNG states), and the data order is a pure function
 of the seed and the update index, so a resumed run repeats the uninterrupted one bit for bit.
+With `ppo.eval_every`, some updates end with stage 6's evaluation of the policy on the eval prompts
+(main process), which draws from no generator that training uses.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from ppoflow.checkpoint import (
 )
 from ppoflow.data import load_prompts, local_batch
 from ppoflow.errors import CheckpointError, TrainingDiverged
+from ppoflow.evaluate import Evaluator
 from ppoflow.losses import entropy_from_logits, logprobs_of, policy_loss, value_loss
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, RunPlan, training_fingerprint
 from ppoflow.models import (
@@ -151,6 +154,11 @@ class PPOTrainer:
         self.worker = build_worker(
             self.config, self.models, self.policy, ref, reward, self.value, chunk_size=self.ppo.local_rollout_forward_batch_size,
         )
+        # Stage 6's evaluation on the models in training (`ppo.eval_every`): the main process evaluates.
+        self.evaluator = None
+        if self.ppo.eval_every is not None and self.accelerator.is_main_process:
+            eval_worker = build_worker(self.config, self.models, self.policy, ref, reward, None, chunk_size=self.config.eval.batch_size)
+            self.evaluator = Evaluator(self.config, self.models, eval_worker, load_prompts(self.data.eval_dir), device)
         if checkpoint is not None:
             self._load_state(checkpoint)
 
@@ -211,7 +219,8 @@ class PPOTrainer:
         return [self.tokenizer.decode(row[m].tolist(), skip_special_tokens=True) for row, m in zip(responses, mask)]
 
     def train(self, callbacks: Sequence[MetricsCallback] = ()) -> CheckpointManifest:
-        """Run the remaining updates; checkpoint every `checkpoint_every` and at the end."""
+        """Run the remaining updates; evaluate every `eval_every` and at the end (into that update's
+        metrics); checkpoint every `checkpoint_every` and at the end."""
         metrics_path = self.output_dir / "metrics.jsonl"
         if self.accelerator.is_main_process:
             _truncate_metrics(metrics_path, self.update)
@@ -222,6 +231,8 @@ class PPOTrainer:
         manifest = None
         while self.update < self.batch.num_updates:
             metrics = self.step()
+            if self._evaluation_due():
+                metrics |= self.evaluate()
             if self.accelerator.is_main_process:
                 with open(metrics_path, "a") as handle:
                     handle.write(json.dumps(metrics) + "\n")
@@ -237,6 +248,22 @@ class PPOTrainer:
             path, digest = found
             manifest = CheckpointManifest(path=path, update=self.update, episode=self.episode, num_updates=self.batch.num_updates, sha256=digest)
         return manifest
+
+    def _evaluation_due(self) -> bool:
+        every = self.ppo.eval_every
+        return every is not None and (self.update % every == 0 or self.update == self.batch.num_updates)
+
+    def evaluate(self) -> dict[str, float]:
+        """The current policy against the reference on the eval prompts, stage 6's numbers as `eval/<key>`
+        (with `timing/eval`), computed by the main process while the others wait; empty on the others.
+        The evaluator puts back every RNG state it touches, so training draws what it would without."""
+        metrics: dict[str, float] = {}
+        if self.evaluator is not None:
+            began = time.perf_counter()
+            results, _ = self.evaluator()
+            metrics = {f"eval/{key}": value for key, value in results.items()} | {"timing/eval": time.perf_counter() - began}
+        self.accelerator.wait_for_everyone()
+        return metrics
 
     def step(self) -> dict[str, Any]:
         """One PPO update: rollout, score, KL, rewards, GAE, optimise. Returns the update's metrics."""

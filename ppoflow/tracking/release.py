@@ -47,6 +47,7 @@ PLOTS = {
     "reward": (("objective/scores", "objective/rlhf_reward", "reward/"),),
     "kl": (("objective/kl",),),
     "losses": (("loss/policy_avg",), ("loss/value_avg",)),  # own axes: the value loss dwarfs the policy loss
+    "eval": (("eval/reward_policy", "eval/reward_ref"), ("eval/win_rate",)),  # the updates ppo.eval_every evaluated
 }
 
 

@@ -110,6 +110,41 @@ def test_toy_run_improves_reward_and_oracle(make_config):
     assert len(samples) == 4 and {"prompt", "policy_completion", "ref_completion", "policy_score", "ref_score"} <= samples[0].keys()
 
 
+def checkpoint_files(checkpoint: Path) -> dict[str, bytes]:
+    """A checkpoint's files but its state.json (which names the config hash) and the manifest of their checksums."""
+    return {
+        str(path.relative_to(checkpoint)): path.read_bytes()
+        for path in sorted(checkpoint.rglob("*")) if path.is_file() and path.name not in ("state.json", "manifest.json")
+    }
+
+
+def test_eval_every_evaluates_at_its_updates_and_the_last_as_stage_6_without_changing_training(run_stages, tmp_path):
+    # 40 episodes in batches of 8: five updates, evaluated after 2, 4 and the last. The evaluation draws no
+    # random number training draws, so the run without it writes the same checkpoint byte for byte
+    # (weights, optimizer, scheduler, RNG states) and the same training metrics.
+    plain = run_stages("ppo.total_episodes=40", output_dir=tmp_path / "plain")
+    evaluated = run_stages("ppo.total_episodes=40", "ppo.eval_every=2", output_dir=tmp_path / "evaluated")
+    assert evaluated.final.update == 5
+    assert checkpoint_files(evaluated.final.path) == checkpoint_files(plain.final.path)
+    rows = read_metrics(evaluated.plan.output_dir)
+    assert [row["update"] for row in rows if any(key.startswith("eval/") for key in row)] == [2, 4, 5]
+
+    def training(row: dict) -> dict:
+        return {key: value for key, value in row.items() if not key.startswith(("eval/", "timing/", "perf/"))}
+
+    assert [training(row) for row in rows] == [training(row) for row in read_metrics(plain.plan.output_dir)]
+    for row in rows[1], rows[3], rows[4]:
+        assert 0.0 <= row["eval/win_rate"] <= 1.0 and 0.0 <= row["eval/eos_rate"] <= 1.0
+        assert row["eval/num_prompts"] == 32 and row["timing/eval"] > 0
+        assert {"eval/reward_policy", "eval/reward_ref", "eval/kl", "eval/oracle_policy", "eval/oracle_ref"} <= row.keys()
+    assert rows[1]["eval/reward_policy"] != rows[4]["eval/reward_policy"]  # the policy trained in between
+    # The last update's evaluation is stage 6's, of the same weights: the same numbers, key for key.
+    release = pipeline.save_and_evaluate(evaluated.plan, evaluated.models, evaluated.data, evaluated.final)
+    assert {f"eval/{key}": value for key, value in release.eval_metrics.items()} == {
+        key: value for key, value in rows[-1].items() if key.startswith("eval/")
+    }
+
+
 def run_train(config_path: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
@@ -141,7 +176,8 @@ def kill_after_next_update(process: subprocess.Popen, output_dir: Path, rng: ran
 
 
 def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(make_config, tmp_path):
-    overrides = ("ppo.total_episodes=96", "ppo.per_device_train_batch_size=8", "ppo.gradient_accumulation_steps=2", "ppo.num_mini_batches=2")
+    overrides = ("ppo.total_episodes=96", "ppo.per_device_train_batch_size=8", "ppo.gradient_accumulation_steps=2", "ppo.num_mini_batches=2",
+                 "ppo.eval_every=2")
     reference = make_config(*overrides, output_dir=tmp_path / "uninterrupted")
     killed = make_config(*overrides, output_dir=tmp_path / "killed")
     assert reference.config_hash() != killed.config_hash()  # different output dirs, same training
@@ -159,11 +195,20 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(make_config,
     assert_same_weights(tmp_path / "uninterrupted" / "final", tmp_path / "killed" / "final")
     updates = [m["update"] for m in read_metrics(tmp_path / "killed")]
     assert updates == list(range(1, 7)), updates  # 96 episodes / 16 per batch, each logged once
+    # evaluated after updates 2, 4 and 6 (eval_every=2), a resumed run with the same numbers
+    evaluations = [eval_metrics_of(m) for m in read_metrics(tmp_path / "killed")]
+    assert [bool(e) for e in evaluations] == [False, True] * 3
+    assert evaluations == [eval_metrics_of(m) for m in read_metrics(tmp_path / "uninterrupted")]
+
+
+def eval_metrics_of(row: dict) -> dict:
+    """An update's evaluation as eval.json has it (`eval/win_rate` -> `win_rate`)."""
+    return {key.removeprefix("eval/"): value for key, value in row.items() if key.startswith("eval/")}
 
 
 def test_lora_run_has_no_reference_copy(run_stages):
     stages = run_stages("peft.enabled=true", "peft.target_modules=[q_proj,v_proj]", "ppo.learning_rate=1e-3", "peft.merge_on_save=true",
-                        train=False)
+                        "ppo.eval_every=4", train=False)
     plan, models, data = stages.plan, stages.models, stages.data
     assert models.ref is None
     trainer = stages.trainer()
@@ -176,11 +221,16 @@ def test_lora_run_has_no_reference_copy(run_stages):
     assert release.merged_dir is not None and (release.merged_dir / "config.json").is_file()
     assert list_checkpoints(plan.output_dir / "checkpoints")[0].joinpath("policy", "adapter_model.safetensors").is_file()
     assert set(release.eval_metrics) >= {"reward_policy", "reward_ref", "win_rate", "kl", "eos_rate", "oracle_policy", "oracle_ref"}
+    # evaluated during training too (reference: the adapter disabled), as stage 6 evaluates the saved adapter
+    rows = read_metrics(plan.output_dir)
+    assert [row["update"] for row in rows if "eval/kl" in row] == [4]
+    assert eval_metrics_of(rows[-1]) == release.eval_metrics
 
 
 @pytest.mark.distributed
 def test_two_processes_under_accelerate_launch(make_config, tmp_path):
-    config = make_config("ppo.total_episodes=64", "ppo.per_device_train_batch_size=8", "ppo.num_mini_batches=1", "ppo.checkpoint_every=2")
+    config = make_config("ppo.total_episodes=64", "ppo.per_device_train_batch_size=8", "ppo.num_mini_batches=1", "ppo.checkpoint_every=2",
+                         "ppo.eval_every=3")
     config_path = write_config(config, tmp_path / "dist.yaml")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
@@ -195,6 +245,8 @@ def test_two_processes_under_accelerate_launch(make_config, tmp_path):
     assert summary["episodes"] == 64 and summary["updates"] == 4  # batch = 8 × 2 processes
     metrics = read_metrics(Path(summary["output_dir"]))
     assert [m["update"] for m in metrics] == [1, 2, 3, 4]
+    assert [m["update"] for m in metrics if "eval/win_rate" in m] == [3, 4]  # the main process evaluated, the other waited
+    assert eval_metrics_of(metrics[-1]) == summary["eval"]  # stage 6's numbers (one process) at the last update
     checkpoints = [p.name for p in list_checkpoints(Path(summary["output_dir"]) / "checkpoints")]
     assert checkpoints == ["step-000004", "step-000002", "step-000000"]
     assert read_state(Path(summary["output_dir"]) / "checkpoints" / "step-000004")["world_size"] == 2

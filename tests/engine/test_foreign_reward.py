@@ -46,7 +46,8 @@ def test_re_encoded_scores_equal_the_shared_tokenizer_scores(run_stages, permute
 
 def test_a_run_with_a_foreign_reward_model_trains_with_the_value_model_from_the_policy(make_config, permuted_reward, caplog):
     caplog.set_level(logging.INFO, logger="ppoflow")
-    config = make_config(f"models.reward={permuted_reward}", "ppo.total_episodes=16", "data.eval_size=16", "eval.batch_size=16")
+    config = make_config(f"models.reward={permuted_reward}", "ppo.total_episodes=16", "data.eval_size=16", "eval.batch_size=16",
+                         "ppo.eval_every=1")
     plan, release = pipeline.run_all(config)
     assert "the value model starts from the policy checkpoint" in caplog.text
     metrics = [json.loads(line) for line in (plan.output_dir / "metrics.jsonl").read_text().splitlines()]
@@ -58,6 +59,9 @@ def test_a_run_with_a_foreign_reward_model_trains_with_the_value_model_from_the_
     assert torch.equal(step_zero["model.embed_tokens.weight"], policy["model.embed_tokens.weight"])
     assert step_zero["score.weight"].shape == (1, policy["model.embed_tokens.weight"].shape[1])
     assert {"reward_policy", "reward_ref", "win_rate"} <= set(release.eval_metrics)
+    # evaluated after each update, scored on the re-encoded text as stage 6 scores it
+    assert {f"eval/{key}": value for key, value in release.eval_metrics.items()}.items() <= metrics[-1].items()
+    assert 0.0 <= metrics[0]["eval/win_rate"] <= 1.0
     assert (plan.output_dir / "reward_tokenizer" / "tokenizer.json").is_file()
 
 

@@ -95,8 +95,9 @@ def policy_tensors(policy_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def reference(flow_env, make_flow_config, flow_workspace) -> dict[str, Any]:
-    """One uninterrupted run through `ppoflow run`: its config tree and the CLI's JSON summary."""
-    tree = make_flow_config("reference")
+    """One uninterrupted run through `ppoflow run`, evaluated after updates 2 and 3 (`ppo.eval_every`): its
+    config tree and the CLI's JSON summary."""
+    tree = make_flow_config("reference", "ppo.eval_every=2")
     config_file = flow_workspace / "reference.yaml"
     config_file.write_text(yaml.safe_dump(tree, sort_keys=False))
     logged: list[str] = []
@@ -137,7 +138,11 @@ def test_a_full_run_leaves_its_lineage_in_mlflow_and_prefect(reference, flow_env
     assert any(page in line for line in reference["logs"]), reference["logs"]
     for key in ("objective/scores", "objective/kl", "loss/policy_avg"):
         assert [point.step for point in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3]
-    assert client.get_metric_history(run.info.run_id, "eval/win_rate")[0].value == pytest.approx(summary["eval"]["win_rate"])
+    # eval/* are curves at the updates evaluated; stage 6's evaluation is their last point, the same numbers
+    for key in ("eval/win_rate", "eval/reward_policy", "eval/kl", "eval/oracle_policy"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [point.step for point in history] == [2, 3], key
+        assert history[-1].value == summary["eval"][key.removeprefix("eval/")], key
 
     manifest = DatasetManifest.model_validate_json((output_dir / "data" / "dataset.json").read_text())
     datasets = {tag.value: entry.dataset for entry in run.inputs.dataset_inputs for tag in entry.tags if tag.key == "mlflow.data.context"}
@@ -306,7 +311,7 @@ def test_a_crashed_training_resumes_from_its_checkpoint_to_the_same_policy(refer
     assert {str(failed.state_details.flow_run_id), str(resumed.state_details.flow_run_id)} <= flow_runs
     assert [point.step for point in client.get_metric_history(run.info.run_id, "objective/scores")] == [1, 2, 3]
 
-    expected = policy_tensors(reference["output_dir"] / "final")
+    expected = policy_tensors(reference["output_dir"] / "final")  # trained with evaluations in between, this run without
     actual = policy_tensors(output_dir / "final")
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[name], actual[name]) for name in expected)

@@ -357,6 +357,12 @@ def test_plots_show_the_reward_functions_and_each_loss_on_its_own_axis():
     assert len(_plot([update(step) for step in range(2)], PLOTS["reward"], "reward").axes[0].get_lines()) == 2
     assert _plot([{"update": 1, "loss/value_avg": 0.5}], PLOTS["losses"], "losses").axes[0].get_ylabel() == ""
     assert _plot([{"update": 1}], PLOTS["kl"], "kl") is None
+    evaluated = [update(step) | ({"eval/reward_policy": 0.1 * step, "eval/reward_ref": 0.0, "eval/win_rate": 0.5} if step in (2, 3) else {})
+                 for step in range(1, 4)]
+    scores, win_rate = _plot(evaluated, PLOTS["eval"], "eval").axes
+    assert [list(line.get_xdata()) for line in scores.get_lines()] == [[2, 3], [2, 3]]
+    assert [line.get_label() for line in win_rate.get_lines()] == ["eval/win_rate"]
+    assert _plot(history, PLOTS["eval"], "eval") is None  # no ppo.eval_every: no eval plot
 
 
 def test_partitions_are_logged_once_as_inputs_and_listed_in_a_tag(store, make_plan, tmp_path):

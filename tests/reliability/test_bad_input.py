@@ -68,6 +68,8 @@ CASES = [
     Case("mini-batches not dividing the batch", "`ppo.num_mini_batches`", ("ppo.num_mini_batches=3",)),
     Case("stop token given twice", "`ppo.stop_token_id`", ("ppo.stop_token=eos", "ppo.stop_token_id=2")),
     Case("stop token outside the vocabulary", "`ppo.stop_token_id`", ("ppo.stop_token_id=100000",)),
+    Case("evaluation every 0 updates", "`ppo.eval_every`", ("ppo.eval_every=0",)),
+    Case("evaluation during training without eval prompts", "`ppo.eval_every`", ("ppo.eval_every=2", "data.eval_size=0")),
     Case("reference with LoRA", "`models.ref`", ("peft.enabled=true", "models.ref=/tmp")),
     Case("flash-attention without a GPU", "`models.attn_implementation`", ("models.attn_implementation=flash_attention_2",)),
     Case("push to hub without a repo", "`tracking`", ("tracking.push_to_hub=true",)),

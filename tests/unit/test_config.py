@@ -93,6 +93,12 @@ BAD = [
     (["models=null"], "models", "valid dictionary"),
     (["ppo=3"], "ppo", "valid dictionary"),
     (["ppo.seed=1.5"], "ppo.seed", "valid integer"),
+    (["ppo.eval_every=0"], "ppo.eval_every", "greater than 0"),
+    (["ppo.eval_every=-4"], "ppo.eval_every", "greater than 0"),
+    (["ppo.eval_every=often"], "ppo.eval_every", "valid integer"),
+    (["ppo.eval_every=2.5"], "ppo.eval_every", "valid integer"),
+    (["ppo.eval_every=true"], "ppo.eval_every", "valid integer"),
+    (["ppo.eval_every=4", "data.eval_size=0"], "ppo.eval_every", "no held-out prompts"),
     (["ppo.learning_rate"], "ppo.learning_rate", "key.path=value"),
     (["output_dir=runs/{foo}"], "output_dir", "unknown placeholder {foo}"),
     (["output_dir=runs/{Date}/x"], "output_dir", "unknown placeholder {Date}"),
@@ -109,6 +115,12 @@ def test_bad_values_name_the_field(tree, overrides, field, text):
     message = str(caught.value)
     assert f"`{field}" in message and text in message
     assert "\n" not in message
+
+
+def test_eval_every_is_off_by_default_and_a_number_of_updates(tree):
+    assert build_config(tree).ppo.eval_every is None
+    assert build_config(tree, ["ppo.eval_every=3"]).ppo.eval_every == 3
+    assert build_config(tree, ["ppo.eval_every=null", "data.eval_size=0"]).ppo.eval_every is None
 
 
 def test_missing_section_is_named(tree):
