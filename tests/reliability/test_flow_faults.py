@@ -24,6 +24,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from uuid import UUID
 from typing import Any
 
 import mlflow
@@ -172,7 +173,11 @@ def test_a_tracking_server_gone_mid_run_gets_every_metric_once(campaign, faults)
     client = mlflow.MlflowClient(tracking_uri=campaign["client_uri"])
     run = client.get_run(campaign["summary"]["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    assert len(run.data.tags["prefect.flow_run_ids"].split(",")) == 3  # one MLflow run for all three flow runs
+    # One MLflow run for the job, tagged by every flow run that reached it: it opens after stage 3, where
+    # the first flow run was killed, so the second and third (and the first only had it opened in time).
+    first, second, third = (UUID(str(states["flow_run_id"])) for states in campaign["states"])
+    worked_on = {UUID(item) for item in run.data.tags["prefect.flow_run_ids"].split(",")}
+    assert {second, third} <= worked_on <= {first, second, third}
     for key in TRAINING_METRICS:
         steps = [point.step for point in client.get_metric_history(run.info.run_id, key)]
         assert sorted(steps) == list(range(1, NUM_UPDATES + 1)), (key, sorted(steps))
