@@ -25,6 +25,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -79,6 +80,19 @@ def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
+
+
+def package_versions() -> dict[str, str | None]:
+    """The versions the figures were measured with (TRL's is the baseline side's, when importable here)."""
+    import importlib.metadata
+
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "accelerate", "peft", "datasets", "safetensors", "flash-attn", "trl"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -220,7 +234,16 @@ def check_kill_resume(ctx: dict[str, Any]) -> dict[str, Any]:
         runs[name] = {"killed_after_step_2": killed, "wall_s": round(time.perf_counter() - began, 1), "final": final.name,
                       "sha256": {role: sha256(final / role / "model.safetensors") for role in ("policy", "value")}}
     bitwise = runs["killed"]["sha256"] == runs["uninterrupted"]["sha256"] and runs["killed"]["killed_after_step_2"]
-    return {"status": "pass" if bitwise else "fail", "bitwise_equal": bitwise, **runs}
+    result = {"status": "pass" if bitwise else "fail", "bitwise_equal": bitwise, **runs}
+    if not bitwise:  # what holds instead: how far apart the two runs' weights are
+        from safetensors.torch import load_file
+
+        finals = {name: sorted((ctx["work"] / f"resume-{name}" / "checkpoints").glob("step-*"))[-1] for name in runs}
+        result["max_abs_weight_difference"] = {
+            role: max(float((a.double() - b.double()).abs().max()) for a, b in zip(*(
+                [t for _, t in sorted(load_file(finals[name] / role / "model.safetensors").items())] for name in runs)))
+            for role in ("policy", "value")}
+    return result
 
 
 def check_two_processes(ctx: dict[str, Any]) -> dict[str, Any]:
@@ -303,9 +326,12 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         log(f"{result['note']}; wrote {args.out}")
         return 0
+    result["versions"] = package_versions()
     if result["cuda"]:
         result["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         result["bf16_supported"] = torch.cuda.is_bf16_supported()
+        result["cuda_runtime"] = torch.version.cuda
+        result["cudnn"] = torch.backends.cudnn.version()
     work = Path(tempfile.mkdtemp(prefix="ppoflow-gpu-check-"))
     toy = args.toy
     if toy is None:
