@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                    "dtype": "bfloat16" if spec.get("bf16") else "float32"},  # bf16: autocast over fp32 weights, as TRL's bf16
         "data": {"path": str(train_file), "prompt_column": "prompt", "max_prompt_length": max_len, "eval_size": 0},
         "ppo": ppo,
+        "tracking": {"promotion": None},  # no held-out prompts (eval_size 0), and no registry: no gate
         "reward_functions": (
             [{"path": spec["oracle"], "name": "oracle", "weight": 0.0}] if (oracle and spec.get("oracle_per_update")) else []
         ),

@@ -355,6 +355,15 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _eval_prompts_for_promotion(self) -> RunConfig:
+        if self.data.eval_size == 0 and self.tracking.log_model and self.tracking.promotion is not None:
+            raise ConfigError(
+                "data.eval_size", "is 0, and the promotion gate (tracking.promotion) judges the trained policy on held-out prompts",
+                "hold out prompts (data.eval_size > 0, default 64) or set tracking.promotion: null",
+            )
+        return self
+
+    @model_validator(mode="after")
     def _promotion_bounds(self) -> RunConfig:
         promotion = self.tracking.promotion
         names = [function.metric_name for function in self.reward_functions]

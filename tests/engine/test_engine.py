@@ -227,6 +227,16 @@ def test_lora_run_has_no_reference_copy(run_stages):
     assert eval_metrics_of(rows[-1]) == release.eval_metrics
 
 
+def test_no_held_out_prompts_saves_the_policy_and_reports_no_evaluation(run_stages):
+    """data.eval_size 0 (no promotion gate to judge): stage 6 saves final/ and its eval.json counts no
+    prompts, rather than dividing by zero after the training."""
+    stages = run_stages("data.eval_size=0", "tracking.promotion=null", "ppo.total_episodes=16")
+    release = pipeline.save_and_evaluate(stages.plan, stages.models, stages.data, stages.final)
+    assert json.loads(release.eval_path.read_text()) == {"num_prompts": 0.0} == release.eval_metrics
+    assert (stages.plan.output_dir / "samples.jsonl").read_text() == ""
+    assert_same_weights(release.policy_dir, stages.final.path / "policy")
+
+
 @pytest.mark.distributed
 def test_two_processes_under_accelerate_launch(make_config, tmp_path):
     config = make_config("ppo.total_episodes=64", "ppo.per_device_train_batch_size=8", "ppo.num_mini_batches=1", "ppo.checkpoint_every=2",

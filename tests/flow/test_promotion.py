@@ -40,7 +40,7 @@ def registry(store, policy_dir, tmp_path_factory):
     prompts.write_text('{"prompt": "great movie"}\n')
     config = RunConfig(
         output_dir=base / "v1", models=ModelsConfig(policy=str(policy_dir), reward=str(policy_dir)),
-        data=DataConfig(path=str(prompts), eval_size=0), ppo=PPOConfig(total_episodes=4, per_device_train_batch_size=4),
+        data=DataConfig(path=str(prompts)), ppo=PPOConfig(total_episodes=4, per_device_train_batch_size=4),
         tracking=TrackingConfig(experiment="gate-test", registered_model_name=NAME),
     )
     plan = RunPlan(config=config, config_hash=config.config_hash(), output_dir=config.output_dir, batch=BatchPlan.derive(config.ppo))

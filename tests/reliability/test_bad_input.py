@@ -70,6 +70,7 @@ CASES = [
     Case("stop token outside the vocabulary", "`ppo.stop_token_id`", ("ppo.stop_token_id=100000",)),
     Case("evaluation every 0 updates", "`ppo.eval_every`", ("ppo.eval_every=0",)),
     Case("evaluation during training without eval prompts", "`ppo.eval_every`", ("ppo.eval_every=2", "data.eval_size=0")),
+    Case("a promotion gate without eval prompts", "`data.eval_size`", ("data.eval_size=0",)),
     Case("reference with LoRA", "`models.ref`", ("peft.enabled=true", "models.ref=/tmp")),
     Case("flash-attention without a GPU", "`models.attn_implementation`", ("models.attn_implementation=flash_attention_2",)),
     Case("push to hub without a repo", "`tracking`", ("tracking.push_to_hub=true",)),

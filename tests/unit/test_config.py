@@ -99,6 +99,7 @@ BAD = [
     (["ppo.eval_every=2.5"], "ppo.eval_every", "valid integer"),
     (["ppo.eval_every=true"], "ppo.eval_every", "valid integer"),
     (["ppo.eval_every=4", "data.eval_size=0"], "ppo.eval_every", "no held-out prompts"),
+    (["data.eval_size=0"], "data.eval_size", "the promotion gate (tracking.promotion) judges"),
     (["ppo.learning_rate"], "ppo.learning_rate", "key.path=value"),
     (["output_dir=runs/{foo}"], "output_dir", "unknown placeholder {foo}"),
     (["output_dir=runs/{Date}/x"], "output_dir", "unknown placeholder {Date}"),
@@ -120,7 +121,7 @@ def test_bad_values_name_the_field(tree, overrides, field, text):
 def test_eval_every_is_off_by_default_and_a_number_of_updates(tree):
     assert build_config(tree).ppo.eval_every is None
     assert build_config(tree, ["ppo.eval_every=3"]).ppo.eval_every == 3
-    assert build_config(tree, ["ppo.eval_every=null", "data.eval_size=0"]).ppo.eval_every is None
+    assert build_config(tree, ["ppo.eval_every=null", "data.eval_size=0", "tracking.promotion=null"]).ppo.eval_every is None
 
 
 def test_missing_section_is_named(tree):
