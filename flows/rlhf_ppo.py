@@ -57,6 +57,7 @@ from ppoflow.cli import final_metrics, run_summary
 from ppoflow.config import MODEL_SOURCE_FIELDS, RunConfig, build_config, expand_output_dir, names_registry_alias
 from ppoflow.data import load_prompts
 from ppoflow.hub import check_push
+from ppoflow.layout import SAMPLES_FILE
 from ppoflow.locking import output_dir_lock
 from ppoflow.manifests import DatasetManifest, ModelManifest, Release, RunPlan, training_fingerprint
 from ppoflow.redaction import redact
@@ -194,7 +195,7 @@ def mlflow_run(plan: RunPlan, models: ModelManifest, data: DatasetManifest) -> I
     run.tag_flow_run(flow_run.id, flow_run.name, deployment.name, ui_url)
     run.log_plan(plan)
     run.log_models(models)
-    run.log_datasets(data, *(load_prompts(split).to_pandas() for split in (data.train_dir, data.eval_dir)))
+    run.log_datasets(data, lambda split_dir: load_prompts(split_dir).to_pandas())
     if plan.config.tracking.system_metrics:
         run.start_system_metrics()
     try:
@@ -222,7 +223,7 @@ def publish_artifacts(plan: RunPlan, models: ModelManifest, data: DatasetManifes
             markdown=f"MLflow run `{run.run_id}` in `{uri}`. Browse it with\n\n```\nmlflow ui --backend-store-uri {uri}\n```\n",
         )
     create_markdown_artifact(key="rlhf-ppo-summary", markdown=summary_markdown(plan, models, data, release), description="Run summary")
-    samples_path = plan.output_dir / "samples.jsonl"
+    samples_path = plan.output_dir / SAMPLES_FILE
     if samples_path.is_file():
         rows = [sample_row(json.loads(line)) for line in samples_path.read_text().splitlines() if line.strip()]
         create_table_artifact(key="sample-completions", table=rows, description="Policy and reference completions of eval prompts")

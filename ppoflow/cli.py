@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ppoflow.errors import PpoflowError
+from ppoflow.layout import METRICS_FILE
 from ppoflow.manifests import Release, RunPlan
 
 EXIT_USER_ERROR = 2
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def final_metrics(output_dir: Path) -> dict[str, Any]:
     """The last update's metrics from metrics.jsonl."""
-    path = output_dir / "metrics.jsonl"
+    path = output_dir / METRICS_FILE
     lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     return json.loads(lines[-1]) if lines else {}
 

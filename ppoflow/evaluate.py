@@ -23,6 +23,7 @@ from ppoflow.atomic import write_directory
 from ppoflow.checkpoint import capture_rng, restore_rng
 from ppoflow.config import RunConfig
 from ppoflow.data import load_prompts
+from ppoflow.layout import EVAL_FILE, SAMPLES_FILE
 from ppoflow.manifests import ModelManifest
 from ppoflow.models import load_frozen, load_tokenizer
 from ppoflow.rewards import load_reward_functions
@@ -161,9 +162,9 @@ class Evaluator:
 
 
 def write_eval(output_dir: Path, metrics: dict[str, float], samples: list[dict[str, Any]]) -> Path:
-    path = output_dir / "eval.json"
+    path = output_dir / EVAL_FILE
     path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    with open(output_dir / "samples.jsonl", "w") as handle:
+    with open(output_dir / SAMPLES_FILE, "w") as handle:
         for row in samples:
             handle.write(json.dumps(row) + "\n")
     return path

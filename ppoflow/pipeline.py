@@ -29,6 +29,7 @@ from ppoflow.config import (
 from ppoflow.data import prepare_prompts
 from ppoflow.errors import ConfigError, ModelError, PpoflowError
 from ppoflow.evaluate import evaluate_policy, save_policy, write_eval
+from ppoflow.layout import EVAL_FILE, METRICS_FILE, SAMPLES_FILE, SPOOL_FILE
 from ppoflow.locking import output_dir_lock
 from ppoflow.hashing import sha256_tree
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, Release, RunPlan, training_fingerprint
@@ -253,7 +254,7 @@ def train(plan: RunPlan, models: ModelManifest, data: DatasetManifest, callbacks
 
 
 TRAINING_PRODUCTS = (
-    "checkpoints", "data", "metrics.jsonl", "mlflow_spool.jsonl", "launch", "final", "final-merged", "eval.json", "samples.jsonl",
+    "checkpoints", "data", METRICS_FILE, SPOOL_FILE, "launch", "final", "final-merged", EVAL_FILE, SAMPLES_FILE,
 )
 """What stages 3-6 write into the workspace (`archive_training` moves them). Stage 1's and 2's products
 (config.yaml, the tokenizers, registry fetches) stay: the next training of the config uses them."""
@@ -313,7 +314,7 @@ def save_and_evaluate(plan: RunPlan, models: ModelManifest, data: DatasetManifes
         write_eval(plan.output_dir, metrics, samples)
         save_policy(config, policy, load_tokenizer(models.tokenizer_dir), models, policy_dir)  # merging LoRA mutates: last
     state.wait_for_everyone()
-    eval_path = plan.output_dir / "eval.json"
+    eval_path = plan.output_dir / EVAL_FILE
     merged = policy_dir.with_name("final-merged")
     return Release(
         policy_dir=policy_dir,

@@ -43,6 +43,7 @@ from ppoflow.checkpoint import (
 from ppoflow.data import load_prompts, local_batch
 from ppoflow.errors import CheckpointError, TrainingDiverged
 from ppoflow.evaluate import Evaluator
+from ppoflow.layout import METRICS_FILE
 from ppoflow.losses import entropy_from_logits, logprobs_of, policy_loss, value_loss
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, RunPlan, training_fingerprint
 from ppoflow.models import (
@@ -221,7 +222,7 @@ class PPOTrainer:
     def train(self, callbacks: Sequence[MetricsCallback] = ()) -> CheckpointManifest:
         """Run the remaining updates; evaluate every `eval_every` and at the end (into that update's
         metrics); checkpoint every `checkpoint_every` and at the end."""
-        metrics_path = self.output_dir / "metrics.jsonl"
+        metrics_path = self.output_dir / METRICS_FILE
         if self.accelerator.is_main_process:
             _truncate_metrics(metrics_path, self.update)
         progress = tqdm(

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
+from ppoflow.layout import METRICS_FILE
 from ppoflow.manifests import RunPlan
 from ppoflow.tracking import resolve_tracking_uri
 
@@ -83,7 +84,7 @@ def run_launched(
     env.update({"MLFLOW_TRACKING_URI": resolve_tracking_uri(), "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"})
     command = launch_command(stage, plan.batch.world_size, inputs_path, result_path, mlflow_run_id)
     log.info("%s on %d processes: %s", stage, plan.batch.world_size, " ".join(command))
-    metrics_path = plan.output_dir / "metrics.jsonl"
+    metrics_path = plan.output_dir / METRICS_FILE
     follower = MetricsFollower(metrics_path, on_metrics) if on_metrics else None
     child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     tail: deque[str] = deque(maxlen=40)

@@ -13,6 +13,7 @@ from prefect import task
 from ppoflow import pipeline
 from ppoflow.atomic import write_text_atomic
 from ppoflow.hub import push_policy
+from ppoflow.layout import METRICS_FILE, SAMPLES_FILE
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, Release, RunPlan
 from ppoflow.tracking import TrackingRun, describe_release, log_release
 from ppoflow.tracking.promotion import gate
@@ -29,8 +30,8 @@ def save_and_evaluate(plan: RunPlan, models: ModelManifest, data: DatasetManifes
     release = log_release(
         run,
         release,
-        samples=pd.DataFrame(read_jsonl(plan.output_dir / "samples.jsonl")),
-        metrics_history=read_jsonl(plan.output_dir / "metrics.jsonl"),
+        samples=pd.DataFrame(read_jsonl(plan.output_dir / SAMPLES_FILE)),
+        metrics_history=read_jsonl(plan.output_dir / METRICS_FILE),
         eval_report=release.eval_metrics,
         policy_dir=release.merged_dir or release.policy_dir,
         registered_model_name=tracking.registered_model_name,

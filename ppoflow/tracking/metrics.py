@@ -22,11 +22,11 @@ import mlflow
 from mlflow.entities import Metric
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
+from ppoflow.layout import SPOOL_FILE
 from ppoflow.tracking.store import first_line, in_batches
 
 _LOGGER = logging.getLogger(__name__)
 
-SPOOL_FILE = "mlflow_spool.jsonl"
 
 
 def is_number(value: Any) -> bool:

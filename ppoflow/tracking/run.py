@@ -29,7 +29,7 @@ import io
 import json
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -261,11 +261,12 @@ class TrackingRun:
         }
         self.set_tags(tags)
 
-    def log_datasets(self, data: DatasetManifest, train: pandas.DataFrame, eval: pandas.DataFrame) -> None:
+    def log_datasets(self, data: DatasetManifest, load: Callable[[Path], pandas.DataFrame]) -> None:
         """Both splits as MLflow dataset inputs (contexts "training"/"evaluation", digests from the
         manifest) and each partition read (context "partition", named by its file stem, its sha256
         as digest), skipping ones already on the run; tags with the manifest's counts and
-        `ppoflow.data.partitions`."""
+        `ppoflow.data.partitions`. `load(split_dir)` reads a split for its schema and profile, only
+        for a split the run does not hold yet (a retry or re-run reads none)."""
         present = {
             (entry.dataset.name, entry.dataset.digest, tag.value)
             for entry in self.client.get_run(self.run_id).inputs.dataset_inputs
@@ -275,14 +276,14 @@ class TrackingRun:
         source = redact(data.source)
         stem = Path(source.rstrip("/")).stem or "prompts"
         inputs = []
-        for split, context, frame, digest in (
-            ("train", "training", train, data.train_digest),
-            ("eval", "evaluation", eval, data.eval_digest),
+        for split, context, split_dir, digest in (
+            ("train", "training", data.train_dir, data.train_digest),
+            ("eval", "evaluation", data.eval_dir, data.eval_digest),
         ):
             digest = digest[:MAX_DATASET_DIGEST_SIZE]
             if (f"{stem}-{split}", digest, context) in present:
                 continue
-            dataset = mlflow.data.from_pandas(frame, source=_dataset_source(source), name=f"{stem}-{split}", digest=digest)
+            dataset = mlflow.data.from_pandas(load(split_dir), source=_dataset_source(source), name=f"{stem}-{split}", digest=digest)
             inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
         for partition in data.partitions:
             name, digest = partition.path.stem, partition.sha256[:MAX_DATASET_DIGEST_SIZE]

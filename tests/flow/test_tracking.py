@@ -180,10 +180,20 @@ def test_datasets_are_logged_once_with_digests_and_contexts(store, make_plan, tm
         rows_read=10, rows_kept=9, dropped_too_long=1, dropped_empty=0, eos_stripped=2, eos_dropped=0,
         train_rows=8, eval_rows=1, train_digest="a" * 64, eval_digest="b" * 64,
     )
-    train = pd.DataFrame({"prompt": ["great movie"] * 8, "input_ids": [[1, 4, 6]] * 8})
-    evaluation = pd.DataFrame({"prompt": ["awful plot"], "input_ids": [[1, 5, 7]]})
-    run.log_datasets(manifest, train, evaluation)
-    run.log_datasets(manifest, train, evaluation)
+    frames = {
+        manifest.train_dir: pd.DataFrame({"prompt": ["great movie"] * 8, "input_ids": [[1, 4, 6]] * 8}),
+        manifest.eval_dir: pd.DataFrame({"prompt": ["awful plot"], "input_ids": [[1, 5, 7]]}),
+    }
+    loaded = []
+
+    def load(split_dir: Path) -> pd.DataFrame:
+        loaded.append(split_dir)
+        return frames[split_dir]
+
+    run.log_datasets(manifest, load)
+    assert loaded == [manifest.train_dir, manifest.eval_dir]
+    run.log_datasets(manifest, load)
+    assert len(loaded) == 2  # both already on the run: neither split is read again
 
     logged = run.client.get_run(run.run_id)
     inputs = {
@@ -380,10 +390,9 @@ def test_partitions_are_logged_once_as_inputs_and_listed_in_a_tag(store, make_pl
         rows_read=2, rows_kept=2, dropped_too_long=0, dropped_empty=0, eos_stripped=0, eos_dropped=0,
         train_rows=1, eval_rows=1, train_digest="a" * 64, eval_digest="b" * 64, partitions=partitions,
     )
-    train = pd.DataFrame({"prompt": ["great movie"], "input_ids": [[1, 4, 6]]})
-    evaluation = pd.DataFrame({"prompt": ["great movie"], "input_ids": [[1, 4, 6]]})
-    run.log_datasets(manifest, train, evaluation)
-    run.log_datasets(manifest, train, evaluation)
+    frame = pd.DataFrame({"prompt": ["great movie"], "input_ids": [[1, 4, 6]]})
+    run.log_datasets(manifest, lambda split_dir: frame)
+    run.log_datasets(manifest, lambda split_dir: frame)
 
     logged = run.client.get_run(run.run_id)
     contexts = sorted(
