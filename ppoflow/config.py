@@ -13,7 +13,7 @@ import math
 import re
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
@@ -269,6 +269,10 @@ class TrackingConfig(_Section):
     )
     hub_repo_id: str | None = Field(None, description="Hub repository for push_to_hub, `owner/name`.")
     hub_private: bool = Field(True, description="Create the Hub repository as private (an existing one keeps its visibility).")
+    hub_retry_delay_seconds: list[Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: [2.0, 10.0], description="Waits before each retry of a failed Hub push (one retry per "
+        "entry; [] pushes once); after the last, stage 6 fails and the registered version is kept.",
+    )
 
     @model_validator(mode="after")
     def _hub_repo(self) -> TrackingConfig:

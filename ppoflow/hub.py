@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,6 @@ from ppoflow.manifests import DatasetManifest, Release, RunPlan
 log = logging.getLogger(__name__)
 
 CARD = "README.md"
-RETRY_DELAYS = (2.0, 10.0)  # seconds before the 2nd and 3rd attempt
 
 
 @dataclass(frozen=True)
@@ -88,8 +86,9 @@ against the reward model `{config.models.reward}`{" as a LoRA adapter" if config
 """
 
 
-def push_policy(plan: RunPlan, data: DatasetManifest, release: Release, *, retry_delays: Sequence[float] = RETRY_DELAYS) -> HubCommit:
-    """Upload `release.policy_dir` with its model card (one commit) to `tracking.hub_repo_id`; retried on failure."""
+def push_policy(plan: RunPlan, data: DatasetManifest, release: Release) -> HubCommit:
+    """Upload `release.policy_dir` with its model card (one commit) to `tracking.hub_repo_id`; retried on
+    failure after each of `tracking.hub_retry_delay_seconds`."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
     tracking = plan.config.tracking
@@ -100,6 +99,7 @@ def push_policy(plan: RunPlan, data: DatasetManifest, release: Release, *, retry
         for path in files if path.relative_to(release.policy_dir) != Path(CARD)  # ours replaces peft's card
     ] + [CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=model_card(plan, data, release).encode())]
     api = HfApi()
+    retry_delays = tracking.hub_retry_delay_seconds
     attempts = len(retry_delays) + 1
     for attempt, delay in enumerate([*retry_delays, None], start=1):
         try:
@@ -115,7 +115,7 @@ def push_policy(plan: RunPlan, data: DatasetManifest, release: Release, *, retry
             if delay is None:
                 kept = f"version {release.registered_version} of {release.registered_model}" if release.registered_version else "the MLflow run"
                 raise TrackingError(
-                    f"tracking.push_to_hub: pushing {release.policy_dir} to {repo_id} failed {attempts} times ({reason}) — "
+                    f"tracking.push_to_hub: pushing {release.policy_dir} to {repo_id} failed {attempts} time{'s' if attempts > 1 else ''} ({reason}) — "
                     f"{kept} is kept; check the token's write access and the Hub, then run again: finished stages are reused"
                 ) from None
             log.warning("Hub push attempt %d of %d failed (%s); retrying in %.0f s", attempt, attempts, reason, delay)

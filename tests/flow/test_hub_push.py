@@ -33,7 +33,7 @@ def ppoflow_run(config_file: Path, env: dict[str, str]) -> subprocess.CompletedP
 def test_push_to_hub_after_registration_and_a_failing_hub_keeps_the_version(toy_world, tmp_path):
     tree = toy_flow_config(toy_world, tmp_path / "run", tmp_path / "results")
     tree["ppo"]["total_episodes"] = 16
-    tree["tracking"] |= {"push_to_hub": True, "hub_repo_id": "my-org/toy-policy"}
+    tree["tracking"] |= {"push_to_hub": True, "hub_repo_id": "my-org/toy-policy", "hub_retry_delay_seconds": [0.0, 0.5]}
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(tree))
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"

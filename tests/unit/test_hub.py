@@ -28,7 +28,7 @@ def hub(monkeypatch):
 def release_inputs(tmp_path):
     tree = {
         "output_dir": str(tmp_path), "models": {"policy": "org/sft", "reward": "org/rm"}, "data": {"path": "p.jsonl"},
-        "tracking": {"push_to_hub": True, "hub_repo_id": "my-org/my-policy"},
+        "tracking": {"push_to_hub": True, "hub_repo_id": "my-org/my-policy", "hub_retry_delay_seconds": [0.0, 0.0]},
     }
     config = build_config(tree)
     plan = RunPlan(config=config, config_hash=config.config_hash(), output_dir=tmp_path, batch=BatchPlan.derive(config.ppo))
@@ -51,7 +51,7 @@ def release_inputs(tmp_path):
 
 def test_push_uploads_final_with_a_lineage_card_in_one_commit(hub, release_inputs):
     plan, data, release = release_inputs
-    commit = push_policy(plan, data, release, retry_delays=())
+    commit = push_policy(plan, data, release)
     (made,) = hub.commits
     assert hub.repos["my-org/my-policy"]["visibility"] == "private"
     assert made.repo_id == "my-org/my-policy" and commit.commit_url.startswith(f"{hub.url}/my-org/my-policy/commit/")
@@ -67,14 +67,24 @@ def test_push_uploads_final_with_a_lineage_card_in_one_commit(hub, release_input
 
 def test_a_failing_hub_is_retried(hub, release_inputs):
     hub.fail_commits = 2
-    push_policy(*release_inputs, retry_delays=(0.0, 0.0))
+    push_policy(*release_inputs)
     assert len(hub.commits) == 1
+
+
+def test_retries_follow_hub_retry_delay_seconds(hub, release_inputs):
+    plan, data, release = release_inputs
+    once = plan.model_copy(update={"config": plan.config.model_copy(update={"tracking": plan.config.tracking.model_copy(
+        update={"hub_retry_delay_seconds": []})})})
+    hub.fail_commits = 1
+    with pytest.raises(TrackingError, match=r"failed 1 time \("):
+        push_policy(once, data, release)
+    assert hub.commits == []
 
 
 def test_a_hub_that_keeps_failing_fails_in_one_line_naming_the_field(hub, release_inputs, caplog):
     hub.fail_commits = 99
     with pytest.raises(TrackingError) as failure:
-        push_policy(*release_inputs, retry_delays=(0.0, 0.0))
+        push_policy(*release_inputs)
     message = str(failure.value)
     assert "\n" not in message and message.startswith("tracking.push_to_hub:")
     assert "failed 3 times" in message and "version 4 of ppoflow-policy is kept" in message
