@@ -48,6 +48,7 @@ PID_FILE = "mlflow-server.pid"
 LOG_FILE = "mlflow-server.log"
 AUTH_INI = "basic_auth.ini"
 AUTH_DB = "basic_auth.db"
+DEFAULT_AUTH_CACHE_SECONDS = 60  # a changed password or deleted user is honoured within a minute
 
 ENV_ADMIN_PASSWORD = "MLFLOW_AUTH_ADMIN_PASSWORD"
 ENV_ADMIN_USERNAME = "MLFLOW_AUTH_ADMIN_USERNAME"
@@ -178,13 +179,18 @@ def _read_pid(home: Path) -> int | None:
 # --------------------------------------------------------------------------- auth
 
 
-def _auth_config(home: Path, default_permission: str) -> Path:
+def _auth_config(home: Path, default_permission: str, cache_seconds: int = 0) -> Path:
     """Validate the auth env vars and write HOME/basic_auth.ini (0600: holds the admin password).
 
     MLflow 3.17's basic-auth app reads the file named by MLFLOW_AUTH_CONFIG_PATH
     (mlflow/server/auth/config.py); with no admin in its user store it creates one from
     ``admin_password`` (or MLFLOW_AUTH_ADMIN_PASSWORD, which wins when set) and refuses to start
     without one. The Flask secret key has no file setting: it stays an env var.
+
+    ``cache_seconds``: how long the server trusts a login it has checked (MLflow's
+    ``auth_cache_ttl_seconds``; 0 checks every request). Each check is a deliberately slow
+    password hash (scrypt, ~0.1 s of a core), and a flow run's stage 6 makes a few hundred
+    requests. A password changed or a user deleted is honoured once the cached login expires.
     """
     password = os.environ.get(ENV_ADMIN_PASSWORD, "")
     secret_key = os.environ.get(ENV_SECRET_KEY, "")
@@ -202,6 +208,8 @@ def _auth_config(home: Path, default_permission: str) -> Path:
     if importlib.util.find_spec("flask_wtf") is None:
         raise ServerError(f"--auth needs mlflow[auth] (Flask-WTF), which is not installed: "
                           f"{EXTRA_HINT}")
+    if cache_seconds < 0:
+        raise ServerError(f"--auth-cache-seconds is {cache_seconds}: give 0 (check every request) or more")
     if default_permission not in AUTH_PERMISSIONS:
         raise ServerError(f"unknown auth default permission {default_permission!r}; "
                           f"choose one of {', '.join(AUTH_PERMISSIONS)}")
@@ -213,6 +221,7 @@ def _auth_config(home: Path, default_permission: str) -> Path:
         "admin_password": password,
         "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
         "grant_default_workspace_access": "false",
+        "auth_cache_ttl_seconds": str(cache_seconds),
     }
     buf = io.StringIO()
     buf.write("# written by `mlflow_server.server start --auth`: holds the admin password (0600)\n")
@@ -235,6 +244,7 @@ def start_server(
     artifacts_destination: str | Path | None = None,
     auth: bool = False,
     auth_default_permission: str = "READ",
+    auth_cache_seconds: int = DEFAULT_AUTH_CACHE_SECONDS,
     workers: int = 1,
     enable_jobs: bool = False,
     extra_args: Sequence[str] = (),
@@ -285,7 +295,7 @@ def start_server(
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "true" if enable_jobs else "false"
 
     # Checked before anything starts: a missing secret must not leave a PostgreSQL running.
-    auth_ini = _auth_config(home, auth_default_permission) if auth else None
+    auth_ini = _auth_config(home, auth_default_permission, auth_cache_seconds) if auth else None
 
     # Backend store.
     pg_info: dict[str, Any] | None = None
@@ -472,6 +482,9 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"basic auth; needs {ENV_ADMIN_PASSWORD} and {ENV_SECRET_KEY}")
     s.add_argument("--auth-default-permission", default="READ", choices=AUTH_PERMISSIONS,
                    help="permission of users on resources they hold no grant on (default READ)")
+    s.add_argument("--auth-cache-seconds", type=int, default=DEFAULT_AUTH_CACHE_SECONDS,
+                   help="how long a checked login is trusted before its password is hashed again "
+                        f"(default {DEFAULT_AUTH_CACHE_SECONDS}; 0: every request)")
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--enable-jobs", action="store_true",
                    help="run MLflow's background job runner (off: ppoflow does not need it)")
@@ -501,7 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             info = start_server(
                 args.home, host=args.host, port=args.port, backend=args.backend,
                 backend_uri=args.backend_uri, artifacts_destination=args.artifacts_destination,
-                auth=args.auth, auth_default_permission=args.auth_default_permission,
+                auth=args.auth, auth_default_permission=args.auth_default_permission, auth_cache_seconds=args.auth_cache_seconds,
                 workers=args.workers, enable_jobs=args.enable_jobs, extra_args=extra,
                 timeout=args.timeout,
             )

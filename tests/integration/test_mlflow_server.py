@@ -7,6 +7,7 @@ also needs Debian's server binaries (`apt-get install -y postgresql`) and is ski
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
 import os
@@ -142,6 +143,7 @@ def test_basic_auth(tmp_path, monkeypatch):
     try:
         ini = home / "basic_auth.ini"
         assert ini.stat().st_mode & 0o777 == 0o600
+        assert "auth_cache_ttl_seconds = 60" in ini.read_text()  # a checked login is trusted for a minute
         assert ADMIN_PASSWORD not in (home / "server.json").read_text()
         assert ADMIN_PASSWORD not in (home / "mlflow-server.log").read_text()
 
@@ -168,6 +170,12 @@ def test_basic_auth(tmp_path, monkeypatch):
                           lambda: auditor.get_experiment(other_exp)):
             with pytest.raises(MlflowException, match="403"):
                 forbidden()
+        # the login cache holds checked logins only: the auditor's name with another password is refused
+        wrong = urllib.request.Request(f"{info.url}/api/2.0/mlflow/runs/get?run_id={run_id}", headers={
+            "Authorization": "Basic " + base64.b64encode(b"auditor:not-the-password-0").decode()})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(wrong, timeout=10)
+        assert err.value.code == 401
     finally:
         assert stop_server(home) is True
     assert _gone(info.pid)

@@ -135,6 +135,11 @@ def test_servers_bind_loopback_and_have_no_default_password(tmp_path, monkeypatc
     with pytest.raises(ServerError, match="no defaults"):
         start_server(tmp_path / "auth-without-password", auth=True)
     assert not (tmp_path / "auth-without-password" / "mlflow-server.pid").exists()
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", "a-long-admin-password-1")
+    monkeypatch.setenv("MLFLOW_FLASK_SERVER_SECRET_KEY", "k" * 32)
+    with pytest.raises(ServerError, match="--auth-cache-seconds is -1"):
+        start_server(tmp_path / "negative-cache", auth=True, auth_cache_seconds=-1)
+    assert not (tmp_path / "negative-cache" / "mlflow-server.pid").exists()
 
 
 def test_secret_config_values_and_uri_passwords_are_redacted():
