@@ -39,6 +39,7 @@ import pytest
 
 from deployments import serve
 from deployments.steps import load_run_config
+from ppoflow.layout import METRICS_FILE
 from tests.deployment_files import config_file, declared
 from tests.reliability.faulty_rewards import CRASH_ENV
 
@@ -426,6 +427,52 @@ def test_nightly_runs_chain_through_the_registry_and_promote_only_through_the_ga
     assert decisions["night 4"].startswith("rejected: ")
     assert str(client.get_model_version_by_alias(CHAIN_MODEL, "champion").version) == champion_after_2
     assert str(client.get_model_version_by_alias(CHAIN_MODEL, "candidate").version) == number["night 4"]
+
+
+def processes_of(workspace: Path) -> list:
+    """The live processes whose command line names `workspace`: accelerate's launcher and its ranks
+    (`ppoflow.cli stage train --inputs WORKSPACE/launch/...`)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(str(workspace) in part for part in process.info["cmdline"] or ()) and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+    return found
+
+
+@TRIGGERED_TIMEOUT
+def test_cancelling_a_two_process_training_ends_every_rank(served_stack, chain, toy_world, workspace):
+    """Cancelling a flow run (the UI's Cancel sets the state this test sets through the API) while its
+    training runs on two processes: the worker ends the flow run's process, which ends the accelerate
+    launch group it started in a session of its own; no rank is left holding its cores or GPU."""
+    import psutil
+    from prefect.states import Cancelling
+
+    output_dir = workspace / "cancelled"
+    overrides = [*tiny_overrides(toy_world, workspace, "cancelled"), "runtime.num_processes=2", "ppo.total_episodes=9600",
+                 "ppo.checkpoint_every=1000", "flow.retries=0"]
+    with prefect_client(served_stack) as client:
+        deployment = client.read_deployment_by_name("rlhf-ppo/toy-nightly")
+        flow_run = client.create_flow_run_from_deployment(deployment.id, parameters={"overrides": overrides})
+        deadline = time.monotonic() + 300
+        while not (output_dir / METRICS_FILE).is_file():  # both ranks past their first update
+            assert time.monotonic() < deadline, f"no update trained in {output_dir} after 300 s"
+            time.sleep(0.5)
+        ranks = [p for p in processes_of(output_dir) if "ppoflow.cli" in " ".join(p.cmdline())]
+        assert len(ranks) >= 2, [p.cmdline() for p in ranks]
+        began = time.monotonic()
+        client.set_flow_run_state(flow_run.id, Cancelling(), force=True)
+        final = wait_final(client, flow_run.id)
+    _, alive = psutil.wait_procs(processes_of(output_dir), timeout=60)
+    assert not alive, f"left running {time.monotonic() - began:.0f} s after the cancel: {[p.cmdline() for p in alive]}"
+    assert final.state.is_cancelled(), f"ended {final.state_name}: {final.state.message}"
+    assert len(read_jsonl_lines(output_dir / METRICS_FILE)) < 300  # stopped long before its 300 updates
+
+
+def read_jsonl_lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.strip()]
 
 
 @TRIGGERED_TIMEOUT
