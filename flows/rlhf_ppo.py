@@ -62,6 +62,7 @@ from ppoflow.locking import output_dir_lock
 from ppoflow.manifests import DatasetManifest, ModelManifest, Release, RunPlan, training_fingerprint
 from ppoflow.redaction import redact
 from tasks import Stages
+from tasks.common import quiet_user_error_tracebacks
 
 
 FAILURE_ARTIFACT = "rlhf-ppo-failure"
@@ -135,6 +136,7 @@ def failure_markdown(run: FlowRun, state: State, stage: str | None, reason: str,
 )
 def rlhf_ppo(config: RunConfig, overrides: list[str] | None = None) -> dict[str, Any]:
     """Train a policy with PPO against a reward model; return the run summary."""
+    quiet_user_error_tracebacks()
     if logging.getLogger("ppoflow").level == logging.NOTSET:  # a worker's process: no CLI set the level
         logging.getLogger("ppoflow").setLevel(logging.INFO)  # so the engine's progress reaches the Prefect UI
     config = effective_config(config, overrides, flow_run.scheduled_start_time, flow_run.id)

@@ -100,6 +100,26 @@ def retry_unless_user_error(task: Task, task_run: TaskRun, state: State) -> bool
     return True
 
 
+class UserErrorsWithoutTraceback(logging.Filter):
+    """Drops the traceback Prefect logs with a failed flow or task run when the exception is a
+    refusal of ppoflow's (`PpoflowError`): its message already names the field and the fix, and the
+    console and the Prefect UI then show that line instead of twenty lines of engine frames. Other
+    exceptions keep their tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], PpoflowError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_user_error_tracebacks() -> None:
+    """Install `UserErrorsWithoutTraceback` on Prefect's flow-run and task-run loggers (once)."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(existing, UserErrorsWithoutTraceback) for existing in logger.filters):
+            logger.addFilter(UserErrorsWithoutTraceback())
+
+
 def result_storage(flow: FlowConfig) -> Path:
     """An absolute path (Prefect reads a plain string as a storage block slug)."""
     return Path(flow.result_storage or DEFAULT_RESULT_STORAGE).expanduser().resolve()
