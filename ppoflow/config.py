@@ -318,6 +318,10 @@ class RuntimeConfig(_Section):
         "the calling process. More: `ppoflow run` runs stages 4 and 5 under `accelerate launch`, a child process "
         "group of the task; `ppoflow train` must itself be started by `accelerate launch --num_processes` with as many.",
     )
+    keep_archives: int | None = Field(
+        None, ge=0, description="Archived trainings kept in OUTPUT/archive/ (stage 3 moves a workspace's training of other "
+        "data or models there), newest first: older ones are deleted after each archiving. null keeps them all; 0 keeps none.",
+    )
 
 
 class RunConfig(_Section):

@@ -204,6 +204,7 @@ def prepare_dataset(plan: RunPlan, models: ModelManifest) -> DatasetManifest:
             training = training_fingerprint(models, fingerprint)
             if _trained_fingerprints(plan.output_dir) - {training}:
                 archive_training(plan.output_dir)
+                prune_archives(plan.output_dir, plan.config.runtime.keep_archives)
 
         manifest = prepare_prompts(
             plan.config.data, load_tokenizer(models.tokenizer_dir), out_dir, seed=plan.config.ppo.seed,
@@ -273,6 +274,21 @@ def archive_training(output_dir: Path) -> Path:
             (output_dir / name).rename(target / name)
     log.warning("%s held another training (other data or models under the same config): moved it to %s", output_dir, target)
     return target
+
+
+def prune_archives(output_dir: Path, keep: int | None) -> list[Path]:
+    """Delete all but the `keep` newest archived trainings (`runtime.keep_archives`; None keeps all).
+    Their names start with the UTC time they were archived, so they sort oldest first. Returns the
+    deleted directories."""
+    root = output_dir / "archive"
+    if keep is None or not root.is_dir():
+        return []
+    archives = sorted(path for path in root.iterdir() if path.is_dir())
+    doomed = archives[: max(len(archives) - keep, 0)]
+    for path in doomed:
+        shutil.rmtree(path)
+        log.info("deleted the archived training %s (runtime.keep_archives: %d)", path, keep)
+    return doomed
 
 
 def _trained_fingerprints(output_dir: Path) -> set[str]:

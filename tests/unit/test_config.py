@@ -100,6 +100,7 @@ BAD = [
     (["ppo.eval_every=true"], "ppo.eval_every", "valid integer"),
     (["ppo.eval_every=4", "data.eval_size=0"], "ppo.eval_every", "no held-out prompts"),
     (["data.eval_size=0"], "data.eval_size", "the promotion gate (tracking.promotion) judges"),
+    (["runtime.keep_archives=-1"], "runtime.keep_archives", "greater than or equal to 0"),
     (["ppo.learning_rate"], "ppo.learning_rate", "key.path=value"),
     (["output_dir=runs/{foo}"], "output_dir", "unknown placeholder {foo}"),
     (["output_dir=runs/{Date}/x"], "output_dir", "unknown placeholder {Date}"),

@@ -138,3 +138,18 @@ def test_stage_three_archives_another_training_whole_before_writing_the_new_data
     assert (archived / "final" / "model.safetensors").read_bytes() == b"weights"
     assert sorted(path.name for path in plan.output_dir.iterdir()) == ["archive", "config.yaml", "data"]  # stage 1's stays
     assert set(pipeline.TRAINING_PRODUCTS) >= {SPOOL_FILE, "checkpoints", "final", "final-merged", "samples.jsonl"}
+
+
+@pytest.mark.parametrize(("keep", "kept_nights"), [(None, [1, 2, 3]), (2, [2, 3]), (0, [])])
+def test_runtime_keep_archives_keeps_the_newest_archived_trainings(plan, tmp_path, model_manifest, keep, kept_nights):
+    plan = plan.model_copy(update={"config": plan.config.model_copy(update={"runtime": plan.config.runtime.model_copy(update={"keep_archives": keep})})})
+    trained = {}
+    for night, day in enumerate(("2026-11-28", "2026-11-29", "2026-11-30", "2026-12-01"), start=1):
+        write_night(tmp_path, day, [f"the cat sat {'dog ' * night}", "the dog ran", "the cat ran"])
+        manifest = pipeline.prepare_dataset(plan, model_manifest)
+        trained[night] = training_fingerprint(model_manifest, manifest.fingerprint)
+        fake_checkpoint(plan, 0, trained[night])  # night N trained: night N+1's stage 3 archives it
+    archive = plan.output_dir / "archive"
+    kept = sorted(path.name for path in archive.iterdir()) if archive.is_dir() else []
+    assert [name.rsplit("-", 1)[1] for name in kept] == [trained[night][:16] for night in kept_nights]
+    assert (plan.output_dir / "checkpoints" / "step-000000").is_dir()  # tonight's training is never touched
