@@ -122,6 +122,18 @@ def load_training_state(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any
     return tuple(load_tensors(checkpoint / name) for name in ("optimizer.pt", "scheduler.pt", "rng.pt"))
 
 
+def check_sharding(checkpoint: Path, state: dict[str, Any], fsdp: bool) -> None:
+    """A checkpoint resumes only with the `runtime.fsdp` that wrote it: the optimizer state is keyed
+    by parameter name when sharded, by position otherwise. Older checkpoints, without the field, are
+    of unsharded training."""
+    written = bool(state.get("fsdp", False))
+    if written != fsdp:
+        raise CheckpointError(
+            f"{checkpoint} was written with runtime.fsdp {str(written).lower()} and this run has {str(fsdp).lower()} — "
+            f"set runtime.fsdp: {str(written).lower()} to resume it, or use a new output_dir"
+        )
+
+
 def storage_problem(path: Path, exc: BaseException) -> str | None:
     """Why a write below `path` failed when the file system is the cause (full, read-only, not
     permitted); None otherwise. torch.save and safetensors wrap the OS error (torch's reads

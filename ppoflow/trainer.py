@@ -31,6 +31,7 @@ from transformers import PreTrainedModel
 from ppoflow import advantages as adv
 from ppoflow.checkpoint import (
     capture_rng,
+    check_sharding,
     load_training_state,
     newest_valid_checkpoint,
     prune_checkpoints,
@@ -191,12 +192,7 @@ class PPOTrainer:
                 f"{checkpoint} belongs to config {state['config_hash']}, not {self.plan.config_hash} — "
                 "use a fresh output_dir for a changed config"
             )
-        written = "true" if state.get("fsdp", False) else "false"
-        if state.get("fsdp", False) != self.fsdp:
-            raise CheckpointError(
-                f"{checkpoint} was written with runtime.fsdp {written} and this run has {str(self.fsdp).lower()} "
-                f"(the optimizer state differs) — set runtime.fsdp: {written} to resume it, or use a new output_dir"
-            )
+        check_sharding(checkpoint, state, self.fsdp)
         optimizer, scheduler, rng = load_training_state(checkpoint)
         if self.fsdp:
             load_full_optimizer_state(self.sharded, self.optimizer, optimizer)
