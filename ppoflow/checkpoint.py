@@ -101,13 +101,17 @@ def write_checkpoint(root: Path, update: int, write_payload: Callable[[Path], No
     return final
 
 
-def save_training_state(directory: Path, *, policy, value, optimizer, scheduler, rng_states: list[dict[str, Any]]) -> None:
+def save_training_state(
+    directory: Path, *, policy, value, optimizer_state: dict[str, Any], scheduler, rng_states: list[dict[str, Any]],
+    policy_state: dict[str, torch.Tensor] | None = None, value_state: dict[str, torch.Tensor] | None = None,
+) -> None:
     """A training checkpoint's payload: the policy (or its LoRA adapter) and the value model in
     Hugging Face format (safetensors), the optimizer and scheduler states, and every process's RNG
-    states (a list by process index)."""
-    policy.save_pretrained(directory / "policy", safe_serialization=True)
-    value.save_pretrained(directory / "value", safe_serialization=True)
-    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    states (a list by process index). `policy_state`/`value_state`: the models' full weights when
+    the models themselves hold shards (`runtime.fsdp`); None: their own."""
+    policy.save_pretrained(directory / "policy", safe_serialization=True, state_dict=policy_state)
+    value.save_pretrained(directory / "value", safe_serialization=True, state_dict=value_state)
+    torch.save(optimizer_state, directory / "optimizer.pt")
     torch.save(scheduler.state_dict(), directory / "scheduler.pt")
     torch.save(rng_states, directory / "rng.pt")
 
@@ -116,6 +120,18 @@ def load_training_state(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any
     """The optimizer state, scheduler state and per-process RNG states `save_training_state` wrote
     (the weights are loaded with the models)."""
     return tuple(load_tensors(checkpoint / name) for name in ("optimizer.pt", "scheduler.pt", "rng.pt"))
+
+
+def check_sharding(checkpoint: Path, state: dict[str, Any], fsdp: bool) -> None:
+    """A checkpoint resumes only with the `runtime.fsdp` that wrote it: the optimizer state is keyed
+    by parameter name when sharded, by position otherwise. Older checkpoints, without the field, are
+    of unsharded training."""
+    written = bool(state.get("fsdp", False))
+    if written != fsdp:
+        raise CheckpointError(
+            f"{checkpoint} was written with runtime.fsdp {str(written).lower()} and this run has {str(fsdp).lower()} — "
+            f"set runtime.fsdp: {str(written).lower()} to resume it, or use a new output_dir"
+        )
 
 
 def storage_problem(path: Path, exc: BaseException) -> str | None:

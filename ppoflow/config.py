@@ -318,6 +318,13 @@ class RuntimeConfig(_Section):
         "the calling process. More: `ppoflow run` runs stages 4 and 5 under `accelerate launch`, a child process "
         "group of the task; `ppoflow train` must itself be started by `accelerate launch --num_processes` with as many.",
     )
+    fsdp: bool = Field(
+        False, description="Fully sharded training (torch FSDP2, FULL_SHARD) of the policy and the value model over the "
+        "processes: each decoder layer (the classes in the model's `_no_split_modules`) and the root are sharded, "
+        "all-gathered for their forward and backward, their gradients and AdamW state kept in shards; the reference and "
+        "the reward model stay whole on every process. Needs runtime.num_processes > 1. False: each process holds both "
+        "models whole (DDP). Checkpoints hold full weights either way, but resume only with the setting that wrote them.",
+    )
     keep_archives: int | None = Field(
         None, ge=0, description="Archived trainings kept in OUTPUT/archive/ (stage 3 moves a workspace's training of other "
         "data or models there), newest first: older ones are deleted after each archiving. null keeps them all; 0 keeps none.",
@@ -359,6 +366,22 @@ class RunConfig(_Section):
             raise ConfigError(
                 "ppo.eval_every", f"is {self.ppo.eval_every} and data.eval_size is 0: there are no held-out prompts to evaluate on",
                 "hold out prompts (data.eval_size > 0) or set ppo.eval_every: null",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_needs(self) -> RunConfig:
+        if not self.runtime.fsdp:
+            return self
+        if self.runtime.num_processes < 2:
+            raise ConfigError(
+                "runtime.fsdp", f"is true and runtime.num_processes is {self.runtime.num_processes}: there is nothing to shard over",
+                "set runtime.num_processes to 2 or more (one process per GPU), or runtime.fsdp: false",
+            )
+        if self.peft.enabled:
+            raise ConfigError(
+                "runtime.fsdp", "is true and peft.enabled is true: LoRA with FSDP is not built",
+                "set runtime.fsdp: false (LoRA's few trained weights fit on every process) or peft.enabled: false",
             )
         return self
 

@@ -129,7 +129,11 @@ class RolloutWorker:
         model = model or self.policy
         recorder = SampledLogprobs(model, self.temperature) if record_logprobs else None
         try:
-            sequences = model.generate(input_ids=queries, attention_mask=query_mask.long(), generation_config=self.generation_config)
+            # Never in lockstep with the other processes: transformers would for a sharded model, and the
+            # trainer generates from whole (`sharding.gathered`) parameters, on the main process alone to evaluate.
+            sequences = model.generate(
+                input_ids=queries, attention_mask=query_mask.long(), generation_config=self.generation_config, synced_gpus=False,
+            )
         finally:
             if recorder is not None:
                 recorder.remove()

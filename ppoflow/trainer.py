@@ -31,6 +31,7 @@ from transformers import PreTrainedModel
 from ppoflow import advantages as adv
 from ppoflow.checkpoint import (
     capture_rng,
+    check_sharding,
     load_training_state,
     newest_valid_checkpoint,
     prune_checkpoints,
@@ -57,6 +58,15 @@ from ppoflow.models import (
 from ppoflow.rewards import load_reward_functions
 from ppoflow.runtime import configure_torch, make_accelerator
 from ppoflow.schedule import make_scheduler, warmup_steps
+from ppoflow.sharding import (
+    full_model_state,
+    full_optimizer_state,
+    gathered,
+    load_full_optimizer_state,
+    set_gradient_sync,
+    shard,
+    whole,
+)
 from ppoflow.reward_inputs import conversations
 from ppoflow.rollout import Rollout, build_worker, left_pad
 
@@ -81,7 +91,9 @@ class AtResponseTokens(nn.Module):
         self.read = read
 
     def forward(self, input_ids, attention_mask, position_ids, before):
-        return self.read(self.model, {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}, before)
+        output = self.read(self.model, {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}, before)
+        # A view (the value head's squeezed output) would escape FSDP2's pre-backward hook if modified in place.
+        return output.clone() if output._is_view() else output
 
 
 def decay_parameter_groups(models: Sequence[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
@@ -128,8 +140,17 @@ class PPOTrainer:
         policy = load_policy(self.config, self.models, checkpoint, trainable=True, device=device)
         value = load_value(self.config, self.models, checkpoint, device=device)
         ref, reward = load_frozen(self.config, self.models, device)
-        self.policy_wrapper = self.accelerator.prepare_model(AtResponseTokens(policy, response_logits))
-        self.value_wrapper = self.accelerator.prepare_model(AtResponseTokens(value, token_values))
+        self.fsdp = self.config.runtime.fsdp
+        if self.fsdp:
+            # Every process loaded the full weights; each keeps its shards. The reference and the
+            # reward model stay whole on every process.
+            self.policy_wrapper = shard(AtResponseTokens(policy, response_logits))
+            self.value_wrapper = shard(AtResponseTokens(value, token_values))
+            # One optimizer spans both models: its full state is keyed by names under this container.
+            self.sharded = nn.ModuleDict({"policy": self.policy_wrapper, "value": self.value_wrapper})
+        else:
+            self.policy_wrapper = self.accelerator.prepare_model(AtResponseTokens(policy, response_logits))
+            self.value_wrapper = self.accelerator.prepare_model(AtResponseTokens(value, token_values))
         self.policy = self.accelerator.unwrap_model(self.policy_wrapper).model
         self.value = self.accelerator.unwrap_model(self.value_wrapper).model
         if self.ppo.gradient_checkpointing:
@@ -152,14 +173,15 @@ class PPOTrainer:
             warmup_steps=warmup_steps(self.ppo.warmup_ratio, self.batch.optimizer_steps),
             total_steps=self.batch.optimizer_steps,
         )
-        self.worker = build_worker(
-            self.config, self.models, self.policy, ref, reward, self.value, chunk_size=self.ppo.local_rollout_forward_batch_size,
-        )
-        # Stage 6's evaluation on the models in training (`ppo.eval_every`): the main process evaluates.
-        self.evaluator = None
-        if self.ppo.eval_every is not None and self.accelerator.is_main_process:
-            eval_worker = build_worker(self.config, self.models, self.policy, ref, reward, None, chunk_size=self.config.eval.batch_size)
-            self.evaluator = Evaluator(self.config, self.models, eval_worker, load_prompts(self.data.eval_dir), device)
+        with gathered(self.policy_wrapper, self.value_wrapper):  # the packing self-check runs the models
+            self.worker = build_worker(
+                self.config, self.models, self.policy, ref, reward, self.value, chunk_size=self.ppo.local_rollout_forward_batch_size,
+            )
+            # Stage 6's evaluation on the models in training (`ppo.eval_every`): the main process evaluates.
+            self.evaluator = None
+            if self.ppo.eval_every is not None and self.accelerator.is_main_process:
+                eval_worker = build_worker(self.config, self.models, self.policy, ref, reward, None, chunk_size=self.config.eval.batch_size)
+                self.evaluator = Evaluator(self.config, self.models, eval_worker, load_prompts(self.data.eval_dir), device)
         if checkpoint is not None:
             self._load_state(checkpoint)
 
@@ -170,8 +192,12 @@ class PPOTrainer:
                 f"{checkpoint} belongs to config {state['config_hash']}, not {self.plan.config_hash} — "
                 "use a fresh output_dir for a changed config"
             )
+        check_sharding(checkpoint, state, self.fsdp)
         optimizer, scheduler, rng = load_training_state(checkpoint)
-        self.optimizer.load_state_dict(optimizer)
+        if self.fsdp:
+            load_full_optimizer_state(self.sharded, self.optimizer, optimizer)
+        else:
+            self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(scheduler)
         restore_rng(rng[self.accelerator.process_index])
         self.update, self.episode, self.optimizer_steps = state["update"], state["episode"], state["optimizer_steps"]
@@ -187,6 +213,12 @@ class PPOTrainer:
     def save_checkpoint(self) -> CheckpointManifest:
         """All processes call this; the main process writes. Returns the checkpoint's manifest."""
         rng_states = gather_object([capture_rng()])
+        if self.fsdp:  # every process gathers; the main one receives the full states
+            policy_state = full_model_state(self.policy_wrapper, prefix="model.")
+            value_state = full_model_state(self.value_wrapper, prefix="model.")
+            optimizer_state = full_optimizer_state(self.sharded, self.optimizer)
+        else:
+            policy_state, value_state, optimizer_state = None, None, self.optimizer.state_dict()
         path = None
         if self.accelerator.is_main_process:
             state = {
@@ -198,12 +230,13 @@ class PPOTrainer:
                 # stages 4 and 5 continue it only from these models and data; stage 3 archives it otherwise
                 "training_fingerprint": training_fingerprint(self.models, self.data.fingerprint),
                 "world_size": self.batch.world_size,
+                "fsdp": self.fsdp,
             }
 
             def payload(directory: Path) -> None:
                 save_training_state(
-                    directory, policy=self.policy, value=self.value, optimizer=self.optimizer, scheduler=self.scheduler,
-                    rng_states=rng_states,
+                    directory, policy=self.policy, value=self.value, optimizer_state=optimizer_state, scheduler=self.scheduler,
+                    rng_states=rng_states, policy_state=policy_state, value_state=value_state,
                 )
 
             path = write_checkpoint(self.checkpoint_root, self.update, payload, state)
@@ -259,11 +292,12 @@ class PPOTrainer:
         (with `timing/eval`), computed by the main process while the others wait; empty on the others.
         The evaluator puts back every RNG state it touches, so training draws what it would without."""
         metrics: dict[str, float] = {}
-        if self.evaluator is not None:
-            began = time.perf_counter()
-            results, _ = self.evaluator()
-            metrics = {f"eval/{key}": value for key, value in results.items()} | {"timing/eval": time.perf_counter() - began}
-        self.accelerator.wait_for_everyone()
+        with gathered(self.policy_wrapper):  # all processes gather the sharded policy; the main one evaluates
+            if self.evaluator is not None:
+                began = time.perf_counter()
+                results, _ = self.evaluator()
+                metrics = {f"eval/{key}": value for key, value in results.items()} | {"timing/eval": time.perf_counter() - began}
+            self.accelerator.wait_for_everyone()
         return metrics
 
     def step(self) -> dict[str, Any]:
@@ -272,13 +306,15 @@ class PPOTrainer:
         ppo = self.ppo
         prompts = local_batch(self.train_rows, self.batch, self.update, ppo.seed, self.accelerator.process_index)
         queries, query_mask = left_pad(prompts["input_ids"], self.models.pad_token_id, self.accelerator.device)
-        # Rollout and score: responses, their log-probs (policy, reference), values, and scores.
-        rollout = self.worker.rollout(
-            queries, query_mask, prompts["prompt"], self._decode,
-            [(fn.metric_name, fn.weight, fn.function) for fn in self.reward_functions],
-            ppo.missing_eos_penalty,
-            conversations(prompts),
-        )
+        # Rollout and score: responses, their log-probs (policy, reference), values, and scores; the
+        # sharded models whole meanwhile, so that processes may generate to different lengths.
+        with gathered(self.policy_wrapper, self.value_wrapper):
+            rollout = self.worker.rollout(
+                queries, query_mask, prompts["prompt"], self._decode,
+                [(fn.metric_name, fn.weight, fn.function) for fn in self.reward_functions],
+                ppo.missing_eos_penalty,
+                conversations(prompts),
+            )
         self._check_finite({"objective/scores": rollout.scores, "values": rollout.values})
         mask = rollout.response_mask
         kl = adv.kl_penalty(rollout.logprobs, rollout.ref_logprobs, ppo.kl_estimator).masked_fill(~mask, 0.0)
@@ -339,12 +375,7 @@ class PPOTrainer:
                 mini_rows = order[mini * batch.local_mini_batch_size : (mini + 1) * batch.local_mini_batch_size]
                 for micro in range(micro_batches):
                     rows = mini_rows[micro * batch.local_micro_batch_size : (micro + 1) * batch.local_micro_batch_size]
-                    last_micro = micro == micro_batches - 1
-                    with ExitStack() as no_sync:
-                        if not last_micro:
-                            no_sync.enter_context(self.accelerator.no_sync(self.policy_wrapper))
-                            no_sync.enter_context(self.accelerator.no_sync(self.value_wrapper))
-                        record = self._micro_batch(rollout, advantages, returns, rows, micro_batches)
+                    record = self._accumulate(rollout, advantages, returns, rows, micro_batches, sync=micro == micro_batches - 1)
                     for key, value in record.items():
                         records[key].append(value)
                 learning_rates.append(self.optimizer.param_groups[0]["lr"])
@@ -365,6 +396,19 @@ class PPOTrainer:
             # update, since it steps its scheduler once per update).
             "lr": sum(learning_rates) / len(learning_rates),
         }
+
+    def _accumulate(self, rollout: Rollout, advantages, returns, rows: torch.Tensor, micro_batches: int, *, sync: bool):
+        """One micro-batch's gradients, added to the others'; synced across processes only on the
+        mini-batch's last (`sync`)."""
+        wrappers = [self.policy_wrapper, self.value_wrapper]
+        if self.fsdp:
+            set_gradient_sync(wrappers, sync)
+            return self._micro_batch(rollout, advantages, returns, rows, micro_batches)
+        with ExitStack() as no_sync:
+            if not sync:
+                for wrapper in wrappers:
+                    no_sync.enter_context(self.accelerator.no_sync(wrapper))
+            return self._micro_batch(rollout, advantages, returns, rows, micro_batches)
 
     def _micro_batch(self, rollout: Rollout, advantages, returns, rows: torch.Tensor, micro_batches: int) -> dict[str, torch.Tensor]:
         ppo = self.ppo
@@ -398,7 +442,7 @@ class PPOTrainer:
     def _optimizer_step(self) -> None:
         if self.ppo.max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.ppo.max_grad_norm)
-            self._check_finite({"grad_norm": grad_norm})
+            self._check_finite({"grad_norm": whole(grad_norm)})
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

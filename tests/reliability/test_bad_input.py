@@ -72,6 +72,8 @@ CASES = [
     Case("evaluation during training without eval prompts", "`ppo.eval_every`", ("ppo.eval_every=2", "data.eval_size=0")),
     Case("a promotion gate without eval prompts", "`data.eval_size`", ("data.eval_size=0",)),
     Case("reference with LoRA", "`models.ref`", ("peft.enabled=true", "models.ref=/tmp")),
+    Case("sharded training on one process", "`runtime.fsdp`", ("runtime.fsdp=true",)),
+    Case("sharded training with LoRA", "`runtime.fsdp`", ("runtime.fsdp=true", "runtime.num_processes=2", "peft.enabled=true")),
     Case("flash-attention without a GPU", "`models.attn_implementation`", ("models.attn_implementation=flash_attention_2",)),
     Case("push to hub without a repo", "`tracking`", ("tracking.push_to_hub=true",)),
     Case("negative lock timeout", "`flow.lock_timeout_seconds`", ("flow.lock_timeout_seconds=-1",)),

@@ -100,6 +100,8 @@ BAD = [
     (["ppo.eval_every=true"], "ppo.eval_every", "valid integer"),
     (["ppo.eval_every=4", "data.eval_size=0"], "ppo.eval_every", "no held-out prompts"),
     (["data.eval_size=0"], "data.eval_size", "the promotion gate (tracking.promotion) judges"),
+    (["runtime.fsdp=true"], "runtime.fsdp", "runtime.num_processes is 1"),
+    (["runtime.fsdp=true", "runtime.num_processes=2", "peft.enabled=true"], "runtime.fsdp", "LoRA with FSDP is not built"),
     (["runtime.keep_archives=-1"], "runtime.keep_archives", "greater than or equal to 0"),
     (["ppo.learning_rate"], "ppo.learning_rate", "key.path=value"),
     (["output_dir=runs/{foo}"], "output_dir", "unknown placeholder {foo}"),

@@ -1,0 +1,131 @@
+"""FULL_SHARD training (`runtime.fsdp`) with torch's FSDP2 (`torch.distributed.fsdp.fully_shard`).
+
+The policy and the value model are sharded: each decoder layer (the classes a transformers model
+names in `_no_split_modules`) is its own group, all-gathered just before its forward and freed
+after it, and the root (the `AtResponseTokens` wrapper) holds the rest (embeddings, final norm,
+heads). accelerate still forms the process group; its own FSDP plugin is not used: it gives DDP on
+CPU and takes one model only.
+
+Rollout and evaluation call the inner Hugging Face models directly, a different number of forwards
+on each process (responses end at different lengths): they run inside `gathered`, where every
+parameter stays whole and no collective is issued. Checkpoints hold full (unsharded) state dicts,
+gathered by every process and written by the main one, so their format is that of a DDP run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
+
+log = logging.getLogger(__name__)
+
+# Whole tensors in CPU memory, on the main process only (the others get empty dicts).
+FULL_ON_MAIN = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def layer_classes(module: nn.Module) -> set[str]:
+    """The class names transformers keeps whole (`_no_split_modules`: the decoder layers)."""
+    return {name for sub in module.modules() for name in (getattr(sub, "_no_split_modules", None) or ())}
+
+
+def shard(module: nn.Module) -> nn.Module:
+    """Shard `module` in place, FULL_SHARD: each decoder layer, then the root (the rest)."""
+    classes = layer_classes(module)
+    layers = [sub for sub in module.modules() if type(sub).__name__ in classes]
+    if not layers:
+        log.warning("%s names no decoder layer class (_no_split_modules): sharded as one group", type(module).__name__)
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(module)
+    # FSDP2 takes the first sharded module to run a forward as the root. Rollout runs the inner
+    # model's layers directly: make `module` the root now, before any forward.
+    module._get_fsdp_state()._lazy_init()
+    return module
+
+
+def is_sharded(module: nn.Module) -> bool:
+    return isinstance(module, FSDPModule)
+
+
+@contextmanager
+def gathered(*roots: nn.Module) -> Iterator[None]:
+    """Every parameter of the sharded `roots` whole for the block (modules not sharded are left
+    alone). Entering and leaving are collectives (all processes, same roots); inside, forwards issue
+    none, so processes may run different numbers of them."""
+    sharded = [root for root in roots if is_sharded(root)]
+    groups = [sub for root in sharded for sub in root.modules() if isinstance(sub, FSDPModule)]
+    for root in sharded:
+        root.set_reshard_after_forward(False, recurse=True)
+    for group in groups:
+        group.unshard()
+    try:
+        yield
+    finally:
+        for group in groups:
+            group.reshard()
+        # FSDP2 records every forward (no-grad ones too) to order its backward prefetches: forget
+        # these, a different number on each process, or the next backward's all-gathers mismatch.
+        for root in sharded:
+            root.reset_iter_state()
+        # The roots keep FSDP's default for a root: not resharded after forward (backward needs them).
+        for group in groups:
+            if not any(group is root for root in sharded):
+                group.set_reshard_after_forward(True, recurse=False)
+
+
+def set_gradient_sync(roots: list[nn.Module], sync: bool) -> None:
+    """FSDP2's `no_sync`: without sync, gradients accumulate unsharded and are reduce-scattered at
+    the next backward with sync."""
+    for root in roots:
+        root.set_requires_gradient_sync(sync)
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (a collective); any other tensor as is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def full_model_state(root: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The full state dict of a sharded `root` on the main process (empty on the others), keys
+    without `prefix` (the wrapper's attribute path to the Hugging Face model). All processes call it.
+
+    A tied weight (an LM head sharing the input embedding) is kept under its first name only, as
+    `save_pretrained` writes an unsharded model: gathered, the two names hold separate copies,
+    which it would no longer recognise as one."""
+    first_names: dict[int, str] = {}
+    for key, value in root.state_dict(keep_vars=True).items():
+        first_names.setdefault(id(value), key)
+    kept = set(first_names.values())
+    state = get_model_state_dict(root, options=FULL_ON_MAIN)
+    return {key.removeprefix(prefix): value for key, value in state.items() if key in kept}
+
+
+def full_optimizer_state(container: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The full optimizer state, keyed by parameter name, on the main process. All processes call it.
+
+    A fresh optimizer (no step yet) is saved as it is: torch's helper would first create its state
+    with a zero-gradient step, which AdamW counts, changing the bias correction of every later step."""
+    if not optimizer.state:
+        return optimizer.state_dict()
+    return get_optimizer_state_dict(container, optimizer, options=FULL_ON_MAIN)
+
+
+def load_full_optimizer_state(container: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load what `full_optimizer_state` saved, every process taking its shards from the full state."""
+    if not state["state"]:
+        optimizer.load_state_dict(state)
+        return
+    set_optimizer_state_dict(container, optimizer, state, options=StateDictOptions(full_state_dict=True))
