@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import torch
 import pytest
 import yaml
 
@@ -90,3 +91,24 @@ def test_ppoflow_train_in_one_process_refuses_several(make_flow_config, flow_wor
     with pytest.raises(ConfigError, match=r"`runtime.num_processes`: is 2 and `ppoflow train` is one process .*accelerate launch --num_processes 2"):
         run_all(RunConfig.model_validate(tree))
     assert not (Path(tree["output_dir"]) / "checkpoints").exists()
+
+
+def test_sharded_training_under_the_flow_registers_a_plain_hugging_face_model(flow_env, make_flow_config, toy_world):
+    """runtime.fsdp under the flow: stages 4 and 5 shard the policy and value over two launched
+    processes, stage 6 (one process) evaluates and registers final/, an ordinary model directory."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    tree = make_flow_config("fsdp-flow", "runtime.num_processes=2", "runtime.fsdp=true", "ppo.total_episodes=64", "ppo.eval_every=2")
+    state = run_flow(tree)
+    summary = state.result()
+    output_dir = Path(tree["output_dir"])
+    assert set(stage_states(state.state_details.flow_run_id).values()) == {"Completed"}
+    assert json.loads((output_dir / "checkpoints/step-000002/state.json").read_text())["fsdp"] is True
+    assert summary["updates"] == 2 and summary["registered_model"]["version"]
+    final = output_dir / "final"
+    assert load_file(final / "model.safetensors").keys() == load_file(toy_world / "policy" / "model.safetensors").keys()  # the SFT model's names
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert all(type(p.data) is torch.Tensor for p in model.parameters())  # no DTensor shards left in it
+    client = mlflow.MlflowClient(tracking_uri=flow_env)
+    assert [p.step for p in client.get_metric_history(summary["mlflow_run_id"], "eval/win_rate")] == [2]
