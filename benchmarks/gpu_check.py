@@ -9,7 +9,8 @@ Checks (each `pass`, `fail` or `skipped` with a reason, and its figures):
                  kernel installed (sdpa, flash_attention_2, eager), and the start-up self-check agrees
   kill_resume    `ppoflow train` SIGKILLed after its second checkpoint, then restarted, ends with weights
                  bitwise equal to an uninterrupted run (runtime.deterministic on)
-  two_processes  `accelerate launch --multi_gpu --num_processes 2 -m ppoflow.cli train` (needs 2 GPUs)
+  two_processes  `accelerate launch --multi_gpu --num_processes 2 -m ppoflow.cli train`, one update with DDP and one
+                 with FSDP (`runtime.fsdp`), weights within 1e-5 of each other (needs 2 GPUs)
   throughput     ppoflow vs TRL 1.12 episodes/s on a ~0.5 B random Llama, bf16, response 128 (needs the
                  TRL venv, `make bench-venv`, built for this machine's CUDA)
 
@@ -247,25 +248,37 @@ def check_kill_resume(ctx: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_two_processes(ctx: dict[str, Any]) -> dict[str, Any]:
+    """One update on two processes (NCCL on GPUs, gloo on the CPU), DDP and then FSDP
+    (`runtime.fsdp`), from the same weights and prompts: both finish, and their weights agree to
+    float tolerance (the reductions differ in order, so bitwise equality is not expected)."""
     import shutil
 
     import torch
+    from safetensors.torch import load_file
 
     if ctx["cuda"] and torch.cuda.device_count() < 2:
         return {"status": "skipped", "reason": f"{torch.cuda.device_count()} GPU: two processes need two"}
-    output_dir = ctx["work"] / "two-processes"
-    shutil.rmtree(output_dir, ignore_errors=True)
-    config = _write_config(toy_tree(ctx["toy"], output_dir), ctx["work"] / "two-processes.yaml")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ppoflow.cli", "train", "--config", str(config)]
-    began = time.perf_counter()
-    log_path = ctx["work"] / "two-processes.log"
-    with open(log_path, "w") as handle:
-        proc = subprocess.run(command, cwd=REPO, env=child_env(), stdout=handle, stderr=subprocess.STDOUT, timeout=900)
-    eval_file = output_dir / "eval.json"
-    ok = proc.returncode == 0 and eval_file.is_file()
-    return {"status": "pass" if ok else "fail", "exit": proc.returncode, "wall_s": round(time.perf_counter() - began, 1),
-            "backend": "nccl" if ctx["cuda"] else "gloo", **({} if ok else {"log": str(log_path)})}
+    out: dict[str, Any] = {"backend": "nccl" if ctx["cuda"] else "gloo"}
+    for name, fsdp in (("ddp", False), ("fsdp", True)):
+        output_dir = ctx["work"] / f"two-processes-{name}"
+        shutil.rmtree(output_dir, ignore_errors=True)
+        tree = toy_tree(ctx["toy"], output_dir, ppo={"total_episodes": 32}, runtime={"num_processes": 2, "fsdp": fsdp})
+        config = _write_config(tree, ctx["work"] / f"two-processes-{name}.yaml")
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ppoflow.cli", "train", "--config", str(config)]
+        began = time.perf_counter()
+        log_path = ctx["work"] / f"two-processes-{name}.log"
+        with open(log_path, "w") as handle:
+            proc = subprocess.run(command, cwd=REPO, env=child_env(), stdout=handle, stderr=subprocess.STDOUT, timeout=900)
+        ok = proc.returncode == 0 and (output_dir / "eval.json").is_file()
+        out[name] = {"exit": proc.returncode, "wall_s": round(time.perf_counter() - began, 1), **({} if ok else {"log": str(log_path)})}
+        if not ok:
+            return {"status": "fail", **out}
+    ddp, fsdp = (load_file(ctx["work"] / f"two-processes-{name}" / "final" / "model.safetensors") for name in ("ddp", "fsdp"))
+    difference = max(float((ddp[key].double() - fsdp[key].double()).abs().max()) for key in ddp) if ddp.keys() == fsdp.keys() else float("inf")
+    out["fsdp_vs_ddp_max_abs_weight_difference"] = difference
+    out["rule"] = "both exit 0; after one update FSDP and DDP weights within 1e-5"
+    return {"status": "pass" if difference <= 1e-5 else "fail", **out}
 
 
 def check_throughput(ctx: dict[str, Any]) -> dict[str, Any]:
