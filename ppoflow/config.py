@@ -325,6 +325,14 @@ class RuntimeConfig(_Section):
         "the reward model stay whole on every process. Needs runtime.num_processes > 1. False: each process holds both "
         "models whole (DDP). Checkpoints hold full weights either way, but resume only with the setting that wrote them.",
     )
+    accelerate_config: Path | None = Field(
+        None, description="An `accelerate config` YAML for the processes `ppoflow run` launches (stages 4 and 5 when "
+        "num_processes > 1), e.g. `gpu_ids: 0,1,2,3` to train on half of an 8-GPU node while another deployment uses the "
+        "other half. ppoflow sets the number of processes, the port, mixed precision (no: bf16 is models.dtype) and dynamo "
+        "(no) itself. Checked in stage 1: one machine (num_machines 1), plain data parallelism (distributed_type MULTI_GPU, "
+        "MULTI_CPU or NO; sharding is runtime.fsdp), num_processes (if given) equal to runtime.num_processes, enough gpu_ids. "
+        "`ppoflow train` is started by accelerate launch, which takes the file itself (--config_file).",
+    )
     keep_archives: int | None = Field(
         None, ge=0, description="Archived trainings kept in OUTPUT/archive/ (stage 3 moves a workspace's training of other "
         "data or models there), newest first: older ones are deleted after each archiving. null keeps them all; 0 keeps none.",

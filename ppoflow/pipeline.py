@@ -38,7 +38,7 @@ from ppoflow.models import (
     restore_registry_sources, settle_value_source,
 )
 from ppoflow.rewards import load_reward_functions
-from ppoflow.runtime import check_mixed_precision, configure_torch, process_state
+from ppoflow.runtime import check_mixed_precision, configure_torch, process_state, read_accelerate_config
 from ppoflow.trainer import MetricsCallback, PPOTrainer
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,7 @@ def configure(config: RunConfig, world_size: int | None = None) -> RunPlan:
         raise ConfigError("output_dir", f"{config.output_dir} still holds placeholders", "expand them first (ppoflow.config.expand_output_dir)")
     validate_sources(config)
     check_mixed_precision()
+    read_accelerate_config(config.runtime)
     load_reward_functions(config.reward_functions)
     batch = BatchPlan.derive(config.ppo, world_size or planned_world_size(config.runtime.num_processes))
     output_dir = config.output_dir.expanduser().resolve()

@@ -58,10 +58,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def launch_command(stage: str, num_processes: int, inputs: Path, result: Path, mlflow_run_id: str | None) -> list[str]:
-    # --multi_gpu on a CPU too: the engine joins the processes with gloo there (runtime.process_state)
+def launch_command(
+    stage: str, num_processes: int, inputs: Path, result: Path, mlflow_run_id: str | None, accelerate_config: Path | None = None,
+) -> list[str]:
+    # --multi_gpu on a CPU too: the engine joins the processes with gloo there (runtime.process_state).
+    # The user's accelerate config (runtime.accelerate_config: gpu_ids, rendezvous settings) comes
+    # first; the options after it override what ppoflow must decide itself.
+    config_file = ["--config_file", str(Path(accelerate_config).expanduser())] if accelerate_config is not None else []
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+        sys.executable, "-m", "accelerate.commands.launch", *config_file,
+        "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
         "-m", "ppoflow.cli", "stage", stage, "--inputs", str(inputs), "--result", str(result), "--parent-pid", str(os.getpid()),
     ]
@@ -82,8 +88,8 @@ def run_launched(
     result_path.unlink(missing_ok=True)
     env = dict(os.environ)
     env.update({"MLFLOW_TRACKING_URI": resolve_tracking_uri(), "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"})
-    command = launch_command(stage, plan.batch.world_size, inputs_path, result_path, mlflow_run_id)
-    log.info("%s on %d processes: %s", stage, plan.batch.world_size, " ".join(command))
+    command = launch_command(stage, plan.batch.world_size, inputs_path, result_path, mlflow_run_id, plan.config.runtime.accelerate_config)
+    task_logger().info("%s on %d processes: %s", stage, plan.batch.world_size, " ".join(command))  # in the UI too
     metrics_path = plan.output_dir / METRICS_FILE
     follower = MetricsFollower(metrics_path, on_metrics) if on_metrics else None
     child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -93,17 +93,24 @@ def test_ppoflow_train_in_one_process_refuses_several(make_flow_config, flow_wor
     assert not (Path(tree["output_dir"]) / "checkpoints").exists()
 
 
-def test_sharded_training_under_the_flow_registers_a_plain_hugging_face_model(flow_env, make_flow_config, toy_world):
+def test_sharded_training_under_the_flow_registers_a_plain_hugging_face_model(flow_env, make_flow_config, toy_world, flow_workspace):
     """runtime.fsdp under the flow: stages 4 and 5 shard the policy and value over two launched
-    processes, stage 6 (one process) evaluates and registers final/, an ordinary model directory."""
+    processes (with the user's accelerate config file), stage 6 (one process) evaluates and
+    registers final/, an ordinary model directory."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    tree = make_flow_config("fsdp-flow", "runtime.num_processes=2", "runtime.fsdp=true", "ppo.total_episodes=64", "ppo.eval_every=2")
+    accelerate_config = flow_workspace / "accelerate.yaml"  # as `accelerate config` writes it for one machine
+    accelerate_config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\nmachine_rank: 0\n"
+                                 "num_processes: 2\ngpu_ids: all\nrdzv_backend: static\nsame_network: true\nmain_training_function: main\n")
+    tree = make_flow_config("fsdp-flow", "runtime.num_processes=2", "runtime.fsdp=true", "ppo.total_episodes=64", "ppo.eval_every=2",
+                            f"runtime.accelerate_config={accelerate_config}")
     state = run_flow(tree)
     summary = state.result()
     output_dir = Path(tree["output_dir"])
-    assert set(stage_states(state.state_details.flow_run_id).values()) == {"Completed"}
+    flow_run_id = state.state_details.flow_run_id
+    assert set(stage_states(flow_run_id).values()) == {"Completed"}
+    assert f"--config_file {accelerate_config} --multi_gpu --num_processes 2" in task_log(task_runs(flow_run_id)["train_ppo"].id)
     assert json.loads((output_dir / "checkpoints/step-000002/state.json").read_text())["fsdp"] is True
     assert summary["updates"] == 2 and summary["registered_model"]["version"]
     final = output_dir / "final"

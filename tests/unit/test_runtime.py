@@ -71,3 +71,31 @@ def test_bad_runtime_values_are_refused_in_one_line(override, field):
     with pytest.raises(ConfigError) as caught:
         build_config(MINIMAL, [override])
     assert field in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_an_accelerate_config_for_one_machine_is_read(tmp_path):
+    from ppoflow.runtime import read_accelerate_config
+
+    path = tmp_path / "accelerate.yaml"
+    path.write_text("distributed_type: MULTI_GPU\nnum_machines: 1\nnum_processes: 4\ngpu_ids: all\n")
+    assert read_accelerate_config(RuntimeConfig(num_processes=4, accelerate_config=path))["num_processes"] == 4
+    assert read_accelerate_config(RuntimeConfig()) == {}
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("[1, 2]\n", "is not a YAML mapping"),
+    ("distributed_type: DEEPSPEED\n", "DeepSpeed is not built"),
+    ("distributed_type: TPU\n", "asks for distributed_type TPU"),
+    ("num_processes: 8\n", "says num_processes 8 and runtime.num_processes is 4"),
+    ("distributed_type: [unclosed\n", "cannot be read"),
+])
+def test_an_accelerate_config_ppoflow_cannot_honour_is_refused_in_one_line(tmp_path, text, says):
+    from ppoflow.errors import ConfigError
+    from ppoflow.runtime import read_accelerate_config
+
+    path = tmp_path / "accelerate.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        read_accelerate_config(RuntimeConfig(num_processes=4, accelerate_config=path))
+    message = str(refused.value)
+    assert message.startswith("config field `runtime.accelerate_config`") and says in message and "\n" not in message
