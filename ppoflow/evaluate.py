@@ -31,10 +31,6 @@ from ppoflow.reward_inputs import conversations
 from ppoflow.rollout import RolloutWorker, build_worker, left_pad
 
 
-# The report of an evaluation on no prompts (data.eval_size 0): the count alone, no means of nothing.
-NO_EVAL_PROMPTS = {"num_prompts": 0.0}
-
-
 def save_policy(config: RunConfig, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, models: ModelManifest, out_dir: Path) -> Path | None:
     """Write `out_dir` (HF format with tokenizer and generation config) atomically; with LoRA the
     adapter, plus `out_dir`-merged when asked. Returns the merged directory, if any."""
@@ -71,8 +67,8 @@ def evaluate_policy(
     alias holder): the `*_ref` numbers and the win rate are then against it; KL stays against the
     reference."""
     rows = load_prompts(eval_dir)
-    if len(rows) == 0:  # data.eval_size 0: nothing held out, nothing to load
-        return dict(NO_EVAL_PROMPTS), []
+    if len(rows) == 0:  # data.eval_size 0: nothing held out, nothing to load; the count alone, no means of nothing
+        return {"num_prompts": 0.0}, []
     ref, reward = load_frozen(config, models, device)
     policy = policy.eval().to(device)
     worker = build_worker(config, models, policy, ref, reward, None, chunk_size=config.eval.batch_size)
@@ -94,8 +90,6 @@ class Evaluator:
     @torch.no_grad()
     def __call__(self, baseline: PreTrainedModel | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """Eval metrics and the sample-completions rows (see `evaluate_policy`)."""
-        if len(self.rows) == 0:
-            return dict(NO_EVAL_PROMPTS), []
         saved_rng = capture_rng()
         try:
             results, function_values = self._sample_and_score(baseline)

@@ -6,18 +6,18 @@ the skipped gradient sync between them is exercised), a checkpoint after every u
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import os
-import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from mlflow_server.processes import free_port
 from tests.engine.conftest import toy_config
 from tests.reliability.helpers import (
     REPO, checkpoint_steps, comparable, error_lines, read_metrics, subprocess_env, wait_for, policy_tensors, write_config,
@@ -39,38 +39,23 @@ FINAL_STEP = 3
 TOLERANCE = 1e-6
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _start(config_path: Path, log: Path) -> subprocess.Popen:
     """`ppoflow train` under `accelerate launch` with 2 processes, in its own session."""
     with open(log, "ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
              "-m", "ppoflow.cli", "train", "--config", str(config_path)],
             cwd=REPO, env=subprocess_env(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
 
-def _descendants(pid: int) -> list[int]:
-    try:
-        children = [int(child) for task in os.scandir(f"/proc/{pid}/task") for child in open(f"{task.path}/children").read().split()]
-    except FileNotFoundError:
-        return []
-    return children + [grandchild for child in children for grandchild in _descendants(child)]
-
-
 def _kill_all(child: subprocess.Popen) -> None:
     """SIGKILL the launcher and its training processes (torch's launcher starts each in a session of its own)."""
-    for pid in [child.pid, *_descendants(child.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    launcher = psutil.Process(child.pid)
+    for process in [launcher, *launcher.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
     child.wait(timeout=60)
 
 
