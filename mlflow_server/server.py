@@ -179,7 +179,7 @@ def _read_pid(home: Path) -> int | None:
 # --------------------------------------------------------------------------- auth
 
 
-def _auth_config(home: Path, default_permission: str, cache_seconds: int = 0) -> Path:
+def _auth_config(home: Path, default_permission: str, cache_seconds: int) -> Path:
     """Validate the auth env vars and write HOME/basic_auth.ini (0600: holds the admin password).
 
     MLflow 3.17's basic-auth app reads the file named by MLFLOW_AUTH_CONFIG_PATH

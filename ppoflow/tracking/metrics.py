@@ -28,7 +28,6 @@ from ppoflow.tracking.store import first_line, in_batches
 _LOGGER = logging.getLogger(__name__)
 
 
-
 def is_number(value: Any) -> bool:
     """A real number MLflow can log as a metric (booleans are not)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
