@@ -322,8 +322,15 @@ class RuntimeConfig(_Section):
         False, description="Fully sharded training (torch FSDP2, FULL_SHARD) of the policy and the value model over the "
         "processes: each decoder layer (the classes in the model's `_no_split_modules`) and the root are sharded, "
         "all-gathered for their forward and backward, their gradients and AdamW state kept in shards; the reference and "
-        "the reward model stay whole on every process. Needs runtime.num_processes > 1. False: each process holds both "
+        "the reward model as runtime.fsdp_frozen says. Needs runtime.num_processes > 1. False: each process holds both "
         "models whole (DDP). Checkpoints hold full weights either way, but resume only with the setting that wrote them.",
+    )
+    fsdp_frozen: bool = Field(
+        False, description="With runtime.fsdp: shard the reference and the reward model too (FULL_SHARD, each decoder layer "
+        "all-gathered for its forward and freed after it), so that no process holds them whole; the rollout's reference "
+        "and reward forwards then run in step on every process, and the periodic evaluation (ppo.eval_every) gathers them "
+        "whole for its duration. False: they stay whole on every process (no collective in their forwards). Changes no "
+        "number: a run may resume with the other setting.",
     )
     accelerate_config: Path | None = Field(
         None, description="An `accelerate config` YAML for the processes `ppoflow run` launches (stages 4 and 5 when "
@@ -380,6 +387,11 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _fsdp_needs(self) -> RunConfig:
         if not self.runtime.fsdp:
+            if self.runtime.fsdp_frozen:
+                raise ConfigError(
+                    "runtime.fsdp_frozen", "is true and runtime.fsdp is false: the frozen models are sharded only beside a sharded policy",
+                    "set runtime.fsdp: true as well, or runtime.fsdp_frozen: false",
+                )
             return self
         if self.runtime.num_processes < 2:
             raise ConfigError(

@@ -10,7 +10,7 @@ is EOS still works.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -77,10 +77,15 @@ class RolloutWorker:
         reward_encoder: RewardTextEncoder | None = None,
         reward_packed: bool = False,
         compute_dtype: torch.dtype = torch.float32,
+        entry_points: Sequence[nn.Module] = (),
     ):
         """`reward_encoder`: the reward model has its own tokenizer, and scores re-encoded text
-        (laid out packed when `reward_packed`); None: it scores the policy's tokens in their layout."""
+        (laid out packed when `reward_packed`); None: it scores the policy's tokens in their layout.
+        `entry_points`: wrappers (`trainer.AtResponseTokens`, `.model` the model, forward
+        `(input_ids, attention_mask, position_ids, before)`) through which the log-prob and score
+        forwards of their models go: a sharded model gathers its groups in its wrapper's forward."""
         self.policy, self.ref, self.reward, self.value = policy, ref, reward, value
+        self.entry_points = {id(entry.model): entry for entry in entry_points}
         self.reward_encoder = reward_encoder
         self.reward_packed = reward_packed
         self.compute_dtype = compute_dtype
@@ -157,7 +162,7 @@ class RolloutWorker:
 
     def logprobs(self, model: nn.Module, layout: Layout, responses: torch.Tensor) -> torch.Tensor:
         """[B, T] log-probs of the response tokens under `model` at the sampling temperature (0 on padding)."""
-        logits = response_logits(model, layout.decoder_inputs(), layout.before).float()
+        logits = self._read(model, response_logits, layout.decoder_inputs(), layout.before).float()
         return layout.unflatten(logprobs_of(logits, responses[layout.response_mask], self.temperature))
 
     def end_scores(self, layout: Layout, queries, query_mask, responses, response_mask, messages: list[Messages | None] | None) -> torch.Tensor:
@@ -165,7 +170,7 @@ class RolloutWorker:
         for a reward model with its own tokenizer, of the re-encoded sequences (`messages`: each
         prompt's conversation, None for a text prompt)."""
         if self.reward_encoder is None:
-            return token_values(self.reward, layout.decoder_inputs(), layout.last).float()
+            return self._read(self.reward, token_values, layout.decoder_inputs(), layout.last).float()
         complete = self.completed(responses, response_mask).tolist()
         messages = messages or [None] * len(responses)
         sequences = [
@@ -176,7 +181,12 @@ class RolloutWorker:
         ids, mask = left_pad(sequences, pad, queries.device)
         no_response = torch.zeros((len(sequences), 1), dtype=torch.bool, device=queries.device)
         reward_layout = make_layout(ids, mask, no_response.long(), no_response, packed=self.reward_packed, pad_token_id=pad)
-        return token_values(self.reward, reward_layout.decoder_inputs(), reward_layout.last).float()
+        return self._read(self.reward, token_values, reward_layout.decoder_inputs(), reward_layout.last).float()
+
+    def _read(self, model: nn.Module, read: Callable, inputs: dict[str, torch.Tensor | None], index: torch.Tensor) -> torch.Tensor:
+        """`read(model, inputs, index)`, through the model's entry point when it has one."""
+        entry = self.entry_points.get(id(model))
+        return read(model, inputs, index) if entry is None else entry(**inputs, before=index)
 
     @torch.no_grad()
     def evaluate(self, queries, query_mask, responses, response_mask, logprobs: torch.Tensor | None = None,
@@ -266,7 +276,7 @@ class RolloutWorker:
 
 def build_worker(
     config: RunConfig, models: ModelManifest, policy: PreTrainedModel, ref: PreTrainedModel | None, reward: PreTrainedModel,
-    value: PreTrainedModel | None, *, chunk_size: int,
+    value: PreTrainedModel | None, *, chunk_size: int, entry_points: Sequence[nn.Module] = (),
 ) -> RolloutWorker:
     """The rollout worker of a run, the same for training and evaluation (which needs no value model):
     the run's stop rule and sampling, packing where every model honours it, and the reward model's
@@ -288,6 +298,7 @@ def build_worker(
         reward_encoder=None if reward_tokenizer is None else RewardTextEncoder(load_tokenizer(models.tokenizer_dir), reward_tokenizer),
         reward_packed=reward_tokenizer is not None and use_packing(ppo.pack_sequences, {"reward": reward}, reward_tokenizer.pad_token_id),
         compute_dtype=resolve_dtype(config.models.dtype),
+        entry_points=entry_points,
     )
 
 

@@ -41,8 +41,11 @@ def layer_classes(module: nn.Module) -> set[str]:
     return {name for sub in module.modules() for name in (getattr(sub, "_no_split_modules", None) or ())}
 
 
-def shard(module: nn.Module) -> nn.Module:
-    """Shard `module` in place, FULL_SHARD: each decoder layer, then the root (the rest)."""
+def shard(module: nn.Module, *, frozen: bool = False) -> nn.Module:
+    """Shard `module` in place, FULL_SHARD: each decoder layer, then the root (the rest).
+
+    `frozen` (a model that only runs no-grad forwards: the reference, the reward model): the root
+    too is freed after each forward, which FSDP keeps whole by default for the backward to come."""
     classes = layer_classes(module)
     layers = [sub for sub in module.modules() if type(sub).__name__ in classes]
     if not layers:
@@ -53,11 +56,31 @@ def shard(module: nn.Module) -> nn.Module:
     # FSDP2 takes the first sharded module to run a forward as the root. Rollout runs the inner
     # model's layers directly: make `module` the root now, before any forward.
     module._get_fsdp_state()._lazy_init()
+    if frozen:
+        module.set_reshard_after_forward(True, recurse=False)
     return module
 
 
 def is_sharded(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
+
+
+def is_frozen(module: nn.Module) -> bool:
+    return not any(parameter.requires_grad for parameter in module.parameters())
+
+
+@contextmanager
+def sharded_forwards(*roots: nn.Module) -> Iterator[None]:
+    """A block of no-grad forwards through the sharded frozen `roots` (each all-gathers its groups
+    one at a time, so every process runs the same forwards in the same order). FSDP2 records each
+    forward for the backward prefetch order, and a frozen model has no backward to clear it: it is
+    cleared here."""
+    try:
+        yield
+    finally:
+        for root in roots:
+            if is_sharded(root):
+                root.reset_iter_state()
 
 
 @contextmanager
@@ -80,9 +103,10 @@ def gathered(*roots: nn.Module) -> Iterator[None]:
         # these, a different number on each process, or the next backward's all-gathers mismatch.
         for root in sharded:
             root.reset_iter_state()
-        # The roots keep FSDP's default for a root: not resharded after forward (backward needs them).
+        # The roots keep FSDP's default for a root: not resharded after forward (backward needs them),
+        # but for a frozen root (`shard(frozen=True)`).
         for group in groups:
-            if not any(group is root for root in sharded):
+            if not any(group is root for root in sharded) or is_frozen(group):
                 group.set_reshard_after_forward(True, recurse=False)
 
 
@@ -91,6 +115,15 @@ def set_gradient_sync(roots: list[nn.Module], sync: bool) -> None:
     the next backward with sync."""
     for root in roots:
         root.set_requires_gradient_sync(sync)
+
+
+def held_parameters(module: nn.Module) -> tuple[int, int]:
+    """(parameters this process holds, parameters of the model): its shards of a sharded module."""
+    held = total = 0
+    for parameter in module.parameters():
+        held += parameter.to_local().numel() if isinstance(parameter, DTensor) else parameter.numel()
+        total += parameter.numel()
+    return held, total
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:

@@ -62,9 +62,11 @@ from ppoflow.sharding import (
     full_model_state,
     full_optimizer_state,
     gathered,
+    held_parameters,
     load_full_optimizer_state,
     set_gradient_sync,
     shard,
+    sharded_forwards,
     whole,
 )
 from ppoflow.reward_inputs import conversations
@@ -141,13 +143,22 @@ class PPOTrainer:
         value = load_value(self.config, self.models, checkpoint, device=device)
         ref, reward = load_frozen(self.config, self.models, device)
         self.fsdp = self.config.runtime.fsdp
+        # The sharded reference and reward model (`runtime.fsdp_frozen`), called through their wrappers'
+        # forwards, where FSDP gathers each of their groups in turn; none: they are whole on every process.
+        self.frozen_roots: list[nn.Module] = []
         if self.fsdp:
-            # Every process loaded the full weights; each keeps its shards. The reference and the
-            # reward model stay whole on every process.
+            # Every process loaded the full weights; each keeps its shards.
             self.policy_wrapper = shard(AtResponseTokens(policy, response_logits))
             self.value_wrapper = shard(AtResponseTokens(value, token_values))
             # One optimizer spans both models: its full state is keyed by names under this container.
             self.sharded = nn.ModuleDict({"policy": self.policy_wrapper, "value": self.value_wrapper})
+            if self.config.runtime.fsdp_frozen:
+                self.frozen_roots = [
+                    shard(AtResponseTokens(model, read), frozen=True) for model, read in ((ref, response_logits), (reward, token_values))
+                ]
+            for name, root in zip(("policy", "value", "reference", "reward"), (self.policy_wrapper, self.value_wrapper, *self.frozen_roots)):
+                held, total = held_parameters(root)
+                log.info("fsdp: %s: %d of its %d parameters held by process %d", name, held, total, self.accelerator.process_index)
         else:
             self.policy_wrapper = self.accelerator.prepare_model(AtResponseTokens(policy, response_logits))
             self.value_wrapper = self.accelerator.prepare_model(AtResponseTokens(value, token_values))
@@ -173,9 +184,11 @@ class PPOTrainer:
             warmup_steps=warmup_steps(self.ppo.warmup_ratio, self.batch.optimizer_steps),
             total_steps=self.batch.optimizer_steps,
         )
-        with gathered(self.policy_wrapper, self.value_wrapper):  # the packing self-check runs the models
+        # The packing self-check runs the models whole (on the main process alone for the evaluator's).
+        with gathered(self.policy_wrapper, self.value_wrapper, *self.frozen_roots):
             self.worker = build_worker(
                 self.config, self.models, self.policy, ref, reward, self.value, chunk_size=self.ppo.local_rollout_forward_batch_size,
+                entry_points=self.frozen_roots,
             )
             # Stage 6's evaluation on the models in training (`ppo.eval_every`): the main process evaluates.
             self.evaluator = None
@@ -292,7 +305,8 @@ class PPOTrainer:
         (with `timing/eval`), computed by the main process while the others wait; empty on the others.
         The evaluator puts back every RNG state it touches, so training draws what it would without."""
         metrics: dict[str, float] = {}
-        with gathered(self.policy_wrapper):  # all processes gather the sharded policy; the main one evaluates
+        # All processes gather the sharded models; the main one evaluates.
+        with gathered(self.policy_wrapper, *self.frozen_roots):
             if self.evaluator is not None:
                 began = time.perf_counter()
                 results, _ = self.evaluator()
@@ -307,8 +321,9 @@ class PPOTrainer:
         prompts = local_batch(self.train_rows, self.batch, self.update, ppo.seed, self.accelerator.process_index)
         queries, query_mask = left_pad(prompts["input_ids"], self.models.pad_token_id, self.accelerator.device)
         # Rollout and score: responses, their log-probs (policy, reference), values, and scores; the
-        # sharded models whole meanwhile, so that processes may generate to different lengths.
-        with gathered(self.policy_wrapper, self.value_wrapper):
+        # sharded policy and value whole meanwhile, so that processes may generate to different lengths;
+        # sharded frozen models gather layer by layer in their forwards, the same forwards on every process.
+        with gathered(self.policy_wrapper, self.value_wrapper), sharded_forwards(*self.frozen_roots):
             rollout = self.worker.rollout(
                 queries, query_mask, prompts["prompt"], self._decode,
                 [(fn.metric_name, fn.weight, fn.function) for fn in self.reward_functions],

@@ -122,3 +122,28 @@ def test_sharded_training_matches_unsharded_and_saves_plain_hugging_face_models(
     assert policy_tensors(sharded_run / "final").keys() == policy_tensors(unsharded / "final").keys()
     assert all(type(parameter.data) is torch.Tensor for parameter in final.parameters())
     assert (sharded_run / "eval.json").is_file()
+
+
+def test_sharded_reference_and_reward_models_change_no_number(sharded_run, toy_world, tmp_path):
+    """`runtime.fsdp_frozen`: the frozen models sharded too, each process holding half of each of the
+    four models; their layers gathered one at a time in the rollout's forwards, and whole for the
+    periodic evaluation (main process; `ppo.eval_every`, which draws on no training generator)."""
+    frozen = _run(toy_world, tmp_path, "frozen", "runtime.fsdp=true", "runtime.fsdp_frozen=true", "ppo.eval_every=2")
+    for step in range(1, FINAL_STEP + 1):
+        for model in ("policy", "value"):
+            checkpoint = f"checkpoints/step-{step:06d}/{model}"
+            assert _sha256(frozen / checkpoint) == _sha256(sharded_run / checkpoint), (step, model)
+    metrics = read_metrics(frozen)
+    assert [row["update"] for row in metrics if "eval/win_rate" in row] == [2, 3]
+    training = [{key: value for key, value in row.items() if not key.startswith("eval/")} for row in metrics]
+    assert comparable(training) == comparable(read_metrics(sharded_run))
+
+    # "fsdp: reference: 459744 of its 919488 parameters held by process 1", once a trainer is built.
+    held = {}
+    for line in (tmp_path / "frozen.log").read_text().splitlines():
+        if "parameters held by process" in line:
+            name, mine, _, _, total, *_, process = line.split("fsdp: ", 1)[1].split()
+            held[name.rstrip(":"), process] = int(mine), int(total)
+    assert {name for name, _ in held} == {"policy", "value", "reference", "reward"} and len(held) == 8, held
+    for mine, total in held.values():  # half of every model (an odd first dimension splits unevenly)
+        assert abs(mine - total / 2) <= total * 0.01, held

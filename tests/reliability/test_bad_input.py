@@ -74,6 +74,7 @@ CASES = [
     Case("reference with LoRA", "`models.ref`", ("peft.enabled=true", "models.ref=/tmp")),
     Case("sharded training on one process", "`runtime.fsdp`", ("runtime.fsdp=true",)),
     Case("sharded training with LoRA", "`runtime.fsdp`", ("runtime.fsdp=true", "runtime.num_processes=2", "peft.enabled=true")),
+    Case("sharded frozen models beside an unsharded policy", "`runtime.fsdp_frozen`", ("runtime.fsdp_frozen=true", "runtime.num_processes=2")),
     Case("an accelerate config that shards", "`runtime.accelerate_config`", ("runtime.accelerate_config={bad}/accelerate-fsdp.yaml",)),
     Case("an accelerate config for two machines", "`runtime.accelerate_config`", ("runtime.accelerate_config={bad}/accelerate-two-nodes.yaml",)),
     Case("an accelerate config that is not there", "`runtime.accelerate_config`", ("runtime.accelerate_config={bad}/no-such-accelerate.yaml",)),
