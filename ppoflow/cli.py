@@ -1,4 +1,4 @@
-"""The engine's command line: `ppoflow toy` and `ppoflow train` (no Prefect needed).
+"""The engine's command line: `ppoflow toy`, `ppoflow train` and `ppoflow join` (no Prefect needed).
 
 `ppoflow run` (the Prefect flow) is added by `flows.cli`, the installed `ppoflow` command, so the
 engine never imports the orchestration layer. The last stdout line of every command is one JSON
@@ -48,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--result", required=True, type=Path, help="where the main process writes the stage's result manifest")
     stage.add_argument("--mlflow-run-id", default=None, help="stage 5: send each update's metrics to this MLflow run")
     stage.add_argument("--parent-pid", type=int, default=None, help="end this process when that one is gone (no orphans)")
+    join = commands.add_parser(
+        "join", help="on another machine of a multi-machine run: start this machine's share of each stage the flow launches",
+    )
+    join.add_argument("--output-dir", required=True, type=Path, help="the run's output_dir, as the main machine sees it (shared storage)")
+    join.add_argument("--machine-rank", required=True, type=int, help="this machine's rank, 1 to num_machines - 1")
+    join.add_argument("--accelerate-config", type=Path, default=None, help="this machine's accelerate config (default: the flow's)")
+    join.add_argument("--idle-timeout", type=float, default=None, help="give up after this many seconds without a launch to join")
     return parser
 
 
@@ -140,7 +147,17 @@ def command_stage(args: argparse.Namespace) -> dict[str, Any]:
     return {"stage": args.name, "result": str(args.result)}
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"toy": command_toy, "train": command_train, "stage": command_stage}
+def command_join(args: argparse.Namespace) -> dict[str, Any]:
+    from ppoflow.machines import join
+
+    served = join(args.output_dir.expanduser().resolve(), args.machine_rank, accelerate_config=args.accelerate_config,
+                  idle_timeout=args.idle_timeout)
+    return {"machine_rank": args.machine_rank, "launches": served}
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "toy": command_toy, "train": command_train, "stage": command_stage, "join": command_join,
+}
 
 
 def run_command(parser: argparse.ArgumentParser, commands: dict[str, Callable], argv: list[str] | None) -> int:

@@ -386,12 +386,8 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _fsdp_needs(self) -> RunConfig:
+        # With an accelerate config asking for FSDP, stage 1 checks the same (runtime.check_sharding_plan).
         if not self.runtime.fsdp:
-            if self.runtime.fsdp_frozen:
-                raise ConfigError(
-                    "runtime.fsdp_frozen", "is true and runtime.fsdp is false: the frozen models are sharded only beside a sharded policy",
-                    "set runtime.fsdp: true as well, or runtime.fsdp_frozen: false",
-                )
             return self
         if self.runtime.num_processes < 2:
             raise ConfigError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import shutil
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -38,7 +39,14 @@ from ppoflow.models import (
     restore_registry_sources, settle_value_source,
 )
 from ppoflow.rewards import load_reward_functions
-from ppoflow.runtime import check_mixed_precision, configure_torch, process_state, read_accelerate_config
+from ppoflow.runtime import (
+    check_mixed_precision,
+    check_sharding_plan,
+    configure_torch,
+    machine_count,
+    process_state,
+    read_accelerate_config,
+)
 from ppoflow.trainer import MetricsCallback, PPOTrainer
 
 log = logging.getLogger(__name__)
@@ -77,9 +85,10 @@ def _clear_storage_errors(stage):
     return run
 
 
-def planned_world_size(num_processes: int) -> int:
+def planned_world_size(num_processes: int, num_machines: int = 1) -> int:
     """The processes the run trains on: `runtime.num_processes` from one process (the flow launches
-    them, stages 4 and 5), else the processes accelerate launched, which it must then agree with."""
+    them, stages 4 and 5, over `num_machines`), else the processes accelerate launched, which it must
+    then agree with."""
     import torch
 
     running = process_state().num_processes
@@ -89,10 +98,11 @@ def planned_world_size(num_processes: int) -> int:
             f"set it to {running}, or launch with --num_processes {num_processes}",
         )
     wanted = max(running, num_processes)
-    if torch.cuda.is_available() and wanted > torch.cuda.device_count():
+    here = wanted // num_machines if running == 1 else int(os.environ.get("LOCAL_WORLD_SIZE", wanted))
+    if torch.cuda.is_available() and here > torch.cuda.device_count():
         raise ConfigError(
-            "runtime.num_processes", f"asks for {wanted} processes and this machine has {torch.cuda.device_count()} GPU(s)",
-            f"use at most {torch.cuda.device_count()} (one process per GPU)",
+            "runtime.num_processes", f"asks for {here} processes on this machine and it has {torch.cuda.device_count()} GPU(s)",
+            f"use at most {torch.cuda.device_count()} a machine (one process per GPU)",
         )
     return wanted
 
@@ -103,9 +113,10 @@ def configure(config: RunConfig, world_size: int | None = None) -> RunPlan:
         raise ConfigError("output_dir", f"{config.output_dir} still holds placeholders", "expand them first (ppoflow.config.expand_output_dir)")
     validate_sources(config)
     check_mixed_precision()
-    read_accelerate_config(config.runtime)
+    machines = machine_count(read_accelerate_config(config.runtime))
+    check_sharding_plan(config.runtime, lora=config.peft.enabled)
     load_reward_functions(config.reward_functions)
-    batch = BatchPlan.derive(config.ppo, world_size or planned_world_size(config.runtime.num_processes))
+    batch = BatchPlan.derive(config.ppo, world_size or planned_world_size(config.runtime.num_processes, machines))
     output_dir = config.output_dir.expanduser().resolve()
     config_hash = config.config_hash()
     found = newest_valid_checkpoint(output_dir / "checkpoints")

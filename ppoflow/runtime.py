@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
 
+from ppoflow.atomic import write_text_atomic
 from ppoflow.config import RuntimeConfig
 from ppoflow.errors import ConfigError
 
@@ -41,7 +44,7 @@ def check_mixed_precision() -> None:
         )
 
 
-# What `runtime.accelerate_config` may ask for: plain data parallelism on one machine.
+# What `runtime.accelerate_config` may ask for: plain data parallelism (sharding is runtime.fsdp).
 DATA_PARALLEL_TYPES = ("MULTI_GPU", "MULTI_CPU", "NO")
 
 
@@ -61,32 +64,163 @@ def read_accelerate_config(runtime: RuntimeConfig) -> dict:
     if not isinstance(settings, dict):
         raise ConfigError(field, f"{path} is not a YAML mapping of accelerate settings", "give the path of a file `accelerate config` wrote")
     kind = str(settings.get("distributed_type", "MULTI_GPU")).upper()
-    if kind in ("FSDP", "DEEPSPEED"):
+    if kind == "DEEPSPEED":
         raise ConfigError(
-            field, f"{path} asks for distributed_type {kind}: ppoflow shards the policy and value itself (accelerate's plugin "
-            "takes one model) and DeepSpeed is not built", "set distributed_type: MULTI_GPU there and runtime.fsdp: true",
+            field, f"{path} asks for distributed_type DEEPSPEED, which is not built",
+            "shard with FSDP instead (distributed_type: FSDP there, or runtime.fsdp: true)",
         )
-    if kind not in DATA_PARALLEL_TYPES:
-        raise ConfigError(field, f"{path} asks for distributed_type {kind}", f"use one of {', '.join(DATA_PARALLEL_TYPES)}")
-    if int(settings.get("num_machines", 1) or 1) != 1:
+    if kind == "FSDP":
+        _check_fsdp_settings(settings.get("fsdp_config") or {}, path, field)
+    elif kind not in DATA_PARALLEL_TYPES:
+        raise ConfigError(field, f"{path} asks for distributed_type {kind}", f"use one of {', '.join((*DATA_PARALLEL_TYPES, 'FSDP'))}")
+    precision = str(settings.get("mixed_precision", "no")).lower()
+    if precision != "no":
         raise ConfigError(
-            field, f"{path} is for {settings['num_machines']} machines, and a flow run launches on its own machine only",
-            "set num_machines: 1 (several machines: docs/SCALING.md)",
+            field, f"{path} asks for mixed_precision {precision}, and ppoflow's precision is the config's",
+            "set mixed_precision: 'no' there and models.dtype (bfloat16, or auto on a GPU) in the run config",
         )
+    machines = int(settings.get("num_machines", 1) or 1)
+    if machines > 1:
+        _check_machines(settings, machines, runtime.num_processes, f"{path}", field)
     if "num_processes" in settings and int(settings["num_processes"]) != runtime.num_processes:
         raise ConfigError(
             field, f"{path} says num_processes {settings['num_processes']} and runtime.num_processes is {runtime.num_processes}",
             "make them equal, or leave num_processes out of the file",
         )
     gpu_ids = str(settings.get("gpu_ids", "all")).strip()
+    per_machine = runtime.num_processes // machines
     if gpu_ids != "all" and torch.cuda.is_available():
         ids = [part for part in gpu_ids.split(",") if part.strip()]
-        if len(ids) < runtime.num_processes:
+        if len(ids) < per_machine:
             raise ConfigError(
-                field, f"{path} gives gpu_ids {gpu_ids} ({len(ids)} GPU(s)) to {runtime.num_processes} processes",
+                field, f"{path} gives gpu_ids {gpu_ids} ({len(ids)} GPU(s)) to {per_machine} processes on this machine",
                 "list one GPU per process, or lower runtime.num_processes",
             )
     return settings
+
+
+# accelerate's FSDP settings (`fsdp_config` in an `accelerate config` file) that ppoflow's own
+# sharding (`ppoflow.sharding`, FSDP2) does as they say, with the values that say it. Any other key or
+# value is refused: a setting that would do nothing is not taken silently.
+FSDP_SETTINGS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "fsdp_version": ((1, 2), "ppoflow shards with FSDP2 (fully_shard) either way"),
+    "fsdp_sharding_strategy": (("FULL_SHARD", 1), "parameters, gradients and optimizer state are all sharded"),
+    "fsdp_reshard_after_forward": ((True, "FULL_SHARD"), "each layer is freed after its forward (FULL_SHARD)"),
+    "fsdp_auto_wrap_policy": (("TRANSFORMER_BASED_WRAP",), "each decoder layer is one group"),
+    "fsdp_transformer_layer_cls_to_wrap": ((), "the decoder layer classes to shard apart (default: the model's _no_split_modules)"),
+    "fsdp_state_dict_type": (("FULL_STATE_DICT",), "checkpoints hold full state dicts, in the format of an unsharded run"),
+    "fsdp_offload_params": ((False,), "parameters stay on the training device (CPU offload is not built)"),
+    "fsdp_cpu_ram_efficient_loading": ((False,), "every process loads the weights itself, then keeps its shards"),
+    "fsdp_sync_module_states": ((True, False), "every process loads the same weights, so they start in sync either way"),
+    "fsdp_use_orig_params": ((True,), "FSDP2 keeps the original parameters (as DTensor shards)"),
+    "fsdp_backward_prefetch": (("BACKWARD_PRE",), "FSDP2 all-gathers the next layer before each layer's backward"),
+    "fsdp_forward_prefetch": ((False,), "FSDP2 all-gathers each layer at its forward"),
+    "fsdp_activation_checkpointing": ((False,), "activation checkpointing is ppo.gradient_checkpointing"),
+}
+
+
+def _setting_value(value: Any) -> Any:
+    """A YAML value as `accelerate config` may write it ('true', 1, 'full_shard') in one spelling."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return int(text) if text.isdigit() else text.upper()
+
+
+def _check_fsdp_settings(fsdp: Any, path: Path, field: str) -> None:
+    if not isinstance(fsdp, dict):
+        raise ConfigError(field, f"{path}: fsdp_config is not a mapping", "give it as `accelerate config` writes it")
+    for key, raw in fsdp.items():
+        if key not in FSDP_SETTINGS:
+            raise ConfigError(field, f"{path} sets fsdp_config.{key}, which ppoflow's sharding does not do", "remove it")
+        accepted, meaning = FSDP_SETTINGS[key]
+        value = _setting_value(raw)
+        if accepted and value not in accepted:
+            wanted = " or ".join(str(option).lower() if isinstance(option, bool) else str(option) for option in accepted)
+            fix = "set ppo.gradient_checkpointing: true instead" if key == "fsdp_activation_checkpointing" else f"set it to {wanted}"
+            raise ConfigError(field, f"{path} sets fsdp_config.{key}: {raw}, and with ppoflow {meaning}", f"{fix} (or remove it)")
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How the trained models are sharded: `runtime.fsdp`, or an accelerate config asking for FSDP."""
+
+    fsdp: bool = False
+    frozen: bool = False  # the reference and the reward model too (runtime.fsdp_frozen)
+    layer_classes: tuple[str, ...] | None = None  # fsdp_transformer_layer_cls_to_wrap, else the models' own
+
+
+def sharding(runtime: RuntimeConfig, settings: dict | None = None) -> Sharding:
+    """The run's sharding from `runtime` and its accelerate config (`settings`, read if not given)."""
+    settings = read_accelerate_config(runtime) if settings is None else settings
+    from_file = str(settings.get("distributed_type", "")).upper() == "FSDP"
+    classes = (settings.get("fsdp_config") or {}).get("fsdp_transformer_layer_cls_to_wrap") if from_file else None
+    if isinstance(classes, str):
+        classes = [name.strip() for name in classes.split(",") if name.strip()]
+    return Sharding(fsdp=runtime.fsdp or from_file, frozen=runtime.fsdp_frozen, layer_classes=tuple(classes) if classes else None)
+
+
+def check_sharding_plan(runtime: RuntimeConfig, lora: bool) -> Sharding:
+    """Stage 1: the sharding the run asks for is one that can run (one-line refusals otherwise)."""
+    settings = read_accelerate_config(runtime)
+    plan = sharding(runtime, settings)
+    field = "runtime.accelerate_config" if plan.fsdp and not runtime.fsdp else "runtime.fsdp"
+    if plan.fsdp and runtime.num_processes < 2:
+        raise ConfigError(
+            field, f"asks for sharded training and runtime.num_processes is {runtime.num_processes}: there is nothing to shard over",
+            "set runtime.num_processes to 2 or more (one process per GPU), or train unsharded",
+        )
+    if plan.fsdp and lora:
+        raise ConfigError(field, "asks for sharded training and peft.enabled is true: LoRA with FSDP is not built",
+                          "train unsharded (LoRA's few trained weights fit on every process) or set peft.enabled: false")
+    if plan.frozen and not plan.fsdp:
+        raise ConfigError(
+            "runtime.fsdp_frozen", "is true and the policy is not sharded: the frozen models are sharded only beside a sharded policy",
+            "set runtime.fsdp: true as well (or distributed_type: FSDP in runtime.accelerate_config), or runtime.fsdp_frozen: false",
+        )
+    return plan
+
+
+def launchable_accelerate_config(source: Path, target: Path) -> Path:
+    """The accelerate config `accelerate launch` is given: `source` itself, or for a file asking for
+    FSDP, a copy at `target` asking for plain processes (distributed_type MULTI_GPU, no fsdp_config):
+    ppoflow shards itself, and accelerate refuses its FSDP mode beside the --multi_gpu ppoflow passes."""
+    import yaml
+
+    settings = yaml.safe_load(Path(source).expanduser().read_text())
+    if str(settings.get("distributed_type", "")).upper() != "FSDP":
+        return Path(source).expanduser()
+    plain = {key: value for key, value in settings.items() if key != "fsdp_config"} | {"distributed_type": "MULTI_GPU"}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(target, yaml.safe_dump(plain, sort_keys=False))
+    return target
+
+
+def _check_machines(settings: dict, machines: int, num_processes: int, path: str, field: str) -> None:
+    """A file for several machines: the flow's machine is the main one, which the others can reach,
+    and the processes split evenly over them."""
+    if int(settings.get("machine_rank", 0) or 0) != 0:
+        raise ConfigError(
+            field, f"{path} is for machine_rank {settings['machine_rank']}, and the flow runs on the main machine (rank 0)",
+            "give the flow the main machine's file (machine_rank: 0); the others run `ppoflow join --machine-rank R`",
+        )
+    if not str(settings.get("main_process_ip") or "").strip():
+        raise ConfigError(
+            field, f"{path} is for {machines} machines and gives no main_process_ip",
+            "set main_process_ip to the main machine's address, which the other machines can reach",
+        )
+    if num_processes % machines or num_processes < machines:
+        raise ConfigError(
+            field, f"{path} is for {machines} machines and runtime.num_processes is {num_processes} (processes in all)",
+            f"make runtime.num_processes a multiple of {machines}: as many processes on every machine",
+        )
+
+
+def machine_count(settings: dict) -> int:
+    """The machines a (checked) accelerate config spans."""
+    return int(settings.get("num_machines", 1) or 1)
 
 
 def make_accelerator() -> Accelerator:

@@ -15,7 +15,7 @@ gathered by every process and written by the main one, so their format is that o
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -30,23 +30,38 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
+from ppoflow.errors import ModelError
+
 log = logging.getLogger(__name__)
 
 # Whole tensors in CPU memory, on the main process only (the others get empty dicts).
 FULL_ON_MAIN = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def layer_classes(module: nn.Module) -> set[str]:
+def decoder_layer_classes(module: nn.Module) -> set[str]:
     """The class names transformers keeps whole (`_no_split_modules`: the decoder layers)."""
     return {name for sub in module.modules() for name in (getattr(sub, "_no_split_modules", None) or ())}
 
 
-def shard(module: nn.Module, *, frozen: bool = False) -> nn.Module:
+def shard(module: nn.Module, *, frozen: bool = False, layer_classes: Iterable[str] | None = None) -> nn.Module:
     """Shard `module` in place, FULL_SHARD: each decoder layer, then the root (the rest).
 
     `frozen` (a model that only runs no-grad forwards: the reference, the reward model): the root
-    too is freed after each forward, which FSDP keeps whole by default for the backward to come."""
-    classes = layer_classes(module)
+    too is freed after each forward, which FSDP keeps whole by default for the backward to come.
+    `layer_classes`: the class names of the layers to shard apart (an accelerate config's
+    `fsdp_transformer_layer_cls_to_wrap`), instead of the model's `_no_split_modules`."""
+    present = {type(sub).__name__ for sub in module.modules()}
+    if layer_classes is not None:
+        classes = set(layer_classes)
+        missing = sorted(classes - present)
+        if missing:
+            model = type(getattr(module, "model", module)).__name__
+            raise ModelError(
+                f"runtime.accelerate_config: fsdp_transformer_layer_cls_to_wrap names {', '.join(missing)}, which {model} has not — "
+                f"name its decoder layer class ({', '.join(sorted(decoder_layer_classes(module))) or 'see its modules'}) or leave the key out"
+            )
+    else:
+        classes = decoder_layer_classes(module)
     layers = [sub for sub in module.modules() if type(sub).__name__ in classes]
     if not layers:
         log.warning("%s names no decoder layer class (_no_split_modules): sharded as one group", type(module).__name__)

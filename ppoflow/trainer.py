@@ -56,7 +56,7 @@ from ppoflow.models import (
     token_values,
 )
 from ppoflow.rewards import load_reward_functions
-from ppoflow.runtime import configure_torch, make_accelerator
+from ppoflow.runtime import configure_torch, make_accelerator, sharding
 from ppoflow.schedule import make_scheduler, warmup_steps
 from ppoflow.sharding import (
     full_model_state,
@@ -142,19 +142,21 @@ class PPOTrainer:
         policy = load_policy(self.config, self.models, checkpoint, trainable=True, device=device)
         value = load_value(self.config, self.models, checkpoint, device=device)
         ref, reward = load_frozen(self.config, self.models, device)
-        self.fsdp = self.config.runtime.fsdp
+        plan = sharding(self.config.runtime)
+        self.fsdp = plan.fsdp
         # The sharded reference and reward model (`runtime.fsdp_frozen`), called through their wrappers'
         # forwards, where FSDP gathers each of their groups in turn; none: they are whole on every process.
         self.frozen_roots: list[nn.Module] = []
         if self.fsdp:
             # Every process loaded the full weights; each keeps its shards.
-            self.policy_wrapper = shard(AtResponseTokens(policy, response_logits))
-            self.value_wrapper = shard(AtResponseTokens(value, token_values))
+            self.policy_wrapper = shard(AtResponseTokens(policy, response_logits), layer_classes=plan.layer_classes)
+            self.value_wrapper = shard(AtResponseTokens(value, token_values), layer_classes=plan.layer_classes)
             # One optimizer spans both models: its full state is keyed by names under this container.
             self.sharded = nn.ModuleDict({"policy": self.policy_wrapper, "value": self.value_wrapper})
-            if self.config.runtime.fsdp_frozen:
+            if plan.frozen:
                 self.frozen_roots = [
-                    shard(AtResponseTokens(model, read), frozen=True) for model, read in ((ref, response_logits), (reward, token_values))
+                    shard(AtResponseTokens(model, read), frozen=True, layer_classes=plan.layer_classes)
+                    for model, read in ((ref, response_logits), (reward, token_values))
                 ]
             for name, root in zip(("policy", "value", "reference", "reward"), (self.policy_wrapper, self.value_wrapper, *self.frozen_roots)):
                 held, total = held_parameters(root)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -32,13 +31,14 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from ppoflow.layout import METRICS_FILE
+from ppoflow.machines import Machines, Ticket, end_group, launch_command, new_ticket, write_ticket
 from ppoflow.manifests import RunPlan
+from ppoflow.runtime import launchable_accelerate_config, read_accelerate_config
 from ppoflow.tracking import resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
-GRACE_SECONDS = 15.0
 
 
 class LaunchFailed(RuntimeError):
@@ -58,22 +58,18 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def launch_command(
-    stage: str, num_processes: int, inputs: Path, result: Path, mlflow_run_id: str | None, accelerate_config: Path | None = None,
-) -> list[str]:
-    # --multi_gpu on a CPU too: the engine joins the processes with gloo there (runtime.process_state).
-    # The user's accelerate config (runtime.accelerate_config: gpu_ids, rendezvous settings) comes
-    # first; the options after it override what ppoflow must decide itself.
-    config_file = ["--config_file", str(Path(accelerate_config).expanduser())] if accelerate_config is not None else []
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", *config_file,
-        "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        "-m", "ppoflow.cli", "stage", stage, "--inputs", str(inputs), "--result", str(result), "--parent-pid", str(os.getpid()),
-    ]
-    if mlflow_run_id:
-        command += ["--mlflow-run-id", mlflow_run_id]
-    return command
+def plan_launch(stage: str, plan: RunPlan, inputs: Path, result: Path, mlflow_run_id: str | None) -> Ticket:
+    """The launch of `stage`: on this machine, or on the machines `runtime.accelerate_config` names
+    (the port of their rendezvous: the file's `main_process_port`, else a free one)."""
+    runtime = plan.config.runtime
+    settings = read_accelerate_config(runtime)
+    machines = Machines.from_settings(settings)
+    port = int(settings["main_process_port"]) if machines.num_machines > 1 and settings.get("main_process_port") else free_port()
+    accelerate_config = None
+    if runtime.accelerate_config is not None:  # as given, or its copy without accelerate's FSDP mode (ppoflow shards itself)
+        accelerate_config = launchable_accelerate_config(runtime.accelerate_config, inputs.parent / "accelerate.yaml")
+    return new_ticket(stage, inputs, result, mlflow_run_id, num_processes=plan.batch.world_size, machines=machines, port=port,
+                      accelerate_config=accelerate_config)
 
 
 def run_launched(
@@ -88,10 +84,14 @@ def run_launched(
     result_path.unlink(missing_ok=True)
     env = dict(os.environ)
     env.update({"MLFLOW_TRACKING_URI": resolve_tracking_uri(), "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"})
-    command = launch_command(stage, plan.batch.world_size, inputs_path, result_path, mlflow_run_id, plan.config.runtime.accelerate_config)
-    task_logger().info("%s on %d processes: %s", stage, plan.batch.world_size, " ".join(command))  # in the UI too
+    ticket = plan_launch(stage, plan, inputs_path, result_path, mlflow_run_id)
+    command = launch_command(ticket, 0, os.getpid())
+    machines = ticket.machines.num_machines
+    where = f" over {machines} machines (the others join with `ppoflow join --output-dir {plan.output_dir}`)" if machines > 1 else ""
+    task_logger().info("%s on %d processes%s: %s", stage, plan.batch.world_size, where, " ".join(command))  # in the UI too
     metrics_path = plan.output_dir / METRICS_FILE
     follower = MetricsFollower(metrics_path, on_metrics) if on_metrics else None
+    write_ticket(plan.output_dir, ticket)  # the other machines' cue, before the main machine waits for them
     child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     tail: deque[str] = deque(maxlen=40)
     reader = threading.Thread(target=_relay, args=(child, tail, task_logger()), name=f"{stage}-logs", daemon=True)
@@ -108,6 +108,7 @@ def run_launched(
         reader.join(timeout=5)
         if follower:
             follower.poll()
+        write_ticket(plan.output_dir, ticket.model_copy(update={"state": "ended", "returncode": child.poll()}))
     if child.returncode != 0 or not result_path.is_file():
         failure = next((line for line in reversed(tail) if "exitcode" in line or "Error" in line), tail[-1] if tail else "")
         raise LaunchFailed(f"{stage} on {plan.batch.world_size} processes failed: accelerate launch exited {child.returncode}: {failure.strip()}")
@@ -133,20 +134,6 @@ def _relay(child: subprocess.Popen, tail: deque[str], logger: logging.Logger | l
         if line:
             tail.append(line)
             logger.info("%s", line)
-
-
-def end_group(child: subprocess.Popen) -> None:
-    """SIGTERM the launched process group, SIGKILL what is left after a grace period."""
-    for sig, wait in ((signal.SIGTERM, GRACE_SECONDS), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(child.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            child.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 class MetricsFollower:

@@ -102,7 +102,6 @@ BAD = [
     (["data.eval_size=0"], "data.eval_size", "the promotion gate (tracking.promotion) judges"),
     (["runtime.fsdp=true"], "runtime.fsdp", "runtime.num_processes is 1"),
     (["runtime.fsdp=true", "runtime.num_processes=2", "peft.enabled=true"], "runtime.fsdp", "LoRA with FSDP is not built"),
-    (["runtime.fsdp_frozen=true", "runtime.num_processes=2"], "runtime.fsdp_frozen", "runtime.fsdp is false"),
     (["runtime.keep_archives=-1"], "runtime.keep_archives", "greater than or equal to 0"),
     (["ppo.learning_rate"], "ppo.learning_rate", "key.path=value"),
     (["output_dir=runs/{foo}"], "output_dir", "unknown placeholder {foo}"),

@@ -84,7 +84,16 @@ def test_an_accelerate_config_for_one_machine_is_read(tmp_path):
 
 @pytest.mark.parametrize(("text", "says"), [
     ("[1, 2]\n", "is not a YAML mapping"),
-    ("distributed_type: DEEPSPEED\n", "DeepSpeed is not built"),
+    ("distributed_type: DEEPSPEED\n", "asks for distributed_type DEEPSPEED, which is not built"),
+    ("mixed_precision: bf16\n", "asks for mixed_precision bf16, and ppoflow's precision is the config's — set mixed_precision: 'no'"),
+    ("num_machines: 2\nmachine_rank: 1\nmain_process_ip: 10.0.0.1\n", "is for machine_rank 1, and the flow runs on the main machine"),
+    ("num_machines: 2\n", "is for 2 machines and gives no main_process_ip"),
+    ("num_machines: 3\nmain_process_ip: 10.0.0.1\n", "is for 3 machines and runtime.num_processes is 4 (processes in all)"),
+    ("distributed_type: FSDP\nfsdp_config:\n  fsdp_offload_params: true\n", "fsdp_config.fsdp_offload_params: True, and with ppoflow parameters"),
+    ("distributed_type: FSDP\nfsdp_config:\n  fsdp_sharding_strategy: SHARD_GRAD_OP\n", "set it to FULL_SHARD or 1"),
+    ("distributed_type: FSDP\nfsdp_config:\n  fsdp_activation_checkpointing: true\n", "set ppo.gradient_checkpointing: true instead"),
+    ("distributed_type: FSDP\nfsdp_config:\n  fsdp_min_num_params: 1000\n", "sets fsdp_config.fsdp_min_num_params, which ppoflow's sharding does not do"),
+    ("distributed_type: FSDP\nfsdp_config:\n  fsdp_cpu_ram_efficient_loading: true\n", "every process loads the weights itself"),
     ("distributed_type: TPU\n", "asks for distributed_type TPU"),
     ("num_processes: 8\n", "says num_processes 8 and runtime.num_processes is 4"),
     ("distributed_type: [unclosed\n", "cannot be read"),
@@ -99,3 +108,68 @@ def test_an_accelerate_config_ppoflow_cannot_honour_is_refused_in_one_line(tmp_p
         read_accelerate_config(RuntimeConfig(num_processes=4, accelerate_config=path))
     message = str(refused.value)
     assert message.startswith("config field `runtime.accelerate_config`") and says in message and "\n" not in message
+
+
+# What `accelerate config` writes for FSDP2 on one machine, with ppoflow's defaults.
+ACCELERATE_FSDP = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+fsdp_config:
+  fsdp_activation_checkpointing: false
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_cpu_ram_efficient_loading: false
+  fsdp_offload_params: false
+  fsdp_reshard_after_forward: true
+  fsdp_state_dict_type: FULL_STATE_DICT
+  fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer
+  fsdp_version: 2
+machine_rank: 0
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 2
+"""
+
+
+def test_an_accelerate_config_asking_for_fsdp_shards_with_ppoflows_own_and_launches_plain_processes(tmp_path):
+    import yaml
+
+    from ppoflow.runtime import check_sharding_plan, launchable_accelerate_config, sharding
+
+    path = tmp_path / "accelerate.yaml"
+    path.write_text(ACCELERATE_FSDP)
+    runtime = RuntimeConfig(num_processes=2, accelerate_config=path)
+    assert sharding(runtime) == check_sharding_plan(runtime, lora=False)
+    assert sharding(runtime).fsdp and sharding(runtime).layer_classes == ("LlamaDecoderLayer",)
+    launched = yaml.safe_load(launchable_accelerate_config(path, tmp_path / "launch" / "accelerate.yaml").read_text())
+    assert launched["distributed_type"] == "MULTI_GPU" and "fsdp_config" not in launched and launched["num_processes"] == 2
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("distributed_type: MULTI_GPU\n")
+    assert launchable_accelerate_config(plain, tmp_path / "unused.yaml") == plain  # passed as it is
+    assert not sharding(RuntimeConfig(num_processes=2, accelerate_config=plain)).fsdp
+
+
+@pytest.mark.parametrize(("runtime", "lora", "field", "says"), [
+    ({"num_processes": 1}, False, "runtime.accelerate_config", "runtime.num_processes is 1: there is nothing to shard over"),
+    ({"num_processes": 2}, True, "runtime.accelerate_config", "LoRA with FSDP is not built"),
+    ({"num_processes": 2, "fsdp_frozen": True, "accelerate_config": None}, False, "runtime.fsdp_frozen", "the policy is not sharded"),
+])
+def test_sharding_that_cannot_run_is_refused_in_stage_1(tmp_path, runtime, lora, field, says):
+    from ppoflow.errors import ConfigError
+    from ppoflow.runtime import check_sharding_plan
+
+    path = tmp_path / "accelerate.yaml"
+    path.write_text(ACCELERATE_FSDP.replace("num_processes: 2\n", ""))
+    with pytest.raises(ConfigError) as refused:
+        check_sharding_plan(RuntimeConfig(**({"accelerate_config": path} | runtime)), lora=lora)
+    assert str(refused.value).startswith(f"config field `{field}`") and says in str(refused.value)
+
+
+def test_an_accelerate_config_for_several_machines_is_read(tmp_path):
+    from ppoflow.machines import Machines
+    from ppoflow.runtime import machine_count, read_accelerate_config
+
+    path = tmp_path / "accelerate.yaml"
+    path.write_text("distributed_type: MULTI_GPU\nnum_machines: 2\nmachine_rank: 0\nmain_process_ip: 10.0.0.1\nmain_process_port: 29555\n"
+                    "num_processes: 4\nsame_network: true\n")
+    settings = read_accelerate_config(RuntimeConfig(num_processes=4, accelerate_config=path))
+    assert machine_count(settings) == 2
+    assert Machines.from_settings(settings) == Machines(num_machines=2, main_process_ip="10.0.0.1", same_network=True)
