@@ -128,7 +128,7 @@ def command_stage(args: argparse.Namespace) -> dict[str, Any]:
     plan = RunPlan.model_validate(inputs["plan"])
     models = ModelManifest.model_validate(inputs["models"])
     data = DatasetManifest.model_validate(inputs["data"])
-    main_process = process_state().is_main_process
+    main_process = process_state(plan.config.runtime).is_main_process
     if args.name == "init_trainer":
         result = pipeline.init_trainer(plan, models, data)
     else:

@@ -313,6 +313,13 @@ class RuntimeConfig(_Section):
     num_threads: int | None = Field(
         None, gt=0, description="torch CPU threads per process; null = torch's default (OMP_NUM_THREADS, else the cores).",
     )
+    collective_timeout_seconds: float | None = Field(
+        None, gt=0, description="How long a process waits in a collective (an all-reduce, a barrier) for the others before it "
+        "fails: a rank that hangs (a lost machine, a stuck GPU) then ends the group, and the task's retry resumes, instead of "
+        "holding every GPU until someone notices. Must exceed the longest stretch one process works alone while the others "
+        "wait: the main process's checkpoint writes and periodic evaluation (ppo.eval_every). null: torch's default "
+        "(30 minutes for gloo, 10 for NCCL).",
+    )
     num_processes: int = Field(
         1, gt=0, description="Training processes on this machine (one per GPU, or gloo processes on a CPU). 1: "
         "the calling process. More: `ppoflow run` runs stages 4 and 5 under `accelerate launch`, a child process "

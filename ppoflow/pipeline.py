@@ -373,7 +373,7 @@ def run_all(config: RunConfig, callbacks: Sequence[MetricsCallback] = ()) -> tup
     directory's lock throughout (`ppoflow.locking`): a second run of it waits, then reuses the work.
     There is no flow run: `{date}` in output_dir is today's UTC day, `{flow_run}` is refused."""
     config = expand_output_dir(config, scheduled_start=datetime.now(timezone.utc), flow_run=None)
-    main = process_state().is_main_process
+    main = process_state(config.runtime).is_main_process
     with output_dir_lock(config.output_dir, config.flow.lock_timeout_seconds) if main else nullcontext():
         plan = configure(config)
         if plan.batch.world_size != process_state().num_processes:

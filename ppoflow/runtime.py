@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,14 @@ CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
 CUBLAS_DETERMINISTIC_SETTINGS = (CUBLAS_DETERMINISTIC_WORKSPACE, ":16:8")
 
 
-def process_state() -> PartialState:
-    return PartialState(cpu=not torch.cuda.is_available())
+def process_state(runtime: RuntimeConfig | None = None) -> PartialState:
+    """This process's place among the run's processes. The first call forms the process group: the
+    engine's entry points make it with the run's `runtime` (its collectives' timeout); later calls,
+    with or without, get the same state."""
+    options = {}
+    if runtime is not None and runtime.collective_timeout_seconds is not None:
+        options["timeout"] = timedelta(seconds=runtime.collective_timeout_seconds)
+    return PartialState(cpu=not torch.cuda.is_available(), **options)
 
 
 def check_mixed_precision() -> None:

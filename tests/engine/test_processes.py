@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,29 @@ def test_flash_attention_without_a_gpu_is_refused_in_stage_1(make_config):
         pytest.skip("this machine has a GPU: the refusal is for machines without one")
     with pytest.raises(ConfigError, match=r"`models.attn_implementation`: flash_attention_2 needs a CUDA GPU"):
         pipeline.configure(make_config("models.attn_implementation=flash_attention_2"))
+
+
+@pytest.mark.distributed
+def test_a_rank_that_hangs_fails_the_run_after_the_collective_timeout(make_config, tmp_path):
+    """Rank 1 stops answering after update 1: rank 0 gives up in its next collective after
+    runtime.collective_timeout_seconds, and the launch ends, its hung rank included."""
+    from tests.reliability.faulty_rewards import HANG_RANK_ENV
+
+    config = make_config(
+        "runtime.num_processes=2", "runtime.collective_timeout_seconds=5", "ppo.total_episodes=48",
+        "ppo.per_device_train_batch_size=8", "ppo.num_mini_batches=1",
+        "reward_functions=[{path: 'ppoflow.toy:oracle_score', name: oracle, weight: 1.0}, "
+        "{path: 'tests.reliability.faulty_rewards:hang_rank_after_update', name: hang, weight: 0.0}]",
+    )
+    os.environ[HANG_RANK_ENV] = "1:1"
+    try:
+        began = time.monotonic()
+        result = launch(config, tmp_path, "--multi_gpu", "--num_processes", "2", "--mixed_precision", "no")
+        took = time.monotonic() - began
+    finally:
+        del os.environ[HANG_RANK_ENV]
+    assert result.returncode != 0, result.stderr[-3000:]
+    assert "timed out" in result.stderr.lower(), result.stderr[-3000:]
+    metrics = [line for line in (config.output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert len(metrics) == 1  # update 1 finished; the hang came in update 2's rollout
+    assert took < 120, took  # not torch's default of 30 minutes

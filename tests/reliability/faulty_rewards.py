@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import time
 from pathlib import Path
 
 CRASH_ENV = "PPOFLOW_TEST_CRASH_AFTER"  # "<update>:<marker file>", read by `crash_once_after_update` only
@@ -61,4 +62,16 @@ def sigkill_rank_once_after_update(prompts: list[str], completions: list[str]) -
         if os.environ.get("RANK") == rank and not Path(marker).exists():
             Path(marker).write_text("killed\n")
             os.kill(os.getpid(), signal.SIGKILL)
+    return [0.0] * len(completions)
+
+
+HANG_RANK_ENV = "PPOFLOW_TEST_HANG_RANK"  # "<rank>:<update>", read by `hang_rank_after_update`
+
+
+def hang_rank_after_update(prompts: list[str], completions: list[str]) -> list[float]:
+    """0.0; with `PPOFLOW_TEST_HANG_RANK=R:N`, the process of rank R stops answering in the rollout
+    after update N (it sleeps for an hour): a rank on a lost machine, or behind a stuck GPU."""
+    spec = os.environ.get(HANG_RANK_ENV)
+    if spec and _count("hang-rank") == int(spec.split(":")[1]) + 1 and os.environ.get("RANK") == spec.split(":")[0]:
+        time.sleep(3600)
     return [0.0] * len(completions)
