@@ -114,7 +114,7 @@ def configure(config: RunConfig, world_size: int | None = None) -> RunPlan:
     validate_sources(config)
     check_mixed_precision()
     machines = machine_count(read_accelerate_config(config.runtime))
-    check_sharding_plan(config.runtime, lora=config.peft.enabled)
+    check_sharding_plan(config.runtime, lora=config.peft.enabled, ppo=config.ppo)
     load_reward_functions(config.reward_functions)
     batch = BatchPlan.derive(config.ppo, world_size or planned_world_size(config.runtime.num_processes, machines))
     output_dir = config.output_dir.expanduser().resolve()

@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator, PartialState
 
 from ppoflow.atomic import write_text_atomic
-from ppoflow.config import RuntimeConfig
+from ppoflow.config import PPOConfig, RuntimeConfig
 from ppoflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -72,14 +72,11 @@ def read_accelerate_config(runtime: RuntimeConfig) -> dict:
         raise ConfigError(field, f"{path} is not a YAML mapping of accelerate settings", "give the path of a file `accelerate config` wrote")
     kind = str(settings.get("distributed_type", "MULTI_GPU")).upper()
     if kind == "DEEPSPEED":
-        raise ConfigError(
-            field, f"{path} asks for distributed_type DEEPSPEED, which is not built",
-            "shard with FSDP instead (distributed_type: FSDP there, or runtime.fsdp: true)",
-        )
-    if kind == "FSDP":
+        _check_deepspeed_settings(settings, path, field)
+    elif kind == "FSDP":
         _check_fsdp_settings(settings.get("fsdp_config") or {}, path, field)
     elif kind not in DATA_PARALLEL_TYPES:
-        raise ConfigError(field, f"{path} asks for distributed_type {kind}", f"use one of {', '.join((*DATA_PARALLEL_TYPES, 'FSDP'))}")
+        raise ConfigError(field, f"{path} asks for distributed_type {kind}", f"use one of {', '.join((*DATA_PARALLEL_TYPES, 'FSDP', 'DEEPSPEED'))}")
     precision = str(settings.get("mixed_precision", "no")).lower()
     if precision != "no":
         raise ConfigError(
@@ -126,6 +123,54 @@ FSDP_SETTINGS: dict[str, tuple[tuple[Any, ...], str]] = {
 }
 
 
+# accelerate's DeepSpeed settings (`deepspeed_config` in an `accelerate config` file) that ppoflow's
+# engine (`ppoflow.zero`) does as they say. gradient_accumulation_steps and gradient_clipping, the
+# run config's own, are checked against it in stage 1 (`check_sharding_plan`).
+DEEPSPEED_SETTINGS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "zero_stage": ((1, 2, 3), "ZeRO partitions the optimizer state (1), the gradients too (2), the parameters too (3)"),
+    "offload_optimizer_device": (("NONE",), "the optimizer state stays on the training device (offload is not built)"),
+    "offload_param_device": (("NONE",), "the parameters stay on the training device (offload is not built)"),
+    "zero3_init_flag": ((False,), "every process loads the weights whole, then ZeRO partitions them"),
+    "zero3_save_16bit_model": ((False,), "checkpoints hold the full weights in the models' own precision"),
+    "deepspeed_multinode_launcher": (("STANDARD",), "ppoflow launches every machine's processes with accelerate's standard launcher"),
+    "gradient_accumulation_steps": ((), "checked against ppo.gradient_accumulation_steps"),
+    "gradient_clipping": ((), "checked against ppo.max_grad_norm"),
+}
+
+
+def _check_deepspeed_settings(settings: dict, path: Path, field: str) -> None:
+    deepspeed = settings.get("deepspeed_config") or {}
+    if not isinstance(deepspeed, dict):
+        raise ConfigError(field, f"{path}: deepspeed_config is not a mapping", "give it as `accelerate config` writes it")
+    if "deepspeed_config_file" in deepspeed:
+        raise ConfigError(
+            field, f"{path} gives a deepspeed_config_file, and ppoflow builds the DeepSpeed config from the run config",
+            "give deepspeed_config.zero_stage (1, 2 or 3) instead",
+        )
+    if "zero_stage" not in deepspeed:
+        raise ConfigError(field, f"{path} asks for DeepSpeed and gives no deepspeed_config.zero_stage", "set zero_stage: 1, 2 or 3 there")
+    _check_known(deepspeed, DEEPSPEED_SETTINGS, "deepspeed_config", path, field)
+    try:
+        import deepspeed as _  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            field, f"{path} asks for DeepSpeed, which is not installed", "pip install 'ppoflow[deepspeed]' on every machine",
+        ) from None
+
+
+def _check_known(section: dict, known: dict[str, tuple[tuple[Any, ...], str]], name: str, path: Path, field: str) -> None:
+    """Every key of `section` is one of `known`, with one of its accepted values (none listed: any)."""
+    for key, raw in section.items():
+        if key not in known:
+            raise ConfigError(field, f"{path} sets {name}.{key}, which ppoflow does not do", "remove it")
+        accepted, meaning = known[key]
+        value = _setting_value(raw)
+        if accepted and value not in accepted:
+            wanted = " or ".join(str(option).lower() if isinstance(option, bool) else str(option) for option in accepted)
+            fix = "set ppo.gradient_checkpointing: true instead" if key == "fsdp_activation_checkpointing" else f"set it to {wanted}"
+            raise ConfigError(field, f"{path} sets {name}.{key}: {raw}, and with ppoflow {meaning}", f"{fix} (or remove it)")
+
+
 def _setting_value(value: Any) -> Any:
     """A YAML value as `accelerate config` may write it ('true', 1, 'full_shard') in one spelling."""
     if not isinstance(value, str):
@@ -139,24 +184,18 @@ def _setting_value(value: Any) -> Any:
 def _check_fsdp_settings(fsdp: Any, path: Path, field: str) -> None:
     if not isinstance(fsdp, dict):
         raise ConfigError(field, f"{path}: fsdp_config is not a mapping", "give it as `accelerate config` writes it")
-    for key, raw in fsdp.items():
-        if key not in FSDP_SETTINGS:
-            raise ConfigError(field, f"{path} sets fsdp_config.{key}, which ppoflow's sharding does not do", "remove it")
-        accepted, meaning = FSDP_SETTINGS[key]
-        value = _setting_value(raw)
-        if accepted and value not in accepted:
-            wanted = " or ".join(str(option).lower() if isinstance(option, bool) else str(option) for option in accepted)
-            fix = "set ppo.gradient_checkpointing: true instead" if key == "fsdp_activation_checkpointing" else f"set it to {wanted}"
-            raise ConfigError(field, f"{path} sets fsdp_config.{key}: {raw}, and with ppoflow {meaning}", f"{fix} (or remove it)")
+    _check_known(fsdp, FSDP_SETTINGS, "fsdp_config", path, field)
 
 
 @dataclass(frozen=True)
 class Sharding:
-    """How the trained models are sharded: `runtime.fsdp`, or an accelerate config asking for FSDP."""
+    """How the trained models are sharded: `runtime.fsdp`, or an accelerate config asking for FSDP
+    or DeepSpeed ZeRO."""
 
     fsdp: bool = False
     frozen: bool = False  # the reference and the reward model too (runtime.fsdp_frozen)
     layer_classes: tuple[str, ...] | None = None  # fsdp_transformer_layer_cls_to_wrap, else the models' own
+    zero_stage: int | None = None  # DeepSpeed ZeRO's stage (deepspeed_config.zero_stage)
 
 
 def sharding(runtime: RuntimeConfig, settings: dict | None = None) -> Sharding:
@@ -166,13 +205,20 @@ def sharding(runtime: RuntimeConfig, settings: dict | None = None) -> Sharding:
     classes = (settings.get("fsdp_config") or {}).get("fsdp_transformer_layer_cls_to_wrap") if from_file else None
     if isinstance(classes, str):
         classes = [name.strip() for name in classes.split(",") if name.strip()]
-    return Sharding(fsdp=runtime.fsdp or from_file, frozen=runtime.fsdp_frozen, layer_classes=tuple(classes) if classes else None)
+    zero_stage = None
+    if str(settings.get("distributed_type", "")).upper() == "DEEPSPEED":
+        zero_stage = int(_setting_value((settings.get("deepspeed_config") or {})["zero_stage"]))
+    return Sharding(fsdp=runtime.fsdp or from_file, frozen=runtime.fsdp_frozen, layer_classes=tuple(classes) if classes else None,
+                    zero_stage=zero_stage)
 
 
-def check_sharding_plan(runtime: RuntimeConfig, lora: bool) -> Sharding:
+def check_sharding_plan(runtime: RuntimeConfig, lora: bool, ppo: PPOConfig | None = None) -> Sharding:
     """Stage 1: the sharding the run asks for is one that can run (one-line refusals otherwise)."""
     settings = read_accelerate_config(runtime)
     plan = sharding(runtime, settings)
+    if plan.zero_stage is not None:
+        _check_zero_plan(runtime, plan, lora, ppo, settings.get("deepspeed_config") or {})
+        return plan
     field = "runtime.accelerate_config" if plan.fsdp and not runtime.fsdp else "runtime.fsdp"
     if plan.fsdp and runtime.num_processes < 2:
         raise ConfigError(
@@ -190,16 +236,41 @@ def check_sharding_plan(runtime: RuntimeConfig, lora: bool) -> Sharding:
     return plan
 
 
+def _check_zero_plan(runtime: RuntimeConfig, plan: Sharding, lora: bool, ppo: PPOConfig | None, deepspeed: dict) -> None:
+    field = "runtime.accelerate_config"
+    if plan.fsdp:
+        raise ConfigError("runtime.fsdp", "is true and runtime.accelerate_config asks for DeepSpeed: one sharding at a time",
+                          "set runtime.fsdp: false, or give an accelerate config without DeepSpeed")
+    if runtime.fsdp_frozen:
+        raise ConfigError("runtime.fsdp_frozen", "is true and runtime.accelerate_config asks for DeepSpeed, which keeps the frozen models whole",
+                          "set runtime.fsdp_frozen: false")
+    if runtime.num_processes < 2:
+        raise ConfigError(field, f"asks for DeepSpeed ZeRO and runtime.num_processes is {runtime.num_processes}: there is nothing to "
+                          "partition over", "set runtime.num_processes to 2 or more (one process per GPU), or train without DeepSpeed")
+    if lora:
+        raise ConfigError(field, "asks for DeepSpeed ZeRO and peft.enabled is true: LoRA with DeepSpeed is not built",
+                          "train without DeepSpeed (LoRA's few trained weights fit on every process) or set peft.enabled: false")
+    if ppo is None:
+        return
+    for key, ours, name in (("gradient_accumulation_steps", ppo.gradient_accumulation_steps, "ppo.gradient_accumulation_steps"),
+                            ("gradient_clipping", ppo.max_grad_norm, "ppo.max_grad_norm")):
+        given = deepspeed.get(key, "auto")
+        if str(given).lower() != "auto" and (ours is None or float(given) != float(ours)):
+            raise ConfigError(field, f"sets deepspeed_config.{key}: {given} and {name} is {ours}, the run config's own setting",
+                              f"set it to auto there (or remove it), and {name} in the run config")
+
+
 def launchable_accelerate_config(source: Path, target: Path) -> Path:
     """The accelerate config `accelerate launch` is given: `source` itself, or for a file asking for
     FSDP, a copy at `target` asking for plain processes (distributed_type MULTI_GPU, no fsdp_config):
-    ppoflow shards itself, and accelerate refuses its FSDP mode beside the --multi_gpu ppoflow passes."""
+    ppoflow shards itself, and accelerate refuses its FSDP mode beside the --multi_gpu ppoflow passes.
+    The same for DeepSpeed (ppoflow builds its engine itself)."""
     import yaml
 
     settings = yaml.safe_load(Path(source).expanduser().read_text())
-    if str(settings.get("distributed_type", "")).upper() != "FSDP":
+    if str(settings.get("distributed_type", "")).upper() not in ("FSDP", "DEEPSPEED"):
         return Path(source).expanduser()
-    plain = {key: value for key, value in settings.items() if key != "fsdp_config"} | {"distributed_type": "MULTI_GPU"}
+    plain = {key: value for key, value in settings.items() if key not in ("fsdp_config", "deepspeed_config")} | {"distributed_type": "MULTI_GPU"}
     target.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(target, yaml.safe_dump(plain, sort_keys=False))
     return target

@@ -16,8 +16,8 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from ppoflow import advantages as adv
+from ppoflow import zero
 from ppoflow.checkpoint import (
     capture_rng,
     check_sharding,
@@ -144,6 +145,8 @@ class PPOTrainer:
         ref, reward = load_frozen(self.config, self.models, device)
         plan = sharding(self.config.runtime)
         self.fsdp = plan.fsdp
+        self.zero_stage = plan.zero_stage
+        self.engine = None  # the DeepSpeed engine of both models under ZeRO
         # The sharded reference and reward model (`runtime.fsdp_frozen`), called through their wrappers'
         # forwards, where FSDP gathers each of their groups in turn; none: they are whole on every process.
         self.frozen_roots: list[nn.Module] = []
@@ -161,6 +164,9 @@ class PPOTrainer:
             for name, root in zip(("policy", "value", "reference", "reward"), (self.policy_wrapper, self.value_wrapper, *self.frozen_roots)):
                 held, total = held_parameters(root)
                 log.info("fsdp: %s: %d of its %d parameters held by process %d", name, held, total, self.accelerator.process_index)
+        elif self.zero_stage:  # both behind one forward, the engine's (`zero.PolicyAndValue`), made below
+            self.policy_wrapper = AtResponseTokens(policy, response_logits)
+            self.value_wrapper = AtResponseTokens(value, token_values)
         else:
             self.policy_wrapper = self.accelerator.prepare_model(AtResponseTokens(policy, response_logits))
             self.value_wrapper = self.accelerator.prepare_model(AtResponseTokens(value, token_values))
@@ -186,8 +192,14 @@ class PPOTrainer:
             warmup_steps=warmup_steps(self.ppo.warmup_ratio, self.batch.optimizer_steps),
             total_steps=self.batch.optimizer_steps,
         )
+        if self.zero_stage:
+            batch = self.batch
+            self.engine = zero.initialize(zero.PolicyAndValue(self.policy_wrapper, self.value_wrapper), self.optimizer, zero.engine_config(
+                self.zero_stage, micro_batch_size=batch.local_micro_batch_size, accumulation=batch.micro_batches_per_mini_batch,
+                world_size=batch.world_size, max_grad_norm=self.ppo.max_grad_norm,
+            ))
         # The packing self-check runs the models whole (on the main process alone for the evaluator's).
-        with gathered(self.policy_wrapper, self.value_wrapper, *self.frozen_roots):
+        with self._whole(self.policy_wrapper, self.value_wrapper, *self.frozen_roots):
             self.worker = build_worker(
                 self.config, self.models, self.policy, ref, reward, self.value, chunk_size=self.ppo.local_rollout_forward_batch_size,
                 entry_points=self.frozen_roots,
@@ -207,10 +219,12 @@ class PPOTrainer:
                 f"{checkpoint} belongs to config {state['config_hash']}, not {self.plan.config_hash} — "
                 "use a fresh output_dir for a changed config"
             )
-        check_sharding(checkpoint, state, self.fsdp)
+        check_sharding(checkpoint, state, self.fsdp, self.zero_stage)
         optimizer, scheduler, rng = load_training_state(checkpoint)
         if self.fsdp:
             load_full_optimizer_state(self.sharded, self.optimizer, optimizer)
+        elif self.engine is not None:
+            zero.load_optimizer_partitions(self.engine, optimizer)
         else:
             self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(scheduler)
@@ -232,36 +246,53 @@ class PPOTrainer:
             policy_state = full_model_state(self.policy_wrapper, prefix="model.")
             value_state = full_model_state(self.value_wrapper, prefix="model.")
             optimizer_state = full_optimizer_state(self.sharded, self.optimizer)
+        elif self.engine is not None:  # every process's partition, on the main one
+            policy_state, value_state, optimizer_state = None, None, zero.optimizer_partitions(self.engine)
         else:
             policy_state, value_state, optimizer_state = None, None, self.optimizer.state_dict()
         path = None
-        if self.accelerator.is_main_process:
-            state = {
-                "update": self.update,
-                "episode": self.episode,
-                "optimizer_steps": self.optimizer_steps,
-                "num_updates": self.batch.num_updates,
-                "config_hash": self.plan.config_hash,
-                # stages 4 and 5 continue it only from these models and data; stage 3 archives it otherwise
-                "training_fingerprint": training_fingerprint(self.models, self.data.fingerprint),
-                "world_size": self.batch.world_size,
-                "fsdp": self.fsdp,
-            }
-
-            def payload(directory: Path) -> None:
-                save_training_state(
-                    directory, policy=self.policy, value=self.value, optimizer_state=optimizer_state, scheduler=self.scheduler,
-                    rng_states=rng_states, policy_state=policy_state, value_state=value_state,
-                )
-
-            path = write_checkpoint(self.checkpoint_root, self.update, payload, state)
-            prune_checkpoints(self.checkpoint_root, self.ppo.keep_checkpoints)
-        self.accelerator.wait_for_everyone()
+        # ZeRO-3: the main process saves the parameters gathered whole.
+        with zero.whole(self.engine):
+            if self.accelerator.is_main_process:
+                path = self._write_checkpoint(rng_states, policy_state, value_state, optimizer_state)
+            self.accelerator.wait_for_everyone()
         path = gather_object([path])[0] if self.accelerator.num_processes > 1 else path
         return CheckpointManifest(
             path=path, update=self.update, episode=self.episode, num_updates=self.batch.num_updates,
             sha256=verify_checkpoint(path),
         )
+
+    def _write_checkpoint(self, rng_states, policy_state, value_state, optimizer_state) -> Path:
+        """The main process's part of `save_checkpoint`: write the checkpoint, prune the old ones."""
+        state = {
+            "update": self.update,
+            "episode": self.episode,
+            "optimizer_steps": self.optimizer_steps,
+            "num_updates": self.batch.num_updates,
+            "config_hash": self.plan.config_hash,
+            # stages 4 and 5 continue it only from these models and data; stage 3 archives it otherwise
+            "training_fingerprint": training_fingerprint(self.models, self.data.fingerprint),
+            "world_size": self.batch.world_size,
+            "fsdp": self.fsdp,
+            "zero_stage": self.zero_stage,
+        }
+
+        def payload(directory: Path) -> None:
+            save_training_state(
+                directory, policy=self.policy, value=self.value, optimizer_state=optimizer_state, scheduler=self.scheduler,
+                rng_states=rng_states, policy_state=policy_state, value_state=value_state,
+            )
+
+        path = write_checkpoint(self.checkpoint_root, self.update, payload, state)
+        prune_checkpoints(self.checkpoint_root, self.ppo.keep_checkpoints)
+        return path
+
+    @contextmanager
+    def _whole(self, *roots: nn.Module) -> Iterator[None]:
+        """The sharded `roots` (FSDP) and, under ZeRO-3, both trained models, whole for the block,
+        with no collective in their forwards. All processes enter and leave it together."""
+        with gathered(*roots), zero.whole(self.engine):
+            yield
 
     # ----------------------------------------------------------------------------- the loop
     def _decode(self, responses: torch.Tensor, mask: torch.Tensor) -> list[str]:
@@ -308,7 +339,7 @@ class PPOTrainer:
         The evaluator puts back every RNG state it touches, so training draws what it would without."""
         metrics: dict[str, float] = {}
         # All processes gather the sharded models; the main one evaluates.
-        with gathered(self.policy_wrapper, *self.frozen_roots):
+        with self._whole(self.policy_wrapper, *self.frozen_roots):
             if self.evaluator is not None:
                 began = time.perf_counter()
                 results, _ = self.evaluator()
@@ -325,7 +356,7 @@ class PPOTrainer:
         # Rollout and score: responses, their log-probs (policy, reference), values, and scores; the
         # sharded policy and value whole meanwhile, so that processes may generate to different lengths;
         # sharded frozen models gather layer by layer in their forwards, the same forwards on every process.
-        with gathered(self.policy_wrapper, self.value_wrapper), sharded_forwards(*self.frozen_roots):
+        with self._whole(self.policy_wrapper, self.value_wrapper), sharded_forwards(*self.frozen_roots):
             rollout = self.worker.rollout(
                 queries, query_mask, prompts["prompt"], self._decode,
                 [(fn.metric_name, fn.weight, fn.function) for fn in self.reward_functions],
@@ -418,6 +449,10 @@ class PPOTrainer:
         """One micro-batch's gradients, added to the others'; synced across processes only on the
         mini-batch's last (`sync`)."""
         wrappers = [self.policy_wrapper, self.value_wrapper]
+        if self.engine is not None:  # the engine reduces at the accumulation boundary (its step)
+            record = self._micro_batch(rollout, advantages, returns, rows, micro_batches)
+            self.engine.step()
+            return record
         if self.fsdp:
             set_gradient_sync(wrappers, sync)
             return self._micro_batch(rollout, advantages, returns, rows, micro_batches)
@@ -433,6 +468,8 @@ class PPOTrainer:
         responses = rollout.responses[rows]
         layout = self.worker.layout(rollout.queries[rows], rollout.query_mask[rows], responses, mask)
         inputs = (layout.input_ids, layout.attention_mask, layout.position_ids, layout.before)
+        if self.engine is not None:
+            return self._engine_micro_batch(rollout, advantages, returns, rows, micro_batches, layout, inputs)
         with self.worker.autocast():  # the rollout's precision, so the first ratio is 1
             logits = self.policy_wrapper(*inputs).float()
         new_logprobs = layout.unflatten(logprobs_of(logits, responses[mask], ppo.temperature))
@@ -456,7 +493,36 @@ class PPOTrainer:
             "approxkl": pg_stats["approxkl"], "entropy": entropy, "ratio": pg_stats["ratio_mean"],
         }
 
+    def _engine_micro_batch(self, rollout: Rollout, advantages, returns, rows, micro_batches: int, layout, inputs) -> dict[str, torch.Tensor]:
+        """`_micro_batch` through the DeepSpeed engine: one forward of both models, one backward of
+        their summed loss (the engine's hooks reduce and partition the gradients)."""
+        ppo = self.ppo
+        mask, responses = rollout.response_mask[rows], rollout.responses[rows]
+        with self.worker.autocast():
+            logits, values = self.engine(*inputs)
+        logits = logits.float()
+        new_logprobs = layout.unflatten(logprobs_of(logits, responses[mask], ppo.temperature))
+        pg_loss, pg_stats = policy_loss(new_logprobs, rollout.logprobs[rows], advantages[rows], mask, ppo.cliprange)
+        new_values = layout.unflatten(values.float())
+        vf_loss, vf_stats = value_loss(new_values, rollout.values[rows], returns[rows], mask, ppo.cliprange_value)
+        self._check_finite({"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach()})
+        # Scaled here as on the other paths, not by the engine (scale_wrt_gas), so the gradients are the same numbers.
+        self.engine.backward((pg_loss + ppo.vf_coef * vf_loss) / micro_batches, scale_wrt_gas=False)
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits.detach(), ppo.temperature).mean()
+        return {
+            "pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(),
+            "pg_clipfrac": pg_stats["clipfrac"], "vf_clipfrac": vf_stats["clipfrac"],
+            "approxkl": pg_stats["approxkl"], "entropy": entropy, "ratio": pg_stats["ratio_mean"],
+        }
+
     def _optimizer_step(self) -> None:
+        if self.engine is not None:  # its step at the accumulation boundary clipped, stepped and zeroed
+            if self.ppo.max_grad_norm is not None:
+                self._check_finite({"grad_norm": zero.global_grad_norm(self.engine)})
+            self.scheduler.step()
+            self.optimizer_steps += 1
+            return
         if self.ppo.max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.ppo.max_grad_norm)
             self._check_finite({"grad_norm": whole(grad_norm)})

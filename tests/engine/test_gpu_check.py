@@ -45,4 +45,6 @@ def test_the_cpu_smoke_mode_runs_every_check(toy_world, tmp_path):
     resume = checks["kill_resume"]
     assert resume["bitwise_equal"] and resume["killed"]["killed_after_step_2"]
     assert resume["killed"]["sha256"] == resume["uninterrupted"]["sha256"]
-    assert checks["two_processes"]["backend"] == "gloo" and checks["two_processes"]["fsdp_vs_ddp_max_abs_weight_difference"] <= 1e-5
+    two = checks["two_processes"]
+    assert two["backend"] == "gloo" and two["fsdp_vs_ddp_max_abs_weight_difference"] <= 1e-5
+    assert two["zero3"]["exit"] == 0 and two["zero3_vs_ddp_max_abs_weight_difference"] <= 1e-5  # the suite installs the deepspeed extra

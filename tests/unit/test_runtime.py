@@ -84,7 +84,9 @@ def test_an_accelerate_config_for_one_machine_is_read(tmp_path):
 
 @pytest.mark.parametrize(("text", "says"), [
     ("[1, 2]\n", "is not a YAML mapping"),
-    ("distributed_type: DEEPSPEED\n", "asks for distributed_type DEEPSPEED, which is not built"),
+    ("distributed_type: DEEPSPEED\n", "asks for DeepSpeed and gives no deepspeed_config.zero_stage"),
+    ("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 3\n  offload_param_device: cpu\n", "offload is not built"),
+    ("distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: ds.json\n", "ppoflow builds the DeepSpeed config"),
     ("mixed_precision: bf16\n", "asks for mixed_precision bf16, and ppoflow's precision is the config's — set mixed_precision: 'no'"),
     ("num_machines: 2\nmachine_rank: 1\nmain_process_ip: 10.0.0.1\n", "is for machine_rank 1, and the flow runs on the main machine"),
     ("num_machines: 2\n", "is for 2 machines and gives no main_process_ip"),
@@ -92,7 +94,7 @@ def test_an_accelerate_config_for_one_machine_is_read(tmp_path):
     ("distributed_type: FSDP\nfsdp_config:\n  fsdp_offload_params: true\n", "fsdp_config.fsdp_offload_params: True, and with ppoflow parameters"),
     ("distributed_type: FSDP\nfsdp_config:\n  fsdp_sharding_strategy: SHARD_GRAD_OP\n", "set it to FULL_SHARD or 1"),
     ("distributed_type: FSDP\nfsdp_config:\n  fsdp_activation_checkpointing: true\n", "set ppo.gradient_checkpointing: true instead"),
-    ("distributed_type: FSDP\nfsdp_config:\n  fsdp_min_num_params: 1000\n", "sets fsdp_config.fsdp_min_num_params, which ppoflow's sharding does not do"),
+    ("distributed_type: FSDP\nfsdp_config:\n  fsdp_min_num_params: 1000\n", "sets fsdp_config.fsdp_min_num_params, which ppoflow does not do"),
     ("distributed_type: FSDP\nfsdp_config:\n  fsdp_cpu_ram_efficient_loading: true\n", "every process loads the weights itself"),
     ("distributed_type: TPU\n", "asks for distributed_type TPU"),
     ("num_processes: 8\n", "says num_processes 8 and runtime.num_processes is 4"),
@@ -173,3 +175,25 @@ def test_an_accelerate_config_for_several_machines_is_read(tmp_path):
     settings = read_accelerate_config(RuntimeConfig(num_processes=4, accelerate_config=path))
     assert machine_count(settings) == 2
     assert Machines.from_settings(settings) == Machines(num_machines=2, main_process_ip="10.0.0.1", same_network=True)
+
+
+def test_an_accelerate_config_asking_for_deepspeed_trains_with_ppoflows_engine_and_checks_the_run_configs_own_settings(tmp_path):
+    import yaml
+
+    from ppoflow.config import PPOConfig
+    from ppoflow.errors import ConfigError
+    from ppoflow.runtime import check_sharding_plan, launchable_accelerate_config
+
+    path = tmp_path / "accelerate.yaml"
+    path.write_text("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 2\n  gradient_accumulation_steps: 4\n"
+                    "  gradient_clipping: auto\n  offload_optimizer_device: none\nnum_processes: 2\n")
+    runtime = RuntimeConfig(num_processes=2, accelerate_config=path)
+    assert check_sharding_plan(runtime, lora=False, ppo=PPOConfig(gradient_accumulation_steps=4)).zero_stage == 2
+    with pytest.raises(ConfigError, match=r"deepspeed_config.gradient_accumulation_steps: 4 and ppo.gradient_accumulation_steps is 1"):
+        check_sharding_plan(runtime, lora=False, ppo=PPOConfig(gradient_accumulation_steps=1))
+    with pytest.raises(ConfigError, match="LoRA with DeepSpeed is not built"):
+        check_sharding_plan(runtime, lora=True)
+    with pytest.raises(ConfigError, match="one sharding at a time"):
+        check_sharding_plan(RuntimeConfig(num_processes=2, fsdp=True, accelerate_config=path), lora=False)
+    launched = yaml.safe_load(launchable_accelerate_config(path, tmp_path / "launch.yaml").read_text())
+    assert launched["distributed_type"] == "MULTI_GPU" and "deepspeed_config" not in launched
