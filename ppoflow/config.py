@@ -321,7 +321,8 @@ class RuntimeConfig(_Section):
         "(30 minutes for gloo, 10 for NCCL).",
     )
     num_processes: int = Field(
-        1, gt=0, description="Training processes on this machine (one per GPU, or gloo processes on a CPU). 1: "
+        1, gt=0, description="Training processes in all, over every machine of runtime.accelerate_config (one per GPU, or "
+        "gloo processes on a CPU). 1: "
         "the calling process. More: `ppoflow run` runs stages 4 and 5 under `accelerate launch`, a child process "
         "group of the task; `ppoflow train` must itself be started by `accelerate launch --num_processes` with as many.",
     )
@@ -341,11 +342,14 @@ class RuntimeConfig(_Section):
     )
     accelerate_config: Path | None = Field(
         None, description="An `accelerate config` YAML for the processes `ppoflow run` launches (stages 4 and 5 when "
-        "num_processes > 1), e.g. `gpu_ids: 0,1,2,3` to train on half of an 8-GPU node while another deployment uses the "
-        "other half. ppoflow sets the number of processes, the port, mixed precision (no: bf16 is models.dtype) and dynamo "
-        "(no) itself. Checked in stage 1: one machine (num_machines 1), plain data parallelism (distributed_type MULTI_GPU, "
-        "MULTI_CPU or NO; sharding is runtime.fsdp), num_processes (if given) equal to runtime.num_processes, enough gpu_ids. "
-        "`ppoflow train` is started by accelerate launch, which takes the file itself (--config_file).",
+        "num_processes > 1): `gpu_ids` (e.g. 0,1,2,3 to train on half of an 8-GPU node), `distributed_type: FSDP` "
+        "(ppoflow's own FSDP2 sharding, as runtime.fsdp: true; its fsdp_config keys done as they say or refused), "
+        "`distributed_type: DEEPSPEED` with deepspeed_config.zero_stage 1, 2 or 3 (the deepspeed extra; ppoflow/zero.py), "
+        "and `num_machines` > 1 with `main_process_ip` (this file is the main machine's, machine_rank 0; the others run "
+        "`ppoflow join`). ppoflow sets the number of processes, the port (unless the file gives one for several machines), "
+        "mixed precision (no: precision is models.dtype) and dynamo (no) itself, and launches plain processes. Checked in "
+        "stage 1, one line a refusal (docs/SCALING.md). `ppoflow train` is started by accelerate launch, which takes the "
+        "file itself (--config_file); ppoflow still reads its FSDP or DeepSpeed settings.",
     )
     keep_archives: int | None = Field(
         None, ge=0, description="Archived trainings kept in OUTPUT/archive/ (stage 3 moves a workspace's training of other "

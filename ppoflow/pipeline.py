@@ -40,6 +40,7 @@ from ppoflow.models import (
 )
 from ppoflow.rewards import load_reward_functions
 from ppoflow.runtime import (
+    check_launched_plain,
     check_mixed_precision,
     check_sharding_plan,
     configure_torch,
@@ -113,6 +114,7 @@ def configure(config: RunConfig, world_size: int | None = None) -> RunPlan:
         raise ConfigError("output_dir", f"{config.output_dir} still holds placeholders", "expand them first (ppoflow.config.expand_output_dir)")
     validate_sources(config)
     check_mixed_precision()
+    check_launched_plain()
     machines = machine_count(read_accelerate_config(config.runtime))
     check_sharding_plan(config.runtime, lora=config.peft.enabled, ppo=config.ppo)
     load_reward_functions(config.reward_functions)

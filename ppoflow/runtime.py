@@ -51,6 +51,18 @@ def check_mixed_precision() -> None:
         )
 
 
+def check_launched_plain() -> None:
+    """`accelerate launch` in its FSDP or DeepSpeed mode is refused: ppoflow shards itself and gives
+    accelerate no model to wrap, so accelerate's plugin would be set up for nothing, or in the way."""
+    for variable, mode in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(variable, "false").lower() == "true":
+            raise ConfigError(
+                "accelerate launch", f"started these processes in accelerate's {mode} mode, which ppoflow does not use",
+                f"launch plain processes (--multi_gpu, or distributed_type: MULTI_GPU) and give the {mode} file as "
+                "runtime.accelerate_config",
+            )
+
+
 # What `runtime.accelerate_config` may ask for: plain data parallelism (sharding is runtime.fsdp).
 DATA_PARALLEL_TYPES = ("MULTI_GPU", "MULTI_CPU", "NO")
 
@@ -303,6 +315,7 @@ def machine_count(settings: dict) -> int:
 
 def make_accelerator() -> Accelerator:
     check_mixed_precision()
+    check_launched_plain()
     process_state()
     return Accelerator(cpu=not torch.cuda.is_available())
 

@@ -25,6 +25,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
@@ -170,8 +171,10 @@ class PPOTrainer:
         else:
             self.policy_wrapper = self.accelerator.prepare_model(AtResponseTokens(policy, response_logits))
             self.value_wrapper = self.accelerator.prepare_model(AtResponseTokens(value, token_values))
-        self.policy = self.accelerator.unwrap_model(self.policy_wrapper).model
-        self.value = self.accelerator.unwrap_model(self.value_wrapper).model
+        # Not accelerate's unwrap_model: with deepspeed installed it imports deepspeed (seconds, and MLflow with it) for any model.
+        self.policy, self.value = (
+            (wrapper.module if isinstance(wrapper, DistributedDataParallel) else wrapper).model for wrapper in (self.policy_wrapper, self.value_wrapper)
+        )
         if self.ppo.gradient_checkpointing:
             # Non-reentrant: works with a frozen LoRA base too (no inputs that require grad needed).
             for model in (self.policy, self.value):

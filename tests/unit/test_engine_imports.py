@@ -34,12 +34,17 @@ loaded = sorted({name.split(".")[0] for name in sys.modules} & {"mlflow", "prefe
 print(json.dumps({"imported": names, "loaded": loaded}))
 """
 
+# MLflow and Prefect made unimportable (a None entry in sys.modules: `import` raises ImportError and
+# importlib.util.find_spec says "not installed"), as on a machine without them: `ppoflow train` must
+# still run. (Merely not importing them would not do: with deepspeed installed, transformers'
+# save_pretrained imports deepspeed through accelerate, and deepspeed imports MLflow when it can.)
 TRAIN_WITH_THE_PPOFLOW_COMMAND = """
 import json, sys
+sys.modules["mlflow"] = sys.modules["prefect"] = None
 from flows.cli import main
 
 code = main(["train", "--config", sys.argv[1]])
-loaded = sorted({name.split(".")[0] for name in sys.modules} & {"mlflow", "prefect"})
+loaded = sorted({name.split(".")[0] for name, module in sys.modules.items() if module is not None} & {"mlflow", "prefect"})
 print(json.dumps({"code": code, "loaded": loaded}))
 """
 

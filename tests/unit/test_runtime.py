@@ -197,3 +197,14 @@ def test_an_accelerate_config_asking_for_deepspeed_trains_with_ppoflows_engine_a
         check_sharding_plan(RuntimeConfig(num_processes=2, fsdp=True, accelerate_config=path), lora=False)
     launched = yaml.safe_load(launchable_accelerate_config(path, tmp_path / "launch.yaml").read_text())
     assert launched["distributed_type"] == "MULTI_GPU" and "deepspeed_config" not in launched
+
+
+@pytest.mark.parametrize(("variable", "mode"), [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_processes_accelerate_launched_in_its_own_sharding_mode_are_refused(monkeypatch, variable, mode):
+    from ppoflow.errors import ConfigError
+    from ppoflow.runtime import check_launched_plain
+
+    check_launched_plain()
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(ConfigError, match=f"accelerate's {mode} mode, which ppoflow does not use — launch plain processes"):
+        check_launched_plain()
