@@ -166,6 +166,9 @@ def join(output_dir: Path, machine_rank: int, *, accelerate_config: Path | None 
             continue
         seen.add(ticket.id)
         waited = 0.0
+        if ticket.machines.num_machines == 1:
+            raise JoinError(f"the launch in {output_dir / TICKET_FILE} is on one machine (its runtime.accelerate_config has no "
+                            "num_machines > 1): there is nothing to join — give the flow a config for several machines")
         if ticket.machines.num_machines <= machine_rank:
             raise JoinError(f"--machine-rank {machine_rank}: the launch spans {ticket.machines.num_machines} machines — "
                             f"give a rank from 1 to {ticket.machines.num_machines - 1}")

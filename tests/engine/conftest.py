@@ -81,3 +81,11 @@ def run_stages(make_config):
         return Stages(plan, models, data, start, final)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def unsharded_run(toy_world, tmp_path_factory) -> Path:
+    """tests/engine/launching.py's training with plain DDP: what the sharded runs are compared with."""
+    from tests.engine.launching import run
+
+    return run(toy_world, tmp_path_factory.mktemp("ddp"), "unsharded")

@@ -1,35 +1,20 @@
-"""FULL_SHARD training (`runtime.fsdp`) of 2 CPU processes (gloo) under `accelerate launch`.
-
-Three updates of 16 prompts (2 × 8), each mini-batch accumulated over two micro-batches of 4 (so
-the skipped gradient sync between them is exercised), a checkpoint after every update.
-"""
+"""FULL_SHARD training (`runtime.fsdp`) of 2 CPU processes (gloo) under `accelerate launch`: the
+runs of tests/engine/launching.py."""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import subprocess
-import sys
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mlflow_server.processes import free_port
 from tests.engine.conftest import toy_config
-from tests.reliability.helpers import (
-    REPO, checkpoint_steps, comparable, error_lines, read_metrics, subprocess_env, wait_for, policy_tensors, write_config,
-)
+from tests.engine.launching import FINAL_STEP, TRAINING, kill_all, run, sha256, start, train
+from tests.reliability.helpers import checkpoint_steps, comparable, error_lines, policy_tensors, read_metrics, wait_for, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
-TRAINING = (
-    "ppo.total_episodes=48", "ppo.per_device_train_batch_size=4", "ppo.gradient_accumulation_steps=2",
-    "ppo.num_mini_batches=1", "ppo.checkpoint_every=1", "ppo.keep_checkpoints=10", "runtime.num_processes=2",
-)
-FINAL_STEP = 3
 # FSDP reduce-scatters gradients in shards where DDP all-reduces them in buckets: float32 sums in
 # another order, so the weights are close, not equal. Measured on this config: after one update (one
 # AdamW step at lr 5e-5, which moves weights by up to 5e-5) the largest difference is 7.5e-9, one
@@ -39,82 +24,45 @@ FINAL_STEP = 3
 TOLERANCE = 1e-6
 
 
-def _start(config_path: Path, log: Path) -> subprocess.Popen:
-    """`ppoflow train` under `accelerate launch` with 2 processes, in its own session."""
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-             "-m", "ppoflow.cli", "train", "--config", str(config_path)],
-            cwd=REPO, env=subprocess_env(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-
-
-def _kill_all(child: subprocess.Popen) -> None:
-    """SIGKILL the launcher and its training processes (torch's launcher starts each in a session of its own)."""
-    launcher = psutil.Process(child.pid)
-    for process in [launcher, *launcher.children(recursive=True)]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
-    child.wait(timeout=60)
-
-
-def _train(toy: Path, directory: Path, name: str, *overrides: str) -> tuple[Path, subprocess.Popen, Path]:
-    output_dir = directory / name
-    config_path = write_config(toy_config(toy, output_dir, *TRAINING, *overrides), directory / f"{name}.yaml")
-    log = directory / f"{name}.log"
-    return output_dir, _start(config_path, log), log
-
-
-def _run(toy: Path, directory: Path, name: str, *overrides: str) -> Path:
-    output_dir, child, log = _train(toy, directory, name, *overrides)
-    assert child.wait(timeout=600) == 0, log.read_text()[-4000:]
-    return output_dir
-
-
-def _sha256(model_dir: Path) -> dict[str, str]:
-    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(model_dir.glob("*.safetensors"))}
-
-
 @pytest.fixture(scope="module")
 def sharded_run(toy_world, tmp_path_factory) -> Path:
     """One uninterrupted FSDP run."""
-    return _run(toy_world, tmp_path_factory.mktemp("fsdp"), "sharded", "runtime.fsdp=true")
+    return run(toy_world, tmp_path_factory.mktemp("fsdp"), "sharded", "runtime.fsdp=true")
 
 
 def test_a_sharded_run_killed_after_its_second_checkpoint_resumes_bitwise(sharded_run, toy_world, tmp_path):
-    output_dir, child, log = _train(toy_world, tmp_path, "killed", "runtime.fsdp=true")
+    output_dir, child, log = train(toy_world, tmp_path, "killed", "runtime.fsdp=true")
     assert wait_for(lambda: 2 in checkpoint_steps(output_dir), 300, alive=lambda: child.poll() is None), log.read_text()[-4000:]
-    _kill_all(child)
+    kill_all(child)
     assert FINAL_STEP not in checkpoint_steps(output_dir), "the run finished before the kill: nothing was resumed"
 
     # Resuming with the other setting is refused in one line (the optimizer state is another format).
     config_path = tmp_path / "killed.yaml"
     other = write_config(toy_config(toy_world, output_dir, *TRAINING, "runtime.fsdp=false"), tmp_path / "unsharded.yaml")
-    refused = _start(other, tmp_path / "refused.log")
+    refused = start(other, tmp_path / "refused.log")
     assert refused.wait(timeout=600) != 0
     lines = set(error_lines((tmp_path / "refused.log").read_text()))
     assert len(lines) == 1 and "written with runtime.fsdp true and this run has false" in lines.pop()
 
-    resumed = _start(config_path, log)
+    resumed = start(config_path, log)
     assert resumed.wait(timeout=600) == 0, log.read_text()[-4000:]
     for model in ("policy", "value"):
         step = f"checkpoints/step-{FINAL_STEP:06d}/{model}"
-        assert _sha256(output_dir / step) == _sha256(sharded_run / step)
-    assert _sha256(output_dir / "final") == _sha256(sharded_run / "final")
+        assert sha256(output_dir / step) == sha256(sharded_run / step)
+    assert sha256(output_dir / "final") == sha256(sharded_run / "final")
     assert comparable(read_metrics(output_dir)) == comparable(read_metrics(sharded_run))
 
 
-def test_sharded_training_matches_unsharded_and_saves_plain_hugging_face_models(sharded_run, toy_world, tmp_path):
-    unsharded = _run(toy_world, tmp_path, "unsharded", "runtime.fsdp=false")
-    start = policy_tensors(sharded_run / "checkpoints/step-000000/policy")
+def test_sharded_training_matches_unsharded_and_saves_plain_hugging_face_models(sharded_run, unsharded_run):
+    unsharded = unsharded_run
+    initial = policy_tensors(sharded_run / "checkpoints/step-000000/policy")
     for step in (1, FINAL_STEP):
         for model in ("policy", "value"):
-            sharded, plain = (policy_tensors(run / f"checkpoints/step-{step:06d}/{model}") for run in (sharded_run, unsharded))
+            sharded, plain = (policy_tensors(directory / f"checkpoints/step-{step:06d}/{model}") for directory in (sharded_run, unsharded))
             assert sharded.keys() == plain.keys()  # no FSDP names, the tied LM head written once, as DDP writes it
             difference = max((sharded[key] - plain[key]).abs().max().item() for key in plain)
             assert difference <= TOLERANCE, (step, model, difference)
-    moved = max((policy_tensors(unsharded / "checkpoints/step-000001/policy")[key] - start[key]).abs().max().item() for key in start)
+    moved = max((policy_tensors(unsharded / "checkpoints/step-000001/policy")[key] - initial[key]).abs().max().item() for key in initial)
     assert moved > 10 * TOLERANCE  # one step is far above the tolerance
 
     # Stage 6 (one process) read the sharded run's last checkpoint as any other: final/ is a plain model.
@@ -128,11 +76,11 @@ def test_sharded_reference_and_reward_models_change_no_number(sharded_run, toy_w
     """`runtime.fsdp_frozen`: the frozen models sharded too, each process holding half of each of the
     four models; their layers gathered one at a time in the rollout's forwards, and whole for the
     periodic evaluation (main process; `ppo.eval_every`, which draws on no training generator)."""
-    frozen = _run(toy_world, tmp_path, "frozen", "runtime.fsdp=true", "runtime.fsdp_frozen=true", "ppo.eval_every=2")
+    frozen = run(toy_world, tmp_path, "frozen", "runtime.fsdp=true", "runtime.fsdp_frozen=true", "ppo.eval_every=2")
     for step in range(1, FINAL_STEP + 1):
         for model in ("policy", "value"):
             checkpoint = f"checkpoints/step-{step:06d}/{model}"
-            assert _sha256(frozen / checkpoint) == _sha256(sharded_run / checkpoint), (step, model)
+            assert sha256(frozen / checkpoint) == sha256(sharded_run / checkpoint), (step, model)
     metrics = read_metrics(frozen)
     assert [row["update"] for row in metrics if "eval/win_rate" in row] == [2, 3]
     training = [{key: value for key, value in row.items() if not key.startswith("eval/")} for row in metrics]

@@ -1,6 +1,5 @@
 """DeepSpeed ZeRO training (an accelerate config with distributed_type DEEPSPEED) of 2 CPU
-processes (gloo, DeepSpeed's CPU accelerator) under `accelerate launch`: the config and the three
-updates of tests/engine/test_fsdp.py, a checkpoint after every update."""
+processes (gloo, DeepSpeed's CPU accelerator): the runs of tests/engine/launching.py."""
 
 from __future__ import annotations
 
@@ -8,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine.test_fsdp import FINAL_STEP, TRAINING, _kill_all, _run, _sha256, _start, _train
+from tests.engine.launching import FINAL_STEP, TRAINING, kill_all, run, sha256, start, train
 from tests.engine.conftest import toy_config
 from tests.reliability.helpers import checkpoint_steps, comparable, error_lines, policy_tensors, read_metrics, wait_for, write_config
 
@@ -36,14 +35,14 @@ def accelerate_config(directory: Path, stage: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(toy_world, tmp_path_factory) -> dict[str, Path]:
+def runs(toy_world, tmp_path_factory, unsharded_run) -> dict[str, Path]:
     """Uninterrupted runs: DDP, ZeRO-2 and ZeRO-3."""
     directory = tmp_path_factory.mktemp("zero")
     return {
-        "ddp": _run(toy_world, directory, "ddp"),
-        "zero2": _run(toy_world, directory, "zero2", f"runtime.accelerate_config={accelerate_config(directory, 2)}"),
+        "ddp": unsharded_run,
+        "zero2": run(toy_world, directory, "zero2", f"runtime.accelerate_config={accelerate_config(directory, 2)}"),
         # with the periodic evaluation (main process; ZeRO-3's parameters gathered for it), which changes no weight
-        "zero3": _run(toy_world, directory, "zero3", f"runtime.accelerate_config={accelerate_config(directory, 3)}", "ppo.eval_every=2"),
+        "zero3": run(toy_world, directory, "zero3", f"runtime.accelerate_config={accelerate_config(directory, 3)}", "ppo.eval_every=2"),
     }
 
 
@@ -66,22 +65,22 @@ def test_zero_training_matches_ddp_and_saves_plain_hugging_face_models(runs, sta
 
 
 def test_a_zero3_run_killed_after_its_second_checkpoint_resumes_bitwise(runs, toy_world, tmp_path):
-    output_dir, child, log = _train(toy_world, tmp_path, "killed", f"runtime.accelerate_config={accelerate_config(tmp_path, 3)}", "ppo.eval_every=2")
+    output_dir, child, log = train(toy_world, tmp_path, "killed", f"runtime.accelerate_config={accelerate_config(tmp_path, 3)}", "ppo.eval_every=2")
     assert wait_for(lambda: 2 in checkpoint_steps(output_dir), 300, alive=lambda: child.poll() is None), log.read_text()[-4000:]
-    _kill_all(child)
+    kill_all(child)
     assert FINAL_STEP not in checkpoint_steps(output_dir), "the run finished before the kill: nothing was resumed"
 
     # Resuming without DeepSpeed is refused in one line (the optimizer state is ZeRO's partitions).
     other = write_config(toy_config(toy_world, output_dir, *TRAINING, "ppo.eval_every=2"), tmp_path / "plain.yaml")
-    refused = _start(other, tmp_path / "refused.log")
+    refused = start(other, tmp_path / "refused.log")
     assert refused.wait(timeout=600) != 0
     lines = set(error_lines((tmp_path / "refused.log").read_text()))
     assert len(lines) == 1 and "written with DeepSpeed ZeRO-3 and this run has no DeepSpeed" in lines.pop()
 
-    resumed = _start(tmp_path / "killed.yaml", log)
+    resumed = start(tmp_path / "killed.yaml", log)
     assert resumed.wait(timeout=600) == 0, log.read_text()[-4000:]
     for model in ("policy", "value"):
         step = f"checkpoints/step-{FINAL_STEP:06d}/{model}"
-        assert _sha256(output_dir / step) == _sha256(runs["zero3"] / step)
-    assert _sha256(output_dir / "final") == _sha256(runs["zero3"] / "final")
+        assert sha256(output_dir / step) == sha256(runs["zero3"] / step)
+    assert sha256(output_dir / "final") == sha256(runs["zero3"] / "final")
     assert comparable(read_metrics(output_dir)) == comparable(read_metrics(runs["zero3"]))

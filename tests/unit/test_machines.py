@@ -47,6 +47,9 @@ def test_a_joiner_refuses_the_main_machines_rank_and_a_rank_the_launch_has_not(t
     write_ticket(tmp_path, ticket(tmp_path, Machines(num_machines=2, main_process_ip="127.0.0.1")))
     with pytest.raises(JoinError, match="--machine-rank 2: the launch spans 2 machines"):
         join(tmp_path, 2, idle_timeout=0)
+    write_ticket(tmp_path, ticket(tmp_path, Machines()))
+    with pytest.raises(JoinError, match="is on one machine .* nothing to join"):
+        join(tmp_path, 1, idle_timeout=0)
 
 
 def test_a_joiner_does_not_join_an_ended_launch_and_gives_up_after_its_idle_timeout(tmp_path):
