@@ -452,7 +452,7 @@ class PPOTrainer:
         """One micro-batch's gradients, added to the others'; synced across processes only on the
         mini-batch's last (`sync`)."""
         wrappers = [self.policy_wrapper, self.value_wrapper]
-        if self.engine is not None:  # the engine reduces at the accumulation boundary (its step)
+        if self.engine is not None:  # its hooks reduce the gradients; its step steps at the accumulation boundary
             record = self._micro_batch(rollout, advantages, returns, rows, micro_batches)
             self.engine.step()
             return record
