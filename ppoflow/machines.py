@@ -25,7 +25,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +40,11 @@ GRACE_SECONDS = 15.0  # after SIGTERM, before SIGKILL
 # How long a joiner's share may outlive the main machine's launch that ended well (its last
 # collective is behind it; it only has to exit).
 FINISH_SECONDS = 60.0
+
+
+def machine_count(settings: dict[str, Any]) -> int:
+    """The machines an accelerate config (as read by `runtime.read_accelerate_config`) spans."""
+    return int(settings.get("num_machines", 1) or 1)
 
 
 class JoinError(PpoflowError):
@@ -59,7 +63,7 @@ class Machines(BaseModel):
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> Machines:
         return cls(
-            num_machines=int(settings.get("num_machines", 1) or 1),
+            num_machines=machine_count(settings),
             main_process_ip=settings.get("main_process_ip"),
             same_network=bool(settings.get("same_network", True)),
         )
@@ -142,7 +146,7 @@ def end_group(child: subprocess.Popen) -> None:
 
 
 def join(output_dir: Path, machine_rank: int, *, accelerate_config: Path | None = None, idle_timeout: float | None = None,
-         poll_seconds: float = 0.5, on_launch: Callable[[list[str]], None] | None = None) -> list[dict[str, Any]]:
+         poll_seconds: float = 0.5) -> list[dict[str, Any]]:
     """Serve the main machine's launches from this machine (`ppoflow join`) until this machine's
     share of a training launch succeeds; what was served, a dict a launch. Waits `idle_timeout`
     seconds at most for a ticket it has not served (None: no limit)."""
@@ -172,14 +176,13 @@ def join(output_dir: Path, machine_rank: int, *, accelerate_config: Path | None 
         if ticket.machines.num_machines <= machine_rank:
             raise JoinError(f"--machine-rank {machine_rank}: the launch spans {ticket.machines.num_machines} machines — "
                             f"give a rank from 1 to {ticket.machines.num_machines - 1}")
-        returncode = _serve(output_dir, ticket, machine_rank, accelerate_config, poll_seconds, on_launch)
+        returncode = _serve(output_dir, ticket, machine_rank, accelerate_config, poll_seconds)
         served.append({"stage": ticket.stage, "ticket": ticket.id, "returncode": returncode})
         if ticket.stage == "train" and returncode == 0:
             return served
 
 
-def _serve(output_dir: Path, ticket: Ticket, machine_rank: int, accelerate_config: Path | None, poll_seconds: float,
-           on_launch: Callable[[list[str]], None] | None) -> int:
+def _serve(output_dir: Path, ticket: Ticket, machine_rank: int, accelerate_config: Path | None, poll_seconds: float) -> int:
     """This machine's share of one launch; ended when the main machine's launch ended without it."""
     if accelerate_config is not None:  # this machine's own file, without accelerate's FSDP mode (as the flow's)
         from ppoflow.runtime import launchable_accelerate_config
@@ -187,8 +190,6 @@ def _serve(output_dir: Path, ticket: Ticket, machine_rank: int, accelerate_confi
         accelerate_config = launchable_accelerate_config(accelerate_config, ticket.inputs.parent / f"accelerate-machine-{machine_rank}.yaml")
     command = launch_command(ticket, machine_rank, os.getpid(), accelerate_config)
     log.info("machine %d joins %s (%s): %s", machine_rank, ticket.stage, ticket.id, " ".join(command))
-    if on_launch is not None:
-        on_launch(command)
     env = dict(os.environ, TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
     child = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
     ended_at: float | None = None
@@ -202,8 +203,8 @@ def _serve(output_dir: Path, ticket: Ticket, machine_rank: int, accelerate_confi
                 ended_at = ended_at or time.monotonic()
                 finished_well = now is not None and now.id == ticket.id and now.returncode == 0
                 if not finished_well or time.monotonic() - ended_at > FINISH_SECONDS:
-                    log.error("the main machine's %s launch has ended (%s): ending this machine's share", ticket.stage,
-                              "exit status %s" % (now.returncode if now is not None and now.id == ticket.id else "replaced"))
+                    how = f"exit status {now.returncode}" if now is not None and now.id == ticket.id else "a newer launch replaced it"
+                    log.error("the main machine's %s launch has ended (%s): ending this machine's share", ticket.stage, how)
                     end_group(child)
     except BaseException:
         end_group(child)

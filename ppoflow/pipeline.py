@@ -38,13 +38,13 @@ from ppoflow.models import (
     REGISTRY_FIELDS, describe_models, load_policy, load_released, load_tokenizer, pin_registry_sources, prepare_tokenizers,
     restore_registry_sources, settle_value_source,
 )
+from ppoflow.machines import machine_count
 from ppoflow.rewards import load_reward_functions
 from ppoflow.runtime import (
     check_launched_plain,
     check_mixed_precision,
     check_sharding_plan,
     configure_torch,
-    machine_count,
     process_state,
     read_accelerate_config,
 )
@@ -115,8 +115,9 @@ def configure(config: RunConfig, world_size: int | None = None) -> RunPlan:
     validate_sources(config)
     check_mixed_precision()
     check_launched_plain()
-    machines = machine_count(read_accelerate_config(config.runtime))
-    check_sharding_plan(config.runtime, lora=config.peft.enabled, ppo=config.ppo)
+    settings = read_accelerate_config(config.runtime)
+    check_sharding_plan(config.runtime, lora=config.peft.enabled, ppo=config.ppo, settings=settings)
+    machines = machine_count(settings)
     load_reward_functions(config.reward_functions)
     batch = BatchPlan.derive(config.ppo, world_size or planned_world_size(config.runtime.num_processes, machines))
     output_dir = config.output_dir.expanduser().resolve()

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -20,6 +20,7 @@ from accelerate import Accelerator, PartialState
 from ppoflow.atomic import write_text_atomic
 from ppoflow.config import PPOConfig, RuntimeConfig
 from ppoflow.errors import ConfigError
+from ppoflow.machines import machine_count
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,11 @@ def check_launched_plain() -> None:
 DATA_PARALLEL_TYPES = ("MULTI_GPU", "MULTI_CPU", "NO")
 
 
+def distributed_type(settings: dict) -> str:
+    """An accelerate config's distributed_type (accelerate's default: MULTI_GPU)."""
+    return str(settings.get("distributed_type", "MULTI_GPU")).upper()
+
+
 def read_accelerate_config(runtime: RuntimeConfig) -> dict:
     """`runtime.accelerate_config` read and checked for what ppoflow's launch can honour (stage 1);
     {} when none is set. Refusals name the field and the fix, in one line."""
@@ -82,7 +88,7 @@ def read_accelerate_config(runtime: RuntimeConfig) -> dict:
         raise ConfigError(field, f"{path} cannot be read ({reason})", "give the path of a file `accelerate config` wrote") from None
     if not isinstance(settings, dict):
         raise ConfigError(field, f"{path} is not a YAML mapping of accelerate settings", "give the path of a file `accelerate config` wrote")
-    kind = str(settings.get("distributed_type", "MULTI_GPU")).upper()
+    kind = distributed_type(settings)
     if kind == "DEEPSPEED":
         _check_deepspeed_settings(settings, path, field)
     elif kind == "FSDP":
@@ -95,7 +101,7 @@ def read_accelerate_config(runtime: RuntimeConfig) -> dict:
             field, f"{path} asks for mixed_precision {precision}, and ppoflow's precision is the config's",
             "set mixed_precision: 'no' there and models.dtype (bfloat16, or auto on a GPU) in the run config",
         )
-    machines = int(settings.get("num_machines", 1) or 1)
+    machines = machine_count(settings)
     if machines > 1:
         _check_machines(settings, machines, runtime.num_processes, f"{path}", field)
     if "num_processes" in settings and int(settings["num_processes"]) != runtime.num_processes:
@@ -118,7 +124,16 @@ def read_accelerate_config(runtime: RuntimeConfig) -> dict:
 # accelerate's FSDP settings (`fsdp_config` in an `accelerate config` file) that ppoflow's own
 # sharding (`ppoflow.sharding`, FSDP2) does as they say, with the values that say it. Any other key or
 # value is refused: a setting that would do nothing is not taken silently.
-FSDP_SETTINGS: dict[str, tuple[tuple[Any, ...], str]] = {
+class Setting(NamedTuple):
+    """A key of an accelerate config section ppoflow takes: the values it takes (none listed: any),
+    what ppoflow does, and the fix for another value (default: one of the values it takes)."""
+
+    accepted: tuple[Any, ...]
+    meaning: str
+    fix: str | None = None
+
+
+FSDP_SETTINGS: dict[str, tuple] = {  # each: a Setting's fields
     "fsdp_version": ((1, 2), "ppoflow shards with FSDP2 (fully_shard) either way"),
     "fsdp_sharding_strategy": (("FULL_SHARD", 1), "parameters, gradients and optimizer state are all sharded"),
     "fsdp_reshard_after_forward": ((True, "FULL_SHARD"), "each layer is freed after its forward (FULL_SHARD)"),
@@ -131,14 +146,15 @@ FSDP_SETTINGS: dict[str, tuple[tuple[Any, ...], str]] = {
     "fsdp_use_orig_params": ((True,), "FSDP2 keeps the original parameters (as DTensor shards)"),
     "fsdp_backward_prefetch": (("BACKWARD_PRE",), "FSDP2 all-gathers the next layer before each layer's backward"),
     "fsdp_forward_prefetch": ((False,), "FSDP2 all-gathers each layer at its forward"),
-    "fsdp_activation_checkpointing": ((False,), "activation checkpointing is ppo.gradient_checkpointing"),
+    "fsdp_activation_checkpointing": ((False,), "activation checkpointing is ppo.gradient_checkpointing",
+                                      "set ppo.gradient_checkpointing: true instead"),
 }
 
 
 # accelerate's DeepSpeed settings (`deepspeed_config` in an `accelerate config` file) that ppoflow's
 # engine (`ppoflow.zero`) does as they say. gradient_accumulation_steps and gradient_clipping, the
 # run config's own, are checked against it in stage 1 (`check_sharding_plan`).
-DEEPSPEED_SETTINGS: dict[str, tuple[tuple[Any, ...], str]] = {
+DEEPSPEED_SETTINGS: dict[str, tuple] = {  # each: a Setting's fields
     "zero_stage": ((1, 2, 3), "ZeRO partitions the optimizer state (1), the gradients too (2), the parameters too (3)"),
     "offload_optimizer_device": (("NONE",), "the optimizer state stays on the training device (offload is not built)"),
     "offload_param_device": (("NONE",), "the parameters stay on the training device (offload is not built)"),
@@ -170,17 +186,16 @@ def _check_deepspeed_settings(settings: dict, path: Path, field: str) -> None:
         ) from None
 
 
-def _check_known(section: dict, known: dict[str, tuple[tuple[Any, ...], str]], name: str, path: Path, field: str) -> None:
+def _check_known(section: dict, known: dict[str, tuple], name: str, path: Path, field: str) -> None:
     """Every key of `section` is one of `known`, with one of its accepted values (none listed: any)."""
     for key, raw in section.items():
         if key not in known:
             raise ConfigError(field, f"{path} sets {name}.{key}, which ppoflow does not do", "remove it")
-        accepted, meaning = known[key]
-        value = _setting_value(raw)
-        if accepted and value not in accepted:
-            wanted = " or ".join(str(option).lower() if isinstance(option, bool) else str(option) for option in accepted)
-            fix = "set ppo.gradient_checkpointing: true instead" if key == "fsdp_activation_checkpointing" else f"set it to {wanted}"
-            raise ConfigError(field, f"{path} sets {name}.{key}: {raw}, and with ppoflow {meaning}", f"{fix} (or remove it)")
+        setting = Setting(*known[key])
+        if setting.accepted and _setting_value(raw) not in setting.accepted:
+            wanted = " or ".join(str(option).lower() if isinstance(option, bool) else str(option) for option in setting.accepted)
+            fix = setting.fix or f"set it to {wanted}"
+            raise ConfigError(field, f"{path} sets {name}.{key}: {raw}, and with ppoflow {setting.meaning}", f"{fix} (or remove it)")
 
 
 def _setting_value(value: Any) -> Any:
@@ -213,20 +228,22 @@ class Sharding:
 def sharding(runtime: RuntimeConfig, settings: dict | None = None) -> Sharding:
     """The run's sharding from `runtime` and its accelerate config (`settings`, read if not given)."""
     settings = read_accelerate_config(runtime) if settings is None else settings
-    from_file = str(settings.get("distributed_type", "")).upper() == "FSDP"
+    kind = distributed_type(settings)
+    from_file = kind == "FSDP"
     classes = (settings.get("fsdp_config") or {}).get("fsdp_transformer_layer_cls_to_wrap") if from_file else None
     if isinstance(classes, str):
         classes = [name.strip() for name in classes.split(",") if name.strip()]
     zero_stage = None
-    if str(settings.get("distributed_type", "")).upper() == "DEEPSPEED":
+    if kind == "DEEPSPEED":
         zero_stage = int(_setting_value((settings.get("deepspeed_config") or {})["zero_stage"]))
     return Sharding(fsdp=runtime.fsdp or from_file, frozen=runtime.fsdp_frozen, layer_classes=tuple(classes) if classes else None,
                     zero_stage=zero_stage)
 
 
-def check_sharding_plan(runtime: RuntimeConfig, lora: bool, ppo: PPOConfig | None = None) -> Sharding:
-    """Stage 1: the sharding the run asks for is one that can run (one-line refusals otherwise)."""
-    settings = read_accelerate_config(runtime)
+def check_sharding_plan(runtime: RuntimeConfig, lora: bool, ppo: PPOConfig | None = None, settings: dict | None = None) -> Sharding:
+    """Stage 1: the sharding the run asks for is one that can run (one-line refusals otherwise).
+    `settings`: its accelerate config as `read_accelerate_config` returned it (read if not given)."""
+    settings = read_accelerate_config(runtime) if settings is None else settings
     plan = sharding(runtime, settings)
     if plan.zero_stage is not None:
         _check_zero_plan(runtime, plan, lora, ppo, settings.get("deepspeed_config") or {})
@@ -280,7 +297,7 @@ def launchable_accelerate_config(source: Path, target: Path) -> Path:
     import yaml
 
     settings = yaml.safe_load(Path(source).expanduser().read_text())
-    if str(settings.get("distributed_type", "")).upper() not in ("FSDP", "DEEPSPEED"):
+    if distributed_type(settings) not in ("FSDP", "DEEPSPEED"):
         return Path(source).expanduser()
     plain = {key: value for key, value in settings.items() if key not in ("fsdp_config", "deepspeed_config")} | {"distributed_type": "MULTI_GPU"}
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -306,11 +323,6 @@ def _check_machines(settings: dict, machines: int, num_processes: int, path: str
             field, f"{path} is for {machines} machines and runtime.num_processes is {num_processes} (processes in all)",
             f"make runtime.num_processes a multiple of {machines}: as many processes on every machine",
         )
-
-
-def machine_count(settings: dict) -> int:
-    """The machines a (checked) accelerate config spans."""
-    return int(settings.get("num_machines", 1) or 1)
 
 
 def make_accelerator() -> Accelerator:

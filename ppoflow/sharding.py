@@ -50,10 +50,9 @@ def shard(module: nn.Module, *, frozen: bool = False, layer_classes: Iterable[st
     too is freed after each forward, which FSDP keeps whole by default for the backward to come.
     `layer_classes`: the class names of the layers to shard apart (an accelerate config's
     `fsdp_transformer_layer_cls_to_wrap`), instead of the model's `_no_split_modules`."""
-    present = {type(sub).__name__ for sub in module.modules()}
     if layer_classes is not None:
         classes = set(layer_classes)
-        missing = sorted(classes - present)
+        missing = sorted(classes - {type(sub).__name__ for sub in module.modules()})
         if missing:
             model = type(getattr(module, "model", module)).__name__
             raise ModelError(

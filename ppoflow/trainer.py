@@ -490,11 +490,7 @@ class PPOTrainer:
         vf_loss, vf_stats = value_loss(new_values, rollout.values[rows], returns[rows], mask, ppo.cliprange_value)
         self._check_finite({"loss/value": vf_loss.detach()})
         self.accelerator.backward(ppo.vf_coef * vf_loss / micro_batches)
-        return {
-            "pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(),
-            "pg_clipfrac": pg_stats["clipfrac"], "vf_clipfrac": vf_stats["clipfrac"],
-            "approxkl": pg_stats["approxkl"], "entropy": entropy, "ratio": pg_stats["ratio_mean"],
-        }
+        return _micro_batch_record(pg_loss, vf_loss, pg_stats, vf_stats, entropy)
 
     def _engine_micro_batch(self, rollout: Rollout, advantages, returns, rows, micro_batches: int, layout, inputs) -> dict[str, torch.Tensor]:
         """`_micro_batch` through the DeepSpeed engine: one forward of both models, one backward of
@@ -513,11 +509,7 @@ class PPOTrainer:
         self.engine.backward((pg_loss + ppo.vf_coef * vf_loss) / micro_batches, scale_wrt_gas=False)
         with torch.no_grad():
             entropy = entropy_from_logits(logits.detach(), ppo.temperature).mean()
-        return {
-            "pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(),
-            "pg_clipfrac": pg_stats["clipfrac"], "vf_clipfrac": vf_stats["clipfrac"],
-            "approxkl": pg_stats["approxkl"], "entropy": entropy, "ratio": pg_stats["ratio_mean"],
-        }
+        return _micro_batch_record(pg_loss, vf_loss, pg_stats, vf_stats, entropy)
 
     def _optimizer_step(self) -> None:
         if self.engine is not None:  # its step at the accumulation boundary clipped, stepped and zeroed
@@ -544,6 +536,15 @@ class PPOTrainer:
                     f"update {self.update + 1}: `{name}` is not finite — lower ppo.learning_rate, check the reward model "
                     f"and reward functions; the last good checkpoint is kept in {self.checkpoint_root}"
                 )
+
+
+def _micro_batch_record(pg_loss, vf_loss, pg_stats: dict, vf_stats: dict, entropy) -> dict[str, torch.Tensor]:
+    """What `_optimise` averages of each micro-batch."""
+    return {
+        "pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(),
+        "pg_clipfrac": pg_stats["clipfrac"], "vf_clipfrac": vf_stats["clipfrac"],
+        "approxkl": pg_stats["approxkl"], "entropy": entropy, "ratio": pg_stats["ratio_mean"],
+    }
 
 
 def _truncate_metrics(path: Path, update: int) -> None:

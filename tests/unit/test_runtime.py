@@ -166,8 +166,8 @@ def test_sharding_that_cannot_run_is_refused_in_stage_1(tmp_path, runtime, lora,
 
 
 def test_an_accelerate_config_for_several_machines_is_read(tmp_path):
-    from ppoflow.machines import Machines
-    from ppoflow.runtime import machine_count, read_accelerate_config
+    from ppoflow.machines import Machines, machine_count
+    from ppoflow.runtime import read_accelerate_config
 
     path = tmp_path / "accelerate.yaml"
     path.write_text("distributed_type: MULTI_GPU\nnum_machines: 2\nmachine_rank: 0\nmain_process_ip: 10.0.0.1\nmain_process_port: 29555\n"
