@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: install test test-fast demo toy bench gpu-check clean mlflow-server mlflow-server-stop prefect-ui screenshots
+.PHONY: install system-packages test test-fast demo toy bench gpu-check clean mlflow-server mlflow-server-stop prefect-ui screenshots
 
 install: $(STAMP)
 
@@ -24,9 +24,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,server,deepspeed]'
 	touch $@
 
+# PostgreSQL and Chromium for the integration and ui tests: installed as root, else named in one line.
+system-packages:
+	bash .ci/system-packages
+
 # One torch thread per test process: the suite runs servers and subprocesses beside training, and
 # with two cores busy, two OpenMP threads per process stall each other (5-10x slower here).
-test: install
+test: install system-packages
 	OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install
