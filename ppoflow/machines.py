@@ -199,11 +199,13 @@ def _serve(output_dir: Path, ticket: Ticket, machine_rank: int, accelerate_confi
             if child.poll() is not None:
                 break
             now = read_ticket(output_dir)
-            if now is None or now.id != ticket.id or now.state == "ended":
+            if now is None:  # being replaced, on a store without atomic rename: read it at the next poll
+                continue
+            if now.id != ticket.id or now.state == "ended":
                 ended_at = ended_at or time.monotonic()
-                finished_well = now is not None and now.id == ticket.id and now.returncode == 0
+                finished_well = now.id == ticket.id and now.returncode == 0
                 if not finished_well or time.monotonic() - ended_at > FINISH_SECONDS:
-                    how = f"exit status {now.returncode}" if now is not None and now.id == ticket.id else "a newer launch replaced it"
+                    how = f"exit status {now.returncode}" if now.id == ticket.id else "a newer launch replaced it"
                     log.error("the main machine's %s launch has ended (%s): ending this machine's share", ticket.stage, how)
                     end_group(child)
     except BaseException:
