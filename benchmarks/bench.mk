@@ -34,3 +34,16 @@ $(BENCH_STAMP): $(BENCH_DIR)/requirements-trl.txt $(BENCH_DIR)/bench.mk $(MAIN_V
 bench-trl: $(BENCH_STAMP)
 	@test -n "$(SPEC)" -a -n "$(OUT)" || { echo "usage: make bench-trl SPEC=spec.json OUT=result.json"; exit 2; }
 	HF_HUB_OFFLINE=1 TRL_EXPERIMENTAL_SILENCE=1 $(BENCH_VENV)/bin/python $(BENCH_DIR)/trl_baseline.py --spec $(SPEC) --out $(OUT)
+
+# The wheels the GPU check needs beyond the device machine's packages (benchmarks/device_wheels.py, docs/GPU.md):
+# CPython 3.12 manylinux x86-64 wheels into DEVICE_WHEELS (carried to the machine with the toy world), and the same
+# versions for this interpreter into DEVICE_WHEELS_HOST (the CPU rehearsal, tests/engine/test_device_check.py).
+# It first checks that the pins cover every import of the check and their Requires-Dist, and prints the size.
+DEVICE_WHEELS ?= .ppoflow/device-wheels
+DEVICE_WHEELS_HOST ?= .ppoflow/device-wheels-host
+
+.PHONY: device-wheels
+
+device-wheels: | $(MAIN_VENV)/.installed
+	$(MAIN_VENV)/bin/python $(BENCH_DIR)/device_wheels.py download $(DEVICE_WHEELS)
+	$(MAIN_VENV)/bin/python $(BENCH_DIR)/device_wheels.py download --host $(DEVICE_WHEELS_HOST)

@@ -12,7 +12,11 @@ Checks (each `pass`, `fail` or `skipped` with a reason, and its figures):
   two_processes  `accelerate launch --multi_gpu --num_processes 2 -m ppoflow.cli train`, one update with DDP and one
                  with FSDP (`runtime.fsdp`), weights within 1e-5 of each other (needs 2 GPUs)
   throughput     ppoflow vs TRL 1.12 episodes/s on a ~0.5 B random Llama, bf16, response 128 (needs the
-                 TRL venv, `make bench-venv`, built for this machine's CUDA)
+                 TRL venv, `make bench-venv`, built for this machine's CUDA, or `--trl-python` naming a python
+                 that imports both TRL and ppoflow: benchmarks/device_check.sh passes the device's own);
+                 `--throughput-models DIR` measures another policy/reward pair instead
+  throughput_smollm2_shape  the same on a random Llama of SmolLM2-135M-Instruct's shape (configs/smol.yaml's
+                 model, built there from its config: its weights and wheel are too big to carry), CUDA only
 
 Without CUDA it says so, writes that to the JSON file and exits 0. `--device cpu` runs the same checks
 small on the CPU (bf16 on CPU, gloo for two processes): the test suite's smoke test of this script.
@@ -55,6 +59,9 @@ TOY_RUN = {
 # ~0.5 B parameters per model (Qwen2-0.5B's body, a Llama): the size the issue asks for.
 HALF_B_SHAPE = {"vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 24,
                 "num_attention_heads": 16, "num_key_value_heads": 16, "max_position_embeddings": 512}
+# SmolLM2-135M-Instruct's config (ppoflow smol): 30 layers, hidden 576, 9 query and 3 key/value heads.
+SMOLLM2_SHAPE = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                 "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 512}
 TINY_SHAPE = {"vocab_size": 1024, "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256}
 
@@ -88,7 +95,7 @@ def package_versions() -> dict[str, str | None]:
     import importlib.metadata
 
     versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "accelerate", "peft", "datasets", "safetensors", "flash-attn", "trl"):
+    for name in ("torch", "transformers", "accelerate", "peft", "datasets", "pydantic", "safetensors", "flash-attn", "trl"):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -293,26 +300,57 @@ def check_two_processes(ctx: dict[str, Any]) -> dict[str, Any]:
     return {"status": "pass" if worst <= 1e-5 else "fail", **out}
 
 
+def parameter_count(model_dir: Path) -> int:
+    """Parameters stored in a model directory's safetensors files (tied weights once)."""
+    import math
+
+    from safetensors import safe_open
+
+    total = 0
+    for path in model_dir.glob("*.safetensors"):
+        with safe_open(path, framework="pt") as weights:
+            total += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
+    return total
+
+
 def check_throughput(ctx: dict[str, Any]) -> dict[str, Any]:
+    if ctx["throughput_models"] is not None:
+        return _throughput(ctx, ctx["throughput_models"], "throughput")
+    return _throughput(ctx, (HALF_B_SHAPE, "llama-0.5b") if ctx["cuda"] else (TINY_SHAPE, "llama-tiny"), "throughput")
+
+
+def check_throughput_smollm2_shape(ctx: dict[str, Any]) -> dict[str, Any]:
+    if not ctx["cuda"]:
+        return {"status": "skipped", "reason": "CUDA only: on a CPU this model's throughput is make bench-smol's (docs/REAL_MODEL.md)"}
+    return _throughput(ctx, (SMOLLM2_SHAPE, "llama-smollm2-shape"), "throughput-smollm2")
+
+
+def _throughput(ctx: dict[str, Any], models: Path | tuple[dict[str, int], str], name: str) -> dict[str, Any]:
+    """ppoflow's and TRL's episodes/s on one policy/reward pair: a folder with policy/ and reward/, or
+    (shape, folder name) of a random Llama built in the work folder."""
     trl_python = ctx["trl_python"]
     if not trl_python.is_file():
         return {"status": "skipped", "reason": f"no TRL venv at {trl_python} (make bench-venv)"}
     import run as bench  # benchmarks/run.py: the random-Llama builder
 
-    shape = HALF_B_SHAPE if ctx["cuda"] else TINY_SHAPE
-    models_dir = ctx["work"] / ("llama-0.5b" if ctx["cuda"] else "llama-tiny")
-    info = bench.build_large(models_dir, shape)
-    spec = {**bench.COMMON, "name": "gpu-throughput", "policy": str(models_dir / "policy"), "reward": str(models_dir / "reward"),
+    if isinstance(models, Path):
+        models_dir = models
+        info = {"policy_parameters": parameter_count(models_dir / "policy")}
+    else:
+        shape, folder = models
+        models_dir = ctx["work"] / folder
+        info = bench.build_large(models_dir, shape)
+    spec = {**bench.COMMON, "name": f"gpu-{name}", "policy": str(models_dir / "policy"), "reward": str(models_dir / "reward"),
             "prompts": str(ctx["toy"] / "prompts.jsonl"), "torch_threads": 1, "bf16": True,
             "per_device_train_batch_size": 64 if ctx["cuda"] else 8, "gradient_accumulation_steps": 1, "num_mini_batches": 4 if ctx["cuda"] else 2,
             "local_rollout_forward_batch_size": 64 if ctx["cuda"] else 8, "response_length": 128 if ctx["cuda"] else 16,
             "num_ppo_epochs": 4 if ctx["cuda"] else 1, "total_episodes": 128 if ctx["cuda"] else 8, "eval_size": 0, "seed": 42}
-    spec_path = ctx["work"] / "throughput.spec.json"
+    spec_path = ctx["work"] / f"{name}.spec.json"
     spec_path.write_text(json.dumps(spec, indent=1))
     sides = {}
     for side, python, script in (("ppoflow", Path(sys.executable), "ppoflow_side.py"), ("trl", trl_python, "trl_baseline.py")):
-        out = ctx["work"] / f"throughput-{side}.json"
-        log_path = ctx["work"] / f"throughput-{side}.log"
+        out = ctx["work"] / f"{name}-{side}.json"
+        log_path = ctx["work"] / f"{name}-{side}.log"
         with open(log_path, "w") as handle:
             proc = subprocess.run([str(python), str(HERE / script), "--spec", str(spec_path), "--out", str(out)], cwd=REPO,
                                   env=child_env(), stdout=handle, stderr=subprocess.STDOUT, timeout=1200)
@@ -321,13 +359,14 @@ def check_throughput(ctx: dict[str, Any]) -> dict[str, Any]:
         result = json.loads(out.read_text())
         sides[side] = {"episodes_per_s": result["throughput"]["episodes_per_s"], "train_loop_s": result["timing_s"]["train_loop"],
                        "dtype": result["machine"]["dtype"], "cuda_max_allocated_mib": result["memory"].get("cuda_max_allocated_mib")}
-    return {"status": "pass", "parameters_per_model": info["policy_parameters"], **sides,
+    return {"status": "pass", "models": str(models_dir), "parameters_per_model": info["policy_parameters"], **sides,
             "ours_over_trl": sides["ppoflow"]["episodes_per_s"] / sides["trl"]["episodes_per_s"]}
 
 
 CHECKS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "one_update": check_one_update, "packing": check_packing, "kill_resume": check_kill_resume,
     "two_processes": check_two_processes, "throughput": check_throughput,
+    "throughput_smollm2_shape": check_throughput_smollm2_shape,
 }
 
 
@@ -338,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trl-python", type=Path, default=REPO / ".venv-bench" / "bin" / "python")
     parser.add_argument("--skip", action="append", default=[], choices=sorted(CHECKS))
     parser.add_argument("--toy", type=Path, default=None, help="an existing toy world (default: build one)")
+    parser.add_argument("--work", type=Path, default=None, help="where the checks' runs and logs go (default: a new temporary folder)")
+    parser.add_argument("--throughput-models", type=Path, default=None,
+                        help="a folder with policy/ and reward/ (tokenizer inside) for the throughput check, instead of the random Llama")
     args = parser.parse_args(argv)
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported: the smoke mode never touches a GPU
@@ -357,7 +399,11 @@ def main(argv: list[str] | None = None) -> int:
         result["bf16_supported"] = torch.cuda.is_bf16_supported()
         result["cuda_runtime"] = torch.version.cuda
         result["cudnn"] = torch.backends.cudnn.version()
-    work = Path(tempfile.mkdtemp(prefix="ppoflow-gpu-check-"))
+    if args.work is None:
+        work = Path(tempfile.mkdtemp(prefix="ppoflow-gpu-check-"))
+    else:
+        work = args.work.resolve()
+        work.mkdir(parents=True, exist_ok=True)
     toy = args.toy
     if toy is None:
         from ppoflow.toy import build_toy
@@ -365,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         toy = work / "toy"
         log(f"building the toy world in {toy}")
         build_toy(toy)
-    ctx = {"cuda": result["cuda"], "toy": toy.resolve(), "work": work, "trl_python": args.trl_python}
+    ctx = {"cuda": result["cuda"], "toy": toy.resolve(), "work": work, "trl_python": args.trl_python,
+           "throughput_models": args.throughput_models.resolve() if args.throughput_models else None}
     began = time.perf_counter()
     result["checks"] = {}
     for name, check in CHECKS.items():
