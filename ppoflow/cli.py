@@ -1,4 +1,4 @@
-"""The engine's command line: `ppoflow toy`, `ppoflow train` and `ppoflow join` (no Prefect needed).
+"""The engine's command line: `ppoflow toy`, `ppoflow smol`, `ppoflow train` and `ppoflow join` (no Prefect needed).
 
 `ppoflow run` (the Prefect flow) is added by `flows.cli`, the installed `ppoflow` command, so the
 engine never imports the orchestration layer. The last stdout line of every command is one JSON
@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     toy = commands.add_parser("toy", help="build the offline toy world (SFT policy, reward model, prompts)")
     toy.add_argument("--out", required=True, type=Path, help="directory to build into")
     toy.add_argument("--seed", type=int, default=0, help="build seed (same seed, same bytes)")
+    smol = commands.add_parser("smol", help="build the real-model world (SmolLM2-135M-Instruct, prompts, a trained reward model)")
+    smol.add_argument("--out", required=True, type=Path, help="directory to build into (a step already built there is kept)")
+    smol.add_argument("--seed", type=int, default=0, help="build seed")
+    smol.add_argument("--threads", type=int, default=2, help="torch threads while building (default 2)")
     train = commands.add_parser("train", help="run the PPO engine alone, resuming from the newest checkpoint")
     add_config_arguments(train)
     stage = commands.add_parser("stage", help="run stage 4 or 5 from manifests on disk: what `ppoflow run` starts under accelerate launch")
@@ -83,6 +87,12 @@ def command_toy(args: argparse.Namespace) -> dict[str, Any]:
     from ppoflow.toy import build_toy
 
     return build_toy(args.out, seed=args.seed)
+
+
+def command_smol(args: argparse.Namespace) -> dict[str, Any]:
+    from ppoflow.smol import build_smol
+
+    return build_smol(args.out, seed=args.seed, num_threads=args.threads)
 
 
 def command_train(args: argparse.Namespace) -> dict[str, Any]:
@@ -156,7 +166,7 @@ def command_join(args: argparse.Namespace) -> dict[str, Any]:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
-    "toy": command_toy, "train": command_train, "stage": command_stage, "join": command_join,
+    "toy": command_toy, "smol": command_smol, "train": command_train, "stage": command_stage, "join": command_join,
 }
 
 

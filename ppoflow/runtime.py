@@ -341,6 +341,9 @@ def configure_torch(runtime: RuntimeConfig) -> None:
     is deterministic already, so the switch changes nothing there."""
     if runtime.num_threads is not None and torch.get_num_threads() != runtime.num_threads:
         torch.set_num_threads(runtime.num_threads)
+    if not torch.cuda.is_available():
+        chosen = "runtime.num_threads" if runtime.num_threads is not None else "torch's default: runtime.num_threads is null"
+        log.info("torch runs on %d CPU threads (%s)", torch.get_num_threads(), chosen)
     if runtime.deterministic:
         workspace = os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
         if workspace not in CUBLAS_DETERMINISTIC_SETTINGS:

@@ -95,10 +95,10 @@ def build_toy(
     tokenizer = build_tokenizer()
     prompts = sample_prompts(rng, n_prompts)
     train_prompts, eval_prompts = prompts[:-n_eval_prompts], prompts[-n_eval_prompts:]
-    _write_prompts(out_dir / "prompts.jsonl", prompts)
-    partitions = _write_partitions(out_dir / PARTITIONS_DIR, train_prompts)
+    write_prompts(out_dir / "prompts.jsonl", [prompt.text for prompt in prompts])
+    partitions = write_partitions(out_dir / PARTITIONS_DIR, [prompt.text for prompt in train_prompts])
 
-    with _deterministic_torch(seed, num_threads):
+    with deterministic_torch(seed, num_threads):
         generator = torch.Generator().manual_seed(seed)
         policy = LlamaForCausalLM(_model_config(tokenizer))
         sft_examples = [_sft_example(tokenizer, rng.choice(train_prompts), rng) for _ in range(n_sft_examples)]
@@ -172,7 +172,7 @@ def add_partition(toy_dir: Path, date: datetime.date | str, n: int, seed: int = 
     """
     date = datetime.date.fromisoformat(str(date))
     directory = Path(toy_dir) / PARTITIONS_DIR
-    path = directory / _partition_name(date)
+    path = directory / partition_name(date)
     if path.exists():
         raise FileExistsError(f"{path} exists: a partition is written once (choose another date)")
     known = {
@@ -184,7 +184,7 @@ def add_partition(toy_dir: Path, date: datetime.date | str, n: int, seed: int = 
     if not 0 < n <= len(fresh):
         raise ValueError(f"n={n} is out of range: the toy grammar has {len(fresh)} prompts no partition holds yet")
     partial = directory / f".{path.name}.partial"
-    _write_prompts(partial, random.Random(seed).sample(fresh, n))
+    write_prompts(partial, [prompt.text for prompt in random.Random(seed).sample(fresh, n)])
     os.replace(partial, path)
     return path
 
@@ -221,7 +221,7 @@ def sample_responses(
 
 
 @contextmanager
-def _deterministic_torch(seed: int, num_threads: int) -> Iterator[None]:
+def deterministic_torch(seed: int, num_threads: int) -> Iterator[None]:
     """Seed torch, use deterministic kernels and `num_threads`; restore all of it afterwards."""
     previous_threads = torch.get_num_threads()
     previous_deterministic = torch.are_deterministic_algorithms_enabled()
@@ -237,25 +237,26 @@ def _deterministic_torch(seed: int, num_threads: int) -> Iterator[None]:
         torch.set_num_threads(previous_threads)
 
 
-def _write_prompts(path: Path, prompts: Sequence[Prompt]) -> None:
+def write_prompts(path: Path, prompts: Sequence[object]) -> None:
+    """`{"prompt": ...}` a line: a text, or a conversation (a list of messages)."""
     with path.open("w") as handle:
-        handle.writelines(json.dumps({"prompt": prompt.text}) + "\n" for prompt in prompts)
+        handle.writelines(json.dumps({"prompt": prompt}) + "\n" for prompt in prompts)
 
 
-def _partition_name(date: datetime.date) -> str:
+def partition_name(date: datetime.date) -> str:
     return f"prompts-{date.isoformat()}.jsonl"
 
 
-def _write_partitions(directory: Path, prompts: Sequence[Prompt]) -> list[dict]:
-    """`prompts` in order, cut in one contiguous partition per date of PARTITION_DATES; a rebuild
-    replaces the directory (and any partition `add_partition` wrote)."""
+def write_partitions(directory: Path, prompts: Sequence[object]) -> list[dict]:
+    """`prompts` (as `write_prompts` takes them) in order, cut in one contiguous partition per date of
+    PARTITION_DATES; a rebuild replaces the directory (and any partition `add_partition` wrote)."""
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir()
     files = []
     bounds = [len(prompts) * index // len(PARTITION_DATES) for index in range(len(PARTITION_DATES) + 1)]
     for date, start, stop in zip(PARTITION_DATES, bounds, bounds[1:]):
-        _write_prompts(directory / _partition_name(date), prompts[start:stop])
-        files.append({"file": f"{directory.name}/{_partition_name(date)}", "date": date.isoformat(), "n": stop - start})
+        write_prompts(directory / partition_name(date), prompts[start:stop])
+        files.append({"file": f"{directory.name}/{partition_name(date)}", "date": date.isoformat(), "n": stop - start})
     return files
 
 

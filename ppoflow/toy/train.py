@@ -40,17 +40,17 @@ def train_sft(
     `LOSS_WINDOW` steps.
     """
     lengths = [len(prompt) + len(completion) for prompt, completion in examples]
-    optimizer, scheduler = _optimizer(model, lr, math.ceil(len(examples) / batch_size) * epochs)
+    optimizer, scheduler = warmup_cosine_adamw(model, lr, math.ceil(len(examples) / batch_size) * epochs)
     model.train()
     losses = []
-    for batch in _batches(lengths, batch_size, epochs, generator):
+    for batch in length_bucketed_batches(lengths, batch_size, epochs, generator):
         pairs = [examples[index] for index in batch]
         input_ids = pad_right([[*prompt, *completion] for prompt, completion in pairs], pad_id)
         labels = pad_right([[IGNORE_INDEX] * len(prompt) + [*completion] for prompt, completion in pairs], IGNORE_INDEX)
         loss = model(input_ids=input_ids, attention_mask=input_ids != pad_id, labels=labels).loss
-        losses.append(_step(model, loss, optimizer, scheduler))
+        losses.append(clipped_step(model, loss, optimizer, scheduler))
     model.eval()
-    return _recent_mean(losses)
+    return recent_mean(losses)
 
 
 def train_reward(
@@ -69,19 +69,19 @@ def train_reward(
     sequences go through the model together. Returns the mean loss of the last `LOSS_WINDOW` steps.
     """
     lengths = [max(len(chosen), len(rejected)) for chosen, rejected in pairs]
-    optimizer, scheduler = _optimizer(model, lr, math.ceil(len(pairs) / batch_size) * epochs)
+    optimizer, scheduler = warmup_cosine_adamw(model, lr, math.ceil(len(pairs) / batch_size) * epochs)
     model.train()
     losses = []
-    for batch in _batches(lengths, batch_size, epochs, generator):
+    for batch in length_bucketed_batches(lengths, batch_size, epochs, generator):
         chosen = [pairs[index][0] for index in batch]
         rejected = [pairs[index][1] for index in batch]
         input_ids = pad_right(chosen + rejected, pad_id)
         rewards = model(input_ids=input_ids, attention_mask=input_ids != pad_id).logits[:, 0]
         r_chosen, r_rejected = rewards[: len(batch)], rewards[len(batch) :]
         loss = -F.logsigmoid(r_chosen - r_rejected).mean()
-        losses.append(_step(model, loss, optimizer, scheduler))
+        losses.append(clipped_step(model, loss, optimizer, scheduler))
     model.eval()
-    return _recent_mean(losses)
+    return recent_mean(losses)
 
 
 def reward_scores(
@@ -122,7 +122,7 @@ def pad_right(sequences: Sequence[TokenIds], pad_value: int) -> torch.Tensor:
     return torch.tensor([[*sequence] + [pad_value] * (width - len(sequence)) for sequence in sequences])
 
 
-def _batches(lengths: Sequence[int], batch_size: int, epochs: int, generator: torch.Generator) -> Iterator[list[int]]:
+def length_bucketed_batches(lengths: Sequence[int], batch_size: int, epochs: int, generator: torch.Generator) -> Iterator[list[int]]:
     """Index batches over `epochs` shuffled passes, grouped by similar length.
 
     Padding is wasted compute, so each window of `BUCKET_BATCHES` batches is sorted by length
@@ -139,7 +139,7 @@ def _batches(lengths: Sequence[int], batch_size: int, epochs: int, generator: to
             yield batches[batch_index]
 
 
-def _optimizer(model: torch.nn.Module, lr: float, total_steps: int):
+def warmup_cosine_adamw(model: torch.nn.Module, lr: float, total_steps: int):
     """AdamW with linear warmup, then cosine decay to 10% of `lr` by `total_steps`."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, int(WARMUP_FRACTION * total_steps))
@@ -153,7 +153,7 @@ def _optimizer(model: torch.nn.Module, lr: float, total_steps: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _step(model: torch.nn.Module, loss: torch.Tensor, optimizer, scheduler) -> float:
+def clipped_step(model: torch.nn.Module, loss: torch.Tensor, optimizer, scheduler) -> float:
     """One clipped optimizer step on `loss`; returns the loss value."""
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
@@ -163,6 +163,6 @@ def _step(model: torch.nn.Module, loss: torch.Tensor, optimizer, scheduler) -> f
     return loss.item()
 
 
-def _recent_mean(losses: list[float]) -> float:
+def recent_mean(losses: list[float]) -> float:
     recent = losses[-LOSS_WINDOW:]
     return sum(recent) / len(recent)
