@@ -53,6 +53,14 @@ def replace_directory(new: Path, target: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
+def remove_directory(target: Path) -> None:
+    """Delete `target` so that it is never seen half deleted under its name (a crash, a file system
+    turned read-only mid-way): renamed aside first, then deleted. OSError when it cannot be moved."""
+    retired = Path(tempfile.mkdtemp(prefix=f"{RETIRED_PREFIX}{target.name}-", dir=target.parent))
+    os.replace(target, retired)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
 def remove_leftovers(directory: Path) -> None:
     """Delete staging and retired directories that a crashed writer left in `directory`."""
     for prefix in (PARTIAL_PREFIX, RETIRED_PREFIX):

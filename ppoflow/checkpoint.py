@@ -15,14 +15,13 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ppoflow.atomic import remove_leftovers, write_directory
+from ppoflow.atomic import remove_directory, remove_leftovers, write_directory
 from ppoflow.errors import CheckpointError
 from ppoflow.hashing import sha256_file
 
@@ -216,8 +215,13 @@ def load_tensors(path: Path) -> Any:
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints. Step 0 (the initial state) is always kept."""
+    """Delete all but the newest `keep` checkpoints, each renamed aside before it is deleted, so that none is
+    ever left half deleted under its name. Step 0 (the initial state) is always kept. A checkpoint that
+    cannot be moved (a read-only file system) stays whole, with a warning."""
     for path in list_checkpoints(root)[keep:]:
         if path.name != checkpoint_dir(root, 0).name:
-            shutil.rmtree(path, ignore_errors=True)
+            try:
+                remove_directory(path)
+            except OSError as exc:
+                log.warning("old checkpoint %s not deleted: %s", path, exc)
     remove_leftovers(root)
