@@ -134,8 +134,8 @@ def main() -> int:
     generation = json.loads((args.run / "final" / "generation_config.json").read_text())  # the run's own sampling
     sampling = {"max_new_tokens": generation["max_new_tokens"], "temperature": generation["temperature"]}
     tokenizer = AutoTokenizer.from_pretrained(args.world / "policy")
-    reference = AutoModelForCausalLM.from_pretrained(args.world / "policy").eval()
-    policy = AutoModelForCausalLM.from_pretrained(args.run / "final").eval()
+    reference = AutoModelForCausalLM.from_pretrained(args.world / "policy", use_safetensors=True).eval()
+    policy = AutoModelForCausalLM.from_pretrained(args.run / "final", use_safetensors=True).eval()
     from datasets import load_from_disk
 
     held_out = [json.loads(text) for text in load_from_disk(str(args.run / "data" / "eval"))["messages"]]

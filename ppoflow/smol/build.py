@@ -120,7 +120,7 @@ def _sampled_answers(policy_dir: Path, path: Path, reward_prompts, heldout_promp
     began = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     with deterministic_torch(seed, num_threads):
-        policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
+        policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32, use_safetensors=True).eval()
         sampled = {"train": sample_answer_pairs(policy, tokenizer, reward_prompts),
                    "heldout": sample_answer_pairs(policy, tokenizer, heldout_prompts)}
     logger.info("smol: %d answers sampled in %.0f s", 2 * len(reward_prompts) + 2 * len(heldout_prompts), time.perf_counter() - began)
@@ -139,7 +139,7 @@ def _build_reward(policy_dir: Path, reward_dir: Path, reward_prompts, heldout_pr
         train_pairs, train_stats = judged_pairs(train_answers, tokenizer)
         heldout_pairs, heldout_stats = judged_pairs(heldout_answers, tokenizer)
 
-        model = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1, dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1, dtype=torch.float32, use_safetensors=True)
         trainable = freeze_below(model, REWARD_TRAINING["trained_layers"])
         generator = torch.Generator().manual_seed(seed)
         loss = train_bradley_terry(

@@ -45,7 +45,8 @@ def load_gguf() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if importlib.util.find_spec("gguf") is None:
         raise PpoflowError(f"reading {path.name} needs the package 'gguf', which is not installed: {INSTALL_HINT}")
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # use_safetensors: never a pickled weights file, should the package's folder ever hold one beside the GGUF
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32, use_safetensors=True)
     return model.eval(), tokenizer
 
 

@@ -34,7 +34,7 @@ def test_the_converted_directory_computes_what_the_gguf_model_computes(smol_worl
     out, summary = smol_world
     gguf_model, gguf_tokenizer = load_gguf()
     tokenizer = AutoTokenizer.from_pretrained(out / "policy")
-    model = AutoModelForCausalLM.from_pretrained(out / "policy").eval()
+    model = AutoModelForCausalLM.from_pretrained(out / "policy", use_safetensors=True).eval()
     conversation = [{"role": "user", "content": "In one sentence, what do you think of rainy Sunday mornings?"}]
     ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert ids == gguf_tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=False)
