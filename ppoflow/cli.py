@@ -8,12 +8,13 @@ summary object; logs and progress go to stderr; a user error prints one line and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,17 @@ from ppoflow.manifests import Release, RunPlan
 
 EXIT_USER_ERROR = 2
 EXIT_ORPHANED = 3
+EXIT_INTERRUPTED = 130  # as a shell reports a command ended by Ctrl-C (128 + SIGINT)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def installed_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("ppoflow")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed: run from a source tree)"
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +47,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ppoflow", description="RLHF with PPO: policy, reference, reward and value models.")
-    parser.add_argument("--log-level", default="INFO", help="logging level for stderr (default INFO)")
+    parser.add_argument("--version", action="version", version=f"ppoflow {installed_version()}")
+    parser.add_argument("--log-level", default="INFO", help=f"logging level for stderr: {', '.join(LOG_LEVELS)} (default INFO)")
     commands = parser.add_subparsers(dest="command", required=True)
     toy = commands.add_parser("toy", help="build the offline toy world (SFT policy, reward model, prompts)")
     toy.add_argument("--out", required=True, type=Path, help="directory to build into")
@@ -170,15 +183,40 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
 }
 
 
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send whatever the command's libraries print to stdout (DeepSpeed's accelerator notice, a
+    third-party print) to stderr, down to file descriptor 1, so that stdout carries the summary alone."""
+    sys.stdout.flush()
+    saved_fd, saved_stream = os.dup(1), sys.stdout
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        sys.stdout = saved_stream
+        os.dup2(saved_fd, 1)
+        os.close(saved_fd)
+
+
 def run_command(parser: argparse.ArgumentParser, commands: dict[str, Callable], argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
+    if args.log_level.upper() not in LOG_LEVELS:
+        print(f"error: --log-level {args.log_level!r} is not a logging level — use one of {', '.join(LOG_LEVELS)}", file=sys.stderr)
+        return EXIT_USER_ERROR
     rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""  # set by accelerate launch
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format=f"%(asctime)s {rank}%(levelname)s %(name)s: %(message)s")
     try:
-        summary = commands[args.command](args)
+        with stdout_to_stderr():
+            summary = commands[args.command](args)
     except PpoflowError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"interrupted: finished stages and checkpoints are kept; run `ppoflow {args.command}` with the same "
+              "arguments again to resume from the newest checkpoint", file=sys.stderr)
+        return EXIT_INTERRUPTED
     from ppoflow.runtime import process_state
 
     if process_state().is_main_process:

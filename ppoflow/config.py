@@ -7,10 +7,12 @@ Unknown keys are refused (`extra="forbid"`), and every validation failure become
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
 import re
+import typing
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -556,16 +558,38 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def _first_error(exc: ValidationError) -> ConfigError:
-    error = exc.errors()[0]
+    """The error to report: an unknown key before anything else (a misspelt section would otherwise be
+    reported as the real one missing), with the closest known name."""
+    errors = sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
+    error = errors[0]
     field = ".".join(str(part) for part in error["loc"]) or "<root>"
     kind = error["type"]
     if kind == "extra_forbidden":
-        return ConfigError(field, "is not a known setting", "check the spelling against configs/toy.yaml or docs")
+        known = _known_names(error["loc"][:-1])
+        close = difflib.get_close_matches(str(error["loc"][-1]), known, n=1)
+        fix = f"did you mean `{close[0]}`?" if close else f"known here: {', '.join(known)}" if known else "check the spelling against configs/toy.yaml"
+        return ConfigError(field, "is not a known setting", fix)
     if kind == "missing":
         return ConfigError(field, "is required", "add it to the config file or pass --set")
     given = error.get("input")
     shown = "" if isinstance(given, dict) else f" (got {given!r})"
     return ConfigError(field, f"{error['msg'].removeprefix('Value error, ')}{shown}", "fix the value")
+
+
+def _known_names(loc: tuple) -> list[str]:
+    """The setting names of the config section at `loc` (a pydantic error location), [] if unknown."""
+    model: Any = RunConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        candidates = [arg for arg in (field.annotation, *typing.get_args(field.annotation)) if isinstance(arg, type) and issubclass(arg, BaseModel)]
+        if not candidates:
+            return []
+        model = candidates[0]
+    return list(model.model_fields)
 
 
 def build_config(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -586,7 +610,13 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise ConfigError("--config", f"file {path} does not exist", "pass the path of a YAML config such as configs/toy.yaml")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError("--config", f"{path} is not UTF-8 text", "pass a YAML config file such as configs/toy.yaml") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError("--config", f"{path} is not valid YAML{where}: {exc.problem or exc.context}", "fix the file") from None
     except yaml.YAMLError as exc:
         raise ConfigError("--config", f"{path} is not valid YAML: {str(exc).splitlines()[0]}", "fix the file") from None
     if not isinstance(tree, dict):

@@ -511,7 +511,7 @@ def browser(served_stack):
     from playwright.sync_api import expect, sync_playwright
 
     if not CHROMIUM.is_file():
-        pytest.fail(f"no {CHROMIUM}: install Debian's browser (apt-get install -y chromium), as .ci/run does")
+        pytest.fail(f"no {CHROMIUM}: install Debian's browser (apt-get install -y chromium), as make test does as root (.ci/system-packages)")
     expect.set_options(timeout=PAGE_TIMEOUT_MS)
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])

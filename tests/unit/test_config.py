@@ -133,6 +133,39 @@ def test_missing_section_is_named(tree):
         build_config(tree)
 
 
+@pytest.mark.parametrize(("edit", "text"), [
+    (lambda t: t.__setitem__("modles", t.pop("models")), "`modles`: is not a known setting — did you mean `models`?"),
+    (lambda t: t.__setitem__("ppo", {"learning_rat": 1e-5}), "`ppo.learning_rat`: is not a known setting — did you mean `learning_rate`?"),
+    (lambda t: t["data"].__setitem__("window", {"newst": 1}), "`data.window.newst`: is not a known setting — did you mean `newest`?"),
+    (lambda t: t.__setitem__("reward_functions", [{"path": "m:f", "wieght": 1}]), "`reward_functions.0.wieght`: is not a known setting — did you mean `weight`?"),
+    (lambda t: t.__setitem__("zzz", 1), "`zzz`: is not a known setting — known here: output_dir, models, data, ppo"),
+])
+def test_an_unknown_key_is_reported_before_what_it_hides_with_the_closest_name(tree, edit, text):
+    edit(tree)
+    with pytest.raises(ConfigError) as refused:
+        build_config(tree)
+    assert text in str(refused.value)
+
+
+@pytest.mark.parametrize(("content", "where"), [
+    ("models:\n\tpolicy: x\n", "at line 2, column 1: found character '\\t' that cannot start any token"),
+    ("ppo: {a: 1\nb: 2\n", "at line 2, column 2: expected ',' or '}', but got ':'"),
+])
+def test_yaml_syntax_errors_give_line_and_column(tmp_path, content, where):
+    path = tmp_path / "config.yaml"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    assert f"{path} is not valid YAML {where}" in str(refused.value)
+
+
+def test_a_config_file_that_is_not_text_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "config.yaml.gz"
+    path.write_bytes(b"\x1f\x8b\x08\x00\xff\xfe")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(path)
+
+
 def test_config_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="--config"):
         load_config(tmp_path / "nope.yaml")
