@@ -17,8 +17,7 @@ sees only what the device would:
   and only what device_check.sh writes into the `--target` folder is found.
 
 So a passing rehearsal proves that the device's list plus the wheels cover everything the check
-imports at run time, lazily imported modules and its subprocesses (the toy world's build, as when it
-is not carried, training, SIGKILL-resume, both throughput sides with TRL from the wheels) included, which the static closure of
+imports at run time, lazily imported modules and its subprocesses (training, SIGKILL-resume, both throughput sides with TRL from the wheels) included, which the static closure of
 tests/unit/test_device_wheels.py cannot see. What it cannot prove: the device's own versions (torch
 2.11 and transformers 5.17 there, this venv's here), whose needs are allowed from this venv
 (`DEVICE_NEEDS_HERE`: e.g. transformers 5.25 needs `kernels`, which the device's 5.17 does not), and CUDA.
@@ -147,13 +146,13 @@ def test_the_isolation_hides_what_the_device_lacks(device_like):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_device_check_rehearsed_on_the_cpu_with_the_wheels_alone(device_like, tmp_path):
+def test_device_check_rehearsed_on_the_cpu_with_the_wheels_alone(device_like, toy_world, tmp_path):
     device_wheels.download(HOST_WHEELS, host=True)  # once: kept beside the device's wheels (make device-wheels)
     env, target = device_like
     out = tmp_path / "out"
     proc = subprocess.run(
         ["bash", str(REPO / "benchmarks" / "device_check.sh"), str(out), "--device", "cpu", "--target", str(target),
-         "--wheels", str(HOST_WHEELS), "--python", sys.executable, "--toy", str(tmp_path / "toy"), "--", "--skip", "two_processes"],
+         "--wheels", str(HOST_WHEELS), "--python", sys.executable, "--toy", str(toy_world), "--", "--skip", "two_processes"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540,
     )
     log = proc.stdout[-4000:]
@@ -164,11 +163,17 @@ def test_device_check_rehearsed_on_the_cpu_with_the_wheels_alone(device_like, tm
         "one_update": "pass", "packing": "pass", "kill_resume": "pass", "two_processes": "skipped", "throughput": "pass",
         "throughput_smollm2_shape": "skipped"}
     assert result["versions"]["trl"] == device_wheels.WHEELS["trl"] and result["versions"]["pydantic"] == device_wheels.WHEELS["pydantic"]
-    assert checks["kill_resume"]["bitwise_equal"]
+    update = checks["one_update"]
+    assert update["compute"]["compute_dtype"] == "bfloat16" and update["compute"]["trained_weight_dtypes"] == ["float32"]
+    assert 0.5 < update["change_ratio_compute_vs_fp32"] < 2.0
+    assert update["float32"]["logprobs_from_generation"] and update["float32"]["first_ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert checks["packing"]["sdpa"]["self_check_packs"] and checks["packing"]["packed_rows"] < checks["packing"]["padded_rows"]
+    resume = checks["kill_resume"]
+    assert resume["bitwise_equal"] and resume["killed"]["killed_after_step_2"]
+    assert resume["killed"]["sha256"] == resume["uninterrupted"]["sha256"]
     assert checks["throughput"]["ppoflow"]["episodes_per_s"] > 0 and checks["throughput"]["trl"]["episodes_per_s"] > 0
 
     environment = json.loads((out / "environment.json").read_text())
     assert environment["problems"] == [], environment["problems"]
     assert {name: need["version"] for name, need in environment["needed"].items() if need["source"] == "wheel"} == device_wheels.WHEELS
     assert (out / "logs.tar.gz").is_file() and "done, exit 0" in (out / "device_check.log").read_text()
-    assert json.loads((tmp_path / "toy" / "toy.json").read_text())["versions"]["ppoflow"] == "0.1.0"  # built there, metadata and all

@@ -29,23 +29,15 @@ def test_without_cuda_it_says_so_and_exits_0(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_the_cpu_smoke_mode_runs_every_check(toy_world, tmp_path):
-    # throughput needs the TRL venv (make bench-venv), which the test suite does not build
-    proc = run_check(tmp_path / "gpu.json", "--device", "cpu", "--toy", str(toy_world), "--skip", "throughput")
+def test_the_cpu_smoke_mode_runs_the_two_process_check(toy_world, tmp_path):
+    # The other checks run, with the same assertions on their figures, in the device rehearsal
+    # (tests/engine/test_device_check.py), which runs this script through benchmarks/device_check.sh.
+    skipped = ("one_update", "packing", "kill_resume", "throughput", "throughput_smollm2_shape")
+    proc = run_check(tmp_path / "gpu.json", "--device", "cpu", "--toy", str(toy_world), *[arg for name in skipped for arg in ("--skip", name)])
     result = json.loads((tmp_path / "gpu.json").read_text())
     checks = result["checks"]
     assert proc.returncode == 0, (result.get("failed"), {k: v.get("error") for k, v in checks.items()}, proc.stderr[-3000:])
-    assert {name: check["status"] for name, check in checks.items()} == {
-        "one_update": "pass", "packing": "pass", "kill_resume": "pass", "two_processes": "pass", "throughput": "skipped",
-        "throughput_smollm2_shape": "skipped"}
-    update = checks["one_update"]
-    assert update["compute"]["compute_dtype"] == "bfloat16" and update["compute"]["trained_weight_dtypes"] == ["float32"]
-    assert 0.5 < update["change_ratio_compute_vs_fp32"] < 2.0
-    assert update["float32"]["logprobs_from_generation"] and update["float32"]["first_ratio"] == pytest.approx(1.0, abs=1e-5)
-    assert checks["packing"]["sdpa"]["self_check_packs"] and checks["packing"]["packed_rows"] < checks["packing"]["padded_rows"]
-    resume = checks["kill_resume"]
-    assert resume["bitwise_equal"] and resume["killed"]["killed_after_step_2"]
-    assert resume["killed"]["sha256"] == resume["uninterrupted"]["sha256"]
+    assert {name: check["status"] for name, check in checks.items()} == {**dict.fromkeys(skipped, "skipped"), "two_processes": "pass"}
     two = checks["two_processes"]
     assert two["backend"] == "gloo" and two["fsdp_vs_ddp_max_abs_weight_difference"] <= 1e-5
     assert two["zero3"]["exit"] == 0 and two["zero3_vs_ddp_max_abs_weight_difference"] <= 1e-5  # the suite installs the deepspeed extra
