@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from ppoflow.atomic import write_text_atomic
 from ppoflow.smol import convert, judges, prompts as grammar
 from ppoflow.toy.build import deterministic_torch, write_partitions, write_prompts
-from ppoflow.toy.train import clipped_step, length_bucketed_batches, pad_right, recent_mean, warmup_cosine_adamw
+from ppoflow.toy.train import clipped_step, length_bucketed_batches, pad_right, recent_mean, reward_scores, warmup_cosine_adamw
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,8 @@ def _build_reward(policy_dir: Path, reward_dir: Path, reward_prompts, heldout_pr
             model, train_pairs, pad_id=tokenizer.pad_token_id, generator=generator,
             epochs=REWARD_TRAINING["epochs"], batch_size=REWARD_TRAINING["batch_size"], lr=REWARD_TRAINING["lr"],
         )
-        chosen, rejected = (scores_at_end(model, [pair[side] for pair in heldout_pairs], pad_id=tokenizer.pad_token_id) for side in (0, 1))
+        chosen, rejected = (reward_scores(model, [pair[side] for pair in heldout_pairs], pad_id=tokenizer.pad_token_id, batch_size=32, read=_end_scores)
+                            for side in (0, 1))
         accuracy = (chosen > rejected).float().mean().item()
         # Scores of unit spread over the policy's own answers: PPO's kl_coef and missing_eos_penalty are then in units of it.
         spread = torch.cat([chosen, rejected]).std().item()
@@ -267,18 +268,6 @@ def train_bradley_terry(model: PreTrainedModel, pairs, *, pad_id: int, epochs: i
         losses.append(clipped_step(model, loss, optimizer, scheduler))
     model.eval()
     return recent_mean(losses)
-
-
-def scores_at_end(model: PreTrainedModel, sequences: Sequence[list[int]], *, pad_id: int, batch_size: int = 32) -> torch.Tensor:
-    """`[N]` reward-model scores of the sequences, in input order."""
-    by_length = sorted(range(len(sequences)), key=lambda index: len(sequences[index]))
-    scores = torch.empty(len(sequences))
-    with torch.no_grad():
-        for start in range(0, len(sequences), batch_size):
-            batch = by_length[start : start + batch_size]
-            chosen = [sequences[index] for index in batch]
-            scores[batch] = _end_scores(model, pad_right(chosen, pad_id), torch.tensor([len(s) for s in chosen]))
-    return scores
 
 
 def _correlation(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -9,7 +9,7 @@ truncated one.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +85,8 @@ def train_reward(
 
 
 def reward_scores(
-    model: PreTrainedModel, sequences: Sequence[TokenIds], *, pad_id: int, batch_size: int = 64
+    model: PreTrainedModel, sequences: Sequence[TokenIds], *, pad_id: int, batch_size: int = 64,
+    read: Callable[[PreTrainedModel, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """`[N]` reward-model scores of right-padded sequences, at each one's last non-pad token.
 
@@ -97,7 +98,10 @@ def reward_scores(
         for start in range(0, len(sequences), batch_size):
             batch = by_length[start : start + batch_size]
             input_ids = pad_right([sequences[index] for index in batch], pad_id)
-            scores[batch] = model(input_ids=input_ids, attention_mask=input_ids != pad_id).logits[:, 0]
+            if read is None:
+                scores[batch] = model(input_ids=input_ids, attention_mask=input_ids != pad_id).logits[:, 0]
+            else:
+                scores[batch] = read(model, input_ids, torch.tensor([len(sequences[index]) for index in batch]))
     return scores
 
 
