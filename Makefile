@@ -87,10 +87,10 @@ prefect-ui: install
 	    $(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_UI_PORT) --no-prompt --analytics-off
 
 mlflow-server: install
-	$(PY) -m mlflow_server.server start $(ARGS)
+	$(PY) -m ppoflow.mlflow_server.server start $(ARGS)
 
 mlflow-server-stop: install
-	$(PY) -m mlflow_server.server stop $(ARGS)
+	$(PY) -m ppoflow.mlflow_server.server stop $(ARGS)
 
 # Local Prefect server + MLflow server + work pool + deployments + worker, in the background;
 # state, pids and logs in $(SERVE_HOME) (see deployments/README.md). ARGS e.g. "--prefect-port 0".
@@ -98,10 +98,10 @@ SERVE_HOME ?= .ppoflow/serve
 .PHONY: serve serve-stop
 
 serve: install toy
-	$(PY) -m deployments.serve start --home $(SERVE_HOME) $(ARGS)
+	$(PY) -m ppoflow.deployments.serve start --home $(SERVE_HOME) $(ARGS)
 
 serve-stop: install
-	$(PY) -m deployments.serve stop --home $(SERVE_HOME)
+	$(PY) -m ppoflow.deployments.serve stop --home $(SERVE_HOME)
 
 include benchmarks/bench.mk
 

@@ -511,14 +511,14 @@ def orchestration(toy: Path, threads: int, runs: int, episodes: int, run_dir: Pa
                  f"data.path={toy / 'prompts.jsonl'}", f"ppo.total_episodes={episodes}",
                  "ppo.eval_every=null",  # the demo's evaluations during training are no orchestration cost
                  f"flow.result_storage={(home / 'prefect-results').resolve()}"]
-    # `python -m flows.cli` is the `ppoflow` console script's entry point (pyproject: ppoflow = flows.cli:main)
+    # `python -m ppoflow.flows.cli` is the `ppoflow` console script's entry point (pyproject: ppoflow = ppoflow.flows.cli:main)
     results: dict[str, list[dict[str, Any]]] = {"train": [], "run": []}
     commands = {}
     for i in range(runs):
         for command in ("train", "run"):
             out_dir = run_dir / f"orch-{command}-{i}"
             shutil.rmtree(out_dir, ignore_errors=True)
-            cmd = [sys.executable, "-m", "flows.cli", command, "--config", str(REPO / "configs" / "toy.yaml"),
+            cmd = [sys.executable, "-m", "ppoflow.flows.cli", command, "--config", str(REPO / "configs" / "toy.yaml"),
                    *[a for o in overrides + [f"output_dir={out_dir}"] for a in ("--set", o)]]
             commands[command] = " ".join(cmd)
             log(f"orchestration: ppoflow {command} ({i + 1}/{runs})")

@@ -1,9 +1,9 @@
 """`make serve`: a local Prefect server, an MLflow server, the work pool, the deployments, a worker.
 
-    python -m deployments.serve start [--home .ppoflow/serve] [--prefect-port 4200] [--mlflow-port 5000]
+    python -m ppoflow.deployments.serve start [--home .ppoflow/serve] [--prefect-port 4200] [--mlflow-port 5000]
                                       [--mlflow-auth] [--no-ui]
-    python -m deployments.serve status
-    python -m deployments.serve stop
+    python -m ppoflow.deployments.serve status
+    python -m ppoflow.deployments.serve stop
 
 `start` brings the stack up in this order, each step waiting for the previous one to be healthy:
 
@@ -57,8 +57,8 @@ from typing import Any
 
 import yaml
 
-from mlflow_server import processes, start_server, stop_server
-from mlflow_server.server import ServerError
+from ppoflow.mlflow_server import processes, start_server, stop_server
+from ppoflow.mlflow_server.server import ServerError
 
 log = logging.getLogger(__name__)
 
@@ -474,7 +474,7 @@ def describe(stack: Stack) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m deployments.serve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m ppoflow.deployments.serve", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (("start", "start the stack and wait until every part is up"),

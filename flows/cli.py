@@ -1,6 +1,6 @@
 """The installed `ppoflow` command: the engine's `toy` and `train`, plus `run`, the Prefect flow.
 
-`ppoflow run --config FILE [--set key.path=value ...]` runs `flows.rlhf_ppo` against the Prefect API
+`ppoflow run --config FILE [--set key.path=value ...]` runs `ppoflow.flows.rlhf_ppo` against the Prefect API
 of `PREFECT_API_URL`, or an ephemeral one when it is unset, with MLflow tracking from
 `MLFLOW_TRACKING_URI` (else the SQLite store in `.ppoflow/mlflow`). A config error, or a tracking
 store that does not answer, is reported in one line (exit status 2) before Prefect starts; the flow
@@ -26,9 +26,7 @@ from ppoflow.cli import COMMANDS, add_config_arguments, run_command
 from ppoflow.cli import build_parser as build_engine_parser
 from ppoflow.errors import PpoflowError
 
-log = logging.getLogger("flows.cli")
-
-MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default (and `make demo` tells it to)
+log = logging.getLogger("ppoflow.flows.cli")
 
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # a cold ephemeral server needs ~12 s on 2 cores
@@ -53,7 +51,7 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
     from ppoflow import tracking
 
     tracking.check_reachable(tracking.resolve_tracking_uri())  # so does a tracking store that does not answer
-    from flows import rlhf_ppo as flow_module
+    from ppoflow.flows import rlhf_ppo as flow_module
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
     state = flow_module.rlhf_ppo(config=config, return_state=True)
@@ -69,15 +67,9 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
             flow_run_id, state.name, flow_run_id, flow_module.__file__,
         )
         raise
-    url = mlflow_ui_run_url(summary["mlflow_experiment_id"], summary["mlflow_run_id"])
+    url = tracking.mlflow_ui_run_url(summary["mlflow_experiment_id"], summary["mlflow_run_id"])
     log.info("the MLflow run, with `mlflow ui` on its store: %s", url)
     return {**summary, "wall_seconds": round(time.perf_counter() - began, 2)}
-
-
-def mlflow_ui_run_url(experiment_id: str, run_id: str, base: str = MLFLOW_UI) -> str:
-    """The run's own page in the MLflow 3 UI (its machine-learning view: the UI otherwise opens an
-    experiment on the GenAI overview)."""
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ RunConfig ─1 configure────────→ RunPlan
 flow run's id): the same for every retry of that flow run, so a retry resumes in its workspace.
 
 A stage whose inputs and source are unchanged comes back `Cached` in any later flow run, unless
-the files its manifest names are gone or changed (`tasks.common`). A failed flow run re-run (or
+the files its manifest names are gone or changed (`ppoflow.tasks.common`). A failed flow run re-run (or
 retried) finds stages 1–4 cached and resumes training from its newest checkpoint.
 
 Parameters: `config`, a whole `RunConfig` (the UI renders it as a form and a deployment stores it as
@@ -51,7 +51,6 @@ from prefect.states import State
 from prefect.runtime import deployment, flow_run
 from prefect.settings import PREFECT_UI_URL
 
-from flows.cli import mlflow_ui_run_url
 from ppoflow import tracking
 from ppoflow.cli import final_metrics, run_summary
 from ppoflow.config import MODEL_SOURCE_FIELDS, RunConfig, build_config, expand_output_dir, names_registry_alias
@@ -61,8 +60,8 @@ from ppoflow.layout import SAMPLES_FILE
 from ppoflow.locking import output_dir_lock
 from ppoflow.manifests import DatasetManifest, ModelManifest, Release, RunPlan, training_fingerprint
 from ppoflow.redaction import redact
-from tasks import Stages
-from tasks.common import quiet_user_error_tracebacks
+from ppoflow.tasks import Stages
+from ppoflow.tasks.common import quiet_user_error_tracebacks
 
 
 FAILURE_ARTIFACT = "rlhf-ppo-failure"
@@ -216,7 +215,7 @@ def publish_artifacts(plan: RunPlan, models: ModelManifest, data: DatasetManifes
         parts = urlsplit(uri)  # the page's URL without a login (the browser asks for it)
         server = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path.rstrip("/"), "", ""))
         create_link_artifact(
-            key="mlflow-run", link=mlflow_ui_run_url(run.experiment_id, run.run_id, base=server),
+            key="mlflow-run", link=tracking.mlflow_ui_run_url(run.experiment_id, run.run_id, base=server),
             link_text=f"MLflow run {run.run_id}", description="The MLflow run of this training job",
         )
     else:

@@ -1,6 +1,6 @@
 """Start and stop a real MLflow tracking server (SQLite or PostgreSQL) for ppoflow.
 
-CLI: ``python -m mlflow_server.server start|stop|status``; see mlflow_server/README.md.
+CLI: ``python -m ppoflow.mlflow_server.server start|stop|status``; see mlflow_server/README.md.
 Library: ``from mlflow_server import start_server, stop_server``.
 """
 
@@ -19,9 +19,9 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy, so `python -m mlflow_server.server` does not import the module twice.
+    # Lazy, so `python -m ppoflow.mlflow_server.server` does not import the module twice.
     if name in __all__:
-        from mlflow_server import server
+        from ppoflow.mlflow_server import server
 
         return getattr(server, name)
     raise AttributeError(f"module 'mlflow_server' has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """The background servers ppoflow starts: spawn them, recognise them again, stop them, probe them.
 
-Used by `mlflow_server.server` (the MLflow server) and `deployments.serve` (the Prefect server and its
+Used by `ppoflow.mlflow_server.server` (the MLflow server) and `ppoflow.deployments.serve` (the Prefect server and its
 workers). Each process is started in its own session, so it leads a process group that holds
 everything it starts, and stopping it signals that group. A recorded pid is trusted only while the
 process behind it has the start time recorded at spawn (`start_ticks`: a reused pid has another)

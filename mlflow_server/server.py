@@ -1,8 +1,8 @@
 """Start, stop and inspect a real MLflow tracking server for ppoflow.
 
-    python -m mlflow_server.server start [--port 0] [--backend sqlite|postgres] [--auth] ...
-    python -m mlflow_server.server status
-    python -m mlflow_server.server stop
+    python -m ppoflow.mlflow_server.server start [--port 0] [--backend sqlite|postgres] [--auth] ...
+    python -m ppoflow.mlflow_server.server status
+    python -m ppoflow.mlflow_server.server stop
 
 Everything the server owns lives in one home directory (default ``.ppoflow/mlflow-server``):
 
@@ -35,8 +35,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from mlflow_server import postgres as pg
-from mlflow_server import processes
+from ppoflow.mlflow_server import postgres as pg
+from ppoflow.mlflow_server import processes
 from ppoflow.redaction import redact_uri
 
 _log = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ def _auth_config(home: Path, default_permission: str, cache_seconds: int) -> Pat
         "auth_cache_ttl_seconds": str(cache_seconds),
     }
     buf = io.StringIO()
-    buf.write("# written by `mlflow_server.server start --auth`: holds the admin password (0600)\n")
+    buf.write("# written by `ppoflow.mlflow_server.server start --auth`: holds the admin password (0600)\n")
     cfg.write(buf)
     path = home / AUTH_INI
     _write_secret_file(path, buf.getvalue())
@@ -455,7 +455,7 @@ def server_status(home: Path) -> tuple[ServerInfo | None, bool, bool]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m mlflow_server.server",
+        prog="python -m ppoflow.mlflow_server.server",
         description="Start/stop a real MLflow tracking server (SQLite or PostgreSQL backend).",
     )
     sub = p.add_subparsers(dest="command", required=True)

@@ -1,6 +1,6 @@
-"""The engine's command line: `ppoflow toy`, `ppoflow smol`, `ppoflow train` and `ppoflow join` (no Prefect needed).
+"""The engine's command line: `ppoflow init`, `toy`, `smol`, `train`, `stage` and `join` (no Prefect needed).
 
-`ppoflow run` (the Prefect flow) is added by `flows.cli`, the installed `ppoflow` command, so the
+`ppoflow run` (the Prefect flow) is added by `ppoflow.flows.cli`, the installed `ppoflow` command, so the
 engine never imports the orchestration layer. The last stdout line of every command is one JSON
 summary object; logs and progress go to stderr; a user error prints one line and exits with 2.
 """
@@ -21,6 +21,8 @@ from typing import Any
 from ppoflow.errors import PpoflowError
 from ppoflow.layout import METRICS_FILE
 from ppoflow.manifests import Release, RunPlan
+
+log = logging.getLogger(__name__)
 
 EXIT_USER_ERROR = 2
 EXIT_ORPHANED = 3
@@ -50,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ppoflow {installed_version()}")
     parser.add_argument("--log-level", default="INFO", help=f"logging level for stderr: {', '.join(LOG_LEVELS)} (default INFO)")
     commands = parser.add_subparsers(dest="command", required=True)
+    init = commands.add_parser("init", help="write the starter configs: my-model.yaml (your models) and toy.yaml (the toy world)")
+    init.add_argument("--dir", type=Path, default=Path("."), help="directory to write them into (default: here)")
+    init.add_argument("--force", action="store_true", help="overwrite files of the same names")
     toy = commands.add_parser("toy", help="build the offline toy world (SFT policy, reward model, prompts)")
     toy.add_argument("--out", required=True, type=Path, help="directory to build into")
     toy.add_argument("--seed", type=int, default=0, help="build seed (same seed, same bytes)")
@@ -96,6 +101,28 @@ def run_summary(plan: RunPlan, release: Release) -> dict[str, Any]:
     }
 
 
+STARTER_CONFIGS = ("my-model.yaml", "toy.yaml")  # shipped in the wheel as ppoflow.configs
+
+
+def command_init(args: argparse.Namespace) -> dict[str, Any]:
+    """Copy the starter configs out of the package; nothing is written when one would be overwritten."""
+    from importlib import resources
+
+    from ppoflow.atomic import write_text_atomic
+
+    targets = [args.dir / name for name in STARTER_CONFIGS]
+    existing = [str(target) for target in targets if target.exists()]
+    if existing and not args.force:
+        raise PpoflowError(f"{' and '.join(existing)} {'exists' if len(existing) == 1 else 'exist'} — edit, pass --force to overwrite, "
+                           "or --dir another directory")
+    args.dir.mkdir(parents=True, exist_ok=True)
+    for name, target in zip(STARTER_CONFIGS, targets):
+        write_text_atomic(target, resources.files("ppoflow.configs").joinpath(name).read_text())
+    toy = targets[1]
+    log.info("wrote %s; try the toy world first: `ppoflow toy --out .ppoflow/toy`, then `ppoflow run --config %s`", ", ".join(map(str, targets)), toy)
+    return {"written": [str(target) for target in targets]}
+
+
 def command_toy(args: argparse.Namespace) -> dict[str, Any]:
     from ppoflow.toy import build_toy
 
@@ -131,7 +158,7 @@ def _end_with_parent(pid: int) -> None:
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
-                logging.getLogger(__name__).error("the process that launched this one (%d) is gone: exiting", pid)
+                log.error("the process that launched this one (%d) is gone: exiting", pid)
                 os._exit(EXIT_ORPHANED)
             except PermissionError:  # alive, another user's (cannot be ours): keep watching
                 pass
@@ -179,7 +206,7 @@ def command_join(args: argparse.Namespace) -> dict[str, Any]:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
-    "toy": command_toy, "smol": command_smol, "train": command_train, "stage": command_stage, "join": command_join,
+    "init": command_init, "toy": command_toy, "smol": command_smol, "train": command_train, "stage": command_stage, "join": command_join,
 }
 
 

@@ -28,7 +28,7 @@ _REMEMBERED: ContextVar[dict[tuple, str] | None] = ContextVar("ppoflow_remembere
 def remembered_digests() -> Iterator[None]:
     """Within the block, a file is hashed once while its path, inode, size and modification time stay
     the same. For checking many records against the same files in one go: the cache's walk over a
-    stage's stale manifests (`tasks.common.IntactManifests`) would otherwise hash the data window's
+    stage's stale manifests (`ppoflow.tasks.common.IntactManifests`) would otherwise hash the data window's
     partitions once per night the workspace has seen. Nothing is remembered past the block."""
     token = _REMEMBERED.set({}) if _REMEMBERED.get() is None else None
     try:

@@ -1,7 +1,7 @@
 """Launching stages 4 and 5 on several processes, on one machine or several.
 
 One machine: the flow's task starts `accelerate launch --multi_gpu --num_processes N -m ppoflow.cli
-stage ...` (`tasks.launch`), a child process group.
+stage ...` (`ppoflow.tasks.launch`), a child process group.
 
 Several machines (`runtime.accelerate_config` with `num_machines` > 1 and `main_process_ip`): the
 flow runs on the main machine (machine_rank 0) and launches its share of the processes there; each
@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ppoflow.atomic import write_text_atomic
 from ppoflow.errors import PpoflowError
+from ppoflow.runtime import launchable_accelerate_config, machine_count
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,6 @@ GRACE_SECONDS = 15.0  # after SIGTERM, before SIGKILL
 # How long a joiner's share may outlive the main machine's launch that ended well (its last
 # collective is behind it; it only has to exit).
 FINISH_SECONDS = 60.0
-
-
-def machine_count(settings: dict[str, Any]) -> int:
-    """The machines an accelerate config (as read by `runtime.read_accelerate_config`) spans."""
-    return int(settings.get("num_machines", 1) or 1)
 
 
 class JoinError(PpoflowError):
@@ -185,8 +181,6 @@ def join(output_dir: Path, machine_rank: int, *, accelerate_config: Path | None 
 def _serve(output_dir: Path, ticket: Ticket, machine_rank: int, accelerate_config: Path | None, poll_seconds: float) -> int:
     """This machine's share of one launch; ended when the main machine's launch ended without it."""
     if accelerate_config is not None:  # this machine's own file, without accelerate's FSDP mode (as the flow's)
-        from ppoflow.runtime import launchable_accelerate_config
-
         accelerate_config = launchable_accelerate_config(accelerate_config, ticket.inputs.parent / f"accelerate-machine-{machine_rank}.yaml")
     command = launch_command(ticket, machine_rank, os.getpid(), accelerate_config)
     log.info("machine %d joins %s (%s): %s", machine_rank, ticket.stage, ticket.id, " ".join(command))

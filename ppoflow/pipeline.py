@@ -38,13 +38,13 @@ from ppoflow.models import (
     REGISTRY_FIELDS, describe_models, load_policy, load_released, load_tokenizer, pin_registry_sources, prepare_tokenizers,
     restore_registry_sources, settle_value_source,
 )
-from ppoflow.machines import machine_count
 from ppoflow.rewards import load_reward_functions
 from ppoflow.runtime import (
     check_launched_plain,
     check_mixed_precision,
     check_sharding_plan,
     configure_torch,
+    machine_count,
     process_state,
     read_accelerate_config,
 )

@@ -20,7 +20,6 @@ from accelerate import Accelerator, PartialState
 from ppoflow.atomic import write_text_atomic
 from ppoflow.config import PPOConfig, RuntimeConfig
 from ppoflow.errors import ConfigError
-from ppoflow.machines import machine_count
 
 log = logging.getLogger(__name__)
 
@@ -287,6 +286,11 @@ def _check_zero_plan(runtime: RuntimeConfig, plan: Sharding, lora: bool, ppo: PP
         if str(given).lower() != "auto" and (ours is None or float(given) != float(ours)):
             raise ConfigError(field, f"sets deepspeed_config.{key}: {given} and {name} is {ours}, the run config's own setting",
                               f"set it to auto there (or remove it), and {name} in the run config")
+
+
+def machine_count(settings: dict[str, Any]) -> int:
+    """The machines an accelerate config (as read by `read_accelerate_config`) spans."""
+    return int(settings.get("num_machines", 1) or 1)
 
 
 def launchable_accelerate_config(source: Path, target: Path) -> Path:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from ppoflow.config import FlowConfig
-from tasks.common import flow_options
-from tasks.configure import configure
-from tasks.init_trainer import init_trainer
-from tasks.load_models import load_models
-from tasks.prepare_dataset import prepare_dataset
-from tasks.save_and_evaluate import save_and_evaluate
-from tasks.train_ppo import train_ppo
+from ppoflow.tasks.common import flow_options
+from ppoflow.tasks.configure import configure
+from ppoflow.tasks.init_trainer import init_trainer
+from ppoflow.tasks.load_models import load_models
+from ppoflow.tasks.prepare_dataset import prepare_dataset
+from ppoflow.tasks.save_and_evaluate import save_and_evaluate
+from ppoflow.tasks.train_ppo import train_ppo
 
 
 class Stages:

@@ -7,7 +7,7 @@ from prefect import task
 from ppoflow import pipeline
 from ppoflow.config import RunConfig
 from ppoflow.manifests import RunPlan
-from tasks.common import STAGE_OPTIONS
+from ppoflow.tasks.common import STAGE_OPTIONS
 
 
 @task(name="configure", **STAGE_OPTIONS)

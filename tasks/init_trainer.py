@@ -6,8 +6,8 @@ from prefect import task
 
 from ppoflow import pipeline
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, RunPlan
-from tasks.common import STAGE_OPTIONS
-from tasks.launch import needs_launch, run_launched
+from ppoflow.tasks.common import STAGE_OPTIONS
+from ppoflow.tasks.launch import needs_launch, run_launched
 
 
 @task(name="init_trainer", **STAGE_OPTIONS)

@@ -6,7 +6,7 @@ from prefect import task
 
 from ppoflow import pipeline
 from ppoflow.manifests import DatasetManifest, ModelManifest, RunPlan
-from tasks.common import STAGE_OPTIONS
+from ppoflow.tasks.common import STAGE_OPTIONS
 
 
 @task(name="prepare_dataset", **STAGE_OPTIONS)

@@ -17,7 +17,7 @@ from ppoflow.layout import METRICS_FILE, SAMPLES_FILE
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, Release, RunPlan
 from ppoflow.tracking import TrackingRun, describe_release, log_release
 from ppoflow.tracking.promotion import gate
-from tasks.common import STAGE_OPTIONS
+from ppoflow.tasks.common import STAGE_OPTIONS
 
 
 @task(name="save_and_evaluate", **STAGE_OPTIONS)

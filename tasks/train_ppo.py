@@ -4,7 +4,7 @@ A retried or re-run stage resumes where the crashed attempt last checkpointed (t
 checkpoint; the data order and RNG states make the result bitwise that of an uninterrupted run).
 Each update's metrics go to the MLflow run and move a Prefect progress artifact; both callbacks run
 on the task's own thread, inside the trainer loop. With runtime.num_processes > 1 the stage runs under
-accelerate launch (`tasks.launch`): the main rank sends the metrics to MLflow, and the task moves the
+accelerate launch (`ppoflow.tasks.launch`): the main rank sends the metrics to MLflow, and the task moves the
 progress artifact from `metrics.jsonl`.
 """
 
@@ -19,8 +19,8 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from ppoflow import pipeline
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, RunPlan
 from ppoflow.tracking import TrackingRun
-from tasks.common import STAGE_OPTIONS
-from tasks.launch import needs_launch, run_launched
+from ppoflow.tasks.common import STAGE_OPTIONS
+from ppoflow.tasks.launch import needs_launch, run_launched
 
 log = logging.getLogger(__name__)
 

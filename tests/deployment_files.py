@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from deployments import serve
+from ppoflow.deployments import serve
 
 
 def declared() -> dict[str, dict[str, Any]]:
@@ -19,5 +19,5 @@ def declared() -> dict[str, dict[str, Any]]:
 def config_file(spec: dict[str, Any]) -> Path:
     """The run config file a deployment's build step loads into its `config` parameter."""
     (step,) = spec["build"]
-    assert spec["parameters"]["config"] == f"{{{{ {step['deployments.steps.load_run_config']['id']}.config }}}}"
-    return serve.REPO_ROOT / step["deployments.steps.load_run_config"]["path"]
+    assert spec["parameters"]["config"] == f"{{{{ {step['ppoflow.deployments.steps.load_run_config']['id']}.config }}}}"
+    return serve.REPO_ROOT / step["ppoflow.deployments.steps.load_run_config"]["path"]

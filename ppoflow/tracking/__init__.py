@@ -17,7 +17,14 @@ MLflow: the engine (`ppoflow train`) never does.
 from ppoflow.tracking.metrics import SPOOL_FILE, MetricsSink
 from ppoflow.tracking.release import check_release_names, describe_release, log_release
 from ppoflow.tracking.run import CONFIG_HASH_TAG, FAILURE_TAG, TrackingRun, flatten, open_run, run_name, tag_failure
-from ppoflow.tracking.store import TRACKING_URI_ENV, check_reachable, default_tracking_uri, first_line, resolve_tracking_uri
+from ppoflow.tracking.store import (
+    TRACKING_URI_ENV,
+    check_reachable,
+    default_tracking_uri,
+    first_line,
+    mlflow_ui_run_url,
+    resolve_tracking_uri,
+)
 
 __all__ = [
     "CONFIG_HASH_TAG",
@@ -31,6 +38,7 @@ __all__ = [
     "default_tracking_uri",
     "describe_release",
     "first_line",
+    "mlflow_ui_run_url",
     "flatten",
     "log_release",
     "open_run",

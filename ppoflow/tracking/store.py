@@ -35,6 +35,7 @@ from ppoflow.redaction import redact
 _LOGGER = logging.getLogger(__name__)
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default (and `make demo` tells it to)
 _GLOBAL_URI_LOCK = threading.Lock()
 
 
@@ -152,6 +153,12 @@ def in_batches(items: list, size: int) -> Iterator[list]:
     """`items` in lists of at most `size`: one MLflow request takes at most its batch limits."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def mlflow_ui_run_url(experiment_id: str, run_id: str, base: str = MLFLOW_UI) -> str:
+    """The run's own page in the MLflow 3 UI (its machine-learning view: the UI otherwise opens an
+    experiment on the GenAI overview)."""
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def first_line(exc: BaseException) -> str:

@@ -22,7 +22,7 @@ def test_ctrl_c_says_what_was_kept_in_one_line_and_the_same_command_resumes(toy_
     config = toy_config(toy_world, tmp_path / "run", "ppo.total_episodes=160")  # 20 updates of 8
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
-    command = [sys.executable, "-m", "flows.cli", "train", "--config", str(path)]
+    command = [sys.executable, "-m", "ppoflow.flows.cli", "train", "--config", str(path)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"

@@ -39,7 +39,7 @@ STAGES = ["configure", "load_models", "prepare_dataset", "init_trainer", "train_
 
 
 def run_cli(*argv: str) -> tuple[int, str]:
-    from flows.cli import main
+    from ppoflow.flows.cli import main
 
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
@@ -48,7 +48,7 @@ def run_cli(*argv: str) -> tuple[int, str]:
 
 
 def run_flow(tree: dict[str, Any]):
-    from flows.rlhf_ppo import rlhf_ppo
+    from ppoflow.flows.rlhf_ppo import rlhf_ppo
 
     return rlhf_ppo(config=RunConfig.model_validate(tree), return_state=True)
 
@@ -103,7 +103,7 @@ def reference(flow_env, make_flow_config, flow_workspace) -> dict[str, Any]:
     logged: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: logged.append(record.getMessage())
-    cli_log = logging.getLogger("flows.cli")
+    cli_log = logging.getLogger("ppoflow.flows.cli")
     level, cli_log.level = cli_log.level, logging.INFO  # under pytest, the CLI's basicConfig leaves the root level alone
     cli_log.addHandler(handler)
     try:
@@ -357,7 +357,7 @@ def test_a_bad_config_fails_in_stage_one_without_retries(flow_env, make_flow_con
 def test_transient_failures_are_retried_and_user_errors_are_not(flow_env):
     from prefect import flow, task
 
-    from tasks.common import retry_unless_user_error
+    from ppoflow.tasks.common import retry_unless_user_error
 
     attempts: list[str] = []
 
@@ -389,7 +389,7 @@ def test_stage_retries_back_off_and_record_a_number_the_ui_can_show(flow_env):
     from prefect.exceptions import ObjectNotFound
 
     from ppoflow.config import FlowConfig
-    from tasks.common import flow_options
+    from ppoflow.tasks.common import flow_options
 
     options = flow_options(FlowConfig(retries=2, retry_delay_seconds=[0.3, 1.2]))
     attempts: list[float] = []

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def ppoflow_run(config_file: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", "--config", str(config_file)],
+        [sys.executable, "-m", "ppoflow.flows.cli", "run", "--config", str(config_file)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
 

@@ -1,6 +1,6 @@
 """Real servers for the deployment tests: the stack `make serve` starts, on free loopback ports.
 
-`served_stack` starts it once per module through `deployments.serve.start` (the code behind
+`served_stack` starts it once per module through `ppoflow.deployments.serve.start` (the code behind
 `make serve`): a Prefect server with its UI (the `ui` tests browse it), the MLflow server with basic
 auth (SQLite), the `ppoflow` work pool, the deployments of deployments/prefect.yaml, and one process
 worker whose MLflow credentials come from its environment. Its teardown is `make serve-stop` and checks that every
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:  # imported in the fixture: the other tests here need no `deployments` package
-    from deployments.serve import Stack
+    from ppoflow.deployments.serve import Stack
 
 ADMIN_PASSWORD = "deploy-test-admin-" + secrets.token_hex(8)
 
@@ -35,7 +35,7 @@ def _gone(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def served_stack(tmp_path_factory) -> Iterator[Stack]:
-    from deployments import serve
+    from ppoflow.deployments import serve
 
     home = tmp_path_factory.mktemp("serve")
     with pytest.MonkeyPatch.context() as patch:

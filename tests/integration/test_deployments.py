@@ -37,8 +37,8 @@ from uuid import UUID
 
 import pytest
 
-from deployments import serve
-from deployments.steps import load_run_config
+from ppoflow.deployments import serve
+from ppoflow.deployments.steps import load_run_config
 from ppoflow.layout import METRICS_FILE
 from tests.deployment_files import config_file, declared
 from tests.reliability.faulty_rewards import CRASH_ENV
@@ -545,7 +545,7 @@ def clip_between(page, top, bottom, margin: int = 12) -> dict[str, float]:
 
 
 def open_mlflow_run_page(browser, stack: serve.Stack, run):
-    from flows.cli import mlflow_ui_run_url
+    from ppoflow.tracking import mlflow_ui_run_url
     from playwright.sync_api import expect
 
     page = browser.new_page()

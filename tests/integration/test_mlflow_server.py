@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from mlflow_server import postgres as pg
-from mlflow_server.server import (
+from ppoflow.mlflow_server import postgres as pg
+from ppoflow.mlflow_server.server import (
     ServerError,
     main,
     read_info,

@@ -166,7 +166,7 @@ def wait_for(condition: Callable[[], Any], timeout: float, interval: float = 0.0
 def start_cli(argv: list[str], log: Path, env: dict[str, str], stdout: Path | None = None) -> subprocess.Popen:
     with open(log, "ab") as err, open(stdout or log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", *argv], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+            [sys.executable, "-m", "ppoflow.flows.cli", *argv], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
             stdout=out, stderr=err, start_new_session=True,
         )
 

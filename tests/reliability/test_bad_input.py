@@ -227,8 +227,8 @@ def prefect():
 
 
 def ppoflow(argv: list[str]) -> tuple[int, str, str]:
-    """The installed `ppoflow` command (flows.cli:main), in this process."""
-    from flows.cli import main
+    """The installed `ppoflow` command (ppoflow.flows.cli:main), in this process."""
+    from ppoflow.flows.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -30,7 +30,7 @@ from typing import Any
 import mlflow
 import pytest
 
-from mlflow_server.server import start_server, stop_server
+from ppoflow.mlflow_server.server import start_server, stop_server
 from tests.reliability.helpers import (
     FLOW_SETTINGS, NUM_UPDATES, assert_same_run, checkpoint_steps, error_lines, kill_session, read_metrics, reliability_config,
     start_cli, subprocess_env, summary_of, wait_for, write_config,

@@ -127,7 +127,7 @@ def test_remote_code_runs_only_when_the_config_asks():
 
 
 def test_servers_bind_loopback_and_have_no_default_password(tmp_path, monkeypatch):
-    from mlflow_server.server import ServerError, start_server
+    from ppoflow.mlflow_server.server import ServerError, start_server
 
     assert inspect.signature(start_server).parameters["host"].default == "127.0.0.1"
     monkeypatch.delenv("MLFLOW_AUTH_ADMIN_PASSWORD", raising=False)

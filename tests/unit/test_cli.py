@@ -6,7 +6,7 @@ import importlib.metadata
 
 import pytest
 
-from flows.cli import main
+from ppoflow.flows.cli import main
 
 
 def test_version_is_the_installed_distributions(capsys):

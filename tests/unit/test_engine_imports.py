@@ -41,7 +41,7 @@ print(json.dumps({"imported": names, "loaded": loaded}))
 TRAIN_WITH_THE_PPOFLOW_COMMAND = """
 import json, sys
 sys.modules["mlflow"] = sys.modules["prefect"] = None
-from flows.cli import main
+from ppoflow.flows.cli import main
 
 code = main(["train", "--config", sys.argv[1]])
 loaded = sorted({name.split(".")[0] for name, module in sys.modules.items() if module is not None} & {"mlflow", "prefect"})

@@ -166,7 +166,8 @@ def test_sharding_that_cannot_run_is_refused_in_stage_1(tmp_path, runtime, lora,
 
 
 def test_an_accelerate_config_for_several_machines_is_read(tmp_path):
-    from ppoflow.machines import Machines, machine_count
+    from ppoflow.machines import Machines
+    from ppoflow.runtime import machine_count
     from ppoflow.runtime import read_accelerate_config
 
     path = tmp_path / "accelerate.yaml"

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import socket
 
-from deployments import serve
-from deployments.steps import load_run_config
-from mlflow_server import processes, redact_uri
+from ppoflow.deployments import serve
+from ppoflow.deployments.steps import load_run_config
+from ppoflow.mlflow_server import processes, redact_uri
 from ppoflow.config import load_config
 from tests.deployment_files import config_file, declared
 

@@ -1,4 +1,4 @@
-"""The stages' cache policy (`tasks.common.IntactManifests`) over a stand-in result store: a stale
+"""The stages' cache policy (`ppoflow.tasks.common.IntactManifests`) over a stand-in result store: a stale
 record sends the key on, deterministically, and the walk hashes each file once however long the chain."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from prefect.cache_policies import INPUTS
 from ppoflow import hashing
 from ppoflow.hashing import sha256_file
 from ppoflow.manifests import Manifest
-from tasks.common import IntactManifests
+from ppoflow.tasks.common import IntactManifests
 
 
 class PartitionSeen(Manifest):
