@@ -32,6 +32,7 @@ PREFECT_DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # a cold ephemeral server needs ~12 s on 2 cores
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # the machines are offline
     "PREFECT_LOGGING_EXTRA_LOGGERS": "ppoflow",  # the engine's logs in the Prefect UI, beside the flow's
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",  # ppoflow's lines before and after the flow run stay local
 }
 
 

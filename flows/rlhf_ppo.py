@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from prefect import Flow, flow
+from prefect import Flow, Task, flow
 from prefect.artifacts import MarkdownArtifact, create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -51,9 +51,9 @@ from prefect.states import State
 from prefect.runtime import deployment, flow_run
 from prefect.settings import PREFECT_UI_URL
 
-from ppoflow import tracking
+from ppoflow import console, tracking
 from ppoflow.cli import final_metrics, run_summary
-from ppoflow.config import MODEL_SOURCE_FIELDS, RunConfig, build_config, expand_output_dir, names_registry_alias
+from ppoflow.config import RunConfig, build_config, expand_output_dir, names_registry_alias
 from ppoflow.data import load_prompts
 from ppoflow.hub import check_push
 from ppoflow.layout import SAMPLES_FILE
@@ -148,15 +148,25 @@ def rlhf_ppo(config: RunConfig, overrides: list[str] | None = None) -> dict[str,
 
     # One run per output_dir at a time: a second one waits here, then finds its stages Cached.
     with output_dir_lock(config.output_dir, config.flow.lock_timeout_seconds):
-        plan = stages.configure(config)
-        models = stages.load_models(plan, str(flow_run.id) if names_registry_alias(config.models) else None)
-        data = stages.prepare_dataset(plan, models)
+        plan = staged(stages.configure, config)
+        models = staged(stages.load_models, plan, str(flow_run.id) if names_registry_alias(config.models) else None)
+        data = staged(stages.prepare_dataset, plan, models)
         with mlflow_run(plan, models, data) as run:
-            start = stages.init_trainer(plan, models, data)
-            final = stages.train_ppo(plan, models, data, start, run.run_id)
-            release = stages.save_and_evaluate(plan, models, data, final, run.run_id)
+            start = staged(stages.init_trainer, plan, models, data)
+            final = staged(stages.train_ppo, plan, models, data, start, run.run_id)
+            release = staged(stages.save_and_evaluate, plan, models, data, final, run.run_id)
             publish_artifacts(plan, models, data, release, run)
         return summary(plan, release, run.experiment_id)
+
+
+def staged(task: Task, *args: Any) -> Any:
+    """One stage: its task run between the two console lines (`ppoflow.console`), `Cached` when the
+    result was reused. A failed stage raises here, as the task call would."""
+    began = console.stage_started(task.name)
+    state = task(*args, return_state=True)
+    result = state.result()
+    console.stage_finished(task.name, result, began, cached=state.name == "Cached")
+    return result
 
 
 def effective_config(config: RunConfig, overrides: list[str] | None, scheduled_start: datetime, flow_run_id: Any) -> RunConfig:
@@ -166,23 +176,7 @@ def effective_config(config: RunConfig, overrides: list[str] | None, scheduled_s
     on the directory it happens to start in."""
     if overrides:
         config = build_config(config.model_dump(mode="json"), overrides)
-    config = expand_output_dir(config, scheduled_start=scheduled_start, flow_run=str(flow_run_id))
-    models = {field: _absolute(getattr(config.models, field)) for field in MODEL_SOURCE_FIELDS}
-    update: dict[str, Any] = {
-        "output_dir": config.output_dir.expanduser().resolve(),
-        "models": config.models.model_copy(update=models),
-        "data": config.data.model_copy(update={"path": _absolute(config.data.path)}),
-    }
-    if config.flow.result_storage:
-        update["flow"] = config.flow.model_copy(update={"result_storage": str(Path(config.flow.result_storage).expanduser().resolve())})
-    return config.model_copy(update=update)
-
-
-def _absolute(source: str | None) -> str | None:
-    """A path that exists locally, made absolute; a Hub id (or None) unchanged."""
-    if source is None or not Path(source).expanduser().exists():
-        return source
-    return str(Path(source).expanduser().resolve())
+    return expand_output_dir(config, scheduled_start=scheduled_start, flow_run=str(flow_run_id)).with_absolute_paths()
 
 
 @contextmanager

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ppoflow.console import quiet_libraries
 from ppoflow.errors import PpoflowError
 from ppoflow.layout import METRICS_FILE
 from ppoflow.manifests import Release, RunPlan
@@ -234,6 +235,7 @@ def run_command(parser: argparse.ArgumentParser, commands: dict[str, Callable], 
         return EXIT_USER_ERROR
     rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""  # set by accelerate launch
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format=f"%(asctime)s {rank}%(levelname)s %(name)s: %(message)s")
+    quiet_libraries(logging.getLevelName(args.log_level.upper()))
     try:
         with stdout_to_stderr():
             summary = commands[args.command](args)

@@ -436,11 +436,47 @@ class RunConfig(_Section):
         return self
 
     def config_hash(self) -> str:
-        """Identity of the training job: everything that changes its results, not tracking, retries or
-        how this machine runs it."""
-        identity = self.model_dump(mode="json", exclude=set(ATTEMPT_SECTIONS))
-        canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+        """Identity of the training job: everything that changes its results, not where they are written
+        (output_dir: a workspace copied elsewhere resumes), tracking, retries or how this machine runs it."""
+        canonical = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def identity(self) -> dict[str, Any]:
+        """The fields `config_hash` covers, as JSON values."""
+        return self.model_dump(mode="json", exclude={*ATTEMPT_SECTIONS, "output_dir"})
+
+    def with_absolute_paths(self) -> RunConfig:
+        """output_dir and the local model and data paths made absolute (Hub ids and registry URIs kept):
+        the config hash and cache keys must not depend on the directory a run happens to start in."""
+        models = {field: _absolute(getattr(self.models, field)) for field in MODEL_SOURCE_FIELDS}
+        update: dict[str, Any] = {
+            "output_dir": self.output_dir.expanduser().resolve(),
+            "models": self.models.model_copy(update=models),
+            "data": self.data.model_copy(update={"path": _absolute(self.data.path)}),
+        }
+        if self.flow.result_storage:
+            update["flow"] = self.flow.model_copy(update={"result_storage": str(Path(self.flow.result_storage).expanduser().resolve())})
+        return self.model_copy(update=update)
+
+
+def _absolute(source: str | None) -> str | None:
+    """A path that exists locally, made absolute; a Hub id, a registry URI (or None) unchanged."""
+    if source is None or not Path(source).expanduser().exists():
+        return source
+    return str(Path(source).expanduser().resolve())
+
+
+def config_differences(before: dict[str, Any], after: dict[str, Any], limit: int = 4) -> list[str]:
+    """`field: old -> new` for each dotted field whose value differs between two config identities
+    (`RunConfig.identity`), at most `limit` of them."""
+    def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(tree, dict):
+            return {prefix: tree}
+        return {key: value for name, child in tree.items() for key, value in flat(child, f"{prefix}{name}.").items()} or {prefix: {}}
+
+    old, new = flat(before), flat(after)
+    changed = [f"{key.rstrip('.')}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+    return changed[:limit] + ([f"and {len(changed) - limit} more"] if len(changed) > limit else [])
 
 
 class BatchPlan(BaseModel):

@@ -25,8 +25,17 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ppoflow.checkpoint import list_checkpoints, newest_valid_checkpoint, read_state, storage_problem, verify_checkpoint
 from ppoflow.atomic import write_text_atomic
 from ppoflow.config import (
-    BatchPlan, ModelsConfig, RunConfig, expand_output_dir, is_registry_uri, output_dir_placeholders, validate_sources,
+    BatchPlan,
+    ModelsConfig,
+    RunConfig,
+    build_config,
+    config_differences,
+    expand_output_dir,
+    is_registry_uri,
+    output_dir_placeholders,
+    validate_sources,
 )
+from ppoflow.console import run_stage
 from ppoflow.data import prepare_prompts
 from ppoflow.errors import ConfigError, ModelError, PpoflowError
 from ppoflow.evaluate import evaluate_policy, save_policy, write_eval
@@ -127,7 +136,7 @@ def configure(config: RunConfig, world_size: int | None = None) -> RunPlan:
     if state is not None and state["config_hash"] != config_hash:
         raise ConfigError(
             "output_dir",
-            f"{output_dir} holds checkpoints of another config ({state['config_hash']})",
+            f"{output_dir} holds checkpoints of another config ({state['config_hash']}{_what_differs(output_dir, config, state['config_hash'])})",
             "use a new output_dir for a changed config, or delete the old run",
         )
     # The data order and the RNG states of a checkpoint are per process: it resumes only on as many.
@@ -141,6 +150,18 @@ def configure(config: RunConfig, world_size: int | None = None) -> RunPlan:
         _check_writable(output_dir)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     return RunPlan(config=config, config_hash=config_hash, output_dir=output_dir, batch=batch)
+
+
+def _what_differs(output_dir: Path, config: RunConfig, config_hash: str) -> str:
+    """`: ppo.learning_rate: 5e-05 -> 1e-05`, from the workspace's config.yaml when it is the config
+    of its checkpoints; empty when that cannot be told."""
+    try:
+        before = build_config(yaml.safe_load((output_dir / "config.yaml").read_text()))
+    except Exception:  # missing, unreadable, or of a schema this version no longer accepts
+        return ""
+    if before.config_hash() != config_hash:
+        return ""
+    return ", differs in " + "; ".join(config_differences(before.identity(), config.identity()))
 
 
 @_clear_storage_errors
@@ -262,6 +283,7 @@ def train(plan: RunPlan, models: ModelManifest, data: DatasetManifest, callbacks
     state = read_state(path)
     _check_same_training(plan, state, models, data)
     if state["update"] >= plan.batch.num_updates:
+        log.info("training finished earlier (%s, update %d of %d): reusing it", path.name, state["update"], plan.batch.num_updates)
         return CheckpointManifest(path=path, update=state["update"], episode=state["episode"], num_updates=plan.batch.num_updates, sha256=digest)
     if state["update"] > 0:
         log.info("resuming from %s (update %d of %d)", path.name, state["update"], plan.batch.num_updates)
@@ -375,17 +397,17 @@ def run_all(config: RunConfig, callbacks: Sequence[MetricsCallback] = ()) -> tup
     """The six stages in one process: what `ppoflow train` does. The main process holds the output
     directory's lock throughout (`ppoflow.locking`): a second run of it waits, then reuses the work.
     There is no flow run: `{date}` in output_dir is today's UTC day, `{flow_run}` is refused."""
-    config = expand_output_dir(config, scheduled_start=datetime.now(timezone.utc), flow_run=None)
+    config = expand_output_dir(config, scheduled_start=datetime.now(timezone.utc), flow_run=None).with_absolute_paths()
     main = process_state(config.runtime).is_main_process
     with output_dir_lock(config.output_dir, config.flow.lock_timeout_seconds) if main else nullcontext():
-        plan = configure(config)
+        plan = run_stage("configure", configure, config)
         if plan.batch.world_size != process_state().num_processes:
             raise ConfigError(
                 "runtime.num_processes", f"is {plan.batch.world_size} and `ppoflow train` is one process",
                 f"start it with `accelerate launch --num_processes {plan.batch.world_size} -m ppoflow.cli train`, or use `ppoflow run`",
             )
-        models = load_models(plan)
-        data = prepare_dataset(plan, models)
-        init_trainer(plan, models, data)
-        final = train(plan, models, data, callbacks)
-        return plan, save_and_evaluate(plan, models, data, final)
+        models = run_stage("load_models", load_models, plan)
+        data = run_stage("prepare_dataset", prepare_dataset, plan, models)
+        run_stage("init_trainer", init_trainer, plan, models, data)
+        final = run_stage("train_ppo", train, plan, models, data, callbacks)
+        return plan, run_stage("save_and_evaluate", save_and_evaluate, plan, models, data, final)

@@ -336,6 +336,9 @@ def make_accelerator() -> Accelerator:
     return Accelerator(cpu=not torch.cuda.is_available())
 
 
+_SAID: set[str] = set()
+
+
 def configure_torch(runtime: RuntimeConfig) -> None:
     """Apply `runtime` to this process, before its first model forward (cuBLAS reads its workspace
     setting once, when CUDA makes its first handle, so the engine calls this before loading models).
@@ -347,7 +350,10 @@ def configure_torch(runtime: RuntimeConfig) -> None:
         torch.set_num_threads(runtime.num_threads)
     if not torch.cuda.is_available():
         chosen = "runtime.num_threads" if runtime.num_threads is not None else "torch's default: runtime.num_threads is null"
-        log.info("torch runs on %d CPU threads (%s)", torch.get_num_threads(), chosen)
+        said = f"torch runs on {torch.get_num_threads()} CPU threads ({chosen})"
+        if said not in _SAID:  # once per process, not at each stage
+            _SAID.add(said)
+            log.info("%s", said)
     if runtime.deterministic:
         workspace = os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
         if workspace not in CUBLAS_DETERMINISTIC_SETTINGS:

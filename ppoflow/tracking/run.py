@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 _LOGGER = logging.getLogger(__name__)
 
 CONFIG_HASH_TAG = "ppoflow.config_hash"
+OUTPUT_DIR_TAG = "ppoflow.output_dir"  # the workspace: two workspaces of one config are two runs
 TRAINING_TAG = "ppoflow.training_fingerprint"
 PARTITIONS_TAG = "ppoflow.data.partitions"
 PARTITION_CONTEXT = "partition"
@@ -96,8 +97,8 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def open_run(plan: RunPlan, training: str, *, tracking_uri: str | None = None) -> TrackingRun:
-    """The MLflow run of this training job: the newest run tagged with the plan's config hash and the
-    `training` fingerprint, else a new one."""
+    """The MLflow run of this training job: the newest run tagged with the plan's config hash, the
+    `training` fingerprint and its workspace, else a new one."""
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -106,8 +107,9 @@ def open_run(plan: RunPlan, training: str, *, tracking_uri: str | None = None) -
         [experiment_id],
         filter_string=f"tags.`{CONFIG_HASH_TAG}` = '{plan.config_hash}' AND tags.`{TRAINING_TAG}` = '{training}'",
         order_by=["attributes.start_time DESC"],
-        max_results=1,
+        max_results=100,
     )
+    found = [run for run in found if run.data.tags.get(OUTPUT_DIR_TAG) == str(plan.output_dir)]  # compared here: no quoting
     if found:
         run = found[0]
         if run.info.status != "RUNNING":
@@ -117,7 +119,8 @@ def open_run(plan: RunPlan, training: str, *, tracking_uri: str | None = None) -
         run = client.create_run(
             experiment_id,
             run_name=run_name(plan.config, plan.config_hash),
-            tags={CONFIG_HASH_TAG: plan.config_hash, TRAINING_TAG: training, "mlflow.source.name": "ppoflow", "mlflow.source.type": "JOB"},
+            tags={CONFIG_HASH_TAG: plan.config_hash, TRAINING_TAG: training, OUTPUT_DIR_TAG: str(plan.output_dir),
+                  "mlflow.source.name": "ppoflow", "mlflow.source.type": "JOB"},
         )
         _LOGGER.info("created MLflow run %s (%s)", run.info.run_id, run.info.run_name)
     return TrackingRun(client, run.info.run_id, experiment_id, plan.output_dir)
