@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: install system-packages test test-fast demo demo-smol bench-smol toy smol bench gpu-check clean mlflow-server mlflow-server-stop prefect-ui screenshots
+.PHONY: install system-packages test test-fast demo demo-smol bench-smol toy smol bench gpu-check clean mlflow-server mlflow-server-stop prefect-ui screenshots docs
 
 install: $(STAMP)
 
@@ -106,7 +106,7 @@ serve-stop: install
 include benchmarks/bench.mk
 
 # ppoflow vs TRL 1.12 side by side (benchmarks/run.py, ~20 min): writes benchmarks/results/latest.json and the
-# README's Performance table. BENCH_ARGS=--quick: a 3-minute check that writes under .ppoflow/bench/quick only.
+# performance table in docs/PERFORMANCE.md. BENCH_ARGS=--quick: a 3-minute check that writes under .ppoflow/bench/quick only.
 # BENCH_THREADS: torch threads for both sides (default 1: two threads collapse on a shared 2-core machine).
 BENCH_TOY ?= .ppoflow/bench/toy
 BENCH_ARGS ?=
@@ -146,6 +146,11 @@ for shot in map(Path, sys.argv[1:]):
     image.save(Path("docs/screenshots") / shot.name, optimize=True)
 endef
 export SHRINK_PNG
+
+# The docs site: docs/ as mkdocs.yml lists it, built into .ppoflow/site (mkdocs.yml's site_dir). --strict: a broken
+# link, a missing anchor or a page left out of the nav fails the build; tests/unit/test_docs.py builds it the same way.
+docs: | $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
 
 clean:
 	rm -rf runs .ppoflow

@@ -15,9 +15,9 @@ benchmarks/ppoflow_side.py with .venv, benchmarks/trl_baseline.py with .venv-ben
 5. orchestration overhead: `ppoflow run` (Prefect flow + MLflow, embedded) against `ppoflow train`, same config.
 
 Only the training loop is timed for throughput (model loading and evaluation are not). Everything goes to
-`benchmarks/results/latest.json` (+ `parity.json`, `parity.png`) and a table between the README's
+`benchmarks/results/latest.json` (+ `parity.json`, `parity.png`) and a table between the bench markers of docs/PERFORMANCE.md
 `<!-- bench:start -->` / `<!-- bench:end -->` markers. `--quick` writes under .ppoflow/bench/quick instead and
-leaves the committed results and the README alone.
+leaves the committed results and docs/PERFORMANCE.md alone.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
 WORK = REPO / ".ppoflow" / "bench"
-README = REPO / "README.md"
+TABLE_PAGE = REPO / "docs" / "PERFORMANCE.md"  # the table between its bench markers is regenerated
 MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 # Hyperparameters shared by every toy/large run (configs/toy.yaml's learning settings).
@@ -686,7 +686,7 @@ def markdown(res: dict[str, Any]) -> str:
             lines.append(f"| {label} | {fmt(v[key]['ours']['mean'], 3)} {v[key]['ours']['per_seed']} | "
                          f"{fmt(v[key]['trl']['mean'], 3)} {v[key]['trl']['per_seed']} | {fmt(v[key]['difference'], 3)} | "
                          f"{fmt(v[key]['noise_2se'], 3)} | {pf(v[key]['pass'])} |")
-        lines += ["", "![learning curves](benchmarks/results/parity.png)", ""]
+        lines += ["", "Learning curves of both sides: `benchmarks/results/parity.png` (with `parity.json`).", ""]
     o = res.get("orchestration")
     if o:
         lines += [f"Orchestration: `ppoflow run` (Prefect + MLflow, embedded) {fmt(o['run_wall_s'])} s vs `ppoflow train` "
@@ -695,14 +695,12 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def inject_readme(table: str) -> None:
-    text = README.read_text()
+def inject_table(table: str) -> None:
+    text = TABLE_PAGE.read_text()
+    if MARK_START not in text or MARK_END not in text:
+        raise SystemExit(f"{TABLE_PAGE} has lost its {MARK_START} / {MARK_END} markers: put them back where the table goes")
     block = f"{MARK_START}\n{table}\n{MARK_END}"
-    if MARK_START in text and MARK_END in text:
-        text = re.sub(re.escape(MARK_START) + r".*?" + re.escape(MARK_END), lambda _m: block, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n## Performance\n\n" + block + "\n"
-    README.write_text(text)
+    TABLE_PAGE.write_text(re.sub(re.escape(MARK_START) + r".*?" + re.escape(MARK_END), lambda _m: block, text, flags=re.S))
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -719,14 +717,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--toy", type=Path, default=WORK / "toy", help="the toy world (built by make bench)")
     parser.add_argument("--trl-python", type=Path, default=REPO / ".venv-bench" / "bin" / "python")
     parser.add_argument("--skip", action="append", default=[], choices=["parity", "orchestration", "large", "toy", "memory"],
-                        help="leave a part out (the README table then lacks it)")
+                        help="leave a part out (the performance table then lacks it)")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per child process")
     parser.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
-                        help="only regenerate the README table from an existing results file (no runs)")
+                        help="only regenerate the performance table (docs/PERFORMANCE.md) from an existing results file (no runs)")
     ARGS = parser.parse_args(argv)
     if ARGS.render is not None:
-        inject_readme(markdown(json.loads(ARGS.render.read_text())))
-        log(f"README table regenerated from {ARGS.render}")
+        inject_table(markdown(json.loads(ARGS.render.read_text())))
+        log(f"docs/PERFORMANCE.md table regenerated from {ARGS.render}")
         return 0
     cfg = QUICK if ARGS.quick else FULL
     rounds = ARGS.rounds or cfg["rounds"]
@@ -817,7 +815,7 @@ def main(argv: list[str] | None = None) -> int:
         if ARGS.quick:
             (out_root / "latest.md").write_text(table + "\n")
         else:
-            inject_readme(table)
+            inject_table(table)
     log(f"done in {res['duration_s'] / 60:.1f} min: {out_root / 'latest.json'}")
     if table:
         print(table)

@@ -1,4 +1,4 @@
-"""The files a run writes at the top of its output_dir, named once (README: what a run writes). No
+"""The files a run writes at the top of its output_dir, named once (docs/RUNS.md: what a run writes). No
 MLflow or Prefect import: the engine, the tracking code and the flow's tasks all read these."""
 
 from __future__ import annotations

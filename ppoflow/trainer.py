@@ -388,7 +388,7 @@ class PPOTrainer:
     def _metrics(self, rollout: Rollout, kl: torch.Tensor, non_score_reward: torch.Tensor, stats: dict[str, float],
                  timings: dict[str, float]) -> dict[str, Any]:
         """The update's metrics, with TRL's names, averaged over processes (counts summed). Per-token
-        statistics are over real response tokens only (README: "Metrics")."""
+        statistics are over real response tokens only (docs/METRICS.md)."""
         reduce = self._mean_across_processes
         mask = rollout.response_mask
         response_tokens = self.accelerator.reduce(mask.sum().float(), "sum").item()
