@@ -685,6 +685,17 @@ def check_model_source(field: str, source: str) -> None:
         raise ConfigError(field, f"{source!r} is neither an existing directory nor a Hub id", "fix the path (build the toy with `ppoflow toy --out DIR`)")
 
 
+def read_text_file(path: str | Path, field: str, fix: str) -> str:
+    """A file the config names, as text: one that cannot be read, or is not UTF-8 text (a binary file,
+    a gzip archive, another encoding), is refused naming the field."""
+    try:
+        return Path(path).expanduser().read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(field, f"{path} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r})", fix) from None
+    except OSError as exc:
+        raise ConfigError(field, f"{path} cannot be read ({exc.strerror or type(exc).__name__})", fix) from None
+
+
 def validate_sources(config: RunConfig) -> None:
     """Cheap existence checks on every path the config names, before anything is loaded."""
     models = config.models
@@ -715,8 +726,10 @@ def validate_sources(config: RunConfig) -> None:
     if not is_glob(data_path) and not Path(data_path).expanduser().exists() and not HUB_ID.fullmatch(data_path):
         raise ConfigError("data.path", f"{data_path!r} does not exist", "point it at a JSONL/Parquet file, a saved dataset or a Hub id")
     chat_template = config.data.chat_template
-    if chat_template not in CHAT_TEMPLATE_CHOICES and not Path(chat_template).expanduser().is_file():
-        raise ConfigError("data.chat_template", f"{chat_template!r} is not a file", "point it at a Jinja chat template file, or set it to auto or none")
+    if chat_template not in CHAT_TEMPLATE_CHOICES:
+        if not Path(chat_template).expanduser().is_file():
+            raise ConfigError("data.chat_template", f"{chat_template!r} is not a file", "point it at a Jinja chat template file, or set it to auto or none")
+        read_text_file(chat_template, "data.chat_template", "point it at a Jinja chat template file (UTF-8 text)")
     if config.peft.enabled and models.ref is not None:
         raise ConfigError("models.ref", "is set while peft.enabled is true", "remove it: with LoRA the base model with the adapter disabled is the reference")
     if config.ppo.stop_token_id is not None and config.ppo.stop_token is not None:

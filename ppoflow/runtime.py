@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator, PartialState
 
 from ppoflow.atomic import write_text_atomic
-from ppoflow.config import PPOConfig, RuntimeConfig
+from ppoflow.config import PPOConfig, RuntimeConfig, read_text_file
 from ppoflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -80,9 +80,10 @@ def read_accelerate_config(runtime: RuntimeConfig) -> dict:
     path, field = runtime.accelerate_config, "runtime.accelerate_config"
     if path is None:
         return {}
+    text = read_text_file(path, field, "give the path of a file `accelerate config` wrote")
     try:
-        settings = yaml.safe_load(Path(path).expanduser().read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        settings = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(field, f"{path} cannot be read ({reason})", "give the path of a file `accelerate config` wrote") from None
     if not isinstance(settings, dict):

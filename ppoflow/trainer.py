@@ -322,7 +322,8 @@ class PPOTrainer:
                 for callback in callbacks:
                     callback(metrics)
             progress.update(1)
-            progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+            progress.set_postfix({"episodes/s": f"{metrics['perf/episodes_per_s']:.1f}", "score": f"{metrics['objective/scores']:.3f}",
+                                  "kl": f"{metrics['objective/kl']:.3f}"})
             if self.update % self.ppo.checkpoint_every == 0 or self.update == self.batch.num_updates:
                 manifest = self.save_checkpoint()
         progress.close()

@@ -11,6 +11,7 @@ refused before Prefect starts (a config error, a tracking store that does not an
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
 import json
 import shutil
@@ -83,6 +84,7 @@ CASES = [
     Case("an accelerate FSDP setting ppoflow does not do", "`runtime.accelerate_config`",
          ("runtime.accelerate_config={bad}/accelerate-offload.yaml", "runtime.num_processes=2")),
     Case("an accelerate config that is not there", "`runtime.accelerate_config`", ("runtime.accelerate_config={bad}/no-such-accelerate.yaml",)),
+    Case("an accelerate config that is a gzip file", "`runtime.accelerate_config`", ("runtime.accelerate_config={bad}/accelerate.yaml.gz",)),
     Case("flash-attention without a GPU", "`models.attn_implementation`", ("models.attn_implementation=flash_attention_2",)),
     Case("push to hub without a repo", "`tracking`", ("tracking.push_to_hub=true",)),
     Case("negative lock timeout", "`flow.lock_timeout_seconds`", ("flow.lock_timeout_seconds=-1",)),
@@ -125,6 +127,8 @@ CASES = [
     Case("chat template file missing", "`data.chat_template`", ("data.chat_template=/no/such/template.jinja",)),
     Case("conversations without a chat template", "`data.chat_template`", ("data.path={bad}/conversations.jsonl",)),
     Case("conversations with the chat template off", "`data.chat_template`", ("data.path={bad}/conversations.jsonl", "data.chat_template=none")),
+    Case("chat template file in another encoding", "`data.chat_template`",
+         ("data.path={bad}/conversations.jsonl", "data.chat_template={bad}/latin-1.jinja")),
     Case("chat template that does not render", "`data.chat_template`", ("data.path={bad}/conversations.jsonl", "data.chat_template={bad}/broken.jinja")),
     Case("text and conversations mixed", "data.prompt_column:", ("data.path={bad}/mixed.jsonl",)),
     Case("messages without content", "data.prompt_column:", ("data.path={bad}/no-content.jsonl",)),
@@ -206,6 +210,8 @@ def bad(toy_world, tmp_path_factory) -> Path:
     lines |= {f"shards/part-{i}.jsonl": json.dumps({"prompt": f"review number {i} :"}) + "\n" for i in range(2)}
     for name, text in lines.items():
         (root / name).write_text(text)
+    (root / "accelerate.yaml.gz").write_bytes(gzip.compress(b"distributed_type: MULTI_GPU\nnum_machines: 1\n"))
+    (root / "latin-1.jinja").write_bytes("{% for m in messages %}{{ m['content'] }} — café{% endfor %}".encode("latin-1", "replace"))
     return root
 
 
