@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ppoflow.atomic import write_directory
@@ -72,7 +73,7 @@ def evaluate_policy(
     ref, reward = load_frozen(config, models, device)
     policy = policy.eval().to(device)
     worker = build_worker(config, models, policy, ref, reward, None, chunk_size=config.eval.batch_size)
-    return Evaluator(config, models, worker, rows, device)(baseline)
+    return Evaluator(config, models, worker, rows, device, progress=True)(baseline)
 
 
 class Evaluator:
@@ -81,8 +82,10 @@ class Evaluator:
     (`ppo.eval_every`). Every call samples with the seeds of `eval.seed` and puts back every random
     number generator state it touched, so it changes nothing that training draws."""
 
-    def __init__(self, config: RunConfig, models: ModelManifest, worker: RolloutWorker, rows: Dataset, device: torch.device):
+    def __init__(self, config: RunConfig, models: ModelManifest, worker: RolloutWorker, rows: Dataset, device: torch.device,
+                 progress: bool = False):
         self.config, self.worker, self.rows, self.device = config, worker, rows, device
+        self.progress = progress  # a bar over the prompts when they take several batches (stage 6; not under training's bar)
         self.pad_token_id = models.pad_token_id
         self.tokenizer = load_tokenizer(models.tokenizer_dir)
         self.functions = load_reward_functions(config.reward_functions)
@@ -122,7 +125,8 @@ class Evaluator:
         config, worker, policy, rows, tokenizer = self.config, self.worker, self.worker.policy, self.rows, self.tokenizer
         results: dict[str, list] = {key: [] for key in ("prompt", "policy", "ref", "score_policy", "score_ref", "kl", "stop")}
         function_values: dict[str, list[float]] = {f"{fn.metric_name}_{who}": [] for fn in self.functions for who in ("policy", "ref")}
-        with worker.autocast():  # the precision training used
+        bar = tqdm(total=len(rows), desc="eval", unit="prompt", disable=not self.progress or len(rows) <= config.eval.batch_size)
+        with worker.autocast(), bar:  # the precision training used
             for start in range(0, len(rows), config.eval.batch_size):
                 chunk = rows.select(range(start, min(start + config.eval.batch_size, len(rows))))
                 queries, query_mask = left_pad(chunk["input_ids"], self.pad_token_id, self.device)
@@ -152,6 +156,7 @@ class Evaluator:
                 for fn in self.functions:
                     for who in ("policy", "ref"):
                         function_values[f"{fn.metric_name}_{who}"].extend(fn.function(chunk["prompt"], completions[who]))
+                bar.update(len(chunk))
         return results, function_values
 
 
