@@ -57,7 +57,8 @@ from typing import Any
 
 import yaml
 
-from ppoflow.mlflow_server import processes, start_server, stop_server
+from ppoflow import processes
+from ppoflow.mlflow_server import start_server, stop_server
 from ppoflow.mlflow_server.server import ServerError
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,6 @@ error line, how to resume) and tags its MLflow run, if it opened one (from stage
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,7 +55,7 @@ from ppoflow.cli import final_metrics, run_summary
 from ppoflow.config import RunConfig, build_config, expand_output_dir, names_registry_alias
 from ppoflow.data import load_prompts
 from ppoflow.hub import check_push
-from ppoflow.layout import SAMPLES_FILE
+from ppoflow.workspace import SAMPLES_FILE, read_jsonl
 from ppoflow.locking import output_dir_lock
 from ppoflow.manifests import DatasetManifest, ModelManifest, Release, RunPlan, training_fingerprint
 from ppoflow.redaction import redact
@@ -218,9 +217,8 @@ def publish_artifacts(plan: RunPlan, models: ModelManifest, data: DatasetManifes
             markdown=f"MLflow run `{run.run_id}` in `{uri}`. Browse it with\n\n```\nmlflow ui --backend-store-uri {uri}\n```\n",
         )
     create_markdown_artifact(key="rlhf-ppo-summary", markdown=summary_markdown(plan, models, data, release), description="Run summary")
-    samples_path = plan.output_dir / SAMPLES_FILE
-    if samples_path.is_file():
-        rows = [sample_row(json.loads(line)) for line in samples_path.read_text().splitlines() if line.strip()]
+    rows = [sample_row(row) for row in read_jsonl(plan.output_dir / SAMPLES_FILE)]
+    if rows:
         create_table_artifact(key="sample-completions", table=rows, description="Policy and reference completions of eval prompts")
 
 

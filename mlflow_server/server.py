@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ppoflow.mlflow_server import postgres as pg
-from ppoflow.mlflow_server import processes
+from ppoflow import processes
 from ppoflow.redaction import redact_uri
 
 _log = logging.getLogger(__name__)

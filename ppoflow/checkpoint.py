@@ -209,6 +209,18 @@ def read_state(path: Path) -> dict[str, Any]:
     return json.loads((path / STATE).read_text())
 
 
+def newest_state(root: Path) -> dict[str, Any] | None:
+    """The state file of the newest checkpoint that has a readable one, unverified: what stage 1 needs
+    to tell whose checkpoints these are (config hash, processes) without hashing gigabytes of weights,
+    which stages 4 and 5 verify before they load them."""
+    for path in list_checkpoints(root):
+        try:
+            return read_state(path)
+        except (OSError, ValueError):
+            log.warning("skipping a checkpoint without a readable %s: %s", STATE, path)
+    return None
+
+
 def load_tensors(path: Path) -> Any:
     """Optimizer, scheduler or RNG state saved with torch.save; never unpickled beyond tensors."""
     return torch.load(path, map_location="cpu", weights_only=True)

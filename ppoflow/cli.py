@@ -20,7 +20,7 @@ from typing import Any
 
 from ppoflow.console import quiet_libraries
 from ppoflow.errors import PpoflowError
-from ppoflow.layout import METRICS_FILE
+from ppoflow.workspace import METRICS_FILE, read_jsonl
 from ppoflow.manifests import Release, RunPlan
 
 log = logging.getLogger(__name__)
@@ -83,9 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def final_metrics(output_dir: Path) -> dict[str, Any]:
     """The last update's metrics from metrics.jsonl."""
-    path = output_dir / METRICS_FILE
-    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    return json.loads(lines[-1]) if lines else {}
+    rows = read_jsonl(output_dir / METRICS_FILE)
+    return rows[-1] if rows else {}
 
 
 def run_summary(plan: RunPlan, release: Release) -> dict[str, Any]:

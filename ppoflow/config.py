@@ -196,11 +196,6 @@ class PeftConfig(_Section):
     enabled: bool = Field(False, description="Train a LoRA adapter instead of all policy weights.")
     r: int = Field(8, gt=0, description="LoRA rank.")
     lora_alpha: int = Field(16, gt=0, description="LoRA scaling numerator.")
-    lora_dropout: float = Field(
-        0.0, ge=0, lt=1,
-        description="Dropout on the LoRA path, accepted for configs ported from peft/TRL but switched off like every "
-        "dropout (PPO's first ratio must be 1).",
-    )
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear",
         description="Module names LoRA wraps (the last part of a module's name, e.g. [q_proj, v_proj]), or "
@@ -593,6 +588,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+# Settings of peft or TRL that ppoflow has no use for, and why (a ported config meets this, not "unknown").
+NOT_SETTINGS = {
+    "peft.lora_dropout": "remove it: ppoflow trains with every dropout off, LoRA's included (PPO's first ratio must be 1)",
+}
+
+
 def _first_error(exc: ValidationError) -> ConfigError:
     """The error to report: an unknown key before anything else (a misspelt section would otherwise be
     reported as the real one missing), with the closest known name."""
@@ -601,6 +602,8 @@ def _first_error(exc: ValidationError) -> ConfigError:
     field = ".".join(str(part) for part in error["loc"]) or "<root>"
     kind = error["type"]
     if kind == "extra_forbidden":
+        if field in NOT_SETTINGS:
+            return ConfigError(field, "is not a setting here", NOT_SETTINGS[field])
         known = _known_names(error["loc"][:-1])
         close = difflib.get_close_matches(str(error["loc"][-1]), known, n=1)
         fix = f"did you mean `{close[0]}`?" if close else f"known here: {', '.join(known)}" if known else "check the spelling against configs/toy.yaml"

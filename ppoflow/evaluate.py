@@ -24,7 +24,7 @@ from ppoflow.atomic import write_directory
 from ppoflow.checkpoint import capture_rng, restore_rng
 from ppoflow.config import RunConfig
 from ppoflow.data import load_prompts
-from ppoflow.layout import EVAL_FILE, SAMPLES_FILE
+from ppoflow.workspace import EVAL_FILE, SAMPLES_FILE
 from ppoflow.manifests import ModelManifest
 from ppoflow.models import load_frozen, load_tokenizer
 from ppoflow.rewards import load_reward_functions

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from ppoflow.atomic import write_text_atomic
+from ppoflow import processes
 from ppoflow.errors import PpoflowError
 from ppoflow.runtime import launchable_accelerate_config, machine_count
 
@@ -128,17 +128,9 @@ def launch_command(ticket: Ticket, machine_rank: int, parent_pid: int, accelerat
 
 
 def end_group(child: subprocess.Popen) -> None:
-    """SIGTERM a launched process group, SIGKILL what is left after a grace period."""
-    for sig, wait in ((signal.SIGTERM, GRACE_SECONDS), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(child.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            child.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    """SIGTERM a launched process group, SIGKILL what is left after a grace period; reap the child."""
+    processes.terminate_group(child.pid, GRACE_SECONDS)
+    child.wait()
 
 
 def join(output_dir: Path, machine_rank: int, *, accelerate_config: Path | None = None, idle_timeout: float | None = None,

@@ -474,7 +474,7 @@ def add_lora(policy: PreTrainedModel, peft: PeftConfig) -> PreTrainedModel:
     lora = LoraConfig(
         r=peft.r,
         lora_alpha=peft.lora_alpha,
-        lora_dropout=peft.lora_dropout,
+        lora_dropout=0.0,  # as every dropout: PPO's first ratio must be 1 (no peft.lora_dropout setting)
         target_modules=peft.target_modules,
         fan_in_fan_out=any(isinstance(module, Conv1D) for module in adaptable.values()),
         task_type="CAUSAL_LM",

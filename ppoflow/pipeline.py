@@ -22,7 +22,7 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ppoflow.checkpoint import list_checkpoints, newest_valid_checkpoint, read_state, storage_problem, verify_checkpoint
+from ppoflow.checkpoint import list_checkpoints, newest_state, newest_valid_checkpoint, read_state, storage_problem, verify_checkpoint
 from ppoflow.atomic import write_text_atomic
 from ppoflow.config import (
     BatchPlan,
@@ -39,7 +39,7 @@ from ppoflow.console import run_stage
 from ppoflow.data import prepare_prompts
 from ppoflow.errors import ConfigError, ModelError, PpoflowError
 from ppoflow.evaluate import evaluate_policy, save_policy, write_eval
-from ppoflow.layout import EVAL_FILE, METRICS_FILE, SAMPLES_FILE, SPOOL_FILE
+from ppoflow.workspace import EVAL_FILE, METRICS_FILE, SAMPLES_FILE, SPOOL_FILE
 from ppoflow.locking import output_dir_lock
 from ppoflow.hashing import sha256_tree
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, Release, RunPlan, training_fingerprint
@@ -131,8 +131,7 @@ def configure(config: RunConfig, world_size: int | None = None) -> RunPlan:
     batch = BatchPlan.derive(config.ppo, world_size or planned_world_size(config.runtime.num_processes, machines))
     output_dir = config.output_dir.expanduser().resolve()
     config_hash = config.config_hash()
-    found = newest_valid_checkpoint(output_dir / "checkpoints")
-    state = read_state(found[0]) if found is not None else None
+    state = newest_state(output_dir / "checkpoints")
     if state is not None and state["config_hash"] != config_hash:
         raise ConfigError(
             "output_dir",

@@ -140,7 +140,7 @@ def held_parameters(module: nn.Module) -> tuple[int, int]:
     return held, total
 
 
-def whole(tensor: torch.Tensor) -> torch.Tensor:
+def full_value(tensor: torch.Tensor) -> torch.Tensor:
     """A DTensor's full value (a collective); any other tensor as is."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 

@@ -46,7 +46,7 @@ from ppoflow.checkpoint import (
 from ppoflow.data import load_prompts, local_batch
 from ppoflow.errors import CheckpointError, TrainingDiverged
 from ppoflow.evaluate import Evaluator
-from ppoflow.layout import METRICS_FILE
+from ppoflow.workspace import METRICS_FILE
 from ppoflow.losses import entropy_from_logits, logprobs_of, policy_loss, value_loss
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, RunPlan, training_fingerprint
 from ppoflow.models import (
@@ -69,7 +69,7 @@ from ppoflow.sharding import (
     set_gradient_sync,
     shard,
     sharded_forwards,
-    whole,
+    full_value,
 )
 from ppoflow.reward_inputs import conversations
 from ppoflow.rollout import Rollout, build_worker, left_pad
@@ -202,7 +202,7 @@ class PPOTrainer:
                 world_size=batch.world_size, max_grad_norm=self.ppo.max_grad_norm,
             ))
         # The packing self-check runs the models whole (on the main process alone for the evaluator's).
-        with self._whole(self.policy_wrapper, self.value_wrapper, *self.frozen_roots):
+        with self._gathered(self.policy_wrapper, self.value_wrapper, *self.frozen_roots):
             self.worker = build_worker(
                 self.config, self.models, self.policy, ref, reward, self.value, chunk_size=self.ppo.local_rollout_forward_batch_size,
                 entry_points=self.frozen_roots,
@@ -255,7 +255,7 @@ class PPOTrainer:
             policy_state, value_state, optimizer_state = None, None, self.optimizer.state_dict()
         path = None
         # ZeRO-3: the main process saves the parameters gathered whole.
-        with zero.whole(self.engine):
+        with zero.gathered(self.engine):
             if self.accelerator.is_main_process:
                 path = self._write_checkpoint(rng_states, policy_state, value_state, optimizer_state)
             self.accelerator.wait_for_everyone()
@@ -291,10 +291,10 @@ class PPOTrainer:
         return path
 
     @contextmanager
-    def _whole(self, *roots: nn.Module) -> Iterator[None]:
+    def _gathered(self, *roots: nn.Module) -> Iterator[None]:
         """The sharded `roots` (FSDP) and, under ZeRO-3, both trained models, whole for the block,
         with no collective in their forwards. All processes enter and leave it together."""
-        with gathered(*roots), zero.whole(self.engine):
+        with gathered(*roots), zero.gathered(self.engine):
             yield
 
     # ----------------------------------------------------------------------------- the loop
@@ -343,7 +343,7 @@ class PPOTrainer:
         The evaluator puts back every RNG state it touches, so training draws what it would without."""
         metrics: dict[str, float] = {}
         # All processes gather the sharded models; the main one evaluates.
-        with self._whole(self.policy_wrapper, *self.frozen_roots):
+        with self._gathered(self.policy_wrapper, *self.frozen_roots):
             if self.evaluator is not None:
                 began = time.perf_counter()
                 results, _ = self.evaluator()
@@ -360,7 +360,7 @@ class PPOTrainer:
         # Rollout and score: responses, their log-probs (policy, reference), values, and scores; the
         # sharded policy and value whole meanwhile, so that processes may generate to different lengths;
         # sharded frozen models gather layer by layer in their forwards, the same forwards on every process.
-        with self._whole(self.policy_wrapper, self.value_wrapper), sharded_forwards(*self.frozen_roots):
+        with self._gathered(self.policy_wrapper, self.value_wrapper), sharded_forwards(*self.frozen_roots):
             rollout = self.worker.rollout(
                 queries, query_mask, prompts["prompt"], self._decode,
                 [(fn.metric_name, fn.weight, fn.function) for fn in self.reward_functions],
@@ -521,7 +521,7 @@ class PPOTrainer:
             return
         if self.ppo.max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.ppo.max_grad_norm)
-            self._check_finite({"grad_norm": whole(grad_norm)})
+            self._check_finite({"grad_norm": full_value(grad_norm)})
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

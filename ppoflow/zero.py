@@ -10,7 +10,7 @@ accelerate still forms the process group; its DeepSpeed plugin is not used (it t
 one optimizer per `prepare`, and would own the scheduler and the precision).
 
 Rollout and evaluation run the inner Hugging Face models directly, a different number of forwards
-on each process: under ZeRO-3 they run inside `whole`, where every parameter is gathered and
+on each process: under ZeRO-3 they run inside `gathered`, where every parameter is gathered and
 DeepSpeed's hooks are lifted, so no forward issues a collective (the way TRL 1.12 generates under
 ZeRO-3). Checkpoints hold the full weights (Hugging Face directories, as any other run) and every
 process's ZeRO optimizer partition, gathered to the main process, which writes them.
@@ -84,7 +84,7 @@ def stage_of(engine) -> int:
 
 
 @contextmanager
-def whole(engine) -> Iterator[None]:
+def gathered(engine) -> Iterator[None]:
     """Every parameter of the engine's module whole for the block, and no collective in its forwards
     (ZeRO-3: gathered, DeepSpeed's module hooks lifted, then put back; ZeRO-1/2 keep parameters whole
     anyway). Entering and leaving are collectives under ZeRO-3: all processes, together."""
@@ -136,9 +136,9 @@ def optimizer_partitions(engine) -> list[dict[str, Any]] | None:
 def load_optimizer_partitions(engine, partitions: list[dict[str, Any]]) -> None:
     """Each process takes its partition of what `optimizer_partitions` saved, fp32 weights included."""
     own = engine.optimizer.state_dict()
-    whole = [{**{key: own[key] for key in partition.get(FROM_ENGINE, [])},
+    merged = [{**{key: own[key] for key in partition.get(FROM_ENGINE, [])},
               **{key: value for key, value in partition.items() if key != FROM_ENGINE}} for partition in partitions]
-    engine.optimizer.load_state_dict(whole, load_optimizer_states=True, load_from_fp32_weights=True)
+    engine.optimizer.load_state_dict(merged, load_optimizer_states=True, load_from_fp32_weights=True)
 
 
 def global_grad_norm(engine) -> torch.Tensor:

@@ -18,9 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections import deque
@@ -30,7 +28,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from ppoflow.layout import METRICS_FILE
+from ppoflow import processes
+from ppoflow.workspace import METRICS_FILE
 from ppoflow.machines import Machines, Ticket, end_group, launch_command, new_ticket, write_ticket
 from ppoflow.manifests import RunPlan
 from ppoflow.runtime import launchable_accelerate_config, read_accelerate_config
@@ -52,19 +51,13 @@ def needs_launch(plan: RunPlan) -> bool:
     return plan.batch.world_size > process_state().num_processes
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def plan_launch(stage: str, plan: RunPlan, inputs: Path, result: Path, mlflow_run_id: str | None) -> Ticket:
     """The launch of `stage`: on this machine, or on the machines `runtime.accelerate_config` names
     (the port of their rendezvous: the file's `main_process_port`, else a free one)."""
     runtime = plan.config.runtime
     settings = read_accelerate_config(runtime)
     machines = Machines.from_settings(settings)
-    port = int(settings["main_process_port"]) if machines.num_machines > 1 and settings.get("main_process_port") else free_port()
+    port = int(settings["main_process_port"]) if machines.num_machines > 1 and settings.get("main_process_port") else processes.free_port()
     accelerate_config = None
     if runtime.accelerate_config is not None:  # as given, or its copy without accelerate's FSDP mode (ppoflow shards itself)
         accelerate_config = launchable_accelerate_config(runtime.accelerate_config, inputs.parent / "accelerate.yaml")

@@ -5,7 +5,6 @@ Face Hub, after the registry has the version."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 from prefect import task
@@ -13,7 +12,7 @@ from prefect import task
 from ppoflow import pipeline
 from ppoflow.atomic import write_text_atomic
 from ppoflow.hub import push_policy
-from ppoflow.layout import METRICS_FILE, SAMPLES_FILE
+from ppoflow.workspace import METRICS_FILE, SAMPLES_FILE, read_jsonl
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, Release, RunPlan
 from ppoflow.tracking import TrackingRun, describe_release, log_release
 from ppoflow.tracking.promotion import gate
@@ -65,7 +64,3 @@ def promote(plan: RunPlan, models: ModelManifest, data: DatasetManifest, release
     return release.model_copy(update={"promotion": decision})
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -39,6 +39,6 @@ def toy_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def closed_port() -> int:
     """A loopback port nothing listens on: the OS hands it out and it is released at once."""
-    from ppoflow.mlflow_server.processes import free_port
+    from ppoflow.processes import free_port
 
     return free_port()

@@ -22,7 +22,7 @@ import mlflow
 from mlflow.entities import Metric
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
-from ppoflow.layout import SPOOL_FILE
+from ppoflow.workspace import SPOOL_FILE
 from ppoflow.tracking.store import first_line, in_batches
 
 _LOGGER = logging.getLogger(__name__)

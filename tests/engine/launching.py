@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from ppoflow.mlflow_server.processes import free_port
+from ppoflow.processes import free_port
 from tests.engine.conftest import toy_config
 from tests.reliability.helpers import REPO, subprocess_env, write_config
 

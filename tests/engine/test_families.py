@@ -149,15 +149,15 @@ def sample_ids(directory: Path) -> torch.Tensor:
 def test_training_and_eval_forwards_agree_with_every_dropout_set(family_world, family):
     # The checkpoints set every dropout-like field (GPT-2's attn_pdrop, Llama's attention_dropout,
     # OPT's layerdrop, ...) to DROPOUT; after loading, a training-mode forward must equal an eval-mode
-    # one bit for bit, for the policy, the classifiers and a LoRA policy with lora_dropout.
+    # one bit for bit, for the policy, the classifiers and a LoRA policy.
     policy_dir, reward_dir = family_world / family / "policy", family_world / family / "reward"
     stored = AutoConfig.from_pretrained(policy_dir)
     assert all(getattr(stored, name) == DROPOUT for name in FAMILIES[family].dropout_fields)
     ids = sample_ids(policy_dir)  # one sequence: GPT-2's classifier, without a pad token, takes no more
-    lora = add_lora(load_causal_lm(policy_dir, torch.float32), PeftConfig(enabled=True, lora_dropout=0.5))
+    lora = add_lora(load_causal_lm(policy_dir, torch.float32), PeftConfig(enabled=True))
     with torch.no_grad():
         for parameter_name, parameter in lora.named_parameters():
-            if "lora_B" in parameter_name:  # nonzero, or the LoRA path (and its dropout) adds nothing
+            if "lora_B" in parameter_name:  # nonzero, or the LoRA path adds nothing
                 parameter.normal_()
     disable_dropout(lora)
     for model in (load_causal_lm(policy_dir, torch.float32), load_classifier(reward_dir, torch.float32), lora):

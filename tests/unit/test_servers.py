@@ -7,7 +7,8 @@ import socket
 
 from ppoflow.deployments import serve
 from ppoflow.deployments.steps import load_run_config
-from ppoflow.mlflow_server import processes, redact_uri
+from ppoflow import processes
+from ppoflow.mlflow_server import redact_uri
 from ppoflow.config import load_config
 from tests.deployment_files import config_file, declared
 

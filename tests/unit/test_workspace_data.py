@@ -15,7 +15,7 @@ from ppoflow import pipeline
 from ppoflow.checkpoint import verify_checkpoint, write_checkpoint
 from ppoflow.config import BatchPlan, DataConfig, ModelsConfig, PPOConfig, RunConfig
 from ppoflow.errors import ConfigError
-from ppoflow.layout import SPOOL_FILE
+from ppoflow.workspace import SPOOL_FILE
 from ppoflow.manifests import DatasetManifest, ModelManifest, ModelSource, RunPlan, training_fingerprint
 
 TONIGHT, LAST_NIGHT = "a" * 64, "b" * 64

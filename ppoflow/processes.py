@@ -1,7 +1,8 @@
-"""The background servers ppoflow starts: spawn them, recognise them again, stop them, probe them.
+"""The processes ppoflow starts: spawn them, recognise them again, stop them, probe them.
 
-Used by `ppoflow.mlflow_server.server` (the MLflow server) and `ppoflow.deployments.serve` (the Prefect server and its
-workers). Each process is started in its own session, so it leads a process group that holds
+Used by `ppoflow.mlflow_server.server` (the MLflow server), `ppoflow.deployments.serve` (the Prefect server
+and its workers), the launches of `accelerate launch` (`ppoflow.machines`, `ppoflow.tasks.launch`) and the
+tests; no Prefect or MLflow here. Each process is started in its own session, so it leads a process group that holds
 everything it starts, and stopping it signals that group. A recorded pid is trusted only while the
 process behind it has the start time recorded at spawn (`start_ticks`: a reused pid has another)
 and the expected command line.
