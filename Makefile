@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: install system-packages test test-fast demo demo-smol bench-smol toy smol bench gpu-check clean mlflow-server mlflow-server-stop prefect-ui screenshots docs
+.PHONY: install system-packages test test-fast lint demo demo-smol bench-smol toy smol bench gpu-check clean mlflow-server mlflow-server-stop prefect-ui screenshots docs
 
 install: $(STAMP)
 
@@ -39,6 +39,10 @@ test: install system-packages
 
 test-fast: install
 	$(PY) -m pytest -m "not slow and not flow and not integration and not distributed" $(PYTEST_ARGS)
+
+# Ruff's lint and format checks over the whole tree (rules in pyproject.toml; tests/unit/test_lint.py runs the same).
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 $(TOY_DIR)/toy.json: | $(STAMP)
 	$(VENV)/bin/ppoflow toy --out $(TOY_DIR)

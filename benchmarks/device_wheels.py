@@ -26,11 +26,11 @@ import json
 import platform
 import subprocess
 import sys
-import tomllib
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import Version
@@ -43,7 +43,9 @@ REPO = HERE.parent
 # session saw it" row gives (2026-11). A version not recorded there is None: requirements on it are
 # reported as unverified until device_check.sh's `check` reads the machine itself.
 DEVICE_PYTHON = "3.12.3"
-DEVICE_PACKAGES = frozenset(canonicalize_name(name) for name in """
+DEVICE_PACKAGES = frozenset(
+    canonicalize_name(name)
+    for name in """
 absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build certifi
 charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core cuda-pathfinder
 cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops equinox etils execnet filelock flatbuffers flax fonttools
@@ -63,55 +65,88 @@ statsmodels sympy tabulate tensorboard tensorboard-data-server tensorstore threa
 tokenizers toolz torch torchaudio torchdiffeq torch-geometric torchmetrics torchvision tqdm transformers treescope
 triton typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl
 zipp
-""".split())
+""".split()
+)
 DEVICE_VERSIONS = {
-    "accelerate": "1.15.0", "huggingface-hub": "1.33.0", "numpy": "2.5.2", "safetensors": "0.8.0", "tokenizers": "0.23.2",
-    "torch": "2.11.0", "transformers": "5.17.0", "triton": "3.6.0",
+    "accelerate": "1.15.0",
+    "huggingface-hub": "1.33.0",
+    "numpy": "2.5.2",
+    "safetensors": "0.8.0",
+    "tokenizers": "0.23.2",
+    "torch": "2.11.0",
+    "transformers": "5.17.0",
+    "triton": "3.6.0",
 }
 # Markers of a requirement are evaluated for the device, not for the machine that runs this.
 DEVICE_MARKERS = {
-    "python_version": "3.12", "python_full_version": DEVICE_PYTHON, "implementation_name": "cpython",
-    "platform_python_implementation": "CPython", "sys_platform": "linux", "platform_system": "Linux",
-    "platform_machine": "x86_64", "os_name": "posix",
+    "python_version": "3.12",
+    "python_full_version": DEVICE_PYTHON,
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": "x86_64",
+    "os_name": "posix",
 }
 
 # The wheels, at the main venv's versions (the versions the test suite runs): the unit test fails when they
 # drift apart. `make device-wheels` downloads exactly these and nothing else.
 WHEELS = {
-    "pydantic": "2.14.4", "pydantic-core": "2.50.5", "annotated-types": "0.8.0", "typing-inspection": "0.4.5",
+    "pydantic": "2.14.4",
+    "pydantic-core": "2.50.5",
+    "annotated-types": "0.8.0",
+    "typing-inspection": "0.4.5",
     "typing-extensions": "4.16.0",
-    "datasets": "5.2.0", "dill": "0.4.1", "multiprocess": "0.70.19",
+    "datasets": "5.2.0",
+    "dill": "0.4.1",
+    "multiprocess": "0.70.19",
     "trl": "1.12.0",
 }
 # A pin the device has too replaces the device's copy (the --target folder comes first on PYTHONPATH): why each.
 CARRIED_OVER_THE_DEVICE = {
     "typing-extensions": "pydantic 2.14 needs >= 4.16.0 and the device's version is not recorded; a newer "
-                         "typing_extensions only adds names, so torch and the rest keep working",
+    "typing_extensions only adds names, so torch and the rest keep working",
 }
 # Pins that are not in the main venv (TRL lives in .venv-bench): their import names and Requires-Dist as
 # their wheel's METADATA gives them (extras left out). `download` checks them against the wheel.
 NOT_IN_THE_MAIN_VENV = {
-    "trl": {"modules": ("trl",), "requires": ("accelerate>=1.4.0", "datasets>=4.7.0", "jinja2", "packaging>20.0",
-                                              "transformers>=4.56.2")},
+    "trl": {
+        "modules": ("trl",),
+        "requires": ("accelerate>=1.4.0", "datasets>=4.7.0", "jinja2", "packaging>20.0", "transformers>=4.56.2"),
+    },
 }
 # Imports the check survives without, each with what happens then: nothing needs to carry them.
 OPTIONAL_IMPORTS = {
     "deepspeed": "ZeRO only (a DeepSpeed accelerate config); gpu_check's two_processes tries it and skips its ZeRO-3 "
-                 "variant without it, and on one GPU two_processes is skipped altogether",
+    "variant without it, and on one GPU two_processes is skipped altogether",
 }
 # What the device runs: these scripts, and `python -m ppoflow.cli` (train and toy), started as processes.
 ENTRY_POINTS = ("benchmarks/gpu_check.py", "benchmarks/ppoflow_side.py", "benchmarks/trl_baseline.py", "ppoflow/cli.py")
 # Repository packages that what the device runs imports only on paths the check never takes: not followed.
 NOT_FOLLOWED = {
-    "ppoflow.tracking": "MLflow: only `ppoflow stage --mlflow-run-id` (the Prefect flow) and `models:/` registry URIs load it",
-    "ppoflow.smol": "`ppoflow smol` builds the SmolLM2 world (its GGUF wheel is 93 MB: built on a CPU machine, not carried)",
+    "ppoflow.tracking": (
+        "MLflow: only `ppoflow stage --mlflow-run-id` (the Prefect flow) and `models:/` registry URIs load it"
+    ),
+    "ppoflow.smol": (
+        "`ppoflow smol` builds the SmolLM2 world (its GGUF wheel is 93 MB: built on a CPU machine, not carried)"
+    ),
 }
 # Requirement files whose versions the device must meet: the engine's dependencies, the TRL baseline's pin.
 ROOT_REQUIREMENTS = ("pyproject.toml", "benchmarks/requirements-trl.txt")
 # The wheels and what travels beside them (the repository, the toy world) share a device call's 64 MiB.
 SIZE_LIMIT_MIB = 32
-DEVICE_PLATFORM = ["--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
-                   "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64"]
+DEVICE_PLATFORM = [
+    "--python-version",
+    "3.12",
+    "--implementation",
+    "cp",
+    "--platform",
+    "manylinux_2_28_x86_64",
+    "--platform",
+    "manylinux_2_17_x86_64",
+    "--platform",
+    "manylinux2014_x86_64",
+]
 
 
 @dataclass
@@ -126,12 +161,17 @@ class Need:
 @dataclass
 class Report:
     needed: dict[str, Need] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)  # missing, conflicting, unneeded or drifted: the wheel set is wrong
-    unverified: list[str] = field(default_factory=list)  # a requirement on a device package whose version is not recorded
+    # missing, conflicting, unneeded or drifted: the wheel set is wrong
+    problems: list[str] = field(default_factory=list)
+    # a requirement on a device package whose version is not recorded
+    unverified: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"needed": {name: vars(need) for name, need in sorted(self.needed.items())},
-                "problems": self.problems, "unverified": self.unverified}
+        return {
+            "needed": {name: vars(need) for name, need in sorted(self.needed.items())},
+            "problems": self.problems,
+            "unverified": self.unverified,
+        }
 
 
 # ------------------------------------------------------------------------------------- imports
@@ -179,7 +219,9 @@ def third_party_imports(reached: set[str] | None = None) -> dict[str, set[str]]:
     """Top-level third-party modules imported by what the device runs, each with the repository files that
     import it (imports inside functions count: the check calls them). The NOT_FOLLOWED packages met on
     the way are added to `reached`."""
-    queue = [(path.removesuffix(".py").removesuffix("/__init__").replace("/", "."), REPO / path) for path in ENTRY_POINTS]
+    queue = [
+        (path.removesuffix(".py").removesuffix("/__init__").replace("/", "."), REPO / path) for path in ENTRY_POINTS
+    ]
     seen: set[Path] = set()
     found: dict[str, set[str]] = {}
     while queue:
@@ -206,7 +248,10 @@ def third_party_imports(reached: set[str] | None = None) -> dict[str, set[str]]:
 
 
 def _distributions_of_modules() -> dict[str, list[str]]:
-    mapping = {module: [canonicalize_name(d) for d in dists] for module, dists in importlib.metadata.packages_distributions().items()}
+    mapping = {
+        module: [canonicalize_name(d) for d in dists]
+        for module, dists in importlib.metadata.packages_distributions().items()
+    }
     for name, recorded in NOT_IN_THE_MAIN_VENV.items():
         for module in recorded["modules"]:
             mapping.setdefault(module, [name])
@@ -235,10 +280,17 @@ def _wheel_requires(name: str, *, live: bool) -> tuple[list[str], str | None]:
     if not live and installed is None and name in NOT_IN_THE_MAIN_VENV:
         return list(NOT_IN_THE_MAIN_VENV[name]["requires"]), None
     if live:
-        return [], f"{name}: the wheel pins {WHEELS[name]}, this python imports {installed or 'nothing'} (is the --target folder first on PYTHONPATH?)"
-    return [], (f"{name}: pinned at {WHEELS[name]}, the main venv has {installed or 'none'} (the version the tests run): "
-                f"pin {installed} in WHEELS and run make device-wheels" if installed else
-                f"{name}: pinned and not in the main venv: record its modules and Requires-Dist in NOT_IN_THE_MAIN_VENV")
+        return (
+            [],
+            f"{name}: the wheel pins {WHEELS[name]}, this python imports "
+            f"{installed or 'nothing'} (is the --target folder first on PYTHONPATH?)",
+        )
+    return [], (
+        f"{name}: pinned at {WHEELS[name]}, the main venv has {installed or 'none'} (the version the tests run): "
+        f"pin {installed} in WHEELS and run make device-wheels"
+        if installed
+        else f"{name}: pinned and not in the main venv: record its modules and Requires-Dist in NOT_IN_THE_MAIN_VENV"
+    )
 
 
 def root_requirements() -> dict[str, Requirement]:
@@ -264,13 +316,22 @@ def closure(*, live: bool = False) -> Report:
         if module in OPTIONAL_IMPORTS:
             continue
         if module not in owners:
-            report.problems.append(f"import {module} ({', '.join(sorted(files))}): no installed distribution provides it")
+            report.problems.append(
+                f"import {module} ({', '.join(sorted(files))}): no installed distribution provides it"
+            )
             continue
         for name in owners[module]:
             queue.append((name, roots.get(name), frozenset(), f"import {module} ({', '.join(sorted(files))})"))
-    report.problems += [f"OPTIONAL_IMPORTS names {module}, which nothing imports any more" for module in OPTIONAL_IMPORTS if module not in imports]
-    report.problems += [f"NOT_FOLLOWED names {name}, which nothing the device runs imports any more"
-                        for name in NOT_FOLLOWED if not any(r == name or r.startswith(name + ".") for r in reached)]
+    report.problems += [
+        f"OPTIONAL_IMPORTS names {module}, which nothing imports any more"
+        for module in OPTIONAL_IMPORTS
+        if module not in imports
+    ]
+    report.problems += [
+        f"NOT_FOLLOWED names {name}, which nothing the device runs imports any more"
+        for name in NOT_FOLLOWED
+        if not any(r == name or r.startswith(name + ".") for r in reached)
+    ]
 
     walked: set[tuple[str, str]] = set()
     while queue:
@@ -286,9 +347,13 @@ def closure(*, live: bool = False) -> Report:
         need.wanted_by.append(wanted_by)
         if requirement is not None and requirement.specifier:
             if version is None:
-                report.unverified.append(f"{name}{requirement.specifier} ({wanted_by}): the device's version is not recorded")
+                report.unverified.append(
+                    f"{name}{requirement.specifier} ({wanted_by}): the device's version is not recorded"
+                )
             elif not requirement.specifier.contains(Version(version), prereleases=True):
-                report.problems.append(f"conflict: {wanted_by} needs {name}{requirement.specifier}; the {source} has {version}")
+                report.problems.append(
+                    f"conflict: {wanted_by} needs {name}{requirement.specifier}; the {source} has {version}"
+                )
         if source != "wheel":
             continue
         for extra in ("", *extras):
@@ -301,14 +366,18 @@ def closure(*, live: bool = False) -> Report:
             for line in requires:
                 child = Requirement(line)
                 without_extras = _applies(child, frozenset())
-                if (not extra and without_extras) or (extra and not without_extras and _applies(child, frozenset({extra}))):
+                if (not extra and without_extras) or (
+                    extra and not without_extras and _applies(child, frozenset({extra}))
+                ):
                     queue.append((canonicalize_name(child.name), child, frozenset(child.extras), f"{name} {version}"))
 
     for name in sorted(set(WHEELS) - set(report.needed)):
         report.problems.append(f"unneeded: {name} is pinned and nothing needs it")
     for name in sorted(set(WHEELS) & DEVICE_PACKAGES):
         if name not in CARRIED_OVER_THE_DEVICE:
-            report.problems.append(f"{name} is on the device and pinned too: drop the pin or say why in CARRIED_OVER_THE_DEVICE")
+            report.problems.append(
+                f"{name} is on the device and pinned too: drop the pin or say why in CARRIED_OVER_THE_DEVICE"
+            )
     return report
 
 
@@ -342,8 +411,23 @@ def download(dest: Path, *, host: bool = False) -> list[Path]:
     platform_flags = [] if host else DEVICE_PLATFORM
     for name, version in WHEELS.items():
         if _pinned_file(dest, name) is None:
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--no-deps",
-                            "--only-binary=:all:", *platform_flags, "--dest", str(dest), f"{name}=={version}"], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "-q",
+                    "--disable-pip-version-check",
+                    "--no-deps",
+                    "--only-binary=:all:",
+                    *platform_flags,
+                    "--dest",
+                    str(dest),
+                    f"{name}=={version}",
+                ],
+                check=True,
+            )
     wheels = [_pinned_file(dest, name) for name in WHEELS]
     for stale in set(dest.glob("*.whl")) - set(wheels):  # two versions of one package stop the whole install
         stale.unlink()
@@ -351,7 +435,9 @@ def download(dest: Path, *, host: bool = False) -> list[Path]:
         name, version, requires = wheel_metadata(wheel)
         assumed, problem = _wheel_requires(name, live=False)
         if problem or _unconditional(requires) != _unconditional(assumed):
-            raise SystemExit(f"{wheel.name}: its Requires-Dist differ from what device_wheels.py assumed ({problem or assumed})")
+            raise SystemExit(
+                f"{wheel.name}: its Requires-Dist differ from what device_wheels.py assumed ({problem or assumed})"
+            )
     return wheels
 
 
@@ -362,8 +448,10 @@ def write_repository_metadata(target: Path) -> Path:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     info = target / f"{project['name']}-{project['version']}.dist-info"
     info.mkdir(parents=True, exist_ok=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n"
-                                   f"Summary: the working tree at {REPO}, not installed (benchmarks/device_check.sh)\n")
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n"
+        f"Summary: the working tree at {REPO}, not installed (benchmarks/device_check.sh)\n"
+    )
     (info / "INSTALLER").write_text("benchmarks/device_check.sh\n")
     return info
 
@@ -390,7 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     fetch.add_argument("--host", action="store_true", help="for this interpreter instead of the device's CPython 3.12")
     check = commands.add_parser("check", help="on the device: the closure with the versions really installed")
     check.add_argument("--out", type=Path, required=True)
-    metadata = commands.add_parser("repository-metadata", help="ppoflow's metadata into DIR, for the uninstalled working tree")
+    metadata = commands.add_parser(
+        "repository-metadata", help="ppoflow's metadata into DIR, for the uninstalled working tree"
+    )
     metadata.add_argument("target", type=Path)
     args = parser.parse_args(argv)
     if args.command == "repository-metadata":
@@ -403,18 +493,25 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(found, indent=2) + "\n")
         _print_report(report)
         return 1 if report.problems else 0
-    print(f"the GPU check needs {len(report.needed)} distributions: "
-          f"{sum(n.source == 'wheel' for n in report.needed.values())} as wheels, the rest on the device")
+    print(
+        f"the GPU check needs {len(report.needed)} distributions: "
+        f"{sum(n.source == 'wheel' for n in report.needed.values())} as wheels, the rest on the device"
+    )
     _print_report(report)
     if report.problems:
         return 1
     if args.command == "download":
         wheels = download(args.dest, host=args.host)
         total = size_mib(wheels)
-        print(f"{len(wheels)} wheels for {'this interpreter' if args.host else 'CPython 3.12, manylinux x86-64'} in {args.dest}: "
-              f"{total:.1f} MiB")
+        print(
+            f"{len(wheels)} wheels for {'this interpreter' if args.host else 'CPython 3.12, manylinux x86-64'} "
+            f"in {args.dest}: {total:.1f} MiB"
+        )
         if total > SIZE_LIMIT_MIB:
-            print(f"more than {SIZE_LIMIT_MIB} MiB: with the repository and the toy world they may not fit a device call's 64 MiB")
+            print(
+                f"more than {SIZE_LIMIT_MIB} MiB: with the repository and "
+                "the toy world they may not fit a device call's 64 MiB"
+            )
             return 1
     return 0
 

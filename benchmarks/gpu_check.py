@@ -37,8 +37,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -51,19 +52,51 @@ for entry in (str(REPO), str(HERE)):
 # A toy run small enough for seconds per check; the same on GPU and in the CPU smoke mode.
 TOY_RUN = {
     "data": {"max_prompt_length": 32, "eval_size": 32},
-    "ppo": {"total_episodes": 64, "per_device_train_batch_size": 16, "gradient_accumulation_steps": 1, "num_mini_batches": 2,
-            "num_ppo_epochs": 1, "local_rollout_forward_batch_size": 16, "response_length": 16, "stop_token": "eos",
-            "missing_eos_penalty": 1.0, "learning_rate": 5e-5, "checkpoint_every": 1, "seed": 7},
+    "ppo": {
+        "total_episodes": 64,
+        "per_device_train_batch_size": 16,
+        "gradient_accumulation_steps": 1,
+        "num_mini_batches": 2,
+        "num_ppo_epochs": 1,
+        "local_rollout_forward_batch_size": 16,
+        "response_length": 16,
+        "stop_token": "eos",
+        "missing_eos_penalty": 1.0,
+        "learning_rate": 5e-5,
+        "checkpoint_every": 1,
+        "seed": 7,
+    },
     "eval": {"batch_size": 32, "sample_table_size": 4},
 }
 # ~0.5 B parameters per model (Qwen2-0.5B's body, a Llama): the size the issue asks for.
-HALF_B_SHAPE = {"vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 24,
-                "num_attention_heads": 16, "num_key_value_heads": 16, "max_position_embeddings": 512}
+HALF_B_SHAPE = {
+    "vocab_size": 32000,
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "max_position_embeddings": 512,
+}
 # SmolLM2-135M-Instruct's config (ppoflow smol): 30 layers, hidden 576, 9 query and 3 key/value heads.
-SMOLLM2_SHAPE = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                 "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 512}
-TINY_SHAPE = {"vocab_size": 1024, "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256}
+SMOLLM2_SHAPE = {
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "max_position_embeddings": 512,
+}
+TINY_SHAPE = {
+    "vocab_size": 1024,
+    "hidden_size": 64,
+    "intermediate_size": 172,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 256,
+}
 
 
 def log(message: str) -> None:
@@ -71,10 +104,13 @@ def log(message: str) -> None:
 
 
 def toy_tree(toy: Path, output_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
-    tree = {"output_dir": str(output_dir),
-            "models": {"policy": str(toy / "policy"), "reward": str(toy / "reward")},
-            "data": {"path": str(toy / "prompts.jsonl"), **TOY_RUN["data"]},
-            "ppo": dict(TOY_RUN["ppo"]), "eval": dict(TOY_RUN["eval"])}
+    tree = {
+        "output_dir": str(output_dir),
+        "models": {"policy": str(toy / "policy"), "reward": str(toy / "reward")},
+        "data": {"path": str(toy / "prompts.jsonl"), **TOY_RUN["data"]},
+        "ppo": dict(TOY_RUN["ppo"]),
+        "eval": dict(TOY_RUN["eval"]),
+    }
     for name, values in sections.items():
         tree.setdefault(name, {}).update(values)
     return tree
@@ -95,7 +131,17 @@ def package_versions() -> dict[str, str | None]:
     import importlib.metadata
 
     versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "accelerate", "peft", "datasets", "pydantic", "safetensors", "flash-attn", "trl"):
+    for name in (
+        "torch",
+        "transformers",
+        "accelerate",
+        "peft",
+        "datasets",
+        "pydantic",
+        "safetensors",
+        "flash-attn",
+        "trl",
+    ):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -105,18 +151,25 @@ def package_versions() -> dict[str, str | None]:
 
 # ------------------------------------------------------------------------------------------ checks
 def check_one_update(ctx: dict[str, Any]) -> dict[str, Any]:
-    import torch
     from safetensors.torch import load_file
 
     from ppoflow import pipeline
     from ppoflow.config import build_config
     from ppoflow.trainer import PPOTrainer
 
-    one = {"total_episodes": 16, "per_device_train_batch_size": 16, "num_mini_batches": 1, "num_ppo_epochs": 1, "learning_rate": 3e-6}
+    one = {
+        "total_episodes": 16,
+        "per_device_train_batch_size": 16,
+        "num_mini_batches": 1,
+        "num_ppo_epochs": 1,
+        "learning_rate": 3e-6,
+    }
     compute = "auto" if ctx["cuda"] else "bfloat16"
     out: dict[str, Any] = {}
     for label, dtype in (("float32", "float32"), ("compute", compute)):
-        config = build_config(toy_tree(ctx["toy"], ctx["work"] / f"one-update-{label}", models={"dtype": dtype}, ppo=one))
+        config = build_config(
+            toy_tree(ctx["toy"], ctx["work"] / f"one-update-{label}", models={"dtype": dtype}, ppo=one)
+        )
         plan = pipeline.configure(config)
         models = pipeline.load_models(plan)
         data = pipeline.prepare_dataset(plan, models)
@@ -129,17 +182,28 @@ def check_one_update(ctx: dict[str, Any]) -> dict[str, Any]:
         out[label] = {
             "compute_dtype": str(trainer.worker.compute_dtype).removeprefix("torch."),
             "device": str(trainer.accelerator.device),
-            "trained_weight_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in (*trainer.policy.parameters(), *trainer.value.parameters())}),
-            "weight_change_norm": sum(float((after[k].double() - before[k].double()).norm() ** 2) for k in before) ** 0.5,
-            "first_ratio": metrics["val/ratio"], "first_approxkl": metrics["policy/approxkl_avg"],
+            "trained_weight_dtypes": sorted(
+                {
+                    str(p.dtype).removeprefix("torch.")
+                    for p in (*trainer.policy.parameters(), *trainer.value.parameters())
+                }
+            ),
+            "weight_change_norm": sum(float((after[k].double() - before[k].double()).norm() ** 2) for k in before)
+            ** 0.5,
+            "first_ratio": metrics["val/ratio"],
+            "first_approxkl": metrics["policy/approxkl_avg"],
             "logprobs_from_generation": trainer.worker.reuse_logprobs,
         }
         del trainer
     fp32, low = out["float32"], out["compute"]
     moved = low["weight_change_norm"] / fp32["weight_change_norm"] if fp32["weight_change_norm"] else 0.0
     out["change_ratio_compute_vs_fp32"] = moved
-    passed = (low["trained_weight_dtypes"] == ["float32"] and 0.5 < moved < 2.0
-              and abs(fp32["first_ratio"] - 1) < 1e-5 and abs(low["first_ratio"] - 1) < 2e-3)
+    passed = (
+        low["trained_weight_dtypes"] == ["float32"]
+        and 0.5 < moved < 2.0
+        and abs(fp32["first_ratio"] - 1) < 1e-5
+        and abs(low["first_ratio"] - 1) < 2e-3
+    )
     if ctx["cuda"] and low["compute_dtype"] != "bfloat16":
         out["note"] = "this GPU has no bf16: auto resolved to fp32"
     return {"status": "pass" if passed else "fail", **out}
@@ -150,25 +214,48 @@ def check_packing(ctx: dict[str, Any]) -> dict[str, Any]:
 
     import torch
 
-    from ppoflow.models import load_causal_lm, load_classifier, packing_supported, resolve_dtype, response_logits, token_values
+    from ppoflow.models import (
+        load_causal_lm,
+        load_classifier,
+        packing_supported,
+        resolve_dtype,
+        response_logits,
+        token_values,
+    )
     from ppoflow.packing import packed_layout, padded_layout
 
     device = torch.device("cuda" if ctx["cuda"] else "cpu")
     dtype = resolve_dtype("auto") if ctx["cuda"] else torch.bfloat16
-    kernels = ["sdpa", "eager"] + (["flash_attention_2"] if ctx["cuda"] and importlib.util.find_spec("flash_attn") else [])
+    kernels = ["sdpa", "eager"] + (
+        ["flash_attention_2"] if ctx["cuda"] and importlib.util.find_spec("flash_attn") else []
+    )
     generator = torch.Generator().manual_seed(0)
     rows, prompt_width, response_width = 24, 12, 16
     queries = torch.randint(5, 170, (rows, prompt_width), generator=generator)
     responses = torch.randint(5, 170, (rows, response_width), generator=generator)
-    query_mask = torch.arange(prompt_width)[None, :] >= prompt_width - torch.randint(1, prompt_width + 1, (rows, 1), generator=generator)
-    response_mask = torch.arange(response_width)[None, :] < torch.randint(1, response_width + 1, (rows, 1), generator=generator)
-    batch = [t.to(device) for t in (queries.masked_fill(~query_mask, 0), query_mask, responses.masked_fill(~response_mask, 0), response_mask)]
+    query_mask = torch.arange(prompt_width)[None, :] >= prompt_width - torch.randint(
+        1, prompt_width + 1, (rows, 1), generator=generator
+    )
+    response_mask = torch.arange(response_width)[None, :] < torch.randint(
+        1, response_width + 1, (rows, 1), generator=generator
+    )
+    batch = [
+        t.to(device)
+        for t in (
+            queries.masked_fill(~query_mask, 0),
+            query_mask,
+            responses.masked_fill(~response_mask, 0),
+            response_mask,
+        )
+    ]
     padded, packed = padded_layout(*batch), packed_layout(*batch, pad_token_id=0, row_tokens=64)
     tokens = batch[2][batch[3]]  # the response tokens, in the layouts' order
 
     def load(kernel: str, dtype: torch.dtype):
-        return (load_causal_lm(ctx["toy"] / "policy", dtype, attn_implementation=kernel, device=device).eval(),
-                load_classifier(ctx["toy"] / "reward", dtype, attn_implementation=kernel, device=device).eval())
+        return (
+            load_causal_lm(ctx["toy"] / "policy", dtype, attn_implementation=kernel, device=device).eval(),
+            load_classifier(ctx["toy"] / "reward", dtype, attn_implementation=kernel, device=device).eval(),
+        )
 
     def forward(policy, reward, layout) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs of the response tokens and the reward scores, in fp32."""
@@ -181,8 +268,12 @@ def check_packing(ctx: dict[str, Any]) -> dict[str, Any]:
     # Packing passes when it adds no more than that (a sequence that attended to another packed in
     # its row would be off by far more).
     exact = forward(*load("eager", torch.float32), padded)
-    results: dict[str, Any] = {"dtype": str(dtype).removeprefix("torch."), "packed_rows": int(packed.input_ids.shape[0]),
-                               "padded_rows": int(padded.input_ids.shape[0]), "response_tokens": int(tokens.numel())}
+    results: dict[str, Any] = {
+        "dtype": str(dtype).removeprefix("torch."),
+        "packed_rows": int(packed.input_ids.shape[0]),
+        "padded_rows": int(padded.input_ids.shape[0]),
+        "response_tokens": int(tokens.numel()),
+    }
     passed = True
     for kernel in kernels:
         policy, reward = load(kernel, dtype)
@@ -220,11 +311,15 @@ def check_kill_resume(ctx: dict[str, Any]) -> dict[str, Any]:
     for name in ("uninterrupted", "killed"):
         output_dir = ctx["work"] / f"resume-{name}"
         shutil.rmtree(output_dir, ignore_errors=True)
-        config = _write_config(toy_tree(ctx["toy"], output_dir, ppo={"total_episodes": 96}), ctx["work"] / f"resume-{name}.yaml")
+        config = _write_config(
+            toy_tree(ctx["toy"], output_dir, ppo={"total_episodes": 96}), ctx["work"] / f"resume-{name}.yaml"
+        )
         log_path = ctx["work"] / f"resume-{name}.log"
         began = time.perf_counter()
         with open(log_path, "w") as handle:
-            child = subprocess.Popen(_train_command(config), cwd=REPO, env=child_env(), stdout=handle, stderr=subprocess.STDOUT)
+            child = subprocess.Popen(
+                _train_command(config), cwd=REPO, env=child_env(), stdout=handle, stderr=subprocess.STDOUT
+            )
             killed = False
             if name == "killed":
                 target = output_dir / "checkpoints" / "step-000002"
@@ -235,12 +330,23 @@ def check_kill_resume(ctx: dict[str, Any]) -> dict[str, Any]:
                     killed = True
             child.wait(timeout=900)
             if killed:
-                child = subprocess.run(_train_command(config), cwd=REPO, env=child_env(), stdout=handle, stderr=subprocess.STDOUT, timeout=900)
+                child = subprocess.run(
+                    _train_command(config),
+                    cwd=REPO,
+                    env=child_env(),
+                    stdout=handle,
+                    stderr=subprocess.STDOUT,
+                    timeout=900,
+                )
         if child.returncode != 0:
             return {"status": "fail", "error": f"{name} run exited {child.returncode}; log {log_path}"}
         final = sorted((output_dir / "checkpoints").glob("step-*"))[-1]
-        runs[name] = {"killed_after_step_2": killed, "wall_s": round(time.perf_counter() - began, 1), "final": final.name,
-                      "sha256": {role: sha256(final / role / "model.safetensors") for role in ("policy", "value")}}
+        runs[name] = {
+            "killed_after_step_2": killed,
+            "wall_s": round(time.perf_counter() - began, 1),
+            "final": final.name,
+            "sha256": {role: sha256(final / role / "model.safetensors") for role in ("policy", "value")},
+        }
     bitwise = runs["killed"]["sha256"] == runs["uninterrupted"]["sha256"] and runs["killed"]["killed_after_step_2"]
     result = {"status": "pass" if bitwise else "fail", "bitwise_equal": bitwise, **runs}
     if not bitwise:  # what holds instead: how far apart the two runs' weights are
@@ -248,9 +354,18 @@ def check_kill_resume(ctx: dict[str, Any]) -> dict[str, Any]:
 
         finals = {name: sorted((ctx["work"] / f"resume-{name}" / "checkpoints").glob("step-*"))[-1] for name in runs}
         result["max_abs_weight_difference"] = {
-            role: max(float((a.double() - b.double()).abs().max()) for a, b in zip(*(
-                [t for _, t in sorted(load_file(finals[name] / role / "model.safetensors").items())] for name in runs)))
-            for role in ("policy", "value")}
+            role: max(
+                float((a.double() - b.double()).abs().max())
+                for a, b in zip(
+                    *(
+                        [t for _, t in sorted(load_file(finals[name] / role / "model.safetensors").items())]
+                        for name in runs
+                    ),
+                    strict=True,
+                )
+            )
+            for role in ("policy", "value")
+        }
     return result
 
 
@@ -271,7 +386,9 @@ def check_two_processes(ctx: dict[str, Any]) -> dict[str, Any]:
         import deepspeed  # noqa: F401  (the `deepspeed` extra)
 
         zero3 = ctx["work"] / "accelerate-zero3.yaml"
-        zero3.write_text("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 3\nnum_machines: 1\nnum_processes: 2\n")
+        zero3.write_text(
+            "distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 3\nnum_machines: 1\nnum_processes: 2\n"
+        )
         variants.append(("zero3", {"accelerate_config": str(zero3)}))
     except ImportError:
         out["zero3"] = {"status": "skipped", "reason": "deepspeed is not installed (the ppoflow[deepspeed] extra)"}
@@ -280,23 +397,54 @@ def check_two_processes(ctx: dict[str, Any]) -> dict[str, Any]:
         shutil.rmtree(output_dir, ignore_errors=True)
         tree = toy_tree(ctx["toy"], output_dir, ppo={"total_episodes": 32}, runtime={"num_processes": 2, **runtime})
         config = _write_config(tree, ctx["work"] / f"two-processes-{name}.yaml")
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                   "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ppoflow.cli", "train", "--config", str(config)]
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "ppoflow.cli",
+            "train",
+            "--config",
+            str(config),
+        ]
         began = time.perf_counter()
         log_path = ctx["work"] / f"two-processes-{name}.log"
         with open(log_path, "w") as handle:
-            proc = subprocess.run(command, cwd=REPO, env=child_env(), stdout=handle, stderr=subprocess.STDOUT, timeout=900)
+            proc = subprocess.run(
+                command, cwd=REPO, env=child_env(), stdout=handle, stderr=subprocess.STDOUT, timeout=900
+            )
         ok = proc.returncode == 0 and (output_dir / "eval.json").is_file()
-        out[name] = {"exit": proc.returncode, "wall_s": round(time.perf_counter() - began, 1), **({} if ok else {"log": str(log_path)})}
+        out[name] = {
+            "exit": proc.returncode,
+            "wall_s": round(time.perf_counter() - began, 1),
+            **({} if ok else {"log": str(log_path)}),
+        }
         if not ok:
             return {"status": "fail", **out}
-    finals = {name: load_file(ctx["work"] / f"two-processes-{name}" / "final" / "model.safetensors") for name, _ in variants}
+    finals = {
+        name: load_file(ctx["work"] / f"two-processes-{name}" / "final" / "model.safetensors") for name, _ in variants
+    }
     ddp, worst = finals.pop("ddp"), 0.0
     for name, weights in finals.items():
-        difference = max(float((ddp[key].double() - weights[key].double()).abs().max()) for key in ddp) if ddp.keys() == weights.keys() else float("inf")
+        difference = (
+            max(float((ddp[key].double() - weights[key].double()).abs().max()) for key in ddp)
+            if ddp.keys() == weights.keys()
+            else float("inf")
+        )
         out[f"{name}_vs_ddp_max_abs_weight_difference"] = difference
         worst = max(worst, difference)
-    out["rule"] = "all exit 0; after one update FSDP (and ZeRO-3, with deepspeed installed) weights within 1e-5 of DDP's"
+    out["rule"] = (
+        "all exit 0; after one update FSDP (and ZeRO-3, with deepspeed installed) weights within 1e-5 of DDP's"
+    )
     return {"status": "pass" if worst <= 1e-5 else "fail", **out}
 
 
@@ -321,7 +469,10 @@ def check_throughput(ctx: dict[str, Any]) -> dict[str, Any]:
 
 def check_throughput_smollm2_shape(ctx: dict[str, Any]) -> dict[str, Any]:
     if not ctx["cuda"]:
-        return {"status": "skipped", "reason": "CUDA only: on a CPU this model's throughput is make bench-smol's (docs/REAL_MODEL.md)"}
+        return {
+            "status": "skipped",
+            "reason": "CUDA only: on a CPU this model's throughput is make bench-smol's (docs/REAL_MODEL.md)",
+        }
     return _throughput(ctx, (SMOLLM2_SHAPE, "llama-smollm2-shape"), "throughput-smollm2")
 
 
@@ -340,32 +491,66 @@ def _throughput(ctx: dict[str, Any], models: Path | tuple[dict[str, int], str], 
         shape, folder = models
         models_dir = ctx["work"] / folder
         info = bench.build_large(models_dir, shape)
-    spec = {**bench.COMMON, "name": f"gpu-{name}", "policy": str(models_dir / "policy"), "reward": str(models_dir / "reward"),
-            "prompts": str(ctx["toy"] / "prompts.jsonl"), "torch_threads": 1, "bf16": True,
-            "per_device_train_batch_size": 64 if ctx["cuda"] else 8, "gradient_accumulation_steps": 1, "num_mini_batches": 4 if ctx["cuda"] else 2,
-            "local_rollout_forward_batch_size": 64 if ctx["cuda"] else 8, "response_length": 128 if ctx["cuda"] else 16,
-            "num_ppo_epochs": 4 if ctx["cuda"] else 1, "total_episodes": 128 if ctx["cuda"] else 8, "eval_size": 0, "seed": 42}
+    spec = {
+        **bench.COMMON,
+        "name": f"gpu-{name}",
+        "policy": str(models_dir / "policy"),
+        "reward": str(models_dir / "reward"),
+        "prompts": str(ctx["toy"] / "prompts.jsonl"),
+        "torch_threads": 1,
+        "bf16": True,
+        "per_device_train_batch_size": 64 if ctx["cuda"] else 8,
+        "gradient_accumulation_steps": 1,
+        "num_mini_batches": 4 if ctx["cuda"] else 2,
+        "local_rollout_forward_batch_size": 64 if ctx["cuda"] else 8,
+        "response_length": 128 if ctx["cuda"] else 16,
+        "num_ppo_epochs": 4 if ctx["cuda"] else 1,
+        "total_episodes": 128 if ctx["cuda"] else 8,
+        "eval_size": 0,
+        "seed": 42,
+    }
     spec_path = ctx["work"] / f"{name}.spec.json"
     spec_path.write_text(json.dumps(spec, indent=1))
     sides = {}
-    for side, python, script in (("ppoflow", Path(sys.executable), "ppoflow_side.py"), ("trl", trl_python, "trl_baseline.py")):
+    for side, python, script in (
+        ("ppoflow", Path(sys.executable), "ppoflow_side.py"),
+        ("trl", trl_python, "trl_baseline.py"),
+    ):
         out = ctx["work"] / f"{name}-{side}.json"
         log_path = ctx["work"] / f"{name}-{side}.log"
         with open(log_path, "w") as handle:
-            proc = subprocess.run([str(python), str(HERE / script), "--spec", str(spec_path), "--out", str(out)], cwd=REPO,
-                                  env=child_env(), stdout=handle, stderr=subprocess.STDOUT, timeout=1200)
+            proc = subprocess.run(
+                [str(python), str(HERE / script), "--spec", str(spec_path), "--out", str(out)],
+                cwd=REPO,
+                env=child_env(),
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                timeout=1200,
+            )
         if proc.returncode != 0 or not out.is_file():
             return {"status": "fail", "error": f"{side} exited {proc.returncode}; log {log_path}"}
         result = json.loads(out.read_text())
-        sides[side] = {"episodes_per_s": result["throughput"]["episodes_per_s"], "train_loop_s": result["timing_s"]["train_loop"],
-                       "dtype": result["machine"]["dtype"], "cuda_max_allocated_mib": result["memory"].get("cuda_max_allocated_mib")}
-    return {"status": "pass", "models": str(models_dir), "parameters_per_model": info["policy_parameters"], **sides,
-            "ours_over_trl": sides["ppoflow"]["episodes_per_s"] / sides["trl"]["episodes_per_s"]}
+        sides[side] = {
+            "episodes_per_s": result["throughput"]["episodes_per_s"],
+            "train_loop_s": result["timing_s"]["train_loop"],
+            "dtype": result["machine"]["dtype"],
+            "cuda_max_allocated_mib": result["memory"].get("cuda_max_allocated_mib"),
+        }
+    return {
+        "status": "pass",
+        "models": str(models_dir),
+        "parameters_per_model": info["policy_parameters"],
+        **sides,
+        "ours_over_trl": sides["ppoflow"]["episodes_per_s"] / sides["trl"]["episodes_per_s"],
+    }
 
 
 CHECKS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-    "one_update": check_one_update, "packing": check_packing, "kill_resume": check_kill_resume,
-    "two_processes": check_two_processes, "throughput": check_throughput,
+    "one_update": check_one_update,
+    "packing": check_packing,
+    "kill_resume": check_kill_resume,
+    "two_processes": check_two_processes,
+    "throughput": check_throughput,
     "throughput_smollm2_shape": check_throughput_smollm2_shape,
 }
 
@@ -373,21 +558,35 @@ CHECKS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / ".ppoflow" / "gpu-check" / "gpu_check.json")
-    parser.add_argument("--device", choices=["auto", "cpu"], default="auto", help="cpu: the same checks, small, on the CPU (smoke test)")
+    parser.add_argument(
+        "--device", choices=["auto", "cpu"], default="auto", help="cpu: the same checks, small, on the CPU (smoke test)"
+    )
     parser.add_argument("--trl-python", type=Path, default=REPO / ".venv-bench" / "bin" / "python")
     parser.add_argument("--skip", action="append", default=[], choices=sorted(CHECKS))
     parser.add_argument("--toy", type=Path, default=None, help="an existing toy world (default: build one)")
-    parser.add_argument("--work", type=Path, default=None, help="where the checks' runs and logs go (default: a new temporary folder)")
-    parser.add_argument("--throughput-models", type=Path, default=None,
-                        help="a folder with policy/ and reward/ (tokenizer inside) for the throughput check, instead of the random Llama")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="where the checks' runs and logs go (default: a new temporary folder)"
+    )
+    parser.add_argument(
+        "--throughput-models",
+        type=Path,
+        default=None,
+        help=(
+            "a folder with policy/ and reward/ (tokenizer inside) for the throughput check, instead of the random Llama"
+        ),
+    )
     args = parser.parse_args(argv)
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported: the smoke mode never touches a GPU
     import torch
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "mode": args.device,
-                              "torch": torch.__version__, "cuda": torch.cuda.is_available()}
+    result: dict[str, Any] = {
+        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "mode": args.device,
+        "torch": torch.__version__,
+        "cuda": torch.cuda.is_available(),
+    }
     if args.device == "auto" and not torch.cuda.is_available():
         result["note"] = "no CUDA device on this machine: nothing to check (the CPU path is what make test covers)"
         args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -411,8 +610,13 @@ def main(argv: list[str] | None = None) -> int:
         toy = work / "toy"
         log(f"building the toy world in {toy}")
         build_toy(toy)
-    ctx = {"cuda": result["cuda"], "toy": toy.resolve(), "work": work, "trl_python": args.trl_python,
-           "throughput_models": args.throughput_models.resolve() if args.throughput_models else None}
+    ctx = {
+        "cuda": result["cuda"],
+        "toy": toy.resolve(),
+        "work": work,
+        "trl_python": args.trl_python,
+        "throughput_models": args.throughput_models.resolve() if args.throughput_models else None,
+    }
     began = time.perf_counter()
     result["checks"] = {}
     for name, check in CHECKS.items():
@@ -424,7 +628,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             outcome = check(ctx)
         except Exception as exc:  # a check that crashes is a failed check; the others still run
-            outcome = {"status": "fail", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=8)}
+            outcome = {
+                "status": "fail",
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(limit=8),
+            }
         outcome["seconds"] = round(time.perf_counter() - t0, 1)
         result["checks"][name] = outcome
         log(f"{name}: {outcome['status']} ({outcome['seconds']} s)")

@@ -34,7 +34,9 @@ SEED = 1234
 BATCH = 16
 
 
-def answers(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int, temperature: float) -> list[dict]:
+def answers(
+    model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int, temperature: float
+) -> list[dict]:
     """One sampled answer per conversation: text, token count, whether it ended with EOS."""
     eos = tokenizer.eos_token_id
     rows = []
@@ -45,12 +47,23 @@ def answers(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens
         attention_mask = torch.tensor([[0] * (width - len(q)) + [1] * len(q) for q in queries])
         torch.manual_seed(SEED + start)
         with torch.no_grad():
-            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=temperature,
-                                    top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos)
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                do_sample=True,
+                temperature=temperature,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos,
+                pad_token_id=eos,
+            )
         for row in output[:, width:].tolist():
             ended = eos in row
             ids = row[: row.index(eos)] if ended else row
-            rows.append({"text": tokenizer.decode(ids, skip_special_tokens=True).strip(), "tokens": len(ids), "ended": ended})
+            rows.append(
+                {"text": tokenizer.decode(ids, skip_special_tokens=True).strip(), "tokens": len(ids), "ended": ended}
+            )
     return rows
 
 
@@ -79,10 +92,20 @@ def summarize(rows: list[dict]) -> dict:
 def compare(policy, reference, tokenizer, conversations, **sampling) -> dict:
     policy_rows, ref_rows = (answers(model, tokenizer, conversations, **sampling) for model in (policy, reference))
     policy_summary, ref_summary = summarize(policy_rows), summarize(ref_rows)
-    wins = [1.0 if p > r else 0.5 if p == r else 0.0 for p, r in zip(policy_summary.pop("_vader"), ref_summary.pop("_vader"))]
-    examples = [{"prompt": messages[-1]["content"], "reference": r["text"], "policy": p["text"]}
-                for messages, p, r in list(zip(conversations, policy_rows, ref_rows))[:3]]
-    return {"policy": policy_summary, "reference": ref_summary, "judge_win_rate": statistics.fmean(wins), "examples": examples}
+    wins = [
+        1.0 if p > r else 0.5 if p == r else 0.0
+        for p, r in zip(policy_summary.pop("_vader"), ref_summary.pop("_vader"), strict=True)
+    ]
+    examples = [
+        {"prompt": messages[-1]["content"], "reference": r["text"], "policy": p["text"]}
+        for messages, p, r in list(zip(conversations, policy_rows, ref_rows, strict=True))[:3]
+    ]
+    return {
+        "policy": policy_summary,
+        "reference": ref_summary,
+        "judge_win_rate": statistics.fmean(wins),
+        "examples": examples,
+    }
 
 
 def eval_curves(metrics_file: Path) -> dict[str, list[tuple[int, float]]]:
@@ -91,7 +114,7 @@ def eval_curves(metrics_file: Path) -> dict[str, list[tuple[int, float]]]:
         row = json.loads(line)
         for key, value in row.items():
             if key.startswith("eval/"):
-                curves.setdefault(key[len("eval/"):], []).append((row["update"], value))
+                curves.setdefault(key[len("eval/") :], []).append((row["update"], value))
     return curves
 
 
@@ -103,7 +126,7 @@ def plot(curves: dict, path: Path) -> None:
 
     panels = [("judge (VADER)", "judge"), ("afinn (never seen)", "afinn"), ("reward model", "reward")]
     figure, axes = plt.subplots(1, 4, figsize=(14, 3.2))
-    for axis, (title, name) in zip(axes, panels):
+    for axis, (title, name) in zip(axes, panels, strict=False):
         for who, style in (("policy", "-o"), ("ref", "--")):
             points = curves.get(f"{name}_{who}", [])
             axis.plot([u for u, _ in points], [v for _, v in points], style, label=who)
@@ -155,10 +178,13 @@ def main() -> int:
         plot(report["eval_curves"], args.plot)
     for name in ("held_out", "unlike"):
         part = report[name]
-        print(f"{name}: VADER {part['reference']['judge_vader']:+.3f} -> {part['policy']['judge_vader']:+.3f}, "
-              f"AFINN {part['reference']['judge_afinn']:+.3f} -> {part['policy']['judge_afinn']:+.3f}, "
-              f"EOS {part['reference']['eos_rate']:.2f} -> {part['policy']['eos_rate']:.2f}, "
-              f"degenerate {part['policy']['degenerate_rate']:.2f}, VADER win rate {part['judge_win_rate']:.2f}", file=sys.stderr)
+        print(
+            f"{name}: VADER {part['reference']['judge_vader']:+.3f} -> {part['policy']['judge_vader']:+.3f}, "
+            f"AFINN {part['reference']['judge_afinn']:+.3f} -> {part['policy']['judge_afinn']:+.3f}, "
+            f"EOS {part['reference']['eos_rate']:.2f} -> {part['policy']['eos_rate']:.2f}, "
+            f"degenerate {part['policy']['degenerate_rate']:.2f}, VADER win rate {part['judge_win_rate']:.2f}",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -175,8 +175,18 @@ def prefect_server_env(home: Path, port: int) -> dict[str, str]:
 
 def start_prefect_server(home: Path, port: int, *, ui: bool = True, scheduler: bool = True) -> Process:
     env = prefect_server_env(home, port)
-    cmd = _prefect("server", "start", "--host", HOST, "--port", str(port), "--no-prompt", "--analytics-off",
-                   "--ui" if ui else "--no-ui", "--scheduler" if scheduler else "--no-scheduler")
+    cmd = _prefect(
+        "server",
+        "start",
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--no-prompt",
+        "--analytics-off",
+        "--ui" if ui else "--no-ui",
+        "--scheduler" if scheduler else "--no-scheduler",
+    )
     return _spawn(cmd, home / "prefect-server.log", env, marker=["prefect", "server", "start", str(port)])
 
 
@@ -184,7 +194,9 @@ def wait_healthy(url: str, proc: Process, what: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while processes.http_status(url) != 200:
         if not processes.alive(proc.pid):
-            raise ServeError(f"the {what} exited during startup: {processes.tail(proc.log_file)} (log: {proc.log_file})")
+            raise ServeError(
+                f"the {what} exited during startup: {processes.tail(proc.log_file)} (log: {proc.log_file})"
+            )
         if time.monotonic() > deadline:
             raise ServeError(f"the {what} did not answer {url} within {timeout:.0f} s (log: {proc.log_file})")
         time.sleep(0.5)
@@ -201,11 +213,15 @@ def ensure_work_pool(api_url: str, name: str = WORK_POOL, concurrency_limit: int
         try:
             client.read_work_pool(name)
         except ObjectNotFound:
-            client.create_work_pool(WorkPoolCreate(
-                name=name, type="process", concurrency_limit=concurrency_limit,
-                base_job_template=ProcessWorker.get_default_base_job_template(),
-                description="ppoflow trainings on this machine, one at a time",
-            ))
+            client.create_work_pool(
+                WorkPoolCreate(
+                    name=name,
+                    type="process",
+                    concurrency_limit=concurrency_limit,
+                    base_job_template=ProcessWorker.get_default_base_job_template(),
+                    description="ppoflow trainings on this machine, one at a time",
+                )
+            )
             return
         client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=concurrency_limit))
 
@@ -219,12 +235,21 @@ def deploy(home: Path, api_url: str, prefect_file: Path = PREFECT_FILE, timeout:
         handle.write(f"\n[serve {_now()}] {' '.join(cmd)}\n".encode())
         handle.flush()
         try:
-            done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=handle,
-                                  stderr=subprocess.STDOUT, timeout=timeout)
+            done = subprocess.run(
+                cmd,
+                cwd=REPO_ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+            )
         except subprocess.TimeoutExpired:
             raise ServeError(f"prefect deploy did not finish within {timeout:.0f} s (log: {log_file})") from None
     if done.returncode != 0:
-        raise ServeError(f"prefect deploy failed with exit code {done.returncode}: {processes.tail(log_file)} (log: {log_file})")
+        raise ServeError(
+            f"prefect deploy failed with exit code {done.returncode}: {processes.tail(log_file)} (log: {log_file})"
+        )
     return declared_deployments(prefect_file)
 
 
@@ -232,8 +257,14 @@ def declared_deployments(prefect_file: Path = PREFECT_FILE) -> list[dict[str, An
     """Name, pool and schedules of each deployment the prefect.yaml declares."""
     spec = yaml.safe_load(prefect_file.read_text())
     return [
-        {"name": f"rlhf-ppo/{entry['name']}", "work_pool": entry["work_pool"]["name"],
-         "schedules": [{key: schedule.get(key) for key in ("cron", "timezone", "active")} for schedule in entry.get("schedules") or []]}
+        {
+            "name": f"rlhf-ppo/{entry['name']}",
+            "work_pool": entry["work_pool"]["name"],
+            "schedules": [
+                {key: schedule.get(key) for key in ("cron", "timezone", "active")}
+                for schedule in entry.get("schedules") or []
+            ],
+        }
         for entry in spec["deployments"]
     ]
 
@@ -245,14 +276,28 @@ def worker_name() -> str:
 def start_worker(home: Path, env: Mapping[str, str], *, name: str | None = None, pool: str = WORK_POOL) -> Process:
     """A process worker; `--limit 1` besides the pool's limit: this worker never runs two flow runs."""
     name = name or worker_name()
-    cmd = _prefect("worker", "start", "--pool", pool, "--type", "process", "--name", name,
-                   "--limit", str(POOL_CONCURRENCY_LIMIT), "--install-policy", "never", "--no-prompt")
+    cmd = _prefect(
+        "worker",
+        "start",
+        "--pool",
+        pool,
+        "--type",
+        "process",
+        "--name",
+        name,
+        "--limit",
+        str(POOL_CONCURRENCY_LIMIT),
+        "--install-policy",
+        "never",
+        "--no-prompt",
+    )
     log_file = home / ("worker.log" if name == worker_name() else f"worker-{name}.log")
     return _spawn(cmd, log_file, env, marker=["prefect", "worker", "start", name])
 
 
-def wait_worker_online(api_url: str, proc: Process, since: datetime, timeout: float, *, name: str | None = None,
-                       pool: str = WORK_POOL) -> None:
+def wait_worker_online(
+    api_url: str, proc: Process, since: datetime, timeout: float, *, name: str | None = None, pool: str = WORK_POOL
+) -> None:
     """Until the worker `name` has sent a heartbeat to the server after `since`."""
     from prefect.client.orchestration import SyncPrefectClient
 
@@ -260,12 +305,17 @@ def wait_worker_online(api_url: str, proc: Process, since: datetime, timeout: fl
     deadline = time.monotonic() + timeout
     with SyncPrefectClient(api_url) as client:
         while True:
-            beats = [worker.last_heartbeat_time for worker in client.read_workers_for_work_pool(pool)
-                     if worker.name == name and worker.last_heartbeat_time]
+            beats = [
+                worker.last_heartbeat_time
+                for worker in client.read_workers_for_work_pool(pool)
+                if worker.name == name and worker.last_heartbeat_time
+            ]
             if any(beat >= since for beat in beats):
                 return
             if not processes.alive(proc.pid):
-                raise ServeError(f"the worker exited during startup: {processes.tail(proc.log_file)} (log: {proc.log_file})")
+                raise ServeError(
+                    f"the worker exited during startup: {processes.tail(proc.log_file)} (log: {proc.log_file})"
+                )
             if time.monotonic() > deadline:
                 raise ServeError(f"the worker did not reach the server within {timeout:.0f} s (log: {proc.log_file})")
             time.sleep(0.5)
@@ -275,8 +325,14 @@ def worker_environment(stack: Stack, extra: Mapping[str, str] | None = None) -> 
     """A worker's environment (its flow runs inherit it): this stack's URLs and MLflow login, and the
     Prefect UI a flow run names on its MLflow run (none when the server has no UI: Prefect would
     otherwise derive a UI URL from the API's)."""
-    return {**os.environ, **prefect_env(Path(stack.home)), **stack.client_env(), "PREFECT_UI_URL": stack.prefect_url if stack.ui else "",
-            **mlflow_credentials(stack.mlflow_auth), **(extra or {})}
+    return {
+        **os.environ,
+        **prefect_env(Path(stack.home)),
+        **stack.client_env(),
+        "PREFECT_UI_URL": stack.prefect_url if stack.ui else "",
+        **mlflow_credentials(stack.mlflow_auth),
+        **(extra or {}),
+    }
 
 
 def crash_orphaned_runs(api_url: str, pool: str = WORK_POOL) -> list[str]:
@@ -287,21 +343,36 @@ def crash_orphaned_runs(api_url: str, pool: str = WORK_POOL) -> list[str]:
     `infrastructure_pid` is the flow run's process on this machine (a process worker records it)."""
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.filters import (
-        FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, WorkPoolFilter, WorkPoolFilterName)
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        WorkPoolFilter,
+        WorkPoolFilterName,
+    )
     from prefect.client.schemas.objects import StateType
     from prefect.states import Crashed
 
-    in_flight = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
-        any_=[StateType.PENDING, StateType.RUNNING, StateType.CANCELLING])))
+    in_flight = FlowRunFilter(
+        state=FlowRunFilterState(
+            type=FlowRunFilterStateType(any_=[StateType.PENDING, StateType.RUNNING, StateType.CANCELLING])
+        )
+    )
     crashed = []
     with SyncPrefectClient(api_url) as client:
-        for run in client.read_flow_runs(flow_run_filter=in_flight,
-                                         work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool]))):
+        for run in client.read_flow_runs(
+            flow_run_filter=in_flight, work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool]))
+        ):
             pid = run.infrastructure_pid
             if pid and pid.isdigit() and processes.running(int(pid), words=["prefect"]):
                 continue
-            client.set_flow_run_state(run.id, Crashed(message="its process is gone (stopped with its worker); "
-                                                              f"retry with `prefect flow-run retry {run.id}`"), force=True)
+            client.set_flow_run_state(
+                run.id,
+                Crashed(
+                    message="its process is gone (stopped with its worker); "
+                    f"retry with `prefect flow-run retry {run.id}`"
+                ),
+                force=True,
+            )
             crashed.append(run.name)
     return crashed
 
@@ -366,8 +437,17 @@ def start(
     timings: dict[str, float] = {}
     prefect_port = choose_port(prefect_port, DEFAULT_PREFECT_PORT, "Prefect server")
     mlflow_port = choose_port(mlflow_port, DEFAULT_MLFLOW_PORT, "MLflow server")
-    stack = Stack(home=str(home), prefect_url=f"http://{HOST}:{prefect_port}", mlflow_url="", work_pool=WORK_POOL,
-                  deployments=[], mlflow_home=str(home / "mlflow"), mlflow_auth=mlflow_auth, ui=ui, started_at=_now())
+    stack = Stack(
+        home=str(home),
+        prefect_url=f"http://{HOST}:{prefect_port}",
+        mlflow_url="",
+        work_pool=WORK_POOL,
+        deployments=[],
+        mlflow_home=str(home / "mlflow"),
+        mlflow_auth=mlflow_auth,
+        ui=ui,
+        started_at=_now(),
+    )
     try:
         stack.processes["prefect-server"] = start_prefect_server(home, prefect_port, ui=ui, scheduler=scheduler)
         write_stack(stack)
@@ -458,37 +538,55 @@ def describe(stack: Stack) -> str:
         active = [f"{s['cron']} {s['timezone']}" for s in deployment["schedules"] if s.get("active", True)]
         schedules.append(f"{deployment['name']} ({', '.join(active) if active else 'no active schedule'})")
     total = max(stack.startup_seconds.values(), default=0.0)
-    return "\n".join([
-        f"ppoflow stack up in {total:.0f} s (state and logs in {_shown(stack.home)}/)",
-        f"  Prefect UI    {stack.prefect_url if stack.ui else '(none: --no-ui)'}    (API {stack.api_url})",
-        f"  MLflow UI     {stack.mlflow_url}{'    (basic auth)' if stack.mlflow_auth else ''}",
-        f"  work pool     {stack.work_pool} (process, concurrency limit {POOL_CONCURRENCY_LIMIT})"
-        + (f", worker pid {worker.pid}" if worker else ""),
-        f"  deployments   {'; '.join(schedules)}",
-        "",
-        "Trigger a run (from another shell, in this directory):",
-        f"  export PREFECT_API_URL={stack.api_url} MLFLOW_TRACKING_URI={stack.mlflow_url}",
-        f"  {prefect_cli} deployment run rlhf-ppo/toy-nightly --watch \\",
-        "      --param overrides='[\"ppo.total_episodes=256\", \"output_dir=runs/toy-256/{flow_run}\"]'",
-        "Stop everything: make serve-stop",
-    ])
+    return "\n".join(
+        [
+            f"ppoflow stack up in {total:.0f} s (state and logs in {_shown(stack.home)}/)",
+            f"  Prefect UI    {stack.prefect_url if stack.ui else '(none: --no-ui)'}    (API {stack.api_url})",
+            f"  MLflow UI     {stack.mlflow_url}{'    (basic auth)' if stack.mlflow_auth else ''}",
+            f"  work pool     {stack.work_pool} (process, concurrency limit {POOL_CONCURRENCY_LIMIT})"
+            + (f", worker pid {worker.pid}" if worker else ""),
+            f"  deployments   {'; '.join(schedules)}",
+            "",
+            "Trigger a run (from another shell, in this directory):",
+            f"  export PREFECT_API_URL={stack.api_url} MLFLOW_TRACKING_URI={stack.mlflow_url}",
+            f"  {prefect_cli} deployment run rlhf-ppo/toy-nightly --watch \\",
+            '      --param overrides=\'["ppo.total_episodes=256", "output_dir=runs/toy-256/{flow_run}"]\'',
+            "Stop everything: make serve-stop",
+        ]
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ppoflow.deployments.serve", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("start", "start the stack and wait until every part is up"),
-                       ("stop", "stop what start started"), ("status", "show the stack and what is up")):
+    for name, text in (
+        ("start", "start the stack and wait until every part is up"),
+        ("stop", "stop what start started"),
+        ("status", "show the stack and what is up"),
+    ):
         command = commands.add_parser(name, help=text)
-        command.add_argument("--home", type=Path, default=DEFAULT_HOME, help=f"state and logs (default ./{DEFAULT_HOME})")
+        command.add_argument(
+            "--home", type=Path, default=DEFAULT_HOME, help=f"state and logs (default ./{DEFAULT_HOME})"
+        )
     start_command = commands.choices["start"]
-    start_command.add_argument("--prefect-port", type=int, default=None,
-                               help=f"default {DEFAULT_PREFECT_PORT}, or any free port if taken; 0 = any free port")
-    start_command.add_argument("--mlflow-port", type=int, default=None,
-                               help=f"default {DEFAULT_MLFLOW_PORT}, or any free port if taken; 0 = any free port")
-    start_command.add_argument("--mlflow-auth", action="store_true",
-                               help="MLflow basic auth (needs MLFLOW_AUTH_ADMIN_PASSWORD and MLFLOW_FLASK_SERVER_SECRET_KEY)")
+    start_command.add_argument(
+        "--prefect-port",
+        type=int,
+        default=None,
+        help=f"default {DEFAULT_PREFECT_PORT}, or any free port if taken; 0 = any free port",
+    )
+    start_command.add_argument(
+        "--mlflow-port",
+        type=int,
+        default=None,
+        help=f"default {DEFAULT_MLFLOW_PORT}, or any free port if taken; 0 = any free port",
+    )
+    start_command.add_argument(
+        "--mlflow-auth",
+        action="store_true",
+        help="MLflow basic auth (needs MLFLOW_AUTH_ADMIN_PASSWORD and MLFLOW_FLASK_SERVER_SECRET_KEY)",
+    )
     start_command.add_argument("--no-ui", dest="ui", action="store_false", help="Prefect API without its UI")
     start_command.add_argument("--timeout", type=float, default=180.0, help="seconds each step may take (default 180)")
     return parser
@@ -496,13 +594,22 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API request otherwise
     try:
         if args.command == "start":
-            stack = start(args.home, prefect_port=args.prefect_port, mlflow_port=args.mlflow_port,
-                          mlflow_auth=args.mlflow_auth, ui=args.ui, timeout=args.timeout)
+            stack = start(
+                args.home,
+                prefect_port=args.prefect_port,
+                mlflow_port=args.mlflow_port,
+                mlflow_auth=args.mlflow_auth,
+                ui=args.ui,
+                timeout=args.timeout,
+            )
             print(describe(stack))
             return 0
         if args.command == "stop":

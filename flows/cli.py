@@ -63,9 +63,12 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
     except BaseException:
         flow_run_id = state.state_details.flow_run_id
         log.error(
-            "flow run %s ended %s: run the same command again, or `prefect flow-run retry %s --entrypoint %s:rlhf_ppo`, "
-            "to reuse the finished stages and resume training",
-            flow_run_id, state.name, flow_run_id, flow_module.__file__,
+            "flow run %s ended %s: run the same command again, or "
+            "`prefect flow-run retry %s --entrypoint %s:rlhf_ppo`, to reuse the finished stages and resume training",
+            flow_run_id,
+            state.name,
+            flow_run_id,
+            flow_module.__file__,
         )
         raise
     url = tracking.mlflow_ui_run_url(summary["mlflow_experiment_id"], summary["mlflow_run_id"])

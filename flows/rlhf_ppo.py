@@ -46,22 +46,21 @@ from prefect.artifacts import MarkdownArtifact, create_link_artifact, create_mar
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import FlowRun
-from prefect.states import State
 from prefect.runtime import deployment, flow_run
 from prefect.settings import PREFECT_UI_URL
+from prefect.states import State
 
 from ppoflow import console, tracking
 from ppoflow.cli import final_metrics, run_summary
 from ppoflow.config import RunConfig, build_config, expand_output_dir, names_registry_alias
 from ppoflow.data import load_prompts
 from ppoflow.hub import check_push
-from ppoflow.workspace import SAMPLES_FILE, read_jsonl
 from ppoflow.locking import output_dir_lock
 from ppoflow.manifests import DatasetManifest, ModelManifest, Release, RunPlan, training_fingerprint
 from ppoflow.redaction import redact
 from ppoflow.tasks import Stages
 from ppoflow.tasks.common import quiet_user_error_tracebacks
-
+from ppoflow.workspace import SAMPLES_FILE, read_jsonl
 
 FAILURE_ARTIFACT = "rlhf-ppo-failure"
 
@@ -72,7 +71,10 @@ def run_name() -> str:
     parameters = flow_run.parameters
     try:
         config = effective_config(
-            RunConfig.model_validate(parameters["config"]), parameters.get("overrides"), flow_run.scheduled_start_time, flow_run.id,
+            RunConfig.model_validate(parameters["config"]),
+            parameters.get("overrides"),
+            flow_run.scheduled_start_time,
+            flow_run.id,
         )
     except Exception:  # the flow body reports a bad config with its message
         return "rlhf-ppo-invalid-config"
@@ -88,10 +90,19 @@ def record_failure(_flow: Flow, run: FlowRun, state: State) -> None:
         reason = f"{type(error).__name__}: {reason}"
     with get_client(sync_client=True) as client:
         task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
-    failed = [task.name.split("[")[0] for task in task_runs if task.state is not None and (task.state.is_failed() or task.state.is_crashed())]
+    failed = [
+        task.name.split("[")[0]
+        for task in task_runs
+        if task.state is not None and (task.state.is_failed() or task.state.is_crashed())
+    ]
     stage = failed[-1] if failed else None
     try:
-        config = effective_config(RunConfig.model_validate(run.parameters["config"]), run.parameters.get("overrides"), run.expected_start_time, run.id)
+        config = effective_config(
+            RunConfig.model_validate(run.parameters["config"]),
+            run.parameters.get("overrides"),
+            run.expected_start_time,
+            run.id,
+        )
     except Exception:  # the config itself is what failed: the reason says so
         config = None
     mlflow_run_id = None
@@ -99,14 +110,20 @@ def record_failure(_flow: Flow, run: FlowRun, state: State) -> None:
         try:
             mlflow_run_id = tracking.tag_failure(str(run.id), config.tracking.experiment, reason, stage)
         except Exception as exc:  # the tracking store may be what failed; the artifact still tells
-            logging.getLogger(__name__).warning("the MLflow run was not tagged with the failure: %s", redact(tracking.first_line(exc)))
+            logging.getLogger(__name__).warning(
+                "the MLflow run was not tagged with the failure: %s", redact(tracking.first_line(exc))
+            )
     MarkdownArtifact(
-        key=FAILURE_ARTIFACT, description="Why this flow run failed and how to resume it", flow_run_id=run.id,
+        key=FAILURE_ARTIFACT,
+        description="Why this flow run failed and how to resume it",
+        flow_run_id=run.id,
         markdown=failure_markdown(run, state, stage, reason, config, mlflow_run_id),
     ).create()
 
 
-def failure_markdown(run: FlowRun, state: State, stage: str | None, reason: str, config: RunConfig | None, mlflow_run_id: str | None) -> str:
+def failure_markdown(
+    run: FlowRun, state: State, stage: str | None, reason: str, config: RunConfig | None, mlflow_run_id: str | None
+) -> str:
     where = f"in stage `{stage}`" if stage else "before stage 1 (the start-up checks)"
     lines = [f"# Flow run `{run.name}` {state.name.lower()} {where}", "", "```", reason, "```", ""]
     if config is not None:
@@ -115,22 +132,27 @@ def failure_markdown(run: FlowRun, state: State, stage: str | None, reason: str,
         lines.append(f"MLflow run `{mlflow_run_id}` ended FAILED, tagged `{tracking.FAILURE_TAG}`.")
     lines += [
         "",
-        "To resume (finished stages come back Cached, training continues from its newest checkpoint): fix the cause, then",
+        "To resume (finished stages come back Cached, training "
+        "continues from its newest checkpoint): fix the cause, then",
         "",
         "```",
-        f"prefect flow-run retry {run.id}" + ("" if run.deployment_id else f" --entrypoint {Path(__file__).resolve()}:rlhf_ppo"),
+        f"prefect flow-run retry {run.id}"
+        + ("" if run.deployment_id else f" --entrypoint {Path(__file__).resolve()}:rlhf_ppo"),
         "```",
         "",
-        "or start the same command (`ppoflow run --config ...`) or deployment again: a new flow run resumes the same "
-        "workspace unless output_dir holds `{flow_run}` (a new flow run id, a new workspace); `{date}` is the day it was "
-        "scheduled for.",
+        "or start the same command (`ppoflow run --config ...`) or deployment again: a "
+        "new flow run resumes the same workspace unless output_dir holds `{flow_run}` (a "
+        "new flow run id, a new workspace); `{date}` is the day it was scheduled for.",
     ]
     return "\n".join(lines) + "\n"
 
 
 @flow(
-    name="rlhf-ppo", flow_run_name=run_name, description="RLHF with PPO: policy, reference, reward and value models.",
-    on_failure=[record_failure], on_crashed=[record_failure],
+    name="rlhf-ppo",
+    flow_run_name=run_name,
+    description="RLHF with PPO: policy, reference, reward and value models.",
+    on_failure=[record_failure],
+    on_crashed=[record_failure],
 )
 def rlhf_ppo(config: RunConfig, overrides: list[str] | None = None) -> dict[str, Any]:
     """Train a policy with PPO against a reward model; return the run summary."""
@@ -168,7 +190,9 @@ def staged(task: Task, *args: Any) -> Any:
     return result
 
 
-def effective_config(config: RunConfig, overrides: list[str] | None, scheduled_start: datetime, flow_run_id: Any) -> RunConfig:
+def effective_config(
+    config: RunConfig, overrides: list[str] | None, scheduled_start: datetime, flow_run_id: Any
+) -> RunConfig:
     """`config` with the overrides applied, output_dir's `{date}` and `{flow_run}` expanded from the flow
     run's scheduled start and id (both fixed for the flow run's life: its retries land in the same
     workspace), and local paths made absolute: a flow run's cache keys and config hash must not depend
@@ -200,7 +224,9 @@ def mlflow_run(plan: RunPlan, models: ModelManifest, data: DatasetManifest) -> I
     run.finish("FINISHED")
 
 
-def publish_artifacts(plan: RunPlan, models: ModelManifest, data: DatasetManifest, release: Release, run: tracking.TrackingRun) -> None:
+def publish_artifacts(
+    plan: RunPlan, models: ModelManifest, data: DatasetManifest, release: Release, run: tracking.TrackingRun
+) -> None:
     """Prefect artifacts of this flow run: where the MLflow run is (a link to its page in the tracking
     server's UI, or how to browse a local store), a summary, sample completions."""
     uri = redact(run.tracking_uri)
@@ -208,18 +234,28 @@ def publish_artifacts(plan: RunPlan, models: ModelManifest, data: DatasetManifes
         parts = urlsplit(uri)  # the page's URL without a login (the browser asks for it)
         server = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path.rstrip("/"), "", ""))
         create_link_artifact(
-            key="mlflow-run", link=tracking.mlflow_ui_run_url(run.experiment_id, run.run_id, base=server),
-            link_text=f"MLflow run {run.run_id}", description="The MLflow run of this training job",
+            key="mlflow-run",
+            link=tracking.mlflow_ui_run_url(run.experiment_id, run.run_id, base=server),
+            link_text=f"MLflow run {run.run_id}",
+            description="The MLflow run of this training job",
         )
     else:
         create_markdown_artifact(
-            key="mlflow-run", description="The MLflow run of this training job",
-            markdown=f"MLflow run `{run.run_id}` in `{uri}`. Browse it with\n\n```\nmlflow ui --backend-store-uri {uri}\n```\n",
+            key="mlflow-run",
+            description="The MLflow run of this training job",
+            markdown=(
+                f"MLflow run `{run.run_id}` in `{uri}`. Browse it with\n\n"
+                f"```\nmlflow ui --backend-store-uri {uri}\n```\n"
+            ),
         )
-    create_markdown_artifact(key="rlhf-ppo-summary", markdown=summary_markdown(plan, models, data, release), description="Run summary")
+    create_markdown_artifact(
+        key="rlhf-ppo-summary", markdown=summary_markdown(plan, models, data, release), description="Run summary"
+    )
     rows = [sample_row(row) for row in read_jsonl(plan.output_dir / SAMPLES_FILE)]
     if rows:
-        create_table_artifact(key="sample-completions", table=rows, description="Policy and reference completions of eval prompts")
+        create_table_artifact(
+            key="sample-completions", table=rows, description="Policy and reference completions of eval prompts"
+        )
 
 
 SAMPLE_COLUMNS = ("prompt", "policy_completion", "ref_completion", "policy_score", "ref_score")
@@ -229,7 +265,10 @@ def sample_row(row: dict[str, Any]) -> dict[str, Any]:
     """A samples.jsonl row for the table: the policy's completion before the reference's, scores to
     4 significant digits."""
     ordered = {key: row[key] for key in SAMPLE_COLUMNS if key in row} | row
-    return {key: float(f"{value:.4g}") if key.endswith("_score") and isinstance(value, float) else value for key, value in ordered.items()}
+    return {
+        key: float(f"{value:.4g}") if key.endswith("_score") and isinstance(value, float) else value
+        for key, value in ordered.items()
+    }
 
 
 def summary_markdown(plan: RunPlan, models: ModelManifest, data: DatasetManifest, release: Release) -> str:
@@ -244,15 +283,21 @@ def summary_markdown(plan: RunPlan, models: ModelManifest, data: DatasetManifest
     ]
     for source in (models.policy, models.ref, models.reward, models.value):
         if source is not None:
-            lines.append(f"| {source.role} | `{redact(source.source)}` | `{source.sha256}` | {source.num_parameters:,} |")
+            lines.append(
+                f"| {source.role} | `{redact(source.source)}` | `{source.sha256}` | {source.num_parameters:,} |"
+            )
     lines += [
         "",
-        f"Prompts: {data.rows_read} read, {data.rows_kept} kept ({data.dropped_too_long} too long, {data.dropped_empty} empty), "
-        f"{data.train_rows} train / {data.eval_rows} eval; train digest `{data.train_digest}`, eval digest `{data.eval_digest}`.",
+        f"Prompts: {data.rows_read} read, {data.rows_kept} kept ({data.dropped_too_long} "
+        f"too long, {data.dropped_empty} empty), {data.train_rows} train / {data.eval_rows} "
+        f"eval; train digest `{data.train_digest}`, eval digest `{data.eval_digest}`.",
     ]
     if data.partitions:
         lines += ["", "| partition | date | sha256 | rows |", "|---|---|---|---|"]
-        lines += [f"| `{partition.path.name}` | {partition.date or '—'} | `{partition.sha256}` | {partition.rows} |" for partition in data.partitions]
+        lines += [
+            f"| `{partition.path.name}` | {partition.date or '—'} | `{partition.sha256}` | {partition.rows} |"
+            for partition in data.partitions
+        ]
     lines += [
         "",
         "| metric | value |",
@@ -265,7 +310,11 @@ def summary_markdown(plan: RunPlan, models: ModelManifest, data: DatasetManifest
     if release.mlflow_run_id:
         lines += ["", f"MLflow run `{release.mlflow_run_id}`."]
     if release.registered_model:
-        lines += ["", f"Registered model **{release.registered_model}** version **{release.registered_version}** (`{release.model_uri}`)."]
+        lines += [
+            "",
+            f"Registered model **{release.registered_model}** version "
+            f"**{release.registered_version}** (`{release.model_uri}`).",
+        ]
     if release.promotion:
         lines += ["", f"Promotion gate (@{release.promotion['alias']}): **{release.promotion['decision']}**."]
     if release.hub_commit_url:

@@ -110,12 +110,17 @@ def _server_cmd(argv: list[str]) -> list[str]:
     return ["su", "-s", "/bin/sh", PG_OS_USER, "-c", shlex.join(argv)]
 
 
-def _run(argv: list[str], *, what: str, env: dict[str, str] | None = None,
-         timeout: float = 120.0) -> subprocess.CompletedProcess:
+def _run(
+    argv: list[str], *, what: str, env: dict[str, str] | None = None, timeout: float = 120.0
+) -> subprocess.CompletedProcess:
     _log.debug("running %s", shlex.join(argv))
     try:
         proc = subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout, cwd="/",
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd="/",
             env={**os.environ, **(env or {})},
         )
     except subprocess.TimeoutExpired as exc:
@@ -149,8 +154,7 @@ def ensure_initialised(cluster: Cluster, bindir: Path) -> bool:
     """initdb the cluster unless it exists; True if it was created now."""
     if (cluster.data_dir / "PG_VERSION").is_file():
         if not cluster.pgpass.is_file():
-            raise PostgresError(f"{cluster.data_dir} exists but its password file "
-                                f"{cluster.pgpass} is missing")
+            raise PostgresError(f"{cluster.data_dir} exists but its password file {cluster.pgpass} is missing")
         return False
     cluster.root.mkdir(parents=True, exist_ok=True)
     owner = None
@@ -176,17 +180,32 @@ def ensure_initialised(cluster: Cluster, bindir: Path) -> bool:
     if owner is not None:
         os.chown(pwfile, owner.pw_uid, owner.pw_gid)
     try:
-        _run(_server_cmd([
-            str(bindir / "initdb"), "-D", str(cluster.data_dir), "-U", DB_USER,
-            f"--pwfile={pwfile}", "--auth-local=scram-sha-256", "--auth-host=scram-sha-256",
-            "-E", "UTF8", "--no-locale",
-        ]), what="initdb")
+        _run(
+            _server_cmd(
+                [
+                    str(bindir / "initdb"),
+                    "-D",
+                    str(cluster.data_dir),
+                    "-U",
+                    DB_USER,
+                    f"--pwfile={pwfile}",
+                    "--auth-local=scram-sha-256",
+                    "--auth-host=scram-sha-256",
+                    "-E",
+                    "UTF8",
+                    "--no-locale",
+                ]
+            ),
+            what="initdb",
+        )
     finally:
         pwfile.unlink(missing_ok=True)
     with open(cluster.data_dir / "postgresql.conf", "a") as fh:
-        fh.write("\n# ppoflow mlflow_server: loopback TCP only\n"
-                 "listen_addresses = '127.0.0.1'\n"
-                 "unix_socket_directories = ''\n")
+        fh.write(
+            "\n# ppoflow mlflow_server: loopback TCP only\n"
+            "listen_addresses = '127.0.0.1'\n"
+            "unix_socket_directories = ''\n"
+        )
     _log.info("initialised PostgreSQL cluster in %s", cluster.data_dir)
     return True
 
@@ -194,8 +213,12 @@ def ensure_initialised(cluster: Cluster, bindir: Path) -> bool:
 def is_running(cluster: Cluster, bindir: Path) -> bool:
     if not (cluster.data_dir / "postmaster.pid").exists():
         return False
-    proc = subprocess.run(_server_cmd([str(bindir / "pg_ctl"), "-D", str(cluster.data_dir),
-                                       "status"]), capture_output=True, text=True, cwd="/")
+    proc = subprocess.run(
+        _server_cmd([str(bindir / "pg_ctl"), "-D", str(cluster.data_dir), "status"]),
+        capture_output=True,
+        text=True,
+        cwd="/",
+    )
     return proc.returncode == 0
 
 
@@ -209,17 +232,40 @@ def postmaster_pid(cluster: Cluster) -> int | None:
 def start(cluster: Cluster, bindir: Path, port: int, *, timeout: float = 60.0) -> int:
     """Start the cluster on 127.0.0.1:port, create the database if needed; returns its pid."""
     if is_running(cluster, bindir):
-        raise PostgresError(f"the PostgreSQL cluster in {cluster.data_dir} is already running "
-                            "(stop it first)")
-    _run(_server_cmd([
-        str(bindir / "pg_ctl"), "-D", str(cluster.data_dir), "-l", str(cluster.log_file),
-        "-w", "-t", str(int(timeout)), "-o", f"-p {int(port)}", "start",
-    ]), what=f"starting PostgreSQL (log: {cluster.log_file})", timeout=timeout + 30)
+        raise PostgresError(f"the PostgreSQL cluster in {cluster.data_dir} is already running (stop it first)")
+    _run(
+        _server_cmd(
+            [
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(cluster.data_dir),
+                "-l",
+                str(cluster.log_file),
+                "-w",
+                "-t",
+                str(int(timeout)),
+                "-o",
+                f"-p {int(port)}",
+                "start",
+            ]
+        ),
+        what=f"starting PostgreSQL (log: {cluster.log_file})",
+        timeout=timeout + 30,
+    )
     env = cluster.client_env()
     common = ["-h", "127.0.0.1", "-p", str(port), "-U", DB_USER, "-w"]
-    exists = _run([str(bindir / "psql"), *common, "-d", "postgres", "-tAc",
-                   f"SELECT 1 FROM pg_database WHERE datname = '{DB_NAME}'"],
-                  what="checking the mlflow database", env=env)
+    exists = _run(
+        [
+            str(bindir / "psql"),
+            *common,
+            "-d",
+            "postgres",
+            "-tAc",
+            f"SELECT 1 FROM pg_database WHERE datname = '{DB_NAME}'",
+        ],
+        what="checking the mlflow database",
+        env=env,
+    )
     if exists.stdout.strip() != "1":
         _run([str(bindir / "createdb"), *common, DB_NAME], what="createdb", env=env)
         _log.info("created database %s", DB_NAME)
@@ -231,8 +277,12 @@ def stop(cluster: Cluster, bindir: Path | None = None, *, timeout: float = 60.0)
     bindir = bindir or find_bindir()
     if bindir is None or not is_running(cluster, bindir):
         return False
-    _run(_server_cmd([str(bindir / "pg_ctl"), "-D", str(cluster.data_dir), "-m", "fast",
-                      "-w", "-t", str(int(timeout)), "stop"]),
-         what="stopping PostgreSQL", timeout=timeout + 30)
+    _run(
+        _server_cmd(
+            [str(bindir / "pg_ctl"), "-D", str(cluster.data_dir), "-m", "fast", "-w", "-t", str(int(timeout)), "stop"]
+        ),
+        what="stopping PostgreSQL",
+        timeout=timeout + 30,
+    )
     _log.info("stopped PostgreSQL cluster in %s", cluster.data_dir)
     return True

@@ -30,13 +30,14 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from ppoflow.mlflow_server import postgres as pg
 from ppoflow import processes
+from ppoflow.mlflow_server import postgres as pg
 from ppoflow.redaction import redact_uri
 
 _log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ class ServerInfo:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ServerInfo":
+    def from_dict(cls, data: dict[str, Any]) -> ServerInfo:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
@@ -132,8 +133,7 @@ def _is_ours(pid: int, home: Path, start_ticks: int | None) -> bool:
 
 def _log_line(log_file: Path, message: str) -> None:
     with open(log_file, "a") as fh:
-        fh.write(f"[mlflow_server {datetime.now(timezone.utc).isoformat(timespec='seconds')}] "
-                 f"{message}\n")
+        fh.write(f"[mlflow_server {datetime.now(timezone.utc).isoformat(timespec='seconds')}] {message}\n")
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -194,25 +194,24 @@ def _auth_config(home: Path, default_permission: str, cache_seconds: int) -> Pat
     """
     password = os.environ.get(ENV_ADMIN_PASSWORD, "")
     secret_key = os.environ.get(ENV_SECRET_KEY, "")
-    missing = [name for name, value in ((ENV_ADMIN_PASSWORD, password),
-                                        (ENV_SECRET_KEY, secret_key)) if not value]
+    missing = [name for name, value in ((ENV_ADMIN_PASSWORD, password), (ENV_SECRET_KEY, secret_key)) if not value]
     if missing:
-        raise ServerError(f"--auth needs {' and '.join(missing)} set in the environment "
-                          "(secrets come only from there; there are no defaults)")
+        raise ServerError(
+            f"--auth needs {' and '.join(missing)} set in the environment "
+            "(secrets come only from there; there are no defaults)"
+        )
     if len(password) < 12:
-        raise ServerError(f"{ENV_ADMIN_PASSWORD} is too short: MLflow requires at least 12 "
-                          "characters")
+        raise ServerError(f"{ENV_ADMIN_PASSWORD} is too short: MLflow requires at least 12 characters")
     if password == "password1234":
-        raise ServerError(f"{ENV_ADMIN_PASSWORD} is MLflow's old published default; pick "
-                          "another")
+        raise ServerError(f"{ENV_ADMIN_PASSWORD} is MLflow's old published default; pick another")
     if importlib.util.find_spec("flask_wtf") is None:
-        raise ServerError(f"--auth needs mlflow[auth] (Flask-WTF), which is not installed: "
-                          f"{EXTRA_HINT}")
+        raise ServerError(f"--auth needs mlflow[auth] (Flask-WTF), which is not installed: {EXTRA_HINT}")
     if cache_seconds < 0:
         raise ServerError(f"--auth-cache-seconds is {cache_seconds}: give 0 (check every request) or more")
     if default_permission not in AUTH_PERMISSIONS:
-        raise ServerError(f"unknown auth default permission {default_permission!r}; "
-                          f"choose one of {', '.join(AUTH_PERMISSIONS)}")
+        raise ServerError(
+            f"unknown auth default permission {default_permission!r}; choose one of {', '.join(AUTH_PERMISSIONS)}"
+        )
     cfg = configparser.ConfigParser(interpolation=None)
     cfg["mlflow"] = {
         "default_permission": default_permission,
@@ -270,23 +269,23 @@ def start_server(
 
     previous = read_info(home)
     pid = _read_pid(home)
-    if pid is not None and _is_ours(pid, home,
-                                    previous.proc_start_ticks if previous else None):
+    if pid is not None and _is_ours(pid, home, previous.proc_start_ticks if previous else None):
         where = previous.url if previous else f"pid {pid}"
-        raise ServerError(f"an MLflow server from {home} is already running ({where}, pid {pid}); "
-                          "stop it first")
+        raise ServerError(f"an MLflow server from {home} is already running ({where}, pid {pid}); stop it first")
     (home / PID_FILE).unlink(missing_ok=True)
 
     if port == 0:
         port = processes.free_port(host if host not in _WILDCARD_HOSTS else "127.0.0.1")
     elif processes.port_in_use(host, port):
-        msg = (f"port {port} on {host} is already in use; pick another --port "
-               "(or --port 0 for a free one)")
+        msg = f"port {port} on {host} is already in use; pick another --port (or --port 0 for a free one)"
         _log_line(log_file, "start refused: " + msg)
         raise ServerError(f"{msg} (log: {log_file})")
     if host not in _LOOPBACK_HOSTS:
-        _log.warning("binding %s: the server is reachable from other machines%s", host,
-                     "" if auth else " WITHOUT authentication (consider --auth)")
+        _log.warning(
+            "binding %s: the server is reachable from other machines%s",
+            host,
+            "" if auth else " WITHOUT authentication (consider --auth)",
+        )
 
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -304,13 +303,14 @@ def start_server(
     if backend == "postgres":
         driver = _postgres_driver(backend_uri or "postgresql+psycopg://")
         if driver and importlib.util.find_spec(driver) is None:
-            raise ServerError(f"--backend postgres needs the {driver} driver, which is not "
-                              f"installed: {EXTRA_HINT}")
+            raise ServerError(f"--backend postgres needs the {driver} driver, which is not installed: {EXTRA_HINT}")
         if backend_uri is None:
             bindir = pg.find_bindir()
             if bindir is None:
-                raise ServerError("--backend postgres without --backend-uri needs PostgreSQL's "
-                                  f"server binaries (initdb, pg_ctl): {pg.INSTALL_HINT}")
+                raise ServerError(
+                    "--backend postgres without --backend-uri needs PostgreSQL's "
+                    f"server binaries (initdb, pg_ctl): {pg.INSTALL_HINT}"
+                )
             cluster = pg.Cluster(home)
             pg_port = processes.free_port("127.0.0.1")
             try:
@@ -324,9 +324,15 @@ def start_server(
                 raise ServerError(f"{exc} (log: {cluster.log_file})") from exc
             backend_uri = cluster.uri(pg_port)
             env.update(cluster.client_env())
-            pg_info = {"managed": True, "data_dir": str(cluster.data_dir), "port": pg_port,
-                       "pid": pg_pid, "bindir": str(bindir), "log_file": str(cluster.log_file),
-                       "initialised_now": created}
+            pg_info = {
+                "managed": True,
+                "data_dir": str(cluster.data_dir),
+                "port": pg_port,
+                "pid": pg_pid,
+                "bindir": str(bindir),
+                "log_file": str(cluster.log_file),
+                "initialised_now": created,
+            }
         elif not backend_uri.startswith("postgresql"):
             raise ServerError("--backend postgres needs a postgresql:// --backend-uri")
     else:
@@ -351,9 +357,21 @@ def start_server(
     # The backend URI goes through the environment, never the command line (ps shows argv to
     # every user, and a user-supplied postgres URI may hold a password).
     env["MLFLOW_BACKEND_STORE_URI"] = backend_uri
-    cmd = [sys.executable, "-m", "mlflow", "server",
-           "--artifacts-destination", artifacts_destination, "--serve-artifacts",
-           "--host", host, "--port", str(port), "--workers", str(workers)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--artifacts-destination",
+        artifacts_destination,
+        "--serve-artifacts",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
     if auth_ini is not None:
         env["MLFLOW_AUTH_CONFIG_PATH"] = str(auth_ini)
         env.pop(ENV_ADMIN_PASSWORD, None)  # read from the 0600 file instead
@@ -389,13 +407,22 @@ def start_server(
     elapsed = time.monotonic() - t0
 
     info = ServerInfo(
-        url=url, pid=proc.pid, host=host, port=port, backend=backend,
-        backend_uri=redact_uri(backend_uri), artifacts_destination=artifacts_destination,
-        home=str(home), log_file=str(log_file), auth=auth,
+        url=url,
+        pid=proc.pid,
+        host=host,
+        port=port,
+        backend=backend,
+        backend_uri=redact_uri(backend_uri),
+        artifacts_destination=artifacts_destination,
+        home=str(home),
+        log_file=str(log_file),
+        auth=auth,
         auth_config=str(auth_ini) if auth_ini else None,
         started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        startup_seconds=round(elapsed, 2), mlflow_version=_mlflow_version(),
-        proc_start_ticks=start_ticks, postgres=pg_info,
+        startup_seconds=round(elapsed, 2),
+        mlflow_version=_mlflow_version(),
+        proc_start_ticks=start_ticks,
+        postgres=pg_info,
     )
     if auth and (home / AUTH_DB).exists():
         (home / AUTH_DB).chmod(0o600)  # password hashes
@@ -423,8 +450,7 @@ def stop_server(home: Path, *, timeout: float = 30.0) -> bool:
                 raise ServerError(f"MLflow server pid {pid} is still alive after SIGKILL")
             stopped = True
         elif processes.alive(pid):
-            _log.warning("pid file names pid %d, which is not an MLflow server from %s; "
-                         "left alone", pid, home)
+            _log.warning("pid file names pid %d, which is not an MLflow server from %s; left alone", pid, home)
         (home / PID_FILE).unlink(missing_ok=True)
     if info is not None and info.postgres and info.postgres.get("managed"):
         bindir = Path(info.postgres["bindir"]) if info.postgres.get("bindir") else None
@@ -461,41 +487,53 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def add_home(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--home", type=Path, default=DEFAULT_HOME,
-                        help=f"server home directory (default: ./{DEFAULT_HOME})")
+        sp.add_argument(
+            "--home", type=Path, default=DEFAULT_HOME, help=f"server home directory (default: ./{DEFAULT_HOME})"
+        )
         sp.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
 
-    s = sub.add_parser("start", help="start the server and wait until it is healthy",
-                       epilog="Arguments after -- go to `mlflow server` unchanged.")
+    s = sub.add_parser(
+        "start",
+        help="start the server and wait until it is healthy",
+        epilog="Arguments after -- go to `mlflow server` unchanged.",
+    )
     add_home(s)
-    s.add_argument("--host", default="127.0.0.1",
-                   help="interface to bind (default 127.0.0.1: this machine only)")
-    s.add_argument("--port", type=int, default=DEFAULT_PORT,
-                   help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
+    s.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
     s.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
-    s.add_argument("--backend-uri", default=None,
-                   help="existing store, e.g. postgresql://user:pw@host:5432/db "
-                        "(default: HOME/mlflow.db, or a private PostgreSQL cluster in HOME)")
-    s.add_argument("--artifacts-destination", default=None,
-                   help="where served artifacts are stored (default: HOME/artifacts)")
-    s.add_argument("--auth", action="store_true",
-                   help=f"basic auth; needs {ENV_ADMIN_PASSWORD} and {ENV_SECRET_KEY}")
-    s.add_argument("--auth-default-permission", default="READ", choices=AUTH_PERMISSIONS,
-                   help="permission of users on resources they hold no grant on (default READ)")
-    s.add_argument("--auth-cache-seconds", type=int, default=DEFAULT_AUTH_CACHE_SECONDS,
-                   help="how long a checked login is trusted before its password is hashed again "
-                        f"(default {DEFAULT_AUTH_CACHE_SECONDS}; 0: every request)")
+    s.add_argument(
+        "--backend-uri",
+        default=None,
+        help="existing store, e.g. postgresql://user:pw@host:5432/db "
+        "(default: HOME/mlflow.db, or a private PostgreSQL cluster in HOME)",
+    )
+    s.add_argument(
+        "--artifacts-destination", default=None, help="where served artifacts are stored (default: HOME/artifacts)"
+    )
+    s.add_argument("--auth", action="store_true", help=f"basic auth; needs {ENV_ADMIN_PASSWORD} and {ENV_SECRET_KEY}")
+    s.add_argument(
+        "--auth-default-permission",
+        default="READ",
+        choices=AUTH_PERMISSIONS,
+        help="permission of users on resources they hold no grant on (default READ)",
+    )
+    s.add_argument(
+        "--auth-cache-seconds",
+        type=int,
+        default=DEFAULT_AUTH_CACHE_SECONDS,
+        help="how long a checked login is trusted before its password is hashed again "
+        f"(default {DEFAULT_AUTH_CACHE_SECONDS}; 0: every request)",
+    )
     s.add_argument("--workers", type=int, default=1)
-    s.add_argument("--enable-jobs", action="store_true",
-                   help="run MLflow's background job runner (off: ppoflow does not need it)")
-    s.add_argument("--timeout", type=float, default=120.0,
-                   help="seconds to wait for GET /health (default 120)")
+    s.add_argument(
+        "--enable-jobs", action="store_true", help="run MLflow's background job runner (off: ppoflow does not need it)"
+    )
+    s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for GET /health (default 120)")
     s.add_argument("extra", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
     t = sub.add_parser("stop", help="stop the server (and its private PostgreSQL)")
     add_home(t)
-    t.add_argument("--timeout", type=float, default=30.0,
-                   help="seconds between SIGTERM and SIGKILL (default 30)")
+    t.add_argument("--timeout", type=float, default=30.0, help="seconds between SIGTERM and SIGKILL (default 30)")
 
     st = sub.add_parser("status", help="print server.json and whether the server is healthy")
     add_home(st)
@@ -504,24 +542,37 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     try:
         if args.command == "start":
             extra = list(args.extra)
             if extra and extra[0] == "--":
                 extra = extra[1:]
             info = start_server(
-                args.home, host=args.host, port=args.port, backend=args.backend,
-                backend_uri=args.backend_uri, artifacts_destination=args.artifacts_destination,
-                auth=args.auth, auth_default_permission=args.auth_default_permission, auth_cache_seconds=args.auth_cache_seconds,
-                workers=args.workers, enable_jobs=args.enable_jobs, extra_args=extra,
+                args.home,
+                host=args.host,
+                port=args.port,
+                backend=args.backend,
+                backend_uri=args.backend_uri,
+                artifacts_destination=args.artifacts_destination,
+                auth=args.auth,
+                auth_default_permission=args.auth_default_permission,
+                auth_cache_seconds=args.auth_cache_seconds,
+                workers=args.workers,
+                enable_jobs=args.enable_jobs,
+                extra_args=extra,
                 timeout=args.timeout,
             )
-            print(f"MLflow server ready at {info.url} (pid {info.pid}, backend "
-                  f"{info.backend_uri}, artifacts {info.artifacts_destination}"
-                  f"{', basic auth' if info.auth else ''}, {info.startup_seconds:.1f} s); "
-                  f"{info.export_line}")
+            print(
+                f"MLflow server ready at {info.url} (pid {info.pid}, backend "
+                f"{info.backend_uri}, artifacts {info.artifacts_destination}"
+                f"{', basic auth' if info.auth else ''}, {info.startup_seconds:.1f} s); "
+                f"{info.export_line}"
+            )
             return 0
         if args.command == "stop":
             home = Path(args.home).expanduser().resolve()
@@ -539,8 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if info.postgres and info.postgres.get("managed"):
             bindir = pg.find_bindir()
             pg_up = bindir is not None and pg.is_running(pg.Cluster(home), bindir)
-            print(f"private PostgreSQL in {info.postgres['data_dir']}: "
-                  f"{'running' if pg_up else 'stopped'}")
+            print(f"private PostgreSQL in {info.postgres['data_dir']}: {'running' if pg_up else 'stopped'}")
         if healthy:
             print(f"running and healthy at {info.url}; {info.export_line}")
             return 0

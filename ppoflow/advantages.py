@@ -67,14 +67,10 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor
     if estimator == "k3":
         logr = ref_logprobs - logprobs
         return (torch.exp(logr) - 1) - logr
-    raise ValueError(
-        f"kl_penalty: unknown estimator {estimator!r}; allowed: {', '.join(KL_ESTIMATORS)}"
-    )
+    raise ValueError(f"kl_penalty: unknown estimator {estimator!r}; allowed: {', '.join(KL_ESTIMATORS)}")
 
 
-def per_token_rewards(
-    scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float
-) -> tuple[Tensor, Tensor]:
+def per_token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> tuple[Tensor, Tensor]:
     """Per-token RLHF reward: -kl_coef * KL on every token, plus the score on the last real token.
 
     `scores: [B]`, `kl: [B, T]`, `mask: [B, T]` bool -> `(rewards [B, T], non_score_reward [B, T])`,
@@ -93,9 +89,7 @@ def per_token_rewards(
     return rewards, non_score_reward
 
 
-def gae(
-    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
-) -> tuple[Tensor, Tensor]:
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """Generalized Advantage Estimation (Schulman et al. 2016).
 
     delta_t = r_t + gamma * V_{t+1} * m_{t+1} - V_t;  A_t = delta_t + gamma * lam * A_{t+1}.

@@ -90,8 +90,9 @@ def write_checkpoint(root: Path, update: int, write_payload: Callable[[Path], No
             problem = storage_problem(root, exc)  # asked before the cleanup frees the space
             if problem is not None:
                 raise CheckpointError(
-                    f"cannot write checkpoint {final.name} in {root}: {problem} — free space or make it writable (or choose "
-                    "another output_dir), then run again: the earlier checkpoints are intact and training resumes from the newest"
+                    f"cannot write checkpoint {final.name} in {root}: {problem} — free space "
+                    "or make it writable (or choose another output_dir), then run again: "
+                    "the earlier checkpoints are intact and training resumes from the newest"
                 ) from exc
             raise
 
@@ -101,8 +102,15 @@ def write_checkpoint(root: Path, update: int, write_payload: Callable[[Path], No
 
 
 def save_training_state(
-    directory: Path, *, policy, value, optimizer_state: dict[str, Any], scheduler, rng_states: list[dict[str, Any]],
-    policy_state: dict[str, torch.Tensor] | None = None, value_state: dict[str, torch.Tensor] | None = None,
+    directory: Path,
+    *,
+    policy,
+    value,
+    optimizer_state: dict[str, Any],
+    scheduler,
+    rng_states: list[dict[str, Any]],
+    policy_state: dict[str, torch.Tensor] | None = None,
+    value_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """A training checkpoint's payload: the policy (or its LoRA adapter) and the value model in
     Hugging Face format (safetensors), the optimizer and scheduler states, and every process's RNG
@@ -133,6 +141,7 @@ def check_sharding(checkpoint: Path, state: dict[str, Any], fsdp: bool, zero_sta
         )
     written_stage = state.get("zero_stage")
     if written_stage != zero_stage:
+
         def name(stage):
             return f"DeepSpeed ZeRO-{stage}" if stage else "no DeepSpeed"
 

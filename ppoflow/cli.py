@@ -20,8 +20,8 @@ from typing import Any
 
 from ppoflow.console import quiet_libraries
 from ppoflow.errors import PpoflowError
-from ppoflow.workspace import METRICS_FILE, read_jsonl
 from ppoflow.manifests import Release, RunPlan
+from ppoflow.workspace import METRICS_FILE, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -43,41 +43,73 @@ def installed_version() -> str:
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/toy.yaml")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
         help="override one config value (repeatable), e.g. --set ppo.learning_rate=1e-5",
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ppoflow", description="RLHF with PPO: policy, reference, reward and value models.")
+    parser = argparse.ArgumentParser(
+        prog="ppoflow", description="RLHF with PPO: policy, reference, reward and value models."
+    )
     parser.add_argument("--version", action="version", version=f"ppoflow {installed_version()}")
-    parser.add_argument("--log-level", default="INFO", help=f"logging level for stderr: {', '.join(LOG_LEVELS)} (default INFO)")
+    parser.add_argument(
+        "--log-level", default="INFO", help=f"logging level for stderr: {', '.join(LOG_LEVELS)} (default INFO)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    init = commands.add_parser("init", help="write the starter configs: my-model.yaml (your models) and toy.yaml (the toy world)")
+    init = commands.add_parser(
+        "init", help="write the starter configs: my-model.yaml (your models) and toy.yaml (the toy world)"
+    )
     init.add_argument("--dir", type=Path, default=Path("."), help="directory to write them into (default: here)")
     init.add_argument("--force", action="store_true", help="overwrite files of the same names")
     toy = commands.add_parser("toy", help="build the offline toy world (SFT policy, reward model, prompts)")
     toy.add_argument("--out", required=True, type=Path, help="directory to build into")
     toy.add_argument("--seed", type=int, default=0, help="build seed (same seed, same bytes)")
-    smol = commands.add_parser("smol", help="build the real-model world (SmolLM2-135M-Instruct, prompts, a trained reward model)")
-    smol.add_argument("--out", required=True, type=Path, help="directory to build into (a step already built there is kept)")
+    smol = commands.add_parser(
+        "smol", help="build the real-model world (SmolLM2-135M-Instruct, prompts, a trained reward model)"
+    )
+    smol.add_argument(
+        "--out", required=True, type=Path, help="directory to build into (a step already built there is kept)"
+    )
     smol.add_argument("--seed", type=int, default=0, help="build seed")
     smol.add_argument("--threads", type=int, default=2, help="torch threads while building (default 2)")
     train = commands.add_parser("train", help="run the PPO engine alone, resuming from the newest checkpoint")
     add_config_arguments(train)
-    stage = commands.add_parser("stage", help="run stage 4 or 5 from manifests on disk: what `ppoflow run` starts under accelerate launch")
-    stage.add_argument("name", choices=sorted(STAGES))
-    stage.add_argument("--inputs", required=True, type=Path, help="JSON object of the stage's input manifests (plan, models, data)")
-    stage.add_argument("--result", required=True, type=Path, help="where the main process writes the stage's result manifest")
-    stage.add_argument("--mlflow-run-id", default=None, help="stage 5: send each update's metrics to this MLflow run")
-    stage.add_argument("--parent-pid", type=int, default=None, help="end this process when that one is gone (no orphans)")
-    join = commands.add_parser(
-        "join", help="on another machine of a multi-machine run: start this machine's share of each stage the flow launches",
+    stage = commands.add_parser(
+        "stage", help="run stage 4 or 5 from manifests on disk: what `ppoflow run` starts under accelerate launch"
     )
-    join.add_argument("--output-dir", required=True, type=Path, help="the run's output_dir, as the main machine sees it (shared storage)")
+    stage.add_argument("name", choices=sorted(STAGES))
+    stage.add_argument(
+        "--inputs", required=True, type=Path, help="JSON object of the stage's input manifests (plan, models, data)"
+    )
+    stage.add_argument(
+        "--result", required=True, type=Path, help="where the main process writes the stage's result manifest"
+    )
+    stage.add_argument("--mlflow-run-id", default=None, help="stage 5: send each update's metrics to this MLflow run")
+    stage.add_argument(
+        "--parent-pid", type=int, default=None, help="end this process when that one is gone (no orphans)"
+    )
+    join = commands.add_parser(
+        "join",
+        help="on another machine of a multi-machine run: start this machine's share of each stage the flow launches",
+    )
+    join.add_argument(
+        "--output-dir",
+        required=True,
+        type=Path,
+        help="the run's output_dir, as the main machine sees it (shared storage)",
+    )
     join.add_argument("--machine-rank", required=True, type=int, help="this machine's rank, 1 to num_machines - 1")
-    join.add_argument("--accelerate-config", type=Path, default=None, help="this machine's accelerate config (default: the flow's)")
-    join.add_argument("--idle-timeout", type=float, default=None, help="give up after this many seconds without a launch to join")
+    join.add_argument(
+        "--accelerate-config", type=Path, default=None, help="this machine's accelerate config (default: the flow's)"
+    )
+    join.add_argument(
+        "--idle-timeout", type=float, default=None, help="give up after this many seconds without a launch to join"
+    )
     return parser
 
 
@@ -95,7 +127,9 @@ def run_summary(plan: RunPlan, release: Release) -> dict[str, Any]:
         "config_hash": plan.config_hash,
         "updates": last.get("update"),
         "episodes": last.get("episode"),
-        "final_metrics": {key: value for key, value in last.items() if key.startswith(("objective/", "loss/", "policy/"))},
+        "final_metrics": {
+            key: value for key, value in last.items() if key.startswith(("objective/", "loss/", "policy/"))
+        },
         "eval": release.eval_metrics,
         "policy_dir": str(release.policy_dir),
     }
@@ -113,13 +147,19 @@ def command_init(args: argparse.Namespace) -> dict[str, Any]:
     targets = [args.dir / name for name in STARTER_CONFIGS]
     existing = [str(target) for target in targets if target.exists()]
     if existing and not args.force:
-        raise PpoflowError(f"{' and '.join(existing)} {'exists' if len(existing) == 1 else 'exist'} — edit, pass --force to overwrite, "
-                           "or --dir another directory")
+        raise PpoflowError(
+            f"{' and '.join(existing)} {'exists' if len(existing) == 1 else 'exist'} "
+            "— edit, pass --force to overwrite, or --dir another directory"
+        )
     args.dir.mkdir(parents=True, exist_ok=True)
-    for name, target in zip(STARTER_CONFIGS, targets):
+    for name, target in zip(STARTER_CONFIGS, targets, strict=True):
         write_text_atomic(target, resources.files("ppoflow.configs").joinpath(name).read_text())
     toy = targets[1]
-    log.info("wrote %s; try the toy world first: `ppoflow toy --out .ppoflow/toy`, then `ppoflow run --config %s`", ", ".join(map(str, targets)), toy)
+    log.info(
+        "wrote %s; try the toy world first: `ppoflow toy --out .ppoflow/toy`, then `ppoflow run --config %s`",
+        ", ".join(map(str, targets)),
+        toy,
+    )
     return {"written": [str(target) for target in targets]}
 
 
@@ -200,13 +240,22 @@ def command_stage(args: argparse.Namespace) -> dict[str, Any]:
 def command_join(args: argparse.Namespace) -> dict[str, Any]:
     from ppoflow.machines import join
 
-    served = join(args.output_dir.expanduser().resolve(), args.machine_rank, accelerate_config=args.accelerate_config,
-                  idle_timeout=args.idle_timeout)
+    served = join(
+        args.output_dir.expanduser().resolve(),
+        args.machine_rank,
+        accelerate_config=args.accelerate_config,
+        idle_timeout=args.idle_timeout,
+    )
     return {"machine_rank": args.machine_rank, "launches": served}
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
-    "init": command_init, "toy": command_toy, "smol": command_smol, "train": command_train, "stage": command_stage, "join": command_join,
+    "init": command_init,
+    "toy": command_toy,
+    "smol": command_smol,
+    "train": command_train,
+    "stage": command_stage,
+    "join": command_join,
 }
 
 
@@ -230,10 +279,16 @@ def stdout_to_stderr() -> Iterator[None]:
 def run_command(parser: argparse.ArgumentParser, commands: dict[str, Callable], argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     if args.log_level.upper() not in LOG_LEVELS:
-        print(f"error: --log-level {args.log_level!r} is not a logging level — use one of {', '.join(LOG_LEVELS)}", file=sys.stderr)
+        print(
+            f"error: --log-level {args.log_level!r} is not a logging level — use one of {', '.join(LOG_LEVELS)}",
+            file=sys.stderr,
+        )
         return EXIT_USER_ERROR
-    rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""  # set by accelerate launch
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format=f"%(asctime)s {rank}%(levelname)s %(name)s: %(message)s")
+    # set by accelerate launch
+    rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr, format=f"%(asctime)s {rank}%(levelname)s %(name)s: %(message)s"
+    )
     quiet_libraries(logging.getLevelName(args.log_level.upper()))
     try:
         with stdout_to_stderr():
@@ -242,8 +297,11 @@ def run_command(parser: argparse.ArgumentParser, commands: dict[str, Callable], 
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print(f"interrupted: finished stages and checkpoints are kept; run `ppoflow {args.command}` with the same "
-              "arguments again to resume from the newest checkpoint", file=sys.stderr)
+        print(
+            f"interrupted: finished stages and checkpoints are kept; run `ppoflow {args.command}` with the same "
+            "arguments again to resume from the newest checkpoint",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     from ppoflow.runtime import process_state
 

@@ -46,27 +46,39 @@ class ModelsConfig(_Section):
 
     policy: str = Field(description="The SFT checkpoint the policy starts from (causal LM).")
     reward: str = Field(
-        description="A sequence classifier with num_labels=1 (the reward model), with the policy's tokenizer or its own "
-        "(prompt + response are then re-encoded as text for it)."
+        description=(
+            "A sequence classifier with num_labels=1 (the reward model), with the policy's "
+            "tokenizer or its own (prompt + response are then re-encoded as text for it)."
+        )
     )
     value: str | None = Field(
-        None, description="Value model start: a one-label classifier, or a causal LM (its decoder, a fresh scalar head), "
-        "with the policy's tokenizer; default: the reward checkpoint, or the policy when the reward model has its own tokenizer.",
+        None,
+        description=(
+            "Value model start: a one-label classifier, or a causal LM (its decoder, "
+            "a fresh scalar head), with the policy's tokenizer; default: the reward "
+            "checkpoint, or the policy when the reward model has its own tokenizer."
+        ),
     )
     policy_fallback: str | None = Field(
-        None, description="Where the policy starts while models.policy names a registry alias that points at no version "
+        None,
+        description="Where the policy starts while models.policy names a registry alias that points at no version "
         "yet (the first run of a chain that continues from `models:/NAME@champion`): a local directory or Hub id.",
     )
-    ref: str | None = Field(None, description="Frozen reference; default: the policy checkpoint (with a registry "
-                            "policy: the version it resolved to, so KL is measured from where this run started). Unused with LoRA.")
+    ref: str | None = Field(
+        None,
+        description="Frozen reference; default: the policy checkpoint (with a registry "
+        "policy: the version it resolved to, so KL is measured from where this run started). Unused with LoRA.",
+    )
     tokenizer: str | None = Field(None, description="Tokenizer source; default: the policy checkpoint.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for Hub ids.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Compute dtype of every forward (autocast) and storage dtype of the frozen models; "
+        "auto",
+        description="Compute dtype of every forward (autocast) and storage dtype of the frozen models; "
         "auto = bf16 on a GPU that supports it, else fp32. Trained weights and optimizer state stay fp32.",
     )
     frozen_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
-        None, description="Storage dtype of the frozen reference (not a LoRA base: that is the policy) and reward "
+        None,
+        description="Storage dtype of the frozen reference (not a LoRA base: that is the policy) and reward "
         "models; null = models.dtype. bfloat16 halves their memory (they run in it whatever the compute dtype), "
         "at the cost of bf16-rounded reference log-probs and scores.",
     )
@@ -84,8 +96,12 @@ class DataWindow(_Section):
 
     newest: int | None = Field(None, gt=0, description="The newest N partitions (all of them when there are fewer).")
     days: int | None = Field(
-        None, gt=0, description="The partitions dated within the last N days, counted back from the newest partition's "
-        "date, not from today's, so a re-run reads the same files (days: 1 is the newest date alone). Needs dated names.",
+        None,
+        gt=0,
+        description=(
+            "The partitions dated within the last N days, counted back from the newest partition's date, not from "
+            "today's, so a re-run reads the same files (days: 1 is the newest date alone). Needs dated names."
+        ),
     )
 
     @model_validator(mode="after")
@@ -144,7 +160,8 @@ class PPOConfig(_Section):
     )
     response_length: int = Field(53, gt=0, description="Maximum new tokens per response.")
     gradient_checkpointing: bool = Field(
-        False, description="Recompute the policy's and value model's activations in backward instead of keeping them: "
+        False,
+        description="Recompute the policy's and value model's activations in backward instead of keeping them: "
         "far less memory at real sizes, about a third more training compute; same gradients.",
     )
     stop_token: Literal["eos"] | None = Field(
@@ -159,8 +176,10 @@ class PPOConfig(_Section):
     top_k: int = Field(0, ge=0, description="Top-k sampling; 0 disables.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass; 1.0 disables.")
     missing_eos_penalty: float | None = Field(
-        None, ge=0, description="Subtracted from the score of responses that do not end with the stop token "
-        "(with no stop token: that contain no EOS, as TRL)."
+        None,
+        ge=0,
+        description="Subtracted from the score of responses that do not end with the stop token "
+        "(with no stop token: that contain no EOS, as TRL).",
     )
     kl_coef: float = Field(0.05, ge=0, description="Weight of the per-token KL penalty.")
     kl_estimator: Literal["k1", "k3"] = Field("k1", description="KL estimator: k1 (log-ratio) or k3 (unbiased, >= 0).")
@@ -181,11 +200,15 @@ class PPOConfig(_Section):
     seed: int = Field(42, ge=0, description="Seeds data order, sampling and initialisation.")
     checkpoint_every: int = Field(10, gt=0, description="Write a checkpoint every this many updates (and at the end).")
     eval_every: StrictInt | None = Field(  # strict: `true` would read as 1, an evaluation every update
-        None, gt=0, description="Evaluate the policy against the reference on the held-out prompts (data.eval_size) "
-        "every this many updates and at the last one, as stage 6 does: its eval.json keys as `eval/<key>` (eval/win_rate, "
-        "eval/kl, eval/reward_policy, eval/oracle_policy, ...) in that update's metrics (metrics.jsonl; MLflow at step = "
-        "update). Each costs one stage-6 evaluation; it draws no random number training uses, so the trained weights are "
-        "the same with or without it. null: only stage 6 evaluates, once, after training.",
+        None,
+        gt=0,
+        description=(
+            "Evaluate the policy against the reference on the held-out prompts (data.eval_size) every this many "
+            "updates and at the last one, as stage 6 does: its eval.json keys as `eval/<key>` (eval/win_rate, "
+            "eval/kl, eval/reward_policy, eval/oracle_policy, ...) in that update's metrics (metrics.jsonl; MLflow "
+            "at step = update). Each costs one stage-6 evaluation; it draws no random number training uses, so the "
+            "trained weights are the same with or without it. null: only stage 6 evaluates, once, after training."
+        ),
     )
     keep_checkpoints: int = Field(2, gt=0, description="Newest complete checkpoints kept on disk.")
 
@@ -238,12 +261,18 @@ class PromotionConfig(_Section):
 
     alias: str = Field("champion", description="Alias the gate moves to a new version that passes every bound.")
     min_win_rate: float = Field(
-        0.55, ge=0, le=1, description="Least win rate (by the reward model, ties half) of the new policy against the "
+        0.55,
+        ge=0,
+        le=1,
+        description="Least win rate (by the reward model, ties half) of the new policy against the "
         "alias's current holder on the eval prompts, head to head; against the reference while no version holds it.",
     )
-    max_kl: float | None = Field(None, ge=0, description="Most mean per-sequence KL(policy‖reference) on the eval prompts; null: no bound.")
+    max_kl: float | None = Field(
+        None, ge=0, description="Most mean per-sequence KL(policy‖reference) on the eval prompts; null: no bound."
+    )
     min_reward_functions: dict[str, float] = Field(
-        default_factory=dict, description="Least eval mean of the new policy per reward function, by metric name "
+        default_factory=dict,
+        description="Least eval mean of the new policy per reward function, by metric name "
         "(e.g. {oracle: 0.5}); each must name one of reward_functions.",
     )
 
@@ -255,19 +284,24 @@ class TrackingConfig(_Section):
     registered_model_name: str = Field("ppoflow-policy", description="Model Registry name of the trained policy.")
     alias: str = Field("candidate", description="Alias given to every newly registered version.")
     promotion: PromotionConfig | None = Field(
-        default_factory=PromotionConfig, description="The promotion gate (with log_model): the new version takes "
+        default_factory=PromotionConfig,
+        description="The promotion gate (with log_model): the new version takes "
         "promotion.alias only when it beats the holder and every bound holds; null: no gate, no promotion alias.",
     )
     log_model: bool = Field(True, description="Log and register the trained policy.")
     system_metrics: bool = Field(True, description="Log CPU/memory system metrics during the run.")
     push_to_hub: bool = Field(
-        False, description="Push final/ (or the LoRA adapter) with a lineage model card to the Hugging Face Hub after "
+        False,
+        description="Push final/ (or the LoRA adapter) with a lineage model card to the Hugging Face Hub after "
         "registration (`ppoflow run`); the token comes from HF_TOKEN or `hf auth login`, never from the config.",
     )
     hub_repo_id: str | None = Field(None, description="Hub repository for push_to_hub, `owner/name`.")
-    hub_private: bool = Field(True, description="Create the Hub repository as private (an existing one keeps its visibility).")
+    hub_private: bool = Field(
+        True, description="Create the Hub repository as private (an existing one keeps its visibility)."
+    )
     hub_retry_delay_seconds: list[Annotated[float, Field(ge=0)]] = Field(
-        default_factory=lambda: [2.0, 10.0], description="Waits before each retry of a failed Hub push (one retry per "
+        default_factory=lambda: [2.0, 10.0],
+        description="Waits before each retry of a failed Hub push (one retry per "
         "entry; [] pushes once); after the last, stage 6 fails and the registered version is kept.",
     )
 
@@ -278,8 +312,10 @@ class TrackingConfig(_Section):
         if self.hub_repo_id is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", self.hub_repo_id):
             raise ValueError(f"hub_repo_id must be `owner/name`, like my-org/my-policy (got {self.hub_repo_id!r})")
         if self.promotion is not None and self.promotion.alias == self.alias:
-            raise ValueError(f"promotion.alias and alias are both {self.alias!r}: every new version takes `alias`, "
-                             "only one that passes the gate `promotion.alias` — give them different names")
+            raise ValueError(
+                f"promotion.alias and alias are both {self.alias!r}: every new version takes `alias`, "
+                "only one that passes the gate `promotion.alias` — give them different names"
+            )
         return self
 
 
@@ -294,7 +330,9 @@ class FlowConfig(_Section):
         None, description="Where stage results are persisted; default: .ppoflow/prefect-results."
     )
     lock_timeout_seconds: float | None = Field(
-        None, ge=0, description="How long a run (flow or `ppoflow train`) waits for another run holding its "
+        None,
+        ge=0,
+        description="How long a run (flow or `ppoflow train`) waits for another run holding its "
         "output_dir before failing; null waits as long as it takes, 0 fails at once.",
     )
 
@@ -304,53 +342,81 @@ class RuntimeConfig(_Section):
     it — but a bitwise resume needs the same settings."""
 
     deterministic: bool = Field(
-        True, description="Deterministic kernels: torch.use_deterministic_algorithms, cuDNN deterministic without "
-        "autotuning, CUBLAS_WORKSPACE_CONFIG=:4096:8 (unless set). Needed for bitwise resume on a GPU; off is faster there.",
+        True,
+        description=(
+            "Deterministic kernels: torch.use_deterministic_algorithms, cuDNN deterministic without autotuning, "
+            "CUBLAS_WORKSPACE_CONFIG=:4096:8 (unless set). Needed for bitwise resume on a GPU; off is faster there."
+        ),
     )
     num_threads: int | None = Field(
-        None, gt=0, description="torch CPU threads per process; null = torch's default (OMP_NUM_THREADS, else the cores).",
+        None,
+        gt=0,
+        description="torch CPU threads per process; null = torch's default (OMP_NUM_THREADS, else the cores).",
     )
     collective_timeout_seconds: float | None = Field(
-        None, gt=0, description="How long a process waits in a collective (an all-reduce, a barrier) for the others before it "
-        "fails: a rank that hangs (a lost machine, a stuck GPU) then ends the group, and the task's retry resumes, instead of "
-        "holding every GPU until someone notices. Must exceed the longest stretch one process works alone while the others "
-        "wait: the main process's checkpoint writes and periodic evaluation (ppo.eval_every). null: torch's default "
-        "(30 minutes for gloo, 10 for NCCL).",
+        None,
+        gt=0,
+        description=(
+            "How long a process waits in a collective (an all-reduce, a barrier) for the others before it "
+            "fails: a rank that hangs (a lost machine, a stuck GPU) then ends the group, and the task's "
+            "retry resumes, instead of holding every GPU until someone notices. Must exceed the longest "
+            "stretch one process works alone while the others wait: the main process's checkpoint writes and "
+            "periodic evaluation (ppo.eval_every). null: torch's default (30 minutes for gloo, 10 for NCCL)."
+        ),
     )
     num_processes: int = Field(
-        1, gt=0, description="Training processes in all, over every machine of runtime.accelerate_config (one per GPU, or "
-        "gloo processes on a CPU). 1: "
-        "the calling process. More: `ppoflow run` runs stages 4 and 5 under `accelerate launch`, a child process "
-        "group of the task; `ppoflow train` must itself be started by `accelerate launch --num_processes` with as many.",
+        1,
+        gt=0,
+        description=(
+            "Training processes in all, over every machine of runtime.accelerate_config (one per GPU, "
+            "or gloo processes on a CPU). 1: the calling process. More: `ppoflow run` runs stages 4 "
+            "and 5 under `accelerate launch`, a child process group of the task; `ppoflow train` must "
+            "itself be started by `accelerate launch --num_processes` with as many."
+        ),
     )
     fsdp: bool = Field(
-        False, description="Fully sharded training (torch FSDP2, FULL_SHARD) of the policy and the value model over the "
-        "processes: each decoder layer (the classes in the model's `_no_split_modules`) and the root are sharded, "
-        "all-gathered for their forward and backward, their gradients and AdamW state kept in shards; the reference and "
-        "the reward model as runtime.fsdp_frozen says. Needs runtime.num_processes > 1. False: each process holds both "
-        "models whole (DDP). Checkpoints hold full weights either way, but resume only with the setting that wrote them.",
+        False,
+        description=(
+            "Fully sharded training (torch FSDP2, FULL_SHARD) of the policy and the value model over "
+            "the processes: each decoder layer (the classes in the model's `_no_split_modules`) and the "
+            "root are sharded, all-gathered for their forward and backward, their gradients and AdamW "
+            "state kept in shards; the reference and the reward model as runtime.fsdp_frozen says. "
+            "Needs runtime.num_processes > 1. False: each process holds both models whole (DDP). "
+            "Checkpoints hold full weights either way, but resume only with the setting that wrote them."
+        ),
     )
     fsdp_frozen: bool = Field(
-        False, description="With runtime.fsdp: shard the reference and the reward model too (FULL_SHARD, each decoder layer "
-        "all-gathered for its forward and freed after it), so that no process holds them whole; the rollout's reference "
-        "and reward forwards then run in step on every process, and the periodic evaluation (ppo.eval_every) gathers them "
-        "whole for its duration. False: they stay whole on every process (no collective in their forwards). Changes no "
-        "number: a run may resume with the other setting.",
+        False,
+        description=(
+            "With runtime.fsdp: shard the reference and the reward model too (FULL_SHARD, each decoder layer "
+            "all-gathered for its forward and freed after it), so that no process holds them whole; the rollout's "
+            "reference and reward forwards then run in step on every process, and the periodic evaluation "
+            "(ppo.eval_every) gathers them whole for its duration. False: they stay whole on every process (no "
+            "collective in their forwards). Changes no number: a run may resume with the other setting."
+        ),
     )
     accelerate_config: Path | None = Field(
-        None, description="An `accelerate config` YAML for the processes `ppoflow run` launches (stages 4 and 5 when "
-        "num_processes > 1): `gpu_ids` (e.g. 0,1,2,3 to train on half of an 8-GPU node), `distributed_type: FSDP` "
-        "(ppoflow's own FSDP2 sharding, as runtime.fsdp: true; its fsdp_config keys done as they say or refused), "
-        "`distributed_type: DEEPSPEED` with deepspeed_config.zero_stage 1, 2 or 3 (the deepspeed extra; ppoflow/zero.py), "
-        "and `num_machines` > 1 with `main_process_ip` (this file is the main machine's, machine_rank 0; the others run "
-        "`ppoflow join`). ppoflow sets the number of processes, the port (unless the file gives one for several machines), "
-        "mixed precision (no: precision is models.dtype) and dynamo (no) itself, and launches plain processes. Checked in "
-        "stage 1, one line a refusal (docs/SCALING.md). `ppoflow train` is started by accelerate launch, which takes the "
-        "file itself (--config_file); ppoflow still reads its FSDP or DeepSpeed settings.",
+        None,
+        description=(
+            "An `accelerate config` YAML for the processes `ppoflow run` launches (stages 4 and 5 when "
+            "num_processes > 1): `gpu_ids` (e.g. 0,1,2,3 to train on half of an 8-GPU node), "
+            "`distributed_type: FSDP` (ppoflow's own FSDP2 sharding, as runtime.fsdp: true; its fsdp_config "
+            "keys done as they say or refused), `distributed_type: DEEPSPEED` with deepspeed_config.zero_stage "
+            "1, 2 or 3 (the deepspeed extra; ppoflow/zero.py), and `num_machines` > 1 with `main_process_ip` "
+            "(this file is the main machine's, machine_rank 0; the others run `ppoflow join`). ppoflow sets the "
+            "number of processes, the port (unless the file gives one for several machines), mixed precision "
+            "(no: precision is models.dtype) and dynamo (no) itself, and launches plain processes. Checked in "
+            "stage 1, one line a refusal (docs/SCALING.md). `ppoflow train` is started by accelerate launch, "
+            "which takes the file itself (--config_file); ppoflow still reads its FSDP or DeepSpeed settings."
+        ),
     )
     keep_archives: int | None = Field(
-        None, ge=0, description="Archived trainings kept in OUTPUT/archive/ (stage 3 moves a workspace's training of other "
-        "data or models there), newest first: older ones are deleted after each archiving. null keeps them all; 0 keeps none.",
+        None,
+        ge=0,
+        description=(
+            "Archived trainings kept in OUTPUT/archive/ (stage 3 moves a workspace's training of other data or models "
+            "there), newest first: older ones are deleted after each archiving. null keeps them all; 0 keeps none."
+        ),
     )
 
 
@@ -359,13 +425,15 @@ class RunConfig(_Section):
 
     output_dir: Path = Field(
         Path("runs/toy"),
-        description="Run workspace: checkpoints, metrics, final model. May hold `{date}` and `{flow_run}`, expanded when "
-        "the run starts (`expand_output_dir`): under `ppoflow run` (the flow), `{date}` is the UTC day "
-        "(YYYY-MM-DD) of the flow run's scheduled start time and `{flow_run}` the flow run's id (a UUID; its name "
-        "comes from the config hash, so it is no different between two scheduled runs); both stay the same when that "
-        "flow run is retried (`prefect flow-run retry`, stage retries), so a retry resumes in the same workspace, "
-        "while a new flow run gets a new `{flow_run}`. `ppoflow train` has no flow run: `{date}` is today's UTC "
-        "day when it starts and `{flow_run}` is refused. Braces are kept for these two placeholders.",
+        description=(
+            "Run workspace: checkpoints, metrics, final model. May hold `{date}` and `{flow_run}`, expanded when the "
+            "run starts (`expand_output_dir`): under `ppoflow run` (the flow), `{date}` is the UTC day (YYYY-MM-DD) "
+            "of the flow run's scheduled start time and `{flow_run}` the flow run's id (a UUID; its name comes from "
+            "the config hash, so it is no different between two scheduled runs); both stay the same when that flow "
+            "run is retried (`prefect flow-run retry`, stage retries), so a retry resumes in the same workspace, "
+            "while a new flow run gets a new `{flow_run}`. `ppoflow train` has no flow run: `{date}` is today's UTC "
+            "day when it starts and `{flow_run}` is refused. Braces are kept for these two placeholders."
+        ),
     )
     models: ModelsConfig
     data: DataConfig
@@ -387,7 +455,8 @@ class RunConfig(_Section):
     def _eval_prompts_for_eval_every(self) -> RunConfig:
         if self.ppo.eval_every is not None and self.data.eval_size == 0:
             raise ConfigError(
-                "ppo.eval_every", f"is {self.ppo.eval_every} and data.eval_size is 0: there are no held-out prompts to evaluate on",
+                "ppo.eval_every",
+                f"is {self.ppo.eval_every} and data.eval_size is 0: there are no held-out prompts to evaluate on",
                 "hold out prompts (data.eval_size > 0) or set ppo.eval_every: null",
             )
         return self
@@ -399,12 +468,14 @@ class RunConfig(_Section):
             return self
         if self.runtime.num_processes < 2:
             raise ConfigError(
-                "runtime.fsdp", f"is true and runtime.num_processes is {self.runtime.num_processes}: there is nothing to shard over",
+                "runtime.fsdp",
+                f"is true and runtime.num_processes is {self.runtime.num_processes}: there is nothing to shard over",
                 "set runtime.num_processes to 2 or more (one process per GPU), or runtime.fsdp: false",
             )
         if self.peft.enabled:
             raise ConfigError(
-                "runtime.fsdp", "is true and peft.enabled is true: LoRA with FSDP is not built",
+                "runtime.fsdp",
+                "is true and peft.enabled is true: LoRA with FSDP is not built",
                 "set runtime.fsdp: false (LoRA's few trained weights fit on every process) or peft.enabled: false",
             )
         return self
@@ -413,7 +484,8 @@ class RunConfig(_Section):
     def _eval_prompts_for_promotion(self) -> RunConfig:
         if self.data.eval_size == 0 and self.tracking.log_model and self.tracking.promotion is not None:
             raise ConfigError(
-                "data.eval_size", "is 0, and the promotion gate (tracking.promotion) judges the trained policy on held-out prompts",
+                "data.eval_size",
+                "is 0, and the promotion gate (tracking.promotion) judges the trained policy on held-out prompts",
                 "hold out prompts (data.eval_size > 0, default 64) or set tracking.promotion: null",
             )
         return self
@@ -425,8 +497,11 @@ class RunConfig(_Section):
         for name in promotion.min_reward_functions if promotion is not None else ():
             if name not in names:
                 raise ConfigError(
-                    f"tracking.promotion.min_reward_functions.{name}", "names no reward function",
-                    f"use one of {names} (reward_functions[].name)" if names else "add the function to reward_functions first",
+                    f"tracking.promotion.min_reward_functions.{name}",
+                    "names no reward function",
+                    f"use one of {names} (reward_functions[].name)"
+                    if names
+                    else "add the function to reward_functions first",
                 )
         return self
 
@@ -450,7 +525,9 @@ class RunConfig(_Section):
             "data": self.data.model_copy(update={"path": _absolute(self.data.path)}),
         }
         if self.flow.result_storage:
-            update["flow"] = self.flow.model_copy(update={"result_storage": str(Path(self.flow.result_storage).expanduser().resolve())})
+            update["flow"] = self.flow.model_copy(
+                update={"result_storage": str(Path(self.flow.result_storage).expanduser().resolve())}
+            )
         return self.model_copy(update=update)
 
 
@@ -464,13 +541,20 @@ def _absolute(source: str | None) -> str | None:
 def config_differences(before: dict[str, Any], after: dict[str, Any], limit: int = 4) -> list[str]:
     """`field: old -> new` for each dotted field whose value differs between two config identities
     (`RunConfig.identity`), at most `limit` of them."""
+
     def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
         if not isinstance(tree, dict):
             return {prefix: tree}
-        return {key: value for name, child in tree.items() for key, value in flat(child, f"{prefix}{name}.").items()} or {prefix: {}}
+        return {
+            key: value for name, child in tree.items() for key, value in flat(child, f"{prefix}{name}.").items()
+        } or {prefix: {}}
 
     old, new = flat(before), flat(after)
-    changed = [f"{key.rstrip('.')}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+    changed = [
+        f"{key.rstrip('.')}: {old.get(key)!r} -> {new.get(key)!r}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key)
+    ]
     return changed[:limit] + ([f"and {len(changed) - limit} more"] if len(changed) > limit else [])
 
 
@@ -541,7 +625,9 @@ def output_dir_placeholders(output_dir: str | Path) -> set[str]:
     names = set(_PLACEHOLDER.findall(text))
     unknown = sorted(names - set(OUTPUT_DIR_PLACEHOLDERS))
     if unknown:
-        raise ValueError(f"has an unknown placeholder {{{unknown[0]}}}: output_dir may hold only {{date}} and {{flow_run}}")
+        raise ValueError(
+            f"has an unknown placeholder {{{unknown[0]}}}: output_dir may hold only {{date}} and {{flow_run}}"
+        )
     if set("{}") & set(_PLACEHOLDER.sub("", text)):
         raise ValueError("has an unbalanced brace: braces are only for the placeholders {date} and {flow_run}")
     return names
@@ -556,10 +642,13 @@ def expand_output_dir(config: RunConfig, *, scheduled_start: datetime, flow_run:
         return config
     if "flow_run" in names and flow_run is None:
         raise ConfigError(
-            "output_dir", f"{config.output_dir} holds {{flow_run}} and `ppoflow train` runs outside any flow run",
+            "output_dir",
+            f"{config.output_dir} holds {{flow_run}} and `ppoflow train` runs outside any flow run",
             "use `ppoflow run` (the Prefect flow), or put {date} or a fixed name there",
         )
-    day = (scheduled_start if scheduled_start.tzinfo else scheduled_start.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+    day = (scheduled_start if scheduled_start.tzinfo else scheduled_start.replace(tzinfo=timezone.utc)).astimezone(
+        timezone.utc
+    )
     values = {"date": day.strftime("%Y-%m-%d"), "flow_run": flow_run}
     expanded = _PLACEHOLDER.sub(lambda match: values[match.group(1)], str(config.output_dir))
     return config.model_copy(update={"output_dir": Path(expanded)})
@@ -571,7 +660,9 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     for depth, key in enumerate(keys[:-1]):
         child = node.setdefault(key, {})
         if not isinstance(child, dict):
-            raise ConfigError(".".join(keys[: depth + 1]), "is a value, not a section", f"check the --set path `{dotted}`")
+            raise ConfigError(
+                ".".join(keys[: depth + 1]), "is a value, not a section", f"check the --set path `{dotted}`"
+            )
         node = child
     node[keys[-1]] = value
 
@@ -590,7 +681,9 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 # Settings of peft or TRL that ppoflow has no use for, and why (a ported config meets this, not "unknown").
 NOT_SETTINGS = {
-    "peft.lora_dropout": "remove it: ppoflow trains with every dropout off, LoRA's included (PPO's first ratio must be 1)",
+    "peft.lora_dropout": (
+        "remove it: ppoflow trains with every dropout off, LoRA's included (PPO's first ratio must be 1)"
+    ),
 }
 
 
@@ -606,7 +699,13 @@ def _first_error(exc: ValidationError) -> ConfigError:
             return ConfigError(field, "is not a setting here", NOT_SETTINGS[field])
         known = _known_names(error["loc"][:-1])
         close = difflib.get_close_matches(str(error["loc"][-1]), known, n=1)
-        fix = f"did you mean `{close[0]}`?" if close else f"known here: {', '.join(known)}" if known else "check the spelling against configs/toy.yaml"
+        fix = (
+            f"did you mean `{close[0]}`?"
+            if close
+            else f"known here: {', '.join(known)}"
+            if known
+            else "check the spelling against configs/toy.yaml"
+        )
         return ConfigError(field, "is not a known setting", fix)
     if kind == "missing":
         return ConfigError(field, "is required", "add it to the config file or pass --set")
@@ -624,7 +723,11 @@ def _known_names(loc: tuple) -> list[str]:
         field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
         if field is None:
             return []
-        candidates = [arg for arg in (field.annotation, *typing.get_args(field.annotation)) if isinstance(arg, type) and issubclass(arg, BaseModel)]
+        candidates = [
+            arg
+            for arg in (field.annotation, *typing.get_args(field.annotation))
+            if isinstance(arg, type) and issubclass(arg, BaseModel)
+        ]
         if not candidates:
             return []
         model = candidates[0]
@@ -647,15 +750,21 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """Read a YAML config file and apply overrides."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError("--config", f"file {path} does not exist", "pass the path of a YAML config such as configs/toy.yaml")
+        raise ConfigError(
+            "--config", f"file {path} does not exist", "pass the path of a YAML config such as configs/toy.yaml"
+        )
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError:
-        raise ConfigError("--config", f"{path} is not UTF-8 text", "pass a YAML config file such as configs/toy.yaml") from None
+        raise ConfigError(
+            "--config", f"{path} is not UTF-8 text", "pass a YAML config file such as configs/toy.yaml"
+        ) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError("--config", f"{path} is not valid YAML{where}: {exc.problem or exc.context}", "fix the file") from None
+        raise ConfigError(
+            "--config", f"{path} is not valid YAML{where}: {exc.problem or exc.context}", "fix the file"
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError("--config", f"{path} is not valid YAML: {str(exc).splitlines()[0]}", "fix the file") from None
     if not isinstance(tree, dict):
@@ -680,12 +789,18 @@ def check_model_source(field: str, source: str) -> None:
     """A local path must exist, a registry URI be well formed; anything else must look like a Hub id."""
     if is_registry_uri(source):
         if not REGISTRY_URI.fullmatch(source):
-            raise ConfigError(field, f"{source!r} is not a registry URI", "write models:/NAME@ALIAS or models:/NAME/VERSION")
+            raise ConfigError(
+                field, f"{source!r} is not a registry URI", "write models:/NAME@ALIAS or models:/NAME/VERSION"
+            )
         return
     if Path(source).expanduser().exists():
         return
     if not HUB_ID.fullmatch(source):
-        raise ConfigError(field, f"{source!r} is neither an existing directory nor a Hub id", "fix the path (build the toy with `ppoflow toy --out DIR`)")
+        raise ConfigError(
+            field,
+            f"{source!r} is neither an existing directory nor a Hub id",
+            "fix the path (build the toy with `ppoflow toy --out DIR`)",
+        )
 
 
 def read_text_file(path: str | Path, field: str, fix: str) -> str:
@@ -694,7 +809,9 @@ def read_text_file(path: str | Path, field: str, fix: str) -> str:
     try:
         return Path(path).expanduser().read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(field, f"{path} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r})", fix) from None
+        raise ConfigError(
+            field, f"{path} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start : exc.start + 1]!r})", fix
+        ) from None
     except OSError as exc:
         raise ConfigError(field, f"{path} cannot be read ({exc.strerror or type(exc).__name__})", fix) from None
 
@@ -709,7 +826,8 @@ def validate_sources(config: RunConfig) -> None:
 
         if not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None:
             raise ConfigError(
-                "models.attn_implementation", "flash_attention_2 needs a CUDA GPU and the flash-attn package, and this machine lacks "
+                "models.attn_implementation",
+                "flash_attention_2 needs a CUDA GPU and the flash-attn package, and this machine lacks "
                 + ("a GPU" if not torch.cuda.is_available() else "flash-attn"),
                 "use auto or sdpa here (or pip install flash-attn on a GPU machine)",
             )
@@ -721,19 +839,32 @@ def validate_sources(config: RunConfig) -> None:
         match = REGISTRY_URI.fullmatch(models.policy)
         if match is None or match["alias"] is None or is_registry_uri(models.policy_fallback):
             raise ConfigError(
-                "models.policy_fallback", "is only for a models.policy of the form models:/NAME@ALIAS, and must be a local directory or Hub id",
+                "models.policy_fallback",
+                "is only for a models.policy of the form models:/NAME@ALIAS, and must be a local directory or Hub id",
                 "remove it, or point models.policy at a registry alias",
             )
     data_path = config.data.path
     select_partitions(data_path, config.data.window)  # a glob matching nothing, unordered names, a window on one file
     if not is_glob(data_path) and not Path(data_path).expanduser().exists() and not HUB_ID.fullmatch(data_path):
-        raise ConfigError("data.path", f"{data_path!r} does not exist", "point it at a JSONL/Parquet file, a saved dataset or a Hub id")
+        raise ConfigError(
+            "data.path",
+            f"{data_path!r} does not exist",
+            "point it at a JSONL/Parquet file, a saved dataset or a Hub id",
+        )
     chat_template = config.data.chat_template
     if chat_template not in CHAT_TEMPLATE_CHOICES:
         if not Path(chat_template).expanduser().is_file():
-            raise ConfigError("data.chat_template", f"{chat_template!r} is not a file", "point it at a Jinja chat template file, or set it to auto or none")
+            raise ConfigError(
+                "data.chat_template",
+                f"{chat_template!r} is not a file",
+                "point it at a Jinja chat template file, or set it to auto or none",
+            )
         read_text_file(chat_template, "data.chat_template", "point it at a Jinja chat template file (UTF-8 text)")
     if config.peft.enabled and models.ref is not None:
-        raise ConfigError("models.ref", "is set while peft.enabled is true", "remove it: with LoRA the base model with the adapter disabled is the reference")
+        raise ConfigError(
+            "models.ref",
+            "is set while peft.enabled is true",
+            "remove it: with LoRA the base model with the adapter disabled is the reference",
+        )
     if config.ppo.stop_token_id is not None and config.ppo.stop_token is not None:
         raise ConfigError("ppo.stop_token_id", "is set together with ppo.stop_token", "set only one of them")

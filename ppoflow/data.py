@@ -100,7 +100,12 @@ class _Prompts:
 
 
 def prepare_prompts(
-    data: DataConfig, tokenizer: PreTrainedTokenizerBase, out_dir: Path, *, seed: int, check_fingerprint: Callable[[str], None] | None = None
+    data: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: Path,
+    *,
+    seed: int,
+    check_fingerprint: Callable[[str], None] | None = None,
 ) -> DatasetManifest:
     """Read, clean, tokenize and split the prompts; write `out_dir/{train,eval,dataset.json}` atomically.
 
@@ -149,8 +154,16 @@ def prepare_prompts(
     logger.info(
         "prompts from %s: %d read, %d kept (train %d, eval %d); dropped %d empty, %d too long (> %d tokens), "
         "%d ending with EOS; EOS stripped from %d",
-        source.name, rows_read, manifest.rows_kept, manifest.train_rows, manifest.eval_rows, manifest.dropped_empty,
-        manifest.dropped_too_long, data.max_prompt_length, manifest.eos_dropped, manifest.eos_stripped,
+        source.name,
+        rows_read,
+        manifest.rows_kept,
+        manifest.train_rows,
+        manifest.eval_rows,
+        manifest.dropped_empty,
+        manifest.dropped_too_long,
+        data.max_prompt_length,
+        manifest.eos_dropped,
+        manifest.eos_stripped,
     )
     return manifest
 
@@ -161,10 +174,13 @@ def load_prompts(split_dir: Path) -> datasets.Dataset:
     try:
         table = datasets.load_from_disk(str(split_dir))
     except (FileNotFoundError, ValueError) as exc:
-        raise DataError(f"{split_dir} is not a prepared prompt split ({_reason(exc)}) — prepare the dataset again (stage 3)") from exc
+        raise DataError(
+            f"{split_dir} is not a prepared prompt split ({_reason(exc)}) — prepare the dataset again (stage 3)"
+        ) from exc
     if not isinstance(table, datasets.Dataset) or table.column_names != list(FEATURES):
         raise DataError(
-            f"{split_dir} is not a prepared prompt split (expected columns {', '.join(FEATURES)}) — prepare the dataset again (stage 3)"
+            f"{split_dir} is not a prepared prompt split (expected columns "
+            f"{', '.join(FEATURES)}) — prepare the dataset again (stage 3)"
         )
     return table
 
@@ -213,13 +229,18 @@ def _prompt_column(data: DataConfig, source: _Source) -> str:
     if data.prompt_column in columns:
         return data.prompt_column
     if data.prompt_column == DataConfig.model_fields["prompt_column"].default and MESSAGES_COLUMN in columns:
-        logger.info("no %r column in %s: the prompts are the conversations in %r", data.prompt_column, source.name, MESSAGES_COLUMN)
+        logger.info(
+            "no %r column in %s: the prompts are the conversations in %r",
+            data.prompt_column,
+            source.name,
+            MESSAGES_COLUMN,
+        )
         return MESSAGES_COLUMN
     raise ConfigError(
         "data.prompt_column",
         f"{data.prompt_column!r} is not a column of {source.name} (its columns: {', '.join(columns)})",
-        f"set it to the column holding the prompts (text or message lists; a {MESSAGES_COLUMN!r} column is used when there "
-        "is no 'prompt' column)",
+        "set it to the column holding the prompts (text or message lists; a "
+        f"{MESSAGES_COLUMN!r} column is used when there is no 'prompt' column)",
     )
 
 
@@ -238,35 +259,54 @@ def _read_partitions(data: DataConfig, partitions: list[Partition]) -> _Source:
     prompts) is recorded and read as no rows."""
     if data.split != DataConfig.model_fields["split"].default:
         raise ConfigError(
-            "data.split", f"is {data.split!r}, but data.path {data.path} names partition files, which have no splits",
+            "data.split",
+            f"is {data.split!r}, but data.path {data.path} names partition files, which have no splits",
             "remove it: it picks a split of a Hub dataset or a saved DatasetDict",
         )
     builders = {FILE_BUILDERS[partition.path.suffix.lower()] for partition in partitions}
     if len(builders) > 1:
-        raise _data_error("data.path", f"{data.path} mixes JSON and Parquet files", "keep one format among the partitions")
+        raise _data_error(
+            "data.path", f"{data.path} mixes JSON and Parquet files", "keep one format among the partitions"
+        )
     (builder,) = builders
     tables, records = {}, []
     for partition in partitions:
         table, digest = _load_file(partition.path, builder)
-        records.append(PartitionRecord(path=partition.path, date=partition.date, sha256=digest, rows=0 if table is None else table.num_rows))
+        records.append(
+            PartitionRecord(
+                path=partition.path, date=partition.date, sha256=digest, rows=0 if table is None else table.num_rows
+            )
+        )
         if table is not None:
             tables[partition.path.name] = table
     name = str(Path(data.path).expanduser().resolve())
     if not tables:
-        raise _data_error("data.path", f"the {len(records)} partitions read from {name} are all empty (0 rows)", "give them at least one prompt per training batch")
+        raise _data_error(
+            "data.path",
+            f"the {len(records)} partitions read from {name} are all empty (0 rows)",
+            "give them at least one prompt per training batch",
+        )
     (first, first_table), *rest = tables.items()
     for other, table in rest:
         if set(table.column_names) != set(first_table.column_names):
             raise _data_error(
-                "data.path", f"partition {other} has the columns {', '.join(sorted(table.column_names))}, and {first} has "
-                f"{', '.join(sorted(first_table.column_names))}", "give every partition the same columns",
+                "data.path",
+                f"partition {other} has the columns {', '.join(sorted(table.column_names))}, and {first} has "
+                f"{', '.join(sorted(first_table.column_names))}",
+                "give every partition the same columns",
             )
     try:
         table = datasets.concatenate_datasets(list(tables.values()))
     except ValueError as exc:  # the same columns with types that cannot be aligned
-        raise _data_error("data.path", f"the partitions of {name} cannot be read as one table ({_reason(exc)})", "give every partition the same column types") from exc
+        raise _data_error(
+            "data.path",
+            f"the partitions of {name} cannot be read as one table ({_reason(exc)})",
+            "give every partition the same column types",
+        ) from exc
     logger.info("%d partitions of %s: %s to %s", len(records), name, records[0].path.name, records[-1].path.name)
-    return _Source(table, name, partitions_digest([(record.path.name, record.sha256) for record in records]), tuple(records))
+    return _Source(
+        table, name, partitions_digest([(record.path.name, record.sha256) for record in records]), tuple(records)
+    )
 
 
 def _load_file(path: Path, builder: str) -> tuple[datasets.Dataset | None, str]:
@@ -278,9 +318,13 @@ def _load_file(path: Path, builder: str) -> tuple[datasets.Dataset | None, str]:
     # file rewritten in place can never be answered from a stale cache entry.
     with tempfile.TemporaryDirectory(prefix="ppoflow-data-") as cache_dir:
         try:
-            table = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir, keep_in_memory=True)
+            table = datasets.load_dataset(
+                builder, data_files=str(path), split="train", cache_dir=cache_dir, keep_in_memory=True
+            )
         except Exception as exc:
-            raise _data_error("data.path", f"cannot read {path} as {builder} ({_reason(exc)})", "fix or replace the file") from exc
+            raise _data_error(
+                "data.path", f"cannot read {path} as {builder} ({_reason(exc)})", "fix or replace the file"
+            ) from exc
     return table, digest
 
 
@@ -303,10 +347,16 @@ def _read_saved_dataset(path: Path, split: str) -> _Source:
     try:
         saved = datasets.load_from_disk(str(path))
     except Exception as exc:
-        raise _data_error("data.path", f"cannot read the saved dataset {path} ({_reason(exc)})", "save it again with save_to_disk") from exc
+        raise _data_error(
+            "data.path", f"cannot read the saved dataset {path} ({_reason(exc)})", "save it again with save_to_disk"
+        ) from exc
     if isinstance(saved, datasets.DatasetDict):
         if split not in saved:
-            raise ConfigError("data.split", f"{split!r} is not a split of {path} (its splits: {', '.join(saved)})", "set it to one of them")
+            raise ConfigError(
+                "data.split",
+                f"{split!r} is not a split of {path} (its splits: {', '.join(saved)})",
+                "set it to one of them",
+            )
         return _Source(saved[split], f"{name}[{split}]", f"saved:{sha256_tree(path / split)}")
     return _Source(saved, name, f"saved:{sha256_tree(path)}")
 
@@ -337,7 +387,11 @@ def _prompts(values, column: str, data: DataConfig, tokenizer: PreTrainedTokeniz
             )
     if kinds[0] == "text":
         if data.chat_template not in CHAT_TEMPLATE_CHOICES:
-            logger.warning("data.chat_template names %s, but the prompts in column %r are text: it is not used", data.chat_template, column)
+            logger.warning(
+                "data.chat_template names %s, but the prompts in column %r are text: it is not used",
+                data.chat_template,
+                column,
+            )
         return _Prompts(values, [None] * len(values), None)
     conversations = [_conversation(row, messages, column) for row, messages in enumerate(values)]
     template = _chat_template(data, tokenizer, column)
@@ -363,9 +417,15 @@ def _conversation(row: int, messages: list, column: str) -> Messages:
     if not messages:
         raise _data_error("data.prompt_column", f"{where} is an empty conversation", MESSAGE_HINT)
     for index, message in enumerate(messages):
-        if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
+        if not (
+            isinstance(message, dict)
+            and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str)
+        ):
             raise _data_error(
-                "data.prompt_column", f"{where}: message {index} is {_shown(message)}, not a {{role, content}} message with text content", MESSAGE_HINT
+                "data.prompt_column",
+                f"{where}: message {index} is {_shown(message)}, not a {{role, content}} message with text content",
+                MESSAGE_HINT,
             )
     # Arrow gives every message each key any message has (null where it is absent); transformers drops them too.
     messages = [{key: value for key, value in message.items() if value is not None} for message in messages]
@@ -374,15 +434,23 @@ def _conversation(row: int, messages: list, column: str) -> Messages:
         if not messages:
             raise _data_error(
                 "data.prompt_column",
-                f"{where} holds only an assistant turn: no prompt is left once the final assistant turn (the completion) is dropped",
+                f"{where} holds only an assistant turn: no prompt is left "
+                "once the final assistant turn (the completion) is dropped",
                 "begin each conversation with a user turn",
             )
     last_role = messages[-1]["role"]
     if last_role not in ANSWERABLE_ROLES:
         fix = "end it with a user turn"
         if last_role == "assistant":
-            fix += f"; a conversation ending with its reply belongs in a {MESSAGES_COLUMN!r} column (TRL's language-modeling format), whose final assistant turn is dropped"
-        raise _data_error("data.prompt_column", f"{where} ends with a turn of role {last_role!r}: the policy answers a user or tool turn", fix)
+            fix += (
+                f"; a conversation ending with its reply belongs in a {MESSAGES_COLUMN!r} "
+                "column (TRL's language-modeling format), whose final assistant turn is dropped"
+            )
+        raise _data_error(
+            "data.prompt_column",
+            f"{where} ends with a turn of role {last_role!r}: the policy answers a user or tool turn",
+            fix,
+        )
     return messages
 
 
@@ -397,29 +465,42 @@ def _chat_template(data: DataConfig, tokenizer: PreTrainedTokenizerBase, column:
         if not tokenizer.chat_template:
             raise ConfigError(
                 "data.chat_template",
-                f"is auto, but the policy tokenizer has no chat template to render the conversations in column {column!r}",
+                "is auto, but the policy tokenizer has no chat template "
+                f"to render the conversations in column {column!r}",
                 "set data.chat_template to a Jinja template file, or give the prompts as text",
             )
         try:
             return _ChatTemplate(tokenizer.get_chat_template())
         except ValueError as exc:  # several named templates, none of them the default
-            raise ConfigError("data.chat_template", f"the policy tokenizer's chat template cannot be used ({_reason(exc)})", "set it to a Jinja template file") from exc
+            raise ConfigError(
+                "data.chat_template",
+                f"the policy tokenizer's chat template cannot be used ({_reason(exc)})",
+                "set it to a Jinja template file",
+            ) from exc
     path = Path(data.chat_template).expanduser().resolve()
     try:
         raw = path.read_bytes()
         return _ChatTemplate(raw.decode("utf-8"), path, hashlib.sha256(raw).hexdigest())
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError("data.chat_template", f"cannot read {path} ({_reason(exc)})", "point it at a Jinja chat template file, or set it to auto or none") from exc
+        raise ConfigError(
+            "data.chat_template",
+            f"cannot read {path} ({_reason(exc)})",
+            "point it at a Jinja chat template file, or set it to auto or none",
+        ) from exc
 
 
 def _render(row: int, conversation: Messages, tokenizer: PreTrainedTokenizerBase, template: str) -> str:
     if not any(message["content"].strip() for message in conversation):
         return ""  # a blank prompt, dropped as one
     try:
-        return tokenizer.apply_chat_template(conversation, chat_template=template, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(
+            conversation, chat_template=template, add_generation_prompt=True, tokenize=False
+        )
     except Exception as exc:  # a template error, or the template refusing the conversation (raise_exception)
         raise ConfigError(
-            "data.chat_template", f"the chat template fails on row {row} ({_reason(exc)})", "fix the template, or the row if the template refuses it"
+            "data.chat_template",
+            f"the chat template fails on row {row} ({_reason(exc)})",
+            "fix the template, or the row if the template refuses it",
         ) from exc
 
 
@@ -442,7 +523,7 @@ def _clean_and_tokenize(
     kept_prompts: list[str] = []
     kept_ids: list[list[int]] = []
     lengths: list[int] = []
-    for row, (prompt, text, ids) in enumerate(zip(prompts.texts, texts, token_ids)):
+    for row, (prompt, text, ids) in enumerate(zip(prompts.texts, texts, token_ids, strict=True)):
         if not text.strip() or all(token in frame_ids for token in ids):
             counts["dropped_empty"] += 1
             continue
@@ -492,7 +573,9 @@ def _without_trailing_eos(prompt: str, eos_token: str | None) -> str:
     return text
 
 
-def _fingerprint(source_digest: str, tokenizer: PreTrainedTokenizerBase, data: DataConfig, seed: int, template: _ChatTemplate | None) -> str:
+def _fingerprint(
+    source_digest: str, tokenizer: PreTrainedTokenizerBase, data: DataConfig, seed: int, template: _ChatTemplate | None
+) -> str:
     identity = {
         "format": FORMAT_VERSION,
         "source": source_digest,
@@ -508,7 +591,11 @@ def _local_provenance(data: DataConfig, source: _Source) -> dict:
     """Where a local source lives and its digest as read, so a cached manifest notices an edit."""
     if source.digest.startswith("hub:"):
         return {}
-    provenance = {"source_path": Path(data.path).expanduser().resolve(), "source_split": data.split, "source_digest": source.digest}
+    provenance = {
+        "source_path": Path(data.path).expanduser().resolve(),
+        "source_split": data.split,
+        "source_digest": source.digest,
+    }
     if source.partitions:
         provenance |= {"source_window": data.window, "partitions": list(source.partitions)}
     return provenance

@@ -42,4 +42,3 @@ class TrainingDiverged(PpoflowError):
 
 class TrackingError(PpoflowError):
     """The MLflow tracking server or registry refused or cannot be reached."""
-

@@ -24,22 +24,27 @@ from ppoflow.atomic import write_directory
 from ppoflow.checkpoint import capture_rng, restore_rng
 from ppoflow.config import RunConfig
 from ppoflow.data import load_prompts
-from ppoflow.workspace import EVAL_FILE, SAMPLES_FILE
 from ppoflow.manifests import ModelManifest
 from ppoflow.models import load_frozen, load_tokenizer
-from ppoflow.rewards import load_reward_functions
 from ppoflow.reward_inputs import conversations
+from ppoflow.rewards import load_reward_functions
 from ppoflow.rollout import RolloutWorker, build_worker, left_pad
+from ppoflow.workspace import EVAL_FILE, SAMPLES_FILE
 
 
-def save_policy(config: RunConfig, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, models: ModelManifest, out_dir: Path) -> Path | None:
+def save_policy(
+    config: RunConfig, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, models: ModelManifest, out_dir: Path
+) -> Path | None:
     """Write `out_dir` (HF format with tokenizer and generation config) atomically; with LoRA the
     adapter, plus `out_dir`-merged when asked. Returns the merged directory, if any."""
     # The stop rule training used: the stop token, or none at all (an empty list, which generate()
     # does not replace with the model's EOS).
     generation = GenerationConfig(
-        eos_token_id=models.stop_token_ids, pad_token_id=models.pad_token_id,
-        do_sample=True, temperature=config.ppo.temperature, max_new_tokens=config.ppo.response_length,
+        eos_token_id=models.stop_token_ids,
+        pad_token_id=models.pad_token_id,
+        do_sample=True,
+        temperature=config.ppo.temperature,
+        max_new_tokens=config.ppo.response_length,
     )
 
     def write(target: Path, model: PreTrainedModel) -> None:
@@ -59,7 +64,11 @@ def save_policy(config: RunConfig, policy: PreTrainedModel, tokenizer: PreTraine
 
 
 def evaluate_policy(
-    config: RunConfig, models: ModelManifest, eval_dir: Path, policy: PreTrainedModel, device: torch.device,
+    config: RunConfig,
+    models: ModelManifest,
+    eval_dir: Path,
+    policy: PreTrainedModel,
+    device: torch.device,
     baseline: PreTrainedModel | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Eval metrics and the sample-completions rows (prompt, both completions, their scores) of a
@@ -82,10 +91,19 @@ class Evaluator:
     (`ppo.eval_every`). Every call samples with the seeds of `eval.seed` and puts back every random
     number generator state it touched, so it changes nothing that training draws."""
 
-    def __init__(self, config: RunConfig, models: ModelManifest, worker: RolloutWorker, rows: Dataset, device: torch.device,
-                 progress: bool = False):
+    def __init__(
+        self,
+        config: RunConfig,
+        models: ModelManifest,
+        worker: RolloutWorker,
+        rows: Dataset,
+        device: torch.device,
+        progress: bool = False,
+    ):
         self.config, self.worker, self.rows, self.device = config, worker, rows, device
-        self.progress = progress  # a bar over the prompts when they take several batches (stage 6; not under training's bar)
+        self.progress = (
+            progress  # a bar over the prompts when they take several batches (stage 6; not under training's bar)
+        )
         self.pad_token_id = models.pad_token_id
         self.tokenizer = load_tokenizer(models.tokenizer_dir)
         self.functions = load_reward_functions(config.reward_functions)
@@ -99,7 +117,10 @@ class Evaluator:
         finally:
             restore_rng(saved_rng)
         count = len(results["prompt"])
-        wins = sum(1.0 if p > r else 0.5 if p == r else 0.0 for p, r in zip(results["score_policy"], results["score_ref"]))
+        wins = sum(
+            1.0 if p > r else 0.5 if p == r else 0.0
+            for p, r in zip(results["score_policy"], results["score_ref"], strict=True)
+        )
         metrics = {
             "reward_policy": sum(results["score_policy"]) / count,
             "reward_ref": sum(results["score_ref"]) / count,
@@ -122,10 +143,25 @@ class Evaluator:
         return metrics, table
 
     def _sample_and_score(self, baseline: PreTrainedModel | None) -> tuple[dict[str, list], dict[str, list[float]]]:
-        config, worker, policy, rows, tokenizer = self.config, self.worker, self.worker.policy, self.rows, self.tokenizer
-        results: dict[str, list] = {key: [] for key in ("prompt", "policy", "ref", "score_policy", "score_ref", "kl", "stop")}
-        function_values: dict[str, list[float]] = {f"{fn.metric_name}_{who}": [] for fn in self.functions for who in ("policy", "ref")}
-        bar = tqdm(total=len(rows), desc="eval", unit="prompt", disable=not self.progress or len(rows) <= config.eval.batch_size)
+        config, worker, policy, rows, tokenizer = (
+            self.config,
+            self.worker,
+            self.worker.policy,
+            self.rows,
+            self.tokenizer,
+        )
+        results: dict[str, list] = {
+            key: [] for key in ("prompt", "policy", "ref", "score_policy", "score_ref", "kl", "stop")
+        }
+        function_values: dict[str, list[float]] = {
+            f"{fn.metric_name}_{who}": [] for fn in self.functions for who in ("policy", "ref")
+        }
+        bar = tqdm(
+            total=len(rows),
+            desc="eval",
+            unit="prompt",
+            disable=not self.progress or len(rows) <= config.eval.batch_size,
+        )
         with worker.autocast(), bar:  # the precision training used
             for start in range(0, len(rows), config.eval.batch_size):
                 chunk = rows.select(range(start, min(start + config.eval.batch_size, len(rows))))
@@ -142,7 +178,10 @@ class Evaluator:
                     layout = worker.layout(queries, query_mask, responses, mask)
                     scores = worker.end_scores(layout, queries, query_mask, responses, mask, conversations(chunk))
                     results[f"score_{who}"].extend(scores.tolist())
-                    completions[who] = [tokenizer.decode(row[keep].tolist(), skip_special_tokens=True) for row, keep in zip(responses, mask)]
+                    completions[who] = [
+                        tokenizer.decode(row[keep].tolist(), skip_special_tokens=True)
+                        for row, keep in zip(responses, mask, strict=True)
+                    ]
                     if who == "policy":
                         results["stop"].extend(worker.completed(responses, mask).tolist())
                         policy_logprobs = worker.logprobs(policy, layout, responses)
@@ -155,7 +194,9 @@ class Evaluator:
                 results["ref"].extend(completions["ref"])
                 for fn in self.functions:
                     for who in ("policy", "ref"):
-                        function_values[f"{fn.metric_name}_{who}"].extend(fn.function(chunk["prompt"], completions[who]))
+                        function_values[f"{fn.metric_name}_{who}"].extend(
+                            fn.function(chunk["prompt"], completions[who])
+                        )
                 bar.update(len(chunk))
         return results, function_values
 

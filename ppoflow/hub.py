@@ -38,12 +38,14 @@ def check_push(tracking: TrackingConfig) -> None:
 
     if constants.HF_HUB_OFFLINE:
         raise ConfigError(
-            "tracking.push_to_hub", "is true while HF_HUB_OFFLINE=1 forbids reaching the Hub",
+            "tracking.push_to_hub",
+            "is true while HF_HUB_OFFLINE=1 forbids reaching the Hub",
             "unset HF_HUB_OFFLINE for this run, or set tracking.push_to_hub=false",
         )
     if not get_token():
         raise ConfigError(
-            "tracking.push_to_hub", "needs a Hugging Face token with write access, and none is set",
+            "tracking.push_to_hub",
+            "needs a Hugging Face token with write access, and none is set",
             "export HF_TOKEN=... (or run `hf auth login`); the config never holds the token",
         )
 
@@ -53,7 +55,9 @@ def model_card(plan: RunPlan, data: DatasetManifest, release: Release) -> str:
     config = plan.config
     metrics = "\n".join(f"| `{name}` | {value:.4g} |" for name, value in sorted(release.eval_metrics.items()))
     registered = (
-        f"`{release.registered_model}` version {release.registered_version}" if release.registered_version else "not registered"
+        f"`{release.registered_model}` version {release.registered_version}"
+        if release.registered_version
+        else "not registered"
     )
     library = "peft" if config.peft.enabled else "transformers"
     return f"""---
@@ -96,7 +100,8 @@ def push_policy(plan: RunPlan, data: DatasetManifest, release: Release) -> HubCo
     files = sorted(path for path in release.policy_dir.rglob("*") if path.is_file())
     operations = [
         CommitOperationAdd(path_in_repo=str(path.relative_to(release.policy_dir)), path_or_fileobj=str(path))
-        for path in files if path.relative_to(release.policy_dir) != Path(CARD)  # ours replaces peft's card
+        for path in files
+        if path.relative_to(release.policy_dir) != Path(CARD)  # ours replaces peft's card
     ] + [CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=model_card(plan, data, release).encode())]
     api = HfApi()
     retry_delays = tracking.hub_retry_delay_seconds
@@ -105,7 +110,8 @@ def push_policy(plan: RunPlan, data: DatasetManifest, release: Release) -> HubCo
         try:
             api.create_repo(repo_id, private=tracking.hub_private, exist_ok=True, repo_type="model")
             commit = api.create_commit(
-                repo_id=repo_id, operations=operations,
+                repo_id=repo_id,
+                operations=operations,
                 commit_message=f"ppoflow: MLflow run {release.mlflow_run_id}, config {plan.config_hash}",
             )
             log.info("pushed %s to the Hub: %s", release.policy_dir, commit.commit_url)
@@ -113,10 +119,15 @@ def push_policy(plan: RunPlan, data: DatasetManifest, release: Release) -> HubCo
         except Exception as exc:  # the Hub client raises many types (HTTP, auth, network): each gets a retry
             reason = _first_line(exc)
             if delay is None:
-                kept = f"version {release.registered_version} of {release.registered_model}" if release.registered_version else "the MLflow run"
+                kept = (
+                    f"version {release.registered_version} of {release.registered_model}"
+                    if release.registered_version
+                    else "the MLflow run"
+                )
                 raise TrackingError(
-                    f"tracking.push_to_hub: pushing {release.policy_dir} to {repo_id} failed {attempts} time{'s' if attempts > 1 else ''} ({reason}) — "
-                    f"{kept} is kept; check the token's write access and the Hub, then run again: finished stages are reused"
+                    f"tracking.push_to_hub: pushing {release.policy_dir} to {repo_id} failed "
+                    f"{attempts} time{'s' if attempts > 1 else ''} ({reason}) — {kept} is kept; check "
+                    "the token's write access and the Hub, then run again: finished stages are reused"
                 ) from None
             log.warning("Hub push attempt %d of %d failed (%s); retrying in %.0f s", attempt, attempts, reason, delay)
             time.sleep(delay)

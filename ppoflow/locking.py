@@ -59,7 +59,9 @@ def _open_lock_file(output_dir: Path) -> int:
         # file system from being remounted read-only for the whole run.
         return os.open(output_dir / LOCK_FILE, os.O_RDONLY | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise ConfigError("output_dir", f"{output_dir} is not writable ({exc.strerror})", "choose a directory you can write to") from None
+        raise ConfigError(
+            "output_dir", f"{output_dir} is not writable ({exc.strerror})", "choose a directory you can write to"
+        ) from None
 
 
 def _acquire(output_dir: Path, timeout: float | None, poll_seconds: float) -> int:
@@ -77,12 +79,14 @@ def _acquire(output_dir: Path, timeout: float | None, poll_seconds: float) -> in
                 if timeout is not None and waited >= timeout:
                     raise OutputDirLocked(
                         f"config field `output_dir`: {output_dir} is in use by another run ({_holder(lock_path)}; "
-                        f"waited {waited:.0f} s of flow.lock_timeout_seconds={timeout:g}) — wait for that run to finish "
-                        "and run again (its finished work is reused), raise flow.lock_timeout_seconds (null waits as "
-                        "long as it takes), or choose another output_dir"
+                        f"waited {waited:.0f} s of flow.lock_timeout_seconds={timeout:g}) — wait for that run to "
+                        "finish and run again (its finished work is reused), raise flow.lock_timeout_seconds "
+                        "(null waits as long as it takes), or choose another output_dir"
                     ) from None
                 if time.monotonic() >= next_log:
-                    log.warning("%s is in use by another run (%s): waiting for it to finish", output_dir, _holder(lock_path))
+                    log.warning(
+                        "%s is in use by another run (%s): waiting for it to finish", output_dir, _holder(lock_path)
+                    )
                     next_log = time.monotonic() + WAITING_LOG_SECONDS
                 time.sleep(poll_seconds if timeout is None else max(min(poll_seconds, timeout - waited), 0.0))
         if time.monotonic() - began > poll_seconds:

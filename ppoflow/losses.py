@@ -76,9 +76,7 @@ def value_loss(
     All inputs `[B, T]`, `mask` bool. Returns `(loss, stats)`; stats are detached scalars:
     `clipfrac` (fraction of tokens where the clipped error is the active one).
     """
-    new_values, old_values, returns = (
-        torch.where(mask, x, 0.0) for x in (new_values, old_values, returns)
-    )
+    new_values, old_values, returns = (torch.where(mask, x, 0.0) for x in (new_values, old_values, returns))
     v_clipped = old_values + torch.clamp(new_values - old_values, -cliprange_value, cliprange_value)
     vf_loss1 = (new_values - returns) ** 2
     vf_loss2 = (v_clipped - returns) ** 2

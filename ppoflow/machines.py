@@ -29,8 +29,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from ppoflow.atomic import write_text_atomic
 from ppoflow import processes
+from ppoflow.atomic import write_text_atomic
 from ppoflow.errors import PpoflowError
 from ppoflow.runtime import launchable_accelerate_config, machine_count
 
@@ -81,11 +81,27 @@ class Ticket(BaseModel):
     returncode: int | None = None
 
 
-def new_ticket(stage: str, inputs: Path, result: Path, mlflow_run_id: str | None, *, num_processes: int, machines: Machines,
-               port: int, accelerate_config: Path | None) -> Ticket:
+def new_ticket(
+    stage: str,
+    inputs: Path,
+    result: Path,
+    mlflow_run_id: str | None,
+    *,
+    num_processes: int,
+    machines: Machines,
+    port: int,
+    accelerate_config: Path | None,
+) -> Ticket:
     return Ticket(
-        id=uuid.uuid4().hex, stage=stage, inputs=inputs, result=result, mlflow_run_id=mlflow_run_id, num_processes=num_processes,
-        machines=machines, main_process_port=port, accelerate_config=accelerate_config,
+        id=uuid.uuid4().hex,
+        stage=stage,
+        inputs=inputs,
+        result=result,
+        mlflow_run_id=mlflow_run_id,
+        num_processes=num_processes,
+        machines=machines,
+        main_process_port=port,
+        accelerate_config=accelerate_config,
     )
 
 
@@ -102,7 +118,9 @@ def read_ticket(output_dir: Path) -> Ticket | None:
         return None
 
 
-def launch_command(ticket: Ticket, machine_rank: int, parent_pid: int, accelerate_config: Path | None = None) -> list[str]:
+def launch_command(
+    ticket: Ticket, machine_rank: int, parent_pid: int, accelerate_config: Path | None = None
+) -> list[str]:
     """`accelerate launch` of this machine's share of `ticket`'s processes. The user's accelerate
     config (gpu_ids, rendezvous settings) comes first; the options after it override what ppoflow
     decides itself. `--multi_gpu` on a CPU too: the engine joins the processes with gloo there
@@ -116,11 +134,30 @@ def launch_command(ticket: Ticket, machine_rank: int, parent_pid: int, accelerat
         if machines.same_network:
             rendezvous.append("--same_network")
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", *config_file,
-        "--multi_gpu", "--num_processes", str(ticket.num_processes), "--num_machines", str(machines.num_machines),
-        "--mixed_precision", "no", "--dynamo_backend", "no", *rendezvous,
-        "-m", "ppoflow.cli", "stage", ticket.stage, "--inputs", str(ticket.inputs), "--result", str(ticket.result),
-        "--parent-pid", str(parent_pid),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *config_file,
+        "--multi_gpu",
+        "--num_processes",
+        str(ticket.num_processes),
+        "--num_machines",
+        str(machines.num_machines),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        *rendezvous,
+        "-m",
+        "ppoflow.cli",
+        "stage",
+        ticket.stage,
+        "--inputs",
+        str(ticket.inputs),
+        "--result",
+        str(ticket.result),
+        "--parent-pid",
+        str(parent_pid),
     ]
     if ticket.mlflow_run_id:
         command += ["--mlflow-run-id", ticket.mlflow_run_id]
@@ -133,14 +170,22 @@ def end_group(child: subprocess.Popen) -> None:
     child.wait()
 
 
-def join(output_dir: Path, machine_rank: int, *, accelerate_config: Path | None = None, idle_timeout: float | None = None,
-         poll_seconds: float = 0.5) -> list[dict[str, Any]]:
+def join(
+    output_dir: Path,
+    machine_rank: int,
+    *,
+    accelerate_config: Path | None = None,
+    idle_timeout: float | None = None,
+    poll_seconds: float = 0.5,
+) -> list[dict[str, Any]]:
     """Serve the main machine's launches from this machine (`ppoflow join`) until this machine's
     share of a training launch succeeds; what was served, a dict a launch. Waits `idle_timeout`
     seconds at most for a ticket it has not served (None: no limit)."""
     if machine_rank < 1:
-        raise JoinError(f"--machine-rank {machine_rank}: machine 0 is the main machine, where the flow launches — "
-                        "give this machine's rank, 1 to num_machines - 1")
+        raise JoinError(
+            f"--machine-rank {machine_rank}: machine 0 is the main machine, where the flow launches — "
+            "give this machine's rank, 1 to num_machines - 1"
+        )
     served: list[dict[str, Any]] = []
     seen: set[str] = set()
     current = read_ticket(output_dir)
@@ -151,29 +196,39 @@ def join(output_dir: Path, machine_rank: int, *, accelerate_config: Path | None 
         ticket = read_ticket(output_dir)
         if ticket is None or ticket.id in seen or ticket.state != "launched":
             if idle_timeout is not None and waited >= idle_timeout:
-                raise JoinError(f"no launch to join in {output_dir / TICKET_FILE} for {idle_timeout:g} s (--idle-timeout) — "
-                                "start the flow run on the main machine, with this output_dir")
+                raise JoinError(
+                    f"no launch to join in {output_dir / TICKET_FILE} for {idle_timeout:g} s (--idle-timeout) — "
+                    "start the flow run on the main machine, with this output_dir"
+                )
             time.sleep(poll_seconds)
             waited += poll_seconds
             continue
         seen.add(ticket.id)
         waited = 0.0
         if ticket.machines.num_machines == 1:
-            raise JoinError(f"the launch in {output_dir / TICKET_FILE} is on one machine (its runtime.accelerate_config has no "
-                            "num_machines > 1): there is nothing to join — give the flow a config for several machines")
+            raise JoinError(
+                f"the launch in {output_dir / TICKET_FILE} is on one machine (its runtime.accelerate_config has no "
+                "num_machines > 1): there is nothing to join — give the flow a config for several machines"
+            )
         if ticket.machines.num_machines <= machine_rank:
-            raise JoinError(f"--machine-rank {machine_rank}: the launch spans {ticket.machines.num_machines} machines — "
-                            f"give a rank from 1 to {ticket.machines.num_machines - 1}")
+            raise JoinError(
+                f"--machine-rank {machine_rank}: the launch spans {ticket.machines.num_machines} machines — "
+                f"give a rank from 1 to {ticket.machines.num_machines - 1}"
+            )
         returncode = _serve(output_dir, ticket, machine_rank, accelerate_config, poll_seconds)
         served.append({"stage": ticket.stage, "ticket": ticket.id, "returncode": returncode})
         if ticket.stage == "train" and returncode == 0:
             return served
 
 
-def _serve(output_dir: Path, ticket: Ticket, machine_rank: int, accelerate_config: Path | None, poll_seconds: float) -> int:
+def _serve(
+    output_dir: Path, ticket: Ticket, machine_rank: int, accelerate_config: Path | None, poll_seconds: float
+) -> int:
     """This machine's share of one launch; ended when the main machine's launch ended without it."""
     if accelerate_config is not None:  # this machine's own file, without accelerate's FSDP mode (as the flow's)
-        accelerate_config = launchable_accelerate_config(accelerate_config, ticket.inputs.parent / f"accelerate-machine-{machine_rank}.yaml")
+        accelerate_config = launchable_accelerate_config(
+            accelerate_config, ticket.inputs.parent / f"accelerate-machine-{machine_rank}.yaml"
+        )
     command = launch_command(ticket, machine_rank, os.getpid(), accelerate_config)
     log.info("machine %d joins %s (%s): %s", machine_rank, ticket.stage, ticket.id, " ".join(command))
     env = dict(os.environ, TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
@@ -192,7 +247,9 @@ def _serve(output_dir: Path, ticket: Ticket, machine_rank: int, accelerate_confi
                 finished_well = now.id == ticket.id and now.returncode == 0
                 if not finished_well or time.monotonic() - ended_at > FINISH_SECONDS:
                     how = f"exit status {now.returncode}" if now.id == ticket.id else "a newer launch replaced it"
-                    log.error("the main machine's %s launch has ended (%s): ending this machine's share", ticket.stage, how)
+                    log.error(
+                        "the main machine's %s launch has ended (%s): ending this machine's share", ticket.stage, how
+                    )
                     end_group(child)
     except BaseException:
         end_group(child)

@@ -79,9 +79,12 @@ class ModelManifest(Manifest):
 
     def is_intact(self) -> bool:
         reward_intact = self.reward_tokenizer_dir is None or (
-            self.reward_tokenizer_dir.is_dir() and sha256_tree(self.reward_tokenizer_dir) == self.reward_tokenizer_sha256
+            self.reward_tokenizer_dir.is_dir()
+            and sha256_tree(self.reward_tokenizer_dir) == self.reward_tokenizer_sha256
         )
-        return reward_intact and self.tokenizer_dir.is_dir() and sha256_tree(self.tokenizer_dir) == self.tokenizer_sha256
+        return (
+            reward_intact and self.tokenizer_dir.is_dir() and sha256_tree(self.tokenizer_dir) == self.tokenizer_sha256
+        )
 
 
 class PartitionRecord(Manifest):
@@ -182,12 +185,19 @@ class Release(Manifest):
 
 def training_fingerprint(models: ModelManifest, data_fingerprint: str) -> str:
     """What a training starts from besides its config: the four models' and the tokenizers' hashes
-    and the prepared data's fingerprint (`DatasetManifest.fingerprint`). Under one config hash it tells a workspace's training from
-    the next one: a new partition in the data window, or a registry alias that moved to another
-    version. Checkpoints record it (stages 4 and 5 continue only the same training), stage 3 archives
-    a workspace's training of another one, and each one is its own MLflow run."""
+    and the prepared data's fingerprint (`DatasetManifest.fingerprint`). Under one config hash it
+    tells a workspace's training from the next one: a new partition in the data window, or a registry
+    alias that moved to another version. Checkpoints record it (stages 4 and 5 continue only the same
+    training), stage 3 archives a workspace's training of another one, and each one is its own MLflow
+    run."""
     parts = [
-        f"{source.role}={source.sha256}" for source in (models.policy, models.ref, models.reward, models.value) if source is not None
+        f"{source.role}={source.sha256}"
+        for source in (models.policy, models.ref, models.reward, models.value)
+        if source is not None
     ]
-    parts += [f"tokenizer={models.tokenizer_sha256}", f"reward_tokenizer={models.reward_tokenizer_sha256}", f"data={data_fingerprint}"]
+    parts += [
+        f"tokenizer={models.tokenizer_sha256}",
+        f"reward_tokenizer={models.reward_tokenizer_sha256}",
+        f"data={data_fingerprint}",
+    ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()

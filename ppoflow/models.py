@@ -28,7 +28,10 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+)
 
 from ppoflow.config import CHAT_TEMPLATE_CHOICES, ModelsConfig, PeftConfig, RunConfig, is_registry_uri
 from ppoflow.errors import ModelError
@@ -96,14 +99,23 @@ def role_classes(config: PreTrainedConfig, *, classifier: bool) -> set[str]:
     mapping = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES if classifier else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     mapped = mapping.get(config.model_type) or ()
     names = {mapped} if isinstance(mapped, str) else set(mapped)
-    remote = (getattr(config, "auto_map", None) or {}).get("AutoModelForSequenceClassification" if classifier else "AutoModelForCausalLM")
+    remote = (getattr(config, "auto_map", None) or {}).get(
+        "AutoModelForSequenceClassification" if classifier else "AutoModelForCausalLM"
+    )
     if remote:
         names.add(remote.rsplit(".", 1)[-1])
     return names
 
 
 def describe_source(
-    role: str, field: str, source: str, revision: str | None, *, classifier: bool, trust_remote_code: bool, or_causal_lm: bool = False,
+    role: str,
+    field: str,
+    source: str,
+    revision: str | None,
+    *,
+    classifier: bool,
+    trust_remote_code: bool,
+    or_causal_lm: bool = False,
 ) -> ModelSource:
     """Locate a model, check it fits its role from its config alone, and fingerprint its files.
     `or_causal_lm`: a classifier role that a causal LM may start too (the value model: its decoder
@@ -112,22 +124,30 @@ def describe_source(
     try:
         config = AutoConfig.from_pretrained(local_dir, trust_remote_code=trust_remote_code)
     except Exception as exc:
-        raise ModelError(f"models.{field}: {local_dir} has no readable config.json ({type(exc).__name__}) — is it a Hugging Face model directory?") from None
+        raise ModelError(
+            f"models.{field}: {local_dir} has no readable config.json "
+            f"({type(exc).__name__}) — is it a Hugging Face model directory?"
+        ) from None
     architectures = config.architectures or []
     if or_causal_lm and role_classes(config, classifier=False).intersection(architectures):
         classifier = False
     auto_class = "AutoModelForSequenceClassification" if classifier else "AutoModelForCausalLM"
     expected = role_classes(config, classifier=classifier)
     if not expected.intersection(architectures):
-        loads = f"{auto_class} loads {sorted(expected)} for model_type {config.model_type!r}" if expected else (
-            f"{auto_class} has no class for model_type {config.model_type!r}")
+        loads = (
+            f"{auto_class} loads {sorted(expected)} for model_type {config.model_type!r}"
+            if expected
+            else (f"{auto_class} has no class for model_type {config.model_type!r}")
+        )
         raise ModelError(
             f"models.{field}: {source} is a {architectures or 'model of unknown class'}, not a "
             f"{'sequence classifier' if classifier else 'causal LM'} ({loads}) — use an {auto_class} checkpoint"
             f"{' with num_labels=1' if classifier else ''}"
         )
     if classifier and config.num_labels != 1:
-        raise ModelError(f"models.{field}: {source} has num_labels={config.num_labels} — a reward/value model needs num_labels=1")
+        raise ModelError(
+            f"models.{field}: {source} has num_labels={config.num_labels} — a reward/value model needs num_labels=1"
+        )
     return ModelSource(
         role=role,
         source=source,
@@ -157,7 +177,6 @@ def describe_models(models: ModelsConfig, peft: PeftConfig) -> dict[str, ModelSo
     return {"policy": policy, "ref": ref, "reward": reward, "value": value}
 
 
-
 REGISTRY_FIELDS = ("policy", "reward", "value", "ref", "tokenizer")
 
 
@@ -166,7 +185,9 @@ def pin_registry_sources(models: ModelsConfig, root: Path) -> tuple[ModelsConfig
     fetched under `root`: the models config with those local directories in their place (two fields
     naming one URI get one directory), and for each directory the URI configured and the version
     (`models:/NAME/VERSION`) it resolved to."""
-    wanted = {getattr(models, field): field for field in reversed(REGISTRY_FIELDS) if is_registry_uri(getattr(models, field))}
+    wanted = {
+        getattr(models, field): field for field in reversed(REGISTRY_FIELDS) if is_registry_uri(getattr(models, field))
+    }
     if not wanted:
         return models, {}
     from ppoflow.tracking import registry  # MLflow: only for configs that name the registry
@@ -177,7 +198,9 @@ def pin_registry_sources(models: ModelsConfig, root: Path) -> tuple[ModelsConfig
         fallback = models.policy_fallback if uri == models.policy else None
         version = registry.resolve(f"models.{field}", uri, unset_alias_ok=fallback is not None)
         if version is None:
-            log.info("models.%s: %s points at no version yet: starting from models.policy_fallback %s", field, uri, fallback)
+            log.info(
+                "models.%s: %s points at no version yet: starting from models.policy_fallback %s", field, uri, fallback
+            )
             local[uri] = fallback
             continue
         directory = registry.fetch(f"models.{field}", version, root)
@@ -188,7 +211,9 @@ def pin_registry_sources(models: ModelsConfig, root: Path) -> tuple[ModelsConfig
     return models.model_copy(update=update), pinned
 
 
-def restore_registry_sources(sources: dict[str, ModelSource | None], pinned: dict[Path, tuple[str, str]]) -> dict[str, ModelSource | None]:
+def restore_registry_sources(
+    sources: dict[str, ModelSource | None], pinned: dict[Path, tuple[str, str]]
+) -> dict[str, ModelSource | None]:
     """The described sources with the registry URI each was configured as, and the version it resolved to."""
     restored = dict(sources)
     for role, source in sources.items():
@@ -196,6 +221,7 @@ def restore_registry_sources(sources: dict[str, ModelSource | None], pinned: dic
             configured, resolved = pinned[source.local_dir]
             restored[role] = source.model_copy(update={"source": configured, "registry_uri": resolved})
     return restored
+
 
 PROBE_TEXT = "Hello, World! 123 probe"
 
@@ -230,11 +256,17 @@ def prepare_tokenizers(
     tokenizer_dir = resolve_source("tokenizer", models.tokenizer, models.revision) if models.tokenizer else policy_dir
     tokenizer = _load_tokenizer("tokenizer" if models.tokenizer else "policy", tokenizer_dir, models.trust_remote_code)
     if tokenizer.eos_token_id is None:
-        raise ModelError(f"models.{'tokenizer' if models.tokenizer else 'policy'}: the tokenizer has no EOS token — set eos_token in its tokenizer_config.json")
+        raise ModelError(
+            f"models.{'tokenizer' if models.tokenizer else 'policy'}: the tokenizer "
+            "has no EOS token — set eos_token in its tokenizer_config.json"
+        )
     _set_pad_token("policy", tokenizer)
     vocab_size = AutoConfig.from_pretrained(policy_dir, trust_remote_code=models.trust_remote_code).vocab_size
     if len(tokenizer) > vocab_size:
-        raise ModelError(f"models.policy: the tokenizer has {len(tokenizer)} tokens but the model only {vocab_size} embeddings — use the tokenizer the model was trained with")
+        raise ModelError(
+            f"models.policy: the tokenizer has {len(tokenizer)} tokens but the model "
+            f"only {vocab_size} embeddings — use the tokenizer the model was trained with"
+        )
     reward_tokenizer = _load_tokenizer("reward", sources["reward"].local_dir, models.trust_remote_code)
     shared = same_tokenizer(reward_tokenizer, tokenizer)
     # A template file given for the prompts (data.chat_template) goes with the tokenizer, so that the
@@ -259,15 +291,21 @@ def same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bo
 
 
 def settle_value_source(
-    config: RunConfig, sources: dict[str, ModelSource | None], tokenizer: PreTrainedTokenizerBase, *, reward_has_own_tokenizer: bool
+    config: RunConfig,
+    sources: dict[str, ModelSource | None],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    reward_has_own_tokenizer: bool,
 ) -> ModelSource:
     """Where the value model starts. It reads the policy's tokens (one value per response token), so
     with `models.value: null` and a reward model of another tokenizer it starts from the policy
     checkpoint (its decoder, a fresh scalar head); a value checkpoint must share the policy's tokenizer."""
     value, policy = sources["value"], sources["policy"]
     if config.models.value is None and reward_has_own_tokenizer:
-        log.info("models.value is null and models.reward has its own tokenizer: the value model starts from the policy "
-                 "checkpoint (its decoder and a fresh scalar head)")
+        log.info(
+            "models.value is null and models.reward has its own tokenizer: the value model starts from the policy "
+            "checkpoint (its decoder and a fresh scalar head)"
+        )
         return policy.model_copy(update={"role": "value"})
     if value.local_dir != policy.local_dir:
         _check_value_tokenizer(config, value, tokenizer)
@@ -276,7 +314,8 @@ def settle_value_source(
 
 def _check_value_tokenizer(config: RunConfig, value: ModelSource, tokenizer: PreTrainedTokenizerBase) -> None:
     value_tokenizer = _load_tokenizer("value", value.local_dir, config.models.trust_remote_code)
-    if tokenizer_identity(value_tokenizer) != tokenizer_identity(tokenizer):  # token ids only: it renders no conversation
+    # token ids only: it renders no conversation
+    if tokenizer_identity(value_tokenizer) != tokenizer_identity(tokenizer):
         raise ModelError(
             f"models.value: {value.source} has another tokenizer than the policy, but the value model reads the "
             "policy's tokens — start it from a checkpoint with the policy's tokenizer (the SFT policy itself works), "
@@ -292,7 +331,10 @@ def _set_pad_token(role: str, tokenizer: PreTrainedTokenizerBase) -> None:
             log.warning("models.%s: the tokenizer has no pad or unk token: padding with EOS", role)
             tokenizer.pad_token = tokenizer.eos_token
         else:
-            raise ModelError(f"models.{role}: the tokenizer has no pad, unk or EOS token to pad with — set pad_token in its tokenizer_config.json")
+            raise ModelError(
+                f"models.{role}: the tokenizer has no pad, unk or EOS token "
+                "to pad with — set pad_token in its tokenizer_config.json"
+            )
     tokenizer.padding_side = "left"
 
 
@@ -300,7 +342,10 @@ def _load_tokenizer(field: str, directory: Path, trust_remote_code: bool) -> Pre
     try:
         return AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except Exception as exc:
-        raise ModelError(f"models.{field}: no usable tokenizer in {directory} ({type(exc).__name__}) — save the tokenizer beside the model") from None
+        raise ModelError(
+            f"models.{field}: no usable tokenizer in {directory} "
+            f"({type(exc).__name__}) — save the tokenizer beside the model"
+        ) from None
 
 
 def load_tokenizer(tokenizer_dir: Path) -> PreTrainedTokenizerBase:
@@ -342,7 +387,12 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 def _is_stochastic_setting(name: str, value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value != 0 and bool(_STOCHASTIC_SETTING.search(name))
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and value != 0
+        and bool(_STOCHASTIC_SETTING.search(name))
+    )
 
 
 def _on_device(device: torch.device | None) -> dict[str, Any]:
@@ -352,11 +402,18 @@ def _on_device(device: torch.device | None) -> dict[str, Any]:
 
 
 def load_causal_lm(
-    directory: Path, dtype: torch.dtype, trust_remote_code: bool = False, attn_implementation: str | None = None,
+    directory: Path,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
     device: torch.device | None = None,
 ) -> PreTrainedModel:
     model = AutoModelForCausalLM.from_pretrained(
-        directory, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, attn_implementation=attn_implementation,
+        directory,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+        attn_implementation=attn_implementation,
         **_on_device(device),
     )
     disable_dropout(model)
@@ -364,12 +421,20 @@ def load_causal_lm(
 
 
 def load_classifier(
-    directory: Path, dtype: torch.dtype, trust_remote_code: bool = False, attn_implementation: str | None = None,
+    directory: Path,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
     device: torch.device | None = None,
 ) -> PreTrainedModel:
     model = AutoModelForSequenceClassification.from_pretrained(
-        directory, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, num_labels=1,
-        attn_implementation=attn_implementation, **_on_device(device),
+        directory,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+        num_labels=1,
+        attn_implementation=attn_implementation,
+        **_on_device(device),
     )
     disable_dropout(model)
     if scalar_head(model) is None:
@@ -404,7 +469,11 @@ def scalar_head(classifier: nn.Module) -> nn.Module | None:
 
 def _load_options(config: RunConfig) -> tuple[torch.dtype, bool, str | None]:
     models = config.models
-    return resolve_dtype(models.dtype), models.trust_remote_code, None if models.attn_implementation == "auto" else models.attn_implementation
+    return (
+        resolve_dtype(models.dtype),
+        models.trust_remote_code,
+        None if models.attn_implementation == "auto" else models.attn_implementation,
+    )
 
 
 def frozen_dtype(config: RunConfig) -> torch.dtype:
@@ -412,14 +481,21 @@ def frozen_dtype(config: RunConfig) -> torch.dtype:
 
 
 def load_policy(
-    config: RunConfig, models: ModelManifest, checkpoint: Path | None, *, trainable: bool, device: torch.device | None = None,
+    config: RunConfig,
+    models: ModelManifest,
+    checkpoint: Path | None,
+    *,
+    trainable: bool,
+    device: torch.device | None = None,
 ) -> PreTrainedModel:
     """The policy at the start (`checkpoint` None) or of a checkpoint: full weights, or with LoRA the
     base model plus its adapter (a new one at the start)."""
     dtype, trust, attention = _load_options(config)
     if not config.peft.enabled:
         weights = torch.float32 if trainable else dtype
-        return load_causal_lm(checkpoint / "policy" if checkpoint else models.policy.local_dir, weights, trust, attention, device)
+        return load_causal_lm(
+            checkpoint / "policy" if checkpoint else models.policy.local_dir, weights, trust, attention, device
+        )
     from peft import PeftModel
 
     # The frozen base in models.dtype, not frozen_dtype: its layers take the fp32 adapter's output,
@@ -433,7 +509,9 @@ def load_policy(
     return policy
 
 
-def load_value(config: RunConfig, models: ModelManifest, checkpoint: Path | None, device: torch.device | None = None) -> PreTrainedModel:
+def load_value(
+    config: RunConfig, models: ModelManifest, checkpoint: Path | None, device: torch.device | None = None
+) -> PreTrainedModel:
     """The value model at the start (from `models.value`) or of a checkpoint, in fp32 (it is trained)."""
     directory = checkpoint / "value" if checkpoint else models.value.local_dir
     _, trust, attention = _load_options(config)
@@ -447,7 +525,9 @@ def load_released(config: RunConfig, directory: Path, device: torch.device) -> P
     return load_causal_lm(directory, dtype, trust, attention, device).requires_grad_(False).eval()
 
 
-def load_frozen(config: RunConfig, models: ModelManifest, device: torch.device) -> tuple[PreTrainedModel | None, PreTrainedModel]:
+def load_frozen(
+    config: RunConfig, models: ModelManifest, device: torch.device
+) -> tuple[PreTrainedModel | None, PreTrainedModel]:
     """The reference (None with LoRA: the policy with its adapter off) and the reward model, frozen on `device`."""
     _, trust, attention = _load_options(config)
     options = (frozen_dtype(config), trust, attention, device)
@@ -465,12 +545,19 @@ def add_lora(policy: PreTrainedModel, peft: PeftConfig) -> PreTrainedModel:
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
 
-    adaptable = {name.rsplit(".", 1)[-1]: module for name, module in policy.named_modules() if isinstance(module, nn.Linear | Conv1D)}
+    adaptable = {
+        name.rsplit(".", 1)[-1]: module
+        for name, module in policy.named_modules()
+        if isinstance(module, nn.Linear | Conv1D)
+    }
     if peft.target_modules != "all-linear":
         names = {name.rsplit(".", 1)[-1] for name, _ in policy.named_modules()}
         missing = [target for target in peft.target_modules if target not in names]
         if missing:
-            raise ModelError(f"peft.target_modules: {missing} not found in the policy — choose among {sorted(adaptable)} or 'all-linear'")
+            raise ModelError(
+                f"peft.target_modules: {missing} not found in the policy "
+                f"— choose among {sorted(adaptable)} or 'all-linear'"
+            )
     lora = LoraConfig(
         r=peft.r,
         lora_alpha=peft.lora_alpha,
@@ -557,7 +644,9 @@ def use_packing(enabled: bool, models: dict[str, nn.Module | None], pad_token_id
         if model is not None and not packing_supported(model, pad_token_id):
             log.warning(
                 "models.%s: %s ignores packed position ids — using padded batches (slower); "
-                "set ppo.pack_sequences: false to silence this", role, type(_unwrapped(model)).__name__,
+                "set ppo.pack_sequences: false to silence this",
+                role,
+                type(_unwrapped(model)).__name__,
             )
             return False
     return True

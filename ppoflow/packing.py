@@ -76,7 +76,14 @@ def padded_layout(queries: Tensor, query_mask: Tensor, responses: Tensor, respon
     )
 
 
-def packed_layout(queries: Tensor, query_mask: Tensor, responses: Tensor, response_mask: Tensor, pad_token_id: int, row_tokens: int | None = None) -> Layout:
+def packed_layout(
+    queries: Tensor,
+    query_mask: Tensor,
+    responses: Tensor,
+    response_mask: Tensor,
+    pad_token_id: int,
+    row_tokens: int | None = None,
+) -> Layout:
     """Sequences (real prompt tokens, then real response tokens) packed end to end, first-fit in
     decreasing length (deterministic), into rows of `row_tokens` (at least the longest sequence), or
     of the width `choose_row_tokens` picks when None."""
@@ -116,7 +123,9 @@ def packed_layout(queries: Tensor, query_mask: Tensor, responses: Tensor, respon
     )
 
 
-def make_layout(queries: Tensor, query_mask: Tensor, responses: Tensor, response_mask: Tensor, *, packed: bool, pad_token_id: int) -> Layout:
+def make_layout(
+    queries: Tensor, query_mask: Tensor, responses: Tensor, response_mask: Tensor, *, packed: bool, pad_token_id: int
+) -> Layout:
     if packed:
         return packed_layout(queries, query_mask, responses, response_mask, pad_token_id)
     return padded_layout(queries, query_mask, responses, response_mask)
@@ -151,11 +160,8 @@ def _first_fit_decreasing(lengths: list[int], capacity: int) -> tuple[list[int],
     used: list[int] = []
     for item in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         size = lengths[item]
-        for row, filled in enumerate(used):
-            if filled + size <= capacity:
-                break
-        else:
-            row = len(used)
+        row = next((row for row, filled in enumerate(used) if filled + size <= capacity), len(used))
+        if row == len(used):
             used.append(0)
         row_of[item], offset_of[item] = row, used[row]
         used[row] += size

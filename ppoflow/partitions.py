@@ -64,7 +64,9 @@ def partition_date(name: str) -> datetime.date | None:
                 continue  # eight digits that are no calendar date: an id, not a date
     if len(dates) > 1:
         shown = ", ".join(str(date) for date in sorted(dates))
-        raise DataError(f"data.path: the partition name {name} holds two dates ({shown}), so its date is ambiguous — {_HINT}")
+        raise DataError(
+            f"data.path: the partition name {name} holds two dates ({shown}), so its date is ambiguous — {_HINT}"
+        )
     return dates.pop() if dates else None
 
 
@@ -74,33 +76,43 @@ def find_partitions(path: str) -> list[Partition] | None:
     if is_glob(path):
         files = [Path(match) for match in glob.glob(str(Path(path).expanduser())) if Path(match).is_file()]
         if not files:
-            raise DataError(f"data.path: the pattern {path} matches no file — check the pattern, or point data.path at a file or directory")
+            raise DataError(
+                f"data.path: the pattern {path} matches no file — check "
+                "the pattern, or point data.path at a file or directory"
+            )
         for file in files:
             if file.suffix.lower() not in DATA_SUFFIXES:
-                raise DataError(f"data.path: the pattern {path} matches {file.name}, not a .jsonl, .json or .parquet file — narrow the pattern")
+                raise DataError(
+                    f"data.path: the pattern {path} matches {file.name}, not "
+                    "a .jsonl, .json or .parquet file — narrow the pattern"
+                )
     else:
         directory = Path(path).expanduser()
         if not directory.is_dir() or is_saved_dataset(directory):
             return None
         files = [p for p in directory.iterdir() if p.is_file() and _is_data_file(Path(p.name))]
-        nested = next((p for p in directory.glob("*/**/*") if p.is_file() and _is_data_file(p.relative_to(directory))), None)
+        nested = next(
+            (p for p in directory.glob("*/**/*") if p.is_file() and _is_data_file(p.relative_to(directory))), None
+        )
         if nested is not None:
             raise DataError(
-                f"data.path: {directory} has data files in subdirectories ({nested.relative_to(directory)}); partitions are the "
-                "files directly in it — move them up, or point data.path at a glob such as DIR/*/*.jsonl"
+                f"data.path: {directory} has data files in subdirectories "
+                f"({nested.relative_to(directory)}); partitions are the files directly in "
+                "it — move them up, or point data.path at a glob such as DIR/*/*.jsonl"
             )
         if not files:
             raise DataError(
-                f"data.path: {directory} holds no .jsonl/.json/.parquet file and is not a saved dataset — point data.path at a "
-                "JSONL/Parquet file, a saved dataset directory, a directory of partition files or a Hub dataset id"
+                f"data.path: {directory} holds no .jsonl/.json/.parquet file and is not "
+                "a saved dataset — point data.path at a JSONL/Parquet file, a saved "
+                "dataset directory, a directory of partition files or a Hub dataset id"
             )
     partitions = [Partition(file.resolve(), partition_date(file.name)) for file in files]
     dated = [p for p in partitions if p.date is not None]
     if dated and len(dated) < len(partitions):
         undated = next(p for p in partitions if p.date is None)
         raise DataError(
-            f"data.path: {path} mixes dated partitions ({dated[0].path.name}) with undated ones ({undated.path.name}), so "
-            f"their order is ambiguous — {_HINT}"
+            f"data.path: {path} mixes dated partitions ({dated[0].path.name}) with "
+            f"undated ones ({undated.path.name}), so their order is ambiguous — {_HINT}"
         )
     return sorted(partitions, key=lambda p: (p.date or datetime.date.min, p.path.name, str(p.path)))
 
@@ -111,7 +123,9 @@ def select_partitions(path: str, window: DataWindow | None) -> list[Partition] |
     if partitions is None:
         if window is not None:
             raise ConfigError(
-                "data.window", f"is set, but data.path {path} is a single source (a file, a saved dataset or a Hub id), not partitions",
+                "data.window",
+                f"is set, but data.path {path} is a single source (a "
+                "file, a saved dataset or a Hub id), not partitions",
                 "remove data.window, or point data.path at a directory of dated files or a glob of them",
             )
         return None
@@ -122,7 +136,8 @@ def select_partitions(path: str, window: DataWindow | None) -> list[Partition] |
     newest = partitions[-1].date
     if newest is None:
         raise ConfigError(
-            "data.window", f"days needs dated partitions, and the files of {path} have no date in their names",
+            "data.window",
+            f"days needs dated partitions, and the files of {path} have no date in their names",
             "use {newest: N}, or name the files with their date (prompts-2026-12-01.jsonl)",
         )
     first_day = newest - datetime.timedelta(days=window.days - 1)

@@ -22,8 +22,15 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ppoflow.checkpoint import list_checkpoints, newest_state, newest_valid_checkpoint, read_state, storage_problem, verify_checkpoint
 from ppoflow.atomic import write_text_atomic
+from ppoflow.checkpoint import (
+    list_checkpoints,
+    newest_state,
+    newest_valid_checkpoint,
+    read_state,
+    storage_problem,
+    verify_checkpoint,
+)
 from ppoflow.config import (
     BatchPlan,
     ModelsConfig,
@@ -39,13 +46,19 @@ from ppoflow.console import run_stage
 from ppoflow.data import prepare_prompts
 from ppoflow.errors import ConfigError, ModelError, PpoflowError
 from ppoflow.evaluate import evaluate_policy, save_policy, write_eval
-from ppoflow.workspace import EVAL_FILE, METRICS_FILE, SAMPLES_FILE, SPOOL_FILE
-from ppoflow.locking import output_dir_lock
 from ppoflow.hashing import sha256_tree
+from ppoflow.locking import output_dir_lock
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, Release, RunPlan, training_fingerprint
 from ppoflow.models import (
-    REGISTRY_FIELDS, describe_models, load_policy, load_released, load_tokenizer, pin_registry_sources, prepare_tokenizers,
-    restore_registry_sources, settle_value_source,
+    REGISTRY_FIELDS,
+    describe_models,
+    load_policy,
+    load_released,
+    load_tokenizer,
+    pin_registry_sources,
+    prepare_tokenizers,
+    restore_registry_sources,
+    settle_value_source,
 )
 from ppoflow.rewards import load_reward_functions
 from ppoflow.runtime import (
@@ -58,6 +71,7 @@ from ppoflow.runtime import (
     read_accelerate_config,
 )
 from ppoflow.trainer import MetricsCallback, PPOTrainer
+from ppoflow.workspace import EVAL_FILE, METRICS_FILE, SAMPLES_FILE, SPOOL_FILE
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +83,9 @@ def _check_writable(output_dir: Path) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
-        raise ConfigError("output_dir", f"{output_dir} is not writable ({exc.strerror})", "choose a directory you can write to") from None
+        raise ConfigError(
+            "output_dir", f"{output_dir} is not writable ({exc.strerror})", "choose a directory you can write to"
+        ) from None
 
 
 def _clear_storage_errors(stage):
@@ -87,7 +103,8 @@ def _clear_storage_errors(stage):
             if problem is None:
                 raise
             raise ConfigError(
-                "output_dir", f"cannot write to {plan.output_dir}: {problem}",
+                "output_dir",
+                f"cannot write to {plan.output_dir}: {problem}",
                 "free space or make it writable (or choose another output_dir), then run again: finished work is kept "
                 "and training resumes from the newest intact checkpoint",
             ) from exc
@@ -104,14 +121,16 @@ def planned_world_size(num_processes: int, num_machines: int = 1) -> int:
     running = process_state().num_processes
     if running > 1 and num_processes not in (1, running):
         raise ConfigError(
-            "runtime.num_processes", f"is {num_processes} but accelerate launched {running} processes",
+            "runtime.num_processes",
+            f"is {num_processes} but accelerate launched {running} processes",
             f"set it to {running}, or launch with --num_processes {num_processes}",
         )
     wanted = max(running, num_processes)
     here = wanted // num_machines if running == 1 else int(os.environ.get("LOCAL_WORLD_SIZE", wanted))
     if torch.cuda.is_available() and here > torch.cuda.device_count():
         raise ConfigError(
-            "runtime.num_processes", f"asks for {here} processes on this machine and it has {torch.cuda.device_count()} GPU(s)",
+            "runtime.num_processes",
+            f"asks for {here} processes on this machine and it has {torch.cuda.device_count()} GPU(s)",
             f"use at most {torch.cuda.device_count()} a machine (one process per GPU)",
         )
     return wanted
@@ -120,7 +139,11 @@ def planned_world_size(num_processes: int, num_machines: int = 1) -> int:
 def configure(config: RunConfig, world_size: int | None = None) -> RunPlan:
     """Stage 1: validate everything cheap to check, derive the batch plan, claim the workspace."""
     if output_dir_placeholders(config.output_dir):
-        raise ConfigError("output_dir", f"{config.output_dir} still holds placeholders", "expand them first (ppoflow.config.expand_output_dir)")
+        raise ConfigError(
+            "output_dir",
+            f"{config.output_dir} still holds placeholders",
+            "expand them first (ppoflow.config.expand_output_dir)",
+        )
     validate_sources(config)
     check_mixed_precision()
     check_launched_plain()
@@ -135,15 +158,18 @@ def configure(config: RunConfig, world_size: int | None = None) -> RunPlan:
     if state is not None and state["config_hash"] != config_hash:
         raise ConfigError(
             "output_dir",
-            f"{output_dir} holds checkpoints of another config ({state['config_hash']}{_what_differs(output_dir, config, state['config_hash'])})",
+            f"{output_dir} holds checkpoints of another config "
+            f"({state['config_hash']}{_what_differs(output_dir, config, state['config_hash'])})",
             "use a new output_dir for a changed config, or delete the old run",
         )
     # The data order and the RNG states of a checkpoint are per process: it resumes only on as many.
     if state is not None and state.get("world_size", 1) != batch.world_size:
         raise ConfigError(
             "output_dir",
-            f"{output_dir} holds checkpoints written by {state.get('world_size', 1)} process(es), and this run has {batch.world_size}",
-            f"resume with {state.get('world_size', 1)} process(es) (runtime.num_processes, or accelerate launch --num_processes), or use a new output_dir",
+            f"{output_dir} holds checkpoints written by {state.get('world_size', 1)} "
+            f"process(es), and this run has {batch.world_size}",
+            f"resume with {state.get('world_size', 1)} process(es) (runtime.num_processes, "
+            "or accelerate launch --num_processes), or use a new output_dir",
         )
     if process_state().is_main_process:
         _check_writable(output_dir)
@@ -177,11 +203,17 @@ def load_models(plan: RunPlan) -> ModelManifest:
     if not process_state().is_main_process:
         tokenizer = load_tokenizer(tokenizer_dir)
     reward_has_own_tokenizer = reward_tokenizer_dir.is_dir()
-    sources["value"] = settle_value_source(config, sources, tokenizer, reward_has_own_tokenizer=reward_has_own_tokenizer)
+    sources["value"] = settle_value_source(
+        config, sources, tokenizer, reward_has_own_tokenizer=reward_has_own_tokenizer
+    )
     vocab_size = AutoConfig.from_pretrained(sources["policy"].local_dir).vocab_size
     stop_token_id = tokenizer.eos_token_id if config.ppo.stop_token == "eos" else config.ppo.stop_token_id
     if stop_token_id is not None and stop_token_id >= vocab_size:
-        raise ConfigError("ppo.stop_token_id", f"{stop_token_id} is outside the vocabulary of {vocab_size} tokens", "use a token id of the tokenizer")
+        raise ConfigError(
+            "ppo.stop_token_id",
+            f"{stop_token_id} is outside the vocabulary of {vocab_size} tokens",
+            "use a token id of the tokenizer",
+        )
     if config.peft.enabled:
         _check_lora_targets(sources["policy"].local_dir, config)
     sources = restore_registry_sources(sources, pinned)
@@ -197,7 +229,8 @@ def load_models(plan: RunPlan) -> ModelManifest:
         stop_token_id=stop_token_id,
         reward_tokenizer_dir=reward_tokenizer_dir if reward_has_own_tokenizer else None,
         reward_tokenizer_sha256=sha256_tree(reward_tokenizer_dir) if reward_has_own_tokenizer else None,
-        reward_chat_template=reward_has_own_tokenizer and load_tokenizer(reward_tokenizer_dir).chat_template is not None,
+        reward_chat_template=reward_has_own_tokenizer
+        and load_tokenizer(reward_tokenizer_dir).chat_template is not None,
     )
 
 
@@ -211,10 +244,14 @@ def _pinned_models(plan: RunPlan) -> tuple[ModelsConfig, dict[Path, tuple[str, s
     if process_state().is_main_process:
         models_config, pinned = pin_registry_sources(plan.config.models, record.parent)
         listed = [[str(path), *uris] for path, uris in pinned.items()]
-        write_text_atomic(record, json.dumps({"models": models_config.model_dump(mode="json"), "pinned": listed}, indent=1))
+        write_text_atomic(
+            record, json.dumps({"models": models_config.model_dump(mode="json"), "pinned": listed}, indent=1)
+        )
     process_state().wait_for_everyone()
     saved = json.loads(record.read_text())
-    return ModelsConfig.model_validate(saved["models"]), {Path(path): (configured, resolved) for path, configured, resolved in saved["pinned"]}
+    return ModelsConfig.model_validate(saved["models"]), {
+        Path(path): (configured, resolved) for path, configured, resolved in saved["pinned"]
+    }
 
 
 def _check_lora_targets(policy_dir: Path, config: RunConfig) -> None:
@@ -242,14 +279,21 @@ def prepare_dataset(plan: RunPlan, models: ModelManifest) -> DatasetManifest:
                 prune_archives(plan.output_dir, plan.config.runtime.keep_archives)
 
         manifest = prepare_prompts(
-            plan.config.data, load_tokenizer(models.tokenizer_dir), out_dir, seed=plan.config.ppo.seed,
+            plan.config.data,
+            load_tokenizer(models.tokenizer_dir),
+            out_dir,
+            seed=plan.config.ppo.seed,
             check_fingerprint=archive_other_trainings,
         )
     process_state().wait_for_everyone()
     if not process_state().is_main_process:
         manifest = DatasetManifest.model_validate_json((out_dir / "dataset.json").read_text())
     if manifest.train_rows < plan.batch.batch_size:
-        log.warning("only %d training prompts for rollout batches of %d: prompts repeat within a batch", manifest.train_rows, plan.batch.batch_size)
+        log.warning(
+            "only %d training prompts for rollout batches of %d: prompts repeat within a batch",
+            manifest.train_rows,
+            plan.batch.batch_size,
+        )
     return manifest
 
 
@@ -267,23 +311,40 @@ def init_trainer(plan: RunPlan, models: ModelManifest, data: DatasetManifest) ->
         else:
             if state.get("config_hash") == plan.config_hash:
                 _check_same_training(plan, state, models, data)
-                return CheckpointManifest(path=step_zero, update=0, episode=0, num_updates=plan.batch.num_updates, sha256=digest)
+                return CheckpointManifest(
+                    path=step_zero, update=0, episode=0, num_updates=plan.batch.num_updates, sha256=digest
+                )
     trainer = PPOTrainer.from_checkpoint(plan, models, data, checkpoint=None)
     return trainer.save_checkpoint()
 
 
 @_clear_storage_errors
-def train(plan: RunPlan, models: ModelManifest, data: DatasetManifest, callbacks: Sequence[MetricsCallback] = ()) -> CheckpointManifest:
+def train(
+    plan: RunPlan, models: ModelManifest, data: DatasetManifest, callbacks: Sequence[MetricsCallback] = ()
+) -> CheckpointManifest:
     """Stage 5: train from the newest intact checkpoint to the last update."""
     found = newest_valid_checkpoint(plan.output_dir / "checkpoints")
     if found is None:
-        raise ModelError(f"no intact checkpoint in {plan.output_dir / 'checkpoints'} — run stage 4 (init_trainer) first")
+        raise ModelError(
+            f"no intact checkpoint in {plan.output_dir / 'checkpoints'} — run stage 4 (init_trainer) first"
+        )
     path, digest = found
     state = read_state(path)
     _check_same_training(plan, state, models, data)
     if state["update"] >= plan.batch.num_updates:
-        log.info("training finished earlier (%s, update %d of %d): reusing it", path.name, state["update"], plan.batch.num_updates)
-        return CheckpointManifest(path=path, update=state["update"], episode=state["episode"], num_updates=plan.batch.num_updates, sha256=digest)
+        log.info(
+            "training finished earlier (%s, update %d of %d): reusing it",
+            path.name,
+            state["update"],
+            plan.batch.num_updates,
+        )
+        return CheckpointManifest(
+            path=path,
+            update=state["update"],
+            episode=state["episode"],
+            num_updates=plan.batch.num_updates,
+            sha256=digest,
+        )
     if state["update"] > 0:
         log.info("resuming from %s (update %d of %d)", path.name, state["update"], plan.batch.num_updates)
     trainer = PPOTrainer.from_checkpoint(plan, models, data, checkpoint=path)
@@ -291,7 +352,15 @@ def train(plan: RunPlan, models: ModelManifest, data: DatasetManifest, callbacks
 
 
 TRAINING_PRODUCTS = (
-    "checkpoints", "data", METRICS_FILE, SPOOL_FILE, "launch", "final", "final-merged", EVAL_FILE, SAMPLES_FILE,
+    "checkpoints",
+    "data",
+    METRICS_FILE,
+    SPOOL_FILE,
+    "launch",
+    "final",
+    "final-merged",
+    EVAL_FILE,
+    SAMPLES_FILE,
 )
 """What stages 3-6 write into the workspace (`archive_training` moves them). Stage 1's and 2's products
 (config.yaml, the tokenizers, registry fetches) stay: the next training of the config uses them."""
@@ -308,7 +377,9 @@ def archive_training(output_dir: Path) -> Path:
     for name in TRAINING_PRODUCTS:
         if (output_dir / name).exists():
             (output_dir / name).rename(target / name)
-    log.warning("%s held another training (other data or models under the same config): moved it to %s", output_dir, target)
+    log.warning(
+        "%s held another training (other data or models under the same config): moved it to %s", output_dir, target
+    )
     return target
 
 
@@ -348,13 +419,16 @@ def _check_same_training(plan: RunPlan, state: dict, models: ModelManifest, data
     if trained_on is not None and trained_on != fingerprint:
         raise ConfigError(
             "output_dir",
-            f"{plan.output_dir} holds a training of other models or data (training fingerprint {trained_on[:16]}, this run's {fingerprint[:16]})",
+            f"{plan.output_dir} holds a training of other models or data (training "
+            f"fingerprint {trained_on[:16]}, this run's {fingerprint[:16]})",
             "run stage 3 (prepare_dataset) first, which archives it, or use a new output_dir",
         )
 
 
 @_clear_storage_errors
-def save_and_evaluate(plan: RunPlan, models: ModelManifest, data: DatasetManifest, final: CheckpointManifest) -> Release:
+def save_and_evaluate(
+    plan: RunPlan, models: ModelManifest, data: DatasetManifest, final: CheckpointManifest
+) -> Release:
     """Stage 6: the trained policy in Hugging Face format, and its evaluation against the reference."""
     config = plan.config
     policy_dir = plan.output_dir / "final"
@@ -364,7 +438,8 @@ def save_and_evaluate(plan: RunPlan, models: ModelManifest, data: DatasetManifes
         policy = load_policy(config, models, final.path, trainable=False, device=state.device)
         metrics, samples = evaluate_policy(config, models, data.eval_dir, policy, state.device)
         write_eval(plan.output_dir, metrics, samples)
-        save_policy(config, policy, load_tokenizer(models.tokenizer_dir), models, policy_dir)  # merging LoRA mutates: last
+        # merging LoRA mutates: last
+        save_policy(config, policy, load_tokenizer(models.tokenizer_dir), models, policy_dir)
     state.wait_for_everyone()
     eval_path = plan.output_dir / EVAL_FILE
     merged = policy_dir.with_name("final-merged")
@@ -372,12 +447,16 @@ def save_and_evaluate(plan: RunPlan, models: ModelManifest, data: DatasetManifes
         policy_dir=policy_dir,
         policy_sha256=sha256_tree(policy_dir),
         eval_path=eval_path,
-        eval_metrics={key: value for key, value in json.loads(eval_path.read_text()).items() if isinstance(value, (int, float))},
+        eval_metrics={
+            key: value for key, value in json.loads(eval_path.read_text()).items() if isinstance(value, (int, float))
+        },
         merged_dir=merged if merged.is_dir() else None,
     )
 
 
-def evaluate_against(plan: RunPlan, models: ModelManifest, data: DatasetManifest, policy_dir: Path, baseline_dir: Path) -> dict[str, float]:
+def evaluate_against(
+    plan: RunPlan, models: ModelManifest, data: DatasetManifest, policy_dir: Path, baseline_dir: Path
+) -> dict[str, float]:
     """The released policy (`policy_dir`, a full Hugging Face directory) head to head with another one
     (`baseline_dir`: the promotion alias's holder) on the eval prompts, as stage 6 compares it with
     the reference: `win_rate` and `reward_ref` are against the baseline, `kl` against the reference."""
@@ -385,7 +464,9 @@ def evaluate_against(plan: RunPlan, models: ModelManifest, data: DatasetManifest
     state = process_state()
     configure_torch(config.runtime)
     if AutoConfig.from_pretrained(baseline_dir).vocab_size != AutoConfig.from_pretrained(policy_dir).vocab_size:
-        raise ModelError(f"{baseline_dir} has another vocabulary than the trained policy: the two cannot be compared head to head")
+        raise ModelError(
+            f"{baseline_dir} has another vocabulary than the trained policy: the two cannot be compared head to head"
+        )
     policy = load_released(config, policy_dir, state.device)
     baseline = load_released(config, baseline_dir, state.device)
     metrics, _ = evaluate_policy(config, models, data.eval_dir, policy, state.device, baseline=baseline)
@@ -402,8 +483,10 @@ def run_all(config: RunConfig, callbacks: Sequence[MetricsCallback] = ()) -> tup
         plan = run_stage("configure", configure, config)
         if plan.batch.world_size != process_state().num_processes:
             raise ConfigError(
-                "runtime.num_processes", f"is {plan.batch.world_size} and `ppoflow train` is one process",
-                f"start it with `accelerate launch --num_processes {plan.batch.world_size} -m ppoflow.cli train`, or use `ppoflow run`",
+                "runtime.num_processes",
+                f"is {plan.batch.world_size} and `ppoflow train` is one process",
+                f"start it with `accelerate launch --num_processes {plan.batch.world_size} -m ppoflow.cli train`, "
+                "or use `ppoflow run`",
             )
         models = run_stage("load_models", load_models, plan)
         data = run_stage("prepare_dataset", prepare_dataset, plan, models)

@@ -36,8 +36,15 @@ _GONE = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
 def spawn(cmd: Sequence[str], *, cwd: Path, env: Mapping[str, str], log_file: Path) -> subprocess.Popen:
     """Start `cmd` in a session of its own, its stdout and stderr appended to `log_file`."""
     with open(log_file, "ab") as handle:
-        return subprocess.Popen(list(cmd), cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=handle,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            list(cmd),
+            cwd=cwd,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def start_ticks(pid: int) -> int | None:
@@ -46,7 +53,7 @@ def start_ticks(pid: int) -> int | None:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(raw[raw.rindex(")") + 2:].split()[19])  # the command name may hold spaces and parens
+    return int(raw[raw.rindex(")") + 2 :].split()[19])  # the command name may hold spaces and parens
 
 
 def alive(pid: int) -> bool:

@@ -36,7 +36,9 @@ class RewardTextEncoder:
         self.policy_tokenizer = policy_tokenizer
         self.reward_tokenizer = reward_tokenizer
 
-    def encode(self, prompt_ids: list[int], response_ids: list[int], messages: Messages | None, complete: bool) -> list[int]:
+    def encode(
+        self, prompt_ids: list[int], response_ids: list[int], messages: Messages | None, complete: bool
+    ) -> list[int]:
         """Reward-model token ids of one prompt + response, given as the policy's real token ids."""
         reward = self.reward_tokenizer
         if messages is not None and reward.chat_template:

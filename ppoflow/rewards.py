@@ -30,10 +30,16 @@ def import_reward_function(index: int, path: str) -> RewardFunction:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(field, f"cannot import module {module_name!r} ({exc})", "check the module path and that it is installed") from None
+        raise ConfigError(
+            field, f"cannot import module {module_name!r} ({exc})", "check the module path and that it is installed"
+        ) from None
     function = getattr(module, attribute, None)
     if not callable(function):
-        raise ConfigError(field, f"{module_name!r} has no callable {attribute!r}", "name a function with signature (prompts, completions) -> list[float]")
+        raise ConfigError(
+            field,
+            f"{module_name!r} has no callable {attribute!r}",
+            "name a function with signature (prompts, completions) -> list[float]",
+        )
     return function
 
 
@@ -41,7 +47,9 @@ def load_reward_functions(configs: list[RewardFunctionConfig]) -> list[LoadedRew
     names = [config.metric_name for config in configs]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
-        raise ConfigError("reward_functions", f"metric names {duplicates} are used twice", "give each entry a distinct `name`")
+        raise ConfigError(
+            "reward_functions", f"metric names {duplicates} are used twice", "give each entry a distinct `name`"
+        )
     return [
         LoadedRewardFunction(config.metric_name, config.weight, import_reward_function(index, config.path))
         for index, config in enumerate(configs)

@@ -18,10 +18,17 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 
-from ppoflow.losses import holds_token, logprobs_of, response_mask
 from ppoflow.config import RunConfig
+from ppoflow.losses import holds_token, logprobs_of, response_mask
 from ppoflow.manifests import ModelManifest
-from ppoflow.models import has_logit_transform, load_tokenizer, resolve_dtype, response_logits, token_values, use_packing
+from ppoflow.models import (
+    has_logit_transform,
+    load_tokenizer,
+    resolve_dtype,
+    response_logits,
+    token_values,
+    use_packing,
+)
 from ppoflow.packing import Layout, make_layout
 from ppoflow.reward_inputs import Messages, RewardTextEncoder
 
@@ -99,7 +106,9 @@ class RolloutWorker:
         # they are the same numbers a fresh forward gives: fp32 (a KV-cached bf16 forward drifts ~1e-2 from
         # a full one, enough to move PPO's first ratio off 1), no top-k/top-p (PPO's log-probs are of the
         # unfiltered distribution) and logits that are the LM head's output as is.
-        self.reuse_logprobs = compute_dtype == torch.float32 and not top_k and top_p >= 1.0 and not has_logit_transform(policy)
+        self.reuse_logprobs = (
+            compute_dtype == torch.float32 and not top_k and top_p >= 1.0 and not has_logit_transform(policy)
+        )
         self.generation_config = GenerationConfig(
             max_new_tokens=response_length,
             do_sample=True,
@@ -126,7 +135,12 @@ class RolloutWorker:
 
     @torch.no_grad()
     def generate(
-        self, queries: torch.Tensor, query_mask: torch.Tensor, model: PreTrainedModel | None = None, *, record_logprobs: bool = False
+        self,
+        queries: torch.Tensor,
+        query_mask: torch.Tensor,
+        model: PreTrainedModel | None = None,
+        *,
+        record_logprobs: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Sample responses from `model` (default: the policy): [B, T] ids (pad after the stop), [B, T]
         bool mask, and with `record_logprobs` the [B, T] log-probs of the sampled tokens at the sampling
@@ -137,7 +151,10 @@ class RolloutWorker:
             # Never in lockstep with the other processes: transformers would for a sharded model, and the
             # trainer generates from whole (`sharding.gathered`) parameters, on the main process alone to evaluate.
             sequences = model.generate(
-                input_ids=queries, attention_mask=query_mask.long(), generation_config=self.generation_config, synced_gpus=False,
+                input_ids=queries,
+                attention_mask=query_mask.long(),
+                generation_config=self.generation_config,
+                synced_gpus=False,
             )
         finally:
             if recorder is not None:
@@ -156,8 +173,12 @@ class RolloutWorker:
     def layout(self, queries, query_mask, responses, response_mask) -> Layout:
         """The decoder layout of prompt+response forwards: packed when the models support it."""
         return make_layout(
-            queries, query_mask, responses, response_mask,
-            packed=self.packed, pad_token_id=self.pad_token_id,
+            queries,
+            query_mask,
+            responses,
+            response_mask,
+            packed=self.packed,
+            pad_token_id=self.pad_token_id,
         )
 
     def logprobs(self, model: nn.Module, layout: Layout, responses: torch.Tensor) -> torch.Tensor:
@@ -165,7 +186,9 @@ class RolloutWorker:
         logits = self._read(model, response_logits, layout.decoder_inputs(), layout.before).float()
         return layout.unflatten(logprobs_of(logits, responses[layout.response_mask], self.temperature))
 
-    def end_scores(self, layout: Layout, queries, query_mask, responses, response_mask, messages: list[Messages | None] | None) -> torch.Tensor:
+    def end_scores(
+        self, layout: Layout, queries, query_mask, responses, response_mask, messages: list[Messages | None] | None
+    ) -> torch.Tensor:
         """[B] reward-model score at each sequence's last real token: in the policy's `layout`, or,
         for a reward model with its own tokenizer, of the re-encoded sequences (`messages`: each
         prompt's conversation, None for a text prompt)."""
@@ -175,22 +198,35 @@ class RolloutWorker:
         messages = messages or [None] * len(responses)
         sequences = [
             self.reward_encoder.encode(q[qm].tolist(), r[rm].tolist(), conversation, done)
-            for q, qm, r, rm, conversation, done in zip(queries, query_mask, responses, response_mask, messages, complete)
+            for q, qm, r, rm, conversation, done in zip(
+                queries, query_mask, responses, response_mask, messages, complete, strict=True
+            )
         ]
         pad = self.reward_encoder.reward_tokenizer.pad_token_id
         ids, mask = left_pad(sequences, pad, queries.device)
         no_response = torch.zeros((len(sequences), 1), dtype=torch.bool, device=queries.device)
-        reward_layout = make_layout(ids, mask, no_response.long(), no_response, packed=self.reward_packed, pad_token_id=pad)
+        reward_layout = make_layout(
+            ids, mask, no_response.long(), no_response, packed=self.reward_packed, pad_token_id=pad
+        )
         return self._read(self.reward, token_values, reward_layout.decoder_inputs(), reward_layout.last).float()
 
-    def _read(self, model: nn.Module, read: Callable, inputs: dict[str, torch.Tensor | None], index: torch.Tensor) -> torch.Tensor:
+    def _read(
+        self, model: nn.Module, read: Callable, inputs: dict[str, torch.Tensor | None], index: torch.Tensor
+    ) -> torch.Tensor:
         """`read(model, inputs, index)`, through the model's entry point when it has one."""
         entry = self.entry_points.get(id(model))
         return read(model, inputs, index) if entry is None else entry(**inputs, before=index)
 
     @torch.no_grad()
-    def evaluate(self, queries, query_mask, responses, response_mask, logprobs: torch.Tensor | None = None,
-                 messages: list[Messages | None] | None = None) -> dict[str, torch.Tensor]:
+    def evaluate(
+        self,
+        queries,
+        query_mask,
+        responses,
+        response_mask,
+        logprobs: torch.Tensor | None = None,
+        messages: list[Messages | None] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Log-probs (policy, unless given; reference), values and reward-model scores for given responses."""
         layout = self.layout(queries, query_mask, responses, response_mask)
         timings = {}
@@ -209,7 +245,13 @@ class RolloutWorker:
         start = time.perf_counter()
         rm_scores = self.end_scores(layout, queries, query_mask, responses, response_mask, messages)
         timings["score"] = time.perf_counter() - start
-        return {"logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values, "rm_scores": rm_scores, "timings": timings}
+        return {
+            "logprobs": logprobs,
+            "ref_logprobs": ref_logprobs,
+            "values": values,
+            "rm_scores": rm_scores,
+            "timings": timings,
+        }
 
     def rollout(
         self,
@@ -226,7 +268,9 @@ class RolloutWorker:
         with self.autocast():
             return self._rollout(queries, query_mask, prompts, decode, reward_functions, missing_eos_penalty, messages)
 
-    def _rollout(self, queries, query_mask, prompts, decode, reward_functions, missing_eos_penalty, messages) -> Rollout:
+    def _rollout(
+        self, queries, query_mask, prompts, decode, reward_functions, missing_eos_penalty, messages
+    ) -> Rollout:
         timings = {"rollout": 0.0, "policy": 0.0, "ref": 0.0, "value": 0.0, "score": 0.0}
         pieces: list[dict] = []
         for start in range(0, queries.shape[0], self.chunk_size):
@@ -243,7 +287,8 @@ class RolloutWorker:
         responses = torch.cat([_pad_right(p["responses"], width, self.pad_token_id) for p in pieces])
         response_mask = torch.cat([_pad_right(p["response_mask"], width, False) for p in pieces])
         logprobs, ref_logprobs, values = (
-            torch.cat([_pad_right(p[key], width, 0.0) for p in pieces]) for key in ("logprobs", "ref_logprobs", "values")
+            torch.cat([_pad_right(p[key], width, 0.0) for p in pieces])
+            for key in ("logprobs", "ref_logprobs", "values")
         )
         rm_scores = torch.cat([p["rm_scores"] for p in pieces])
         complete = self.completed(responses, response_mask)
@@ -275,17 +320,29 @@ class RolloutWorker:
 
 
 def build_worker(
-    config: RunConfig, models: ModelManifest, policy: PreTrainedModel, ref: PreTrainedModel | None, reward: PreTrainedModel,
-    value: PreTrainedModel | None, *, chunk_size: int, entry_points: Sequence[nn.Module] = (),
+    config: RunConfig,
+    models: ModelManifest,
+    policy: PreTrainedModel,
+    ref: PreTrainedModel | None,
+    reward: PreTrainedModel,
+    value: PreTrainedModel | None,
+    *,
+    chunk_size: int,
+    entry_points: Sequence[nn.Module] = (),
 ) -> RolloutWorker:
     """The rollout worker of a run, the same for training and evaluation (which needs no value model):
     the run's stop rule and sampling, packing where every model honours it, and the reward model's
     own tokenizer when it has one (its packing then decided apart, with its own pad token)."""
     ppo = config.ppo
     reward_tokenizer = load_tokenizer(models.reward_tokenizer_dir) if models.reward_tokenizer_dir else None
-    policy_side = {"policy": policy, "ref": ref, "value": value} | ({"reward": reward} if reward_tokenizer is None else {})
+    policy_side = {"policy": policy, "ref": ref, "value": value} | (
+        {"reward": reward} if reward_tokenizer is None else {}
+    )
     return RolloutWorker(
-        policy, ref, reward, value,
+        policy,
+        ref,
+        reward,
+        value,
         pad_token_id=models.pad_token_id,
         stop_token_ids=models.stop_token_ids,
         completion_token_id=models.completion_token_id,
@@ -295,8 +352,11 @@ def build_worker(
         top_p=ppo.top_p,
         chunk_size=chunk_size,
         packed=use_packing(ppo.pack_sequences, policy_side, models.pad_token_id),
-        reward_encoder=None if reward_tokenizer is None else RewardTextEncoder(load_tokenizer(models.tokenizer_dir), reward_tokenizer),
-        reward_packed=reward_tokenizer is not None and use_packing(ppo.pack_sequences, {"reward": reward}, reward_tokenizer.pad_token_id),
+        reward_encoder=None
+        if reward_tokenizer is None
+        else RewardTextEncoder(load_tokenizer(models.tokenizer_dir), reward_tokenizer),
+        reward_packed=reward_tokenizer is not None
+        and use_packing(ppo.pack_sequences, {"reward": reward}, reward_tokenizer.pad_token_id),
         compute_dtype=resolve_dtype(config.models.dtype),
         entry_points=entry_points,
     )

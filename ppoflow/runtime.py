@@ -57,7 +57,8 @@ def check_launched_plain() -> None:
     for variable, mode in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
         if os.environ.get(variable, "false").lower() == "true":
             raise ConfigError(
-                "accelerate launch", f"started these processes in accelerate's {mode} mode, which ppoflow does not use",
+                "accelerate launch",
+                f"started these processes in accelerate's {mode} mode, which ppoflow does not use",
                 f"launch plain processes (--multi_gpu, or distributed_type: MULTI_GPU) and give the {mode} file as "
                 "runtime.accelerate_config",
             )
@@ -85,20 +86,31 @@ def read_accelerate_config(runtime: RuntimeConfig) -> dict:
         settings = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(field, f"{path} cannot be read ({reason})", "give the path of a file `accelerate config` wrote") from None
+        raise ConfigError(
+            field, f"{path} cannot be read ({reason})", "give the path of a file `accelerate config` wrote"
+        ) from None
     if not isinstance(settings, dict):
-        raise ConfigError(field, f"{path} is not a YAML mapping of accelerate settings", "give the path of a file `accelerate config` wrote")
+        raise ConfigError(
+            field,
+            f"{path} is not a YAML mapping of accelerate settings",
+            "give the path of a file `accelerate config` wrote",
+        )
     kind = distributed_type(settings)
     if kind == "DEEPSPEED":
         _check_deepspeed_settings(settings, path, field)
     elif kind == "FSDP":
         _check_fsdp_settings(settings.get("fsdp_config") or {}, path, field)
     elif kind not in DATA_PARALLEL_TYPES:
-        raise ConfigError(field, f"{path} asks for distributed_type {kind}", f"use one of {', '.join((*DATA_PARALLEL_TYPES, 'FSDP', 'DEEPSPEED'))}")
+        raise ConfigError(
+            field,
+            f"{path} asks for distributed_type {kind}",
+            f"use one of {', '.join((*DATA_PARALLEL_TYPES, 'FSDP', 'DEEPSPEED'))}",
+        )
     precision = str(settings.get("mixed_precision", "no")).lower()
     if precision != "no":
         raise ConfigError(
-            field, f"{path} asks for mixed_precision {precision}, and ppoflow's precision is the config's",
+            field,
+            f"{path} asks for mixed_precision {precision}, and ppoflow's precision is the config's",
             "set mixed_precision: 'no' there and models.dtype (bfloat16, or auto on a GPU) in the run config",
         )
     machines = machine_count(settings)
@@ -106,7 +118,9 @@ def read_accelerate_config(runtime: RuntimeConfig) -> dict:
         _check_machines(settings, machines, runtime.num_processes, f"{path}", field)
     if "num_processes" in settings and int(settings["num_processes"]) != runtime.num_processes:
         raise ConfigError(
-            field, f"{path} says num_processes {settings['num_processes']} and runtime.num_processes is {runtime.num_processes}",
+            field,
+            f"{path} says num_processes {settings['num_processes']} "
+            f"and runtime.num_processes is {runtime.num_processes}",
             "make them equal, or leave num_processes out of the file",
         )
     gpu_ids = str(settings.get("gpu_ids", "all")).strip()
@@ -115,7 +129,8 @@ def read_accelerate_config(runtime: RuntimeConfig) -> dict:
         ids = [part for part in gpu_ids.split(",") if part.strip()]
         if len(ids) < per_machine:
             raise ConfigError(
-                field, f"{path} gives gpu_ids {gpu_ids} ({len(ids)} GPU(s)) to {per_machine} processes on this machine",
+                field,
+                f"{path} gives gpu_ids {gpu_ids} ({len(ids)} GPU(s)) to {per_machine} processes on this machine",
                 "list one GPU per process, or lower runtime.num_processes",
             )
     return settings
@@ -138,16 +153,28 @@ FSDP_SETTINGS: dict[str, tuple] = {  # each: a Setting's fields
     "fsdp_sharding_strategy": (("FULL_SHARD", 1), "parameters, gradients and optimizer state are all sharded"),
     "fsdp_reshard_after_forward": ((True, "FULL_SHARD"), "each layer is freed after its forward (FULL_SHARD)"),
     "fsdp_auto_wrap_policy": (("TRANSFORMER_BASED_WRAP",), "each decoder layer is one group"),
-    "fsdp_transformer_layer_cls_to_wrap": ((), "the decoder layer classes to shard apart (default: the model's _no_split_modules)"),
-    "fsdp_state_dict_type": (("FULL_STATE_DICT",), "checkpoints hold full state dicts, in the format of an unsharded run"),
+    "fsdp_transformer_layer_cls_to_wrap": (
+        (),
+        "the decoder layer classes to shard apart (default: the model's _no_split_modules)",
+    ),
+    "fsdp_state_dict_type": (
+        ("FULL_STATE_DICT",),
+        "checkpoints hold full state dicts, in the format of an unsharded run",
+    ),
     "fsdp_offload_params": ((False,), "parameters stay on the training device (CPU offload is not built)"),
     "fsdp_cpu_ram_efficient_loading": ((False,), "every process loads the weights itself, then keeps its shards"),
-    "fsdp_sync_module_states": ((True, False), "every process loads the same weights, so they start in sync either way"),
+    "fsdp_sync_module_states": (
+        (True, False),
+        "every process loads the same weights, so they start in sync either way",
+    ),
     "fsdp_use_orig_params": ((True,), "FSDP2 keeps the original parameters (as DTensor shards)"),
     "fsdp_backward_prefetch": (("BACKWARD_PRE",), "FSDP2 all-gathers the next layer before each layer's backward"),
     "fsdp_forward_prefetch": ((False,), "FSDP2 all-gathers each layer at its forward"),
-    "fsdp_activation_checkpointing": ((False,), "activation checkpointing is ppo.gradient_checkpointing",
-                                      "set ppo.gradient_checkpointing: true instead"),
+    "fsdp_activation_checkpointing": (
+        (False,),
+        "activation checkpointing is ppo.gradient_checkpointing",
+        "set ppo.gradient_checkpointing: true instead",
+    ),
 }
 
 
@@ -160,7 +187,10 @@ DEEPSPEED_SETTINGS: dict[str, tuple] = {  # each: a Setting's fields
     "offload_param_device": (("NONE",), "the parameters stay on the training device (offload is not built)"),
     "zero3_init_flag": ((False,), "every process loads the weights whole, then ZeRO partitions them"),
     "zero3_save_16bit_model": ((False,), "checkpoints hold the full weights in the models' own precision"),
-    "deepspeed_multinode_launcher": (("STANDARD",), "ppoflow launches every machine's processes with accelerate's standard launcher"),
+    "deepspeed_multinode_launcher": (
+        ("STANDARD",),
+        "ppoflow launches every machine's processes with accelerate's standard launcher",
+    ),
     "gradient_accumulation_steps": ((), "checked against ppo.gradient_accumulation_steps"),
     "gradient_clipping": ((), "checked against ppo.max_grad_norm"),
 }
@@ -169,20 +199,29 @@ DEEPSPEED_SETTINGS: dict[str, tuple] = {  # each: a Setting's fields
 def _check_deepspeed_settings(settings: dict, path: Path, field: str) -> None:
     deepspeed = settings.get("deepspeed_config") or {}
     if not isinstance(deepspeed, dict):
-        raise ConfigError(field, f"{path}: deepspeed_config is not a mapping", "give it as `accelerate config` writes it")
+        raise ConfigError(
+            field, f"{path}: deepspeed_config is not a mapping", "give it as `accelerate config` writes it"
+        )
     if "deepspeed_config_file" in deepspeed:
         raise ConfigError(
-            field, f"{path} gives a deepspeed_config_file, and ppoflow builds the DeepSpeed config from the run config",
+            field,
+            f"{path} gives a deepspeed_config_file, and ppoflow builds the DeepSpeed config from the run config",
             "give deepspeed_config.zero_stage (1, 2 or 3) instead",
         )
     if "zero_stage" not in deepspeed:
-        raise ConfigError(field, f"{path} asks for DeepSpeed and gives no deepspeed_config.zero_stage", "set zero_stage: 1, 2 or 3 there")
+        raise ConfigError(
+            field,
+            f"{path} asks for DeepSpeed and gives no deepspeed_config.zero_stage",
+            "set zero_stage: 1, 2 or 3 there",
+        )
     _check_known(deepspeed, DEEPSPEED_SETTINGS, "deepspeed_config", path, field)
     try:
         import deepspeed as _  # noqa: F401
     except ImportError:
         raise ConfigError(
-            field, f"{path} asks for DeepSpeed, which is not installed", "pip install 'ppoflow[deepspeed]' on every machine",
+            field,
+            f"{path} asks for DeepSpeed, which is not installed",
+            "pip install 'ppoflow[deepspeed]' on every machine",
         ) from None
 
 
@@ -193,9 +232,13 @@ def _check_known(section: dict, known: dict[str, tuple], name: str, path: Path, 
             raise ConfigError(field, f"{path} sets {name}.{key}, which ppoflow does not do", "remove it")
         setting = Setting(*known[key])
         if setting.accepted and _setting_value(raw) not in setting.accepted:
-            wanted = " or ".join(str(option).lower() if isinstance(option, bool) else str(option) for option in setting.accepted)
+            wanted = " or ".join(
+                str(option).lower() if isinstance(option, bool) else str(option) for option in setting.accepted
+            )
             fix = setting.fix or f"set it to {wanted}"
-            raise ConfigError(field, f"{path} sets {name}.{key}: {raw}, and with ppoflow {setting.meaning}", f"{fix} (or remove it)")
+            raise ConfigError(
+                field, f"{path} sets {name}.{key}: {raw}, and with ppoflow {setting.meaning}", f"{fix} (or remove it)"
+            )
 
 
 def _setting_value(value: Any) -> Any:
@@ -236,11 +279,17 @@ def sharding(runtime: RuntimeConfig, settings: dict | None = None) -> Sharding:
     zero_stage = None
     if kind == "DEEPSPEED":
         zero_stage = int(_setting_value((settings.get("deepspeed_config") or {})["zero_stage"]))
-    return Sharding(fsdp=runtime.fsdp or from_file, frozen=runtime.fsdp_frozen, layer_classes=tuple(classes) if classes else None,
-                    zero_stage=zero_stage)
+    return Sharding(
+        fsdp=runtime.fsdp or from_file,
+        frozen=runtime.fsdp_frozen,
+        layer_classes=tuple(classes) if classes else None,
+        zero_stage=zero_stage,
+    )
 
 
-def check_sharding_plan(runtime: RuntimeConfig, lora: bool, ppo: PPOConfig | None = None, settings: dict | None = None) -> Sharding:
+def check_sharding_plan(
+    runtime: RuntimeConfig, lora: bool, ppo: PPOConfig | None = None, settings: dict | None = None
+) -> Sharding:
     """Stage 1: the sharding the run asks for is one that can run (one-line refusals otherwise).
     `settings`: its accelerate config as `read_accelerate_config` returned it (read if not given)."""
     settings = read_accelerate_config(runtime) if settings is None else settings
@@ -251,42 +300,69 @@ def check_sharding_plan(runtime: RuntimeConfig, lora: bool, ppo: PPOConfig | Non
     field = "runtime.accelerate_config" if plan.fsdp and not runtime.fsdp else "runtime.fsdp"
     if plan.fsdp and runtime.num_processes < 2:
         raise ConfigError(
-            field, f"asks for sharded training and runtime.num_processes is {runtime.num_processes}: there is nothing to shard over",
+            field,
+            "asks for sharded training and runtime.num_processes is "
+            f"{runtime.num_processes}: there is nothing to shard over",
             "set runtime.num_processes to 2 or more (one process per GPU), or train unsharded",
         )
     if plan.fsdp and lora:
-        raise ConfigError(field, "asks for sharded training and peft.enabled is true: LoRA with FSDP is not built",
-                          "train unsharded (LoRA's few trained weights fit on every process) or set peft.enabled: false")
+        raise ConfigError(
+            field,
+            "asks for sharded training and peft.enabled is true: LoRA with FSDP is not built",
+            "train unsharded (LoRA's few trained weights fit on every process) or set peft.enabled: false",
+        )
     if plan.frozen and not plan.fsdp:
         raise ConfigError(
-            "runtime.fsdp_frozen", "is true and the policy is not sharded: the frozen models are sharded only beside a sharded policy",
-            "set runtime.fsdp: true as well (or distributed_type: FSDP in runtime.accelerate_config), or runtime.fsdp_frozen: false",
+            "runtime.fsdp_frozen",
+            "is true and the policy is not sharded: the frozen models are sharded only beside a sharded policy",
+            "set runtime.fsdp: true as well (or distributed_type: FSDP in "
+            "runtime.accelerate_config), or runtime.fsdp_frozen: false",
         )
     return plan
 
 
-def _check_zero_plan(runtime: RuntimeConfig, plan: Sharding, lora: bool, ppo: PPOConfig | None, deepspeed: dict) -> None:
+def _check_zero_plan(
+    runtime: RuntimeConfig, plan: Sharding, lora: bool, ppo: PPOConfig | None, deepspeed: dict
+) -> None:
     field = "runtime.accelerate_config"
     if plan.fsdp:
-        raise ConfigError("runtime.fsdp", "is true and runtime.accelerate_config asks for DeepSpeed: one sharding at a time",
-                          "set runtime.fsdp: false, or give an accelerate config without DeepSpeed")
+        raise ConfigError(
+            "runtime.fsdp",
+            "is true and runtime.accelerate_config asks for DeepSpeed: one sharding at a time",
+            "set runtime.fsdp: false, or give an accelerate config without DeepSpeed",
+        )
     if runtime.fsdp_frozen:
-        raise ConfigError("runtime.fsdp_frozen", "is true and runtime.accelerate_config asks for DeepSpeed, which keeps the frozen models whole",
-                          "set runtime.fsdp_frozen: false")
+        raise ConfigError(
+            "runtime.fsdp_frozen",
+            "is true and runtime.accelerate_config asks for DeepSpeed, which keeps the frozen models whole",
+            "set runtime.fsdp_frozen: false",
+        )
     if runtime.num_processes < 2:
-        raise ConfigError(field, f"asks for DeepSpeed ZeRO and runtime.num_processes is {runtime.num_processes}: there is nothing to "
-                          "partition over", "set runtime.num_processes to 2 or more (one process per GPU), or train without DeepSpeed")
+        raise ConfigError(
+            field,
+            f"asks for DeepSpeed ZeRO and runtime.num_processes is {runtime.num_processes}: there is nothing to "
+            "partition over",
+            "set runtime.num_processes to 2 or more (one process per GPU), or train without DeepSpeed",
+        )
     if lora:
-        raise ConfigError(field, "asks for DeepSpeed ZeRO and peft.enabled is true: LoRA with DeepSpeed is not built",
-                          "train without DeepSpeed (LoRA's few trained weights fit on every process) or set peft.enabled: false")
+        raise ConfigError(
+            field,
+            "asks for DeepSpeed ZeRO and peft.enabled is true: LoRA with DeepSpeed is not built",
+            "train without DeepSpeed (LoRA's few trained weights fit on every process) or set peft.enabled: false",
+        )
     if ppo is None:
         return
-    for key, ours, name in (("gradient_accumulation_steps", ppo.gradient_accumulation_steps, "ppo.gradient_accumulation_steps"),
-                            ("gradient_clipping", ppo.max_grad_norm, "ppo.max_grad_norm")):
+    for key, ours, name in (
+        ("gradient_accumulation_steps", ppo.gradient_accumulation_steps, "ppo.gradient_accumulation_steps"),
+        ("gradient_clipping", ppo.max_grad_norm, "ppo.max_grad_norm"),
+    ):
         given = deepspeed.get(key, "auto")
         if str(given).lower() != "auto" and (ours is None or float(given) != float(ours)):
-            raise ConfigError(field, f"sets deepspeed_config.{key}: {given} and {name} is {ours}, the run config's own setting",
-                              f"set it to auto there (or remove it), and {name} in the run config")
+            raise ConfigError(
+                field,
+                f"sets deepspeed_config.{key}: {given} and {name} is {ours}, the run config's own setting",
+                f"set it to auto there (or remove it), and {name} in the run config",
+            )
 
 
 def machine_count(settings: dict[str, Any]) -> int:
@@ -304,7 +380,9 @@ def launchable_accelerate_config(source: Path, target: Path) -> Path:
     settings = yaml.safe_load(Path(source).expanduser().read_text())
     if distributed_type(settings) not in ("FSDP", "DEEPSPEED"):
         return Path(source).expanduser()
-    plain = {key: value for key, value in settings.items() if key not in ("fsdp_config", "deepspeed_config")} | {"distributed_type": "MULTI_GPU"}
+    plain = {key: value for key, value in settings.items() if key not in ("fsdp_config", "deepspeed_config")} | {
+        "distributed_type": "MULTI_GPU"
+    }
     target.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(target, yaml.safe_dump(plain, sort_keys=False))
     return target
@@ -315,17 +393,20 @@ def _check_machines(settings: dict, machines: int, num_processes: int, path: str
     and the processes split evenly over them."""
     if int(settings.get("machine_rank", 0) or 0) != 0:
         raise ConfigError(
-            field, f"{path} is for machine_rank {settings['machine_rank']}, and the flow runs on the main machine (rank 0)",
+            field,
+            f"{path} is for machine_rank {settings['machine_rank']}, and the flow runs on the main machine (rank 0)",
             "give the flow the main machine's file (machine_rank: 0); the others run `ppoflow join --machine-rank R`",
         )
     if not str(settings.get("main_process_ip") or "").strip():
         raise ConfigError(
-            field, f"{path} is for {machines} machines and gives no main_process_ip",
+            field,
+            f"{path} is for {machines} machines and gives no main_process_ip",
             "set main_process_ip to the main machine's address, which the other machines can reach",
         )
     if num_processes % machines or num_processes < machines:
         raise ConfigError(
-            field, f"{path} is for {machines} machines and runtime.num_processes is {num_processes} (processes in all)",
+            field,
+            f"{path} is for {machines} machines and runtime.num_processes is {num_processes} (processes in all)",
             f"make runtime.num_processes a multiple of {machines}: as many processes on every machine",
         )
 
@@ -350,7 +431,9 @@ def configure_torch(runtime: RuntimeConfig) -> None:
     if runtime.num_threads is not None and torch.get_num_threads() != runtime.num_threads:
         torch.set_num_threads(runtime.num_threads)
     if not torch.cuda.is_available():
-        chosen = "runtime.num_threads" if runtime.num_threads is not None else "torch's default: runtime.num_threads is null"
+        chosen = (
+            "runtime.num_threads" if runtime.num_threads is not None else "torch's default: runtime.num_threads is null"
+        )
         said = f"torch runs on {torch.get_num_threads()} CPU threads ({chosen})"
         if said not in _SAID:  # once per process, not at each stage
             _SAID.add(said)
@@ -358,7 +441,11 @@ def configure_torch(runtime: RuntimeConfig) -> None:
     if runtime.deterministic:
         workspace = os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
         if workspace not in CUBLAS_DETERMINISTIC_SETTINGS:
-            log.warning("CUBLAS_WORKSPACE_CONFIG=%s is not one of cuBLAS's deterministic settings %s", workspace, CUBLAS_DETERMINISTIC_SETTINGS)
+            log.warning(
+                "CUBLAS_WORKSPACE_CONFIG=%s is not one of cuBLAS's deterministic settings %s",
+                workspace,
+                CUBLAS_DETERMINISTIC_SETTINGS,
+            )
     torch.use_deterministic_algorithms(runtime.deterministic, warn_only=True)
     # Filling every torch.empty with NaN is a debugging aid against reading uninitialised memory, not
     # a need of determinism, and costs ~20 % of a CPU toy run.

@@ -56,8 +56,9 @@ def shard(module: nn.Module, *, frozen: bool = False, layer_classes: Iterable[st
         if missing:
             model = type(getattr(module, "model", module)).__name__
             raise ModelError(
-                f"runtime.accelerate_config: fsdp_transformer_layer_cls_to_wrap names {', '.join(missing)}, which {model} has not — "
-                f"name its decoder layer class ({', '.join(sorted(decoder_layer_classes(module))) or 'see its modules'}) or leave the key out"
+                f"runtime.accelerate_config: fsdp_transformer_layer_cls_to_wrap names {', '.join(missing)}, "
+                f"which {model} has not — name its decoder layer class "
+                f"({', '.join(sorted(decoder_layer_classes(module))) or 'see its modules'}) or leave the key out"
             )
     else:
         classes = decoder_layer_classes(module)

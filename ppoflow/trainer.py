@@ -46,7 +46,6 @@ from ppoflow.checkpoint import (
 from ppoflow.data import load_prompts, local_batch
 from ppoflow.errors import CheckpointError, TrainingDiverged
 from ppoflow.evaluate import Evaluator
-from ppoflow.workspace import METRICS_FILE
 from ppoflow.losses import entropy_from_logits, logprobs_of, policy_loss, value_loss
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, RunPlan, training_fingerprint
 from ppoflow.models import (
@@ -57,22 +56,23 @@ from ppoflow.models import (
     response_logits,
     token_values,
 )
+from ppoflow.reward_inputs import conversations
 from ppoflow.rewards import load_reward_functions
+from ppoflow.rollout import Rollout, build_worker, left_pad
 from ppoflow.runtime import configure_torch, make_accelerator, sharding
 from ppoflow.schedule import make_scheduler, warmup_steps
 from ppoflow.sharding import (
     full_model_state,
     full_optimizer_state,
+    full_value,
     gathered,
     held_parameters,
     load_full_optimizer_state,
     set_gradient_sync,
     shard,
     sharded_forwards,
-    full_value,
 )
-from ppoflow.reward_inputs import conversations
-from ppoflow.rollout import Rollout, build_worker, left_pad
+from ppoflow.workspace import METRICS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,9 @@ class AtResponseTokens(nn.Module):
         self.read = read
 
     def forward(self, input_ids, attention_mask, position_ids, before):
-        output = self.read(self.model, {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}, before)
+        output = self.read(
+            self.model, {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}, before
+        )
         # A view (the value head's squeezed output) would escape FSDP2's pre-backward hook if modified in place.
         return output.clone() if output._is_view() else output
 
@@ -105,7 +107,9 @@ def decay_parameter_groups(models: Sequence[nn.Module], weight_decay: float) -> 
     and normalisation weights (by name, or inside an `nn.LayerNorm`), as transformers' Trainer does."""
     decay, no_decay = [], []
     for model in models:
-        in_layer_norm = {id(p) for module in model.modules() if isinstance(module, nn.LayerNorm) for p in module.parameters()}
+        in_layer_norm = {
+            id(p) for module in model.modules() if isinstance(module, nn.LayerNorm) for p in module.parameters()
+        }
         for name, parameter in model.named_parameters():
             if parameter.requires_grad:
                 exempt = id(parameter) in in_layer_norm or NO_DECAY.search(name.lower())
@@ -116,7 +120,9 @@ def decay_parameter_groups(models: Sequence[nn.Module], weight_decay: float) -> 
 class PPOTrainer:
     """Owns the four models, the optimizer and the loop. Build it with `from_checkpoint`."""
 
-    def __init__(self, plan: RunPlan, models: ModelManifest, data: DatasetManifest, accelerator: Accelerator | None = None):
+    def __init__(
+        self, plan: RunPlan, models: ModelManifest, data: DatasetManifest, accelerator: Accelerator | None = None
+    ):
         self.plan, self.models, self.data = plan, models, data
         self.config = plan.config
         self.ppo = plan.config.ppo
@@ -125,8 +131,8 @@ class PPOTrainer:
         self.accelerator = accelerator or make_accelerator()
         if self.accelerator.num_processes != self.batch.world_size:
             raise CheckpointError(
-                f"the run plan is for {self.batch.world_size} process(es) but {self.accelerator.num_processes} are running — "
-                "re-run stage 1 with the same number of processes"
+                f"the run plan is for {self.batch.world_size} process(es) but {self.accelerator.num_processes} "
+                "are running — re-run stage 1 with the same number of processes"
             )
         self.output_dir = plan.output_dir
         self.checkpoint_root = self.output_dir / "checkpoints"
@@ -162,18 +168,30 @@ class PPOTrainer:
                     shard(AtResponseTokens(model, read), frozen=True, layer_classes=plan.layer_classes)
                     for model, read in ((ref, response_logits), (reward, token_values))
                 ]
-            for name, root in zip(("policy", "value", "reference", "reward"), (self.policy_wrapper, self.value_wrapper, *self.frozen_roots)):
+            for name, root in zip(
+                ("policy", "value", "reference", "reward"),
+                (self.policy_wrapper, self.value_wrapper, *self.frozen_roots),
+                strict=False,
+            ):
                 held, total = held_parameters(root)
-                log.info("fsdp: %s: %d of its %d parameters held by process %d", name, held, total, self.accelerator.process_index)
+                log.info(
+                    "fsdp: %s: %d of its %d parameters held by process %d",
+                    name,
+                    held,
+                    total,
+                    self.accelerator.process_index,
+                )
         elif self.zero_stage:  # both behind one forward, the engine's (`zero.PolicyAndValue`), made below
             self.policy_wrapper = AtResponseTokens(policy, response_logits)
             self.value_wrapper = AtResponseTokens(value, token_values)
         else:
             self.policy_wrapper = self.accelerator.prepare_model(AtResponseTokens(policy, response_logits))
             self.value_wrapper = self.accelerator.prepare_model(AtResponseTokens(value, token_values))
-        # Not accelerate's unwrap_model: with deepspeed installed it imports deepspeed (seconds, and MLflow with it) for any model.
+        # Not accelerate's unwrap_model: with deepspeed installed it imports deepspeed (seconds, and MLflow
+        # with it) for any model.
         self.policy, self.value = (
-            (wrapper.module if isinstance(wrapper, DistributedDataParallel) else wrapper).model for wrapper in (self.policy_wrapper, self.value_wrapper)
+            (wrapper.module if isinstance(wrapper, DistributedDataParallel) else wrapper).model
+            for wrapper in (self.policy_wrapper, self.value_wrapper)
         )
         if self.ppo.gradient_checkpointing:
             # Non-reentrant: works with a frozen LoRA base too (no inputs that require grad needed).
@@ -186,7 +204,9 @@ class PPOTrainer:
         # loop for a 26 M-parameter model (0.036 s vs 0.19 s a step with foreach), same arithmetic.
         self.optimizer = torch.optim.AdamW(
             decay_parameter_groups((self.policy, self.value), self.ppo.weight_decay),
-            lr=self.ppo.learning_rate, eps=self.ppo.adam_epsilon, fused=device.type in ("cpu", "cuda"),
+            lr=self.ppo.learning_rate,
+            eps=self.ppo.adam_epsilon,
+            fused=device.type in ("cpu", "cuda"),
         )
         # Over optimizer steps, one per mini-batch (TRL steps its scheduler once per update).
         self.scheduler = make_scheduler(
@@ -197,21 +217,38 @@ class PPOTrainer:
         )
         if self.zero_stage:
             batch = self.batch
-            self.engine = zero.initialize(zero.PolicyAndValue(self.policy_wrapper, self.value_wrapper), self.optimizer, zero.engine_config(
-                self.zero_stage, micro_batch_size=batch.local_micro_batch_size, accumulation=batch.micro_batches_per_mini_batch,
-                world_size=batch.world_size, max_grad_norm=self.ppo.max_grad_norm,
-            ))
+            self.engine = zero.initialize(
+                zero.PolicyAndValue(self.policy_wrapper, self.value_wrapper),
+                self.optimizer,
+                zero.engine_config(
+                    self.zero_stage,
+                    micro_batch_size=batch.local_micro_batch_size,
+                    accumulation=batch.micro_batches_per_mini_batch,
+                    world_size=batch.world_size,
+                    max_grad_norm=self.ppo.max_grad_norm,
+                ),
+            )
         # The packing self-check runs the models whole (on the main process alone for the evaluator's).
         with self._gathered(self.policy_wrapper, self.value_wrapper, *self.frozen_roots):
             self.worker = build_worker(
-                self.config, self.models, self.policy, ref, reward, self.value, chunk_size=self.ppo.local_rollout_forward_batch_size,
+                self.config,
+                self.models,
+                self.policy,
+                ref,
+                reward,
+                self.value,
+                chunk_size=self.ppo.local_rollout_forward_batch_size,
                 entry_points=self.frozen_roots,
             )
             # Stage 6's evaluation on the models in training (`ppo.eval_every`): the main process evaluates.
             self.evaluator = None
             if self.ppo.eval_every is not None and self.accelerator.is_main_process:
-                eval_worker = build_worker(self.config, self.models, self.policy, ref, reward, None, chunk_size=self.config.eval.batch_size)
-                self.evaluator = Evaluator(self.config, self.models, eval_worker, load_prompts(self.data.eval_dir), device)
+                eval_worker = build_worker(
+                    self.config, self.models, self.policy, ref, reward, None, chunk_size=self.config.eval.batch_size
+                )
+                self.evaluator = Evaluator(
+                    self.config, self.models, eval_worker, load_prompts(self.data.eval_dir), device
+                )
         if checkpoint is not None:
             self._load_state(checkpoint)
 
@@ -235,7 +272,9 @@ class PPOTrainer:
         self.update, self.episode, self.optimizer_steps = state["update"], state["episode"], state["optimizer_steps"]
 
     @classmethod
-    def from_checkpoint(cls, plan, models, data, checkpoint: Path | None, accelerator: Accelerator | None = None) -> PPOTrainer:
+    def from_checkpoint(
+        cls, plan, models, data, checkpoint: Path | None, accelerator: Accelerator | None = None
+    ) -> PPOTrainer:
         trainer = cls(plan, models, data, accelerator)
         if checkpoint is None:
             torch.manual_seed(plan.config.ppo.seed + trainer.accelerator.process_index)
@@ -261,7 +300,10 @@ class PPOTrainer:
             self.accelerator.wait_for_everyone()
         path = gather_object([path])[0] if self.accelerator.num_processes > 1 else path
         return CheckpointManifest(
-            path=path, update=self.update, episode=self.episode, num_updates=self.batch.num_updates,
+            path=path,
+            update=self.update,
+            episode=self.episode,
+            num_updates=self.batch.num_updates,
             sha256=verify_checkpoint(path),
         )
 
@@ -282,8 +324,14 @@ class PPOTrainer:
 
         def payload(directory: Path) -> None:
             save_training_state(
-                directory, policy=self.policy, value=self.value, optimizer_state=optimizer_state, scheduler=self.scheduler,
-                rng_states=rng_states, policy_state=policy_state, value_state=value_state,
+                directory,
+                policy=self.policy,
+                value=self.value,
+                optimizer_state=optimizer_state,
+                scheduler=self.scheduler,
+                rng_states=rng_states,
+                policy_state=policy_state,
+                value_state=value_state,
             )
 
         path = write_checkpoint(self.checkpoint_root, self.update, payload, state)
@@ -299,7 +347,10 @@ class PPOTrainer:
 
     # ----------------------------------------------------------------------------- the loop
     def _decode(self, responses: torch.Tensor, mask: torch.Tensor) -> list[str]:
-        return [self.tokenizer.decode(row[m].tolist(), skip_special_tokens=True) for row, m in zip(responses, mask)]
+        return [
+            self.tokenizer.decode(row[m].tolist(), skip_special_tokens=True)
+            for row, m in zip(responses, mask, strict=True)
+        ]
 
     def train(self, callbacks: Sequence[MetricsCallback] = ()) -> CheckpointManifest:
         """Run the remaining updates; evaluate every `eval_every` and at the end (into that update's
@@ -308,7 +359,10 @@ class PPOTrainer:
         if self.accelerator.is_main_process:
             _truncate_metrics(metrics_path, self.update)
         progress = tqdm(
-            total=self.batch.num_updates, initial=self.update, desc="ppo", unit="update",
+            total=self.batch.num_updates,
+            initial=self.update,
+            desc="ppo",
+            unit="update",
             disable=not self.accelerator.is_main_process,
         )
         manifest = None
@@ -322,15 +376,22 @@ class PPOTrainer:
                 for callback in callbacks:
                     callback(metrics)
             progress.update(1)
-            progress.set_postfix({"episodes/s": f"{metrics['perf/episodes_per_s']:.1f}", "score": f"{metrics['objective/scores']:.3f}",
-                                  "kl": f"{metrics['objective/kl']:.3f}"})
+            progress.set_postfix(
+                {
+                    "episodes/s": f"{metrics['perf/episodes_per_s']:.1f}",
+                    "score": f"{metrics['objective/scores']:.3f}",
+                    "kl": f"{metrics['objective/kl']:.3f}",
+                }
+            )
             if self.update % self.ppo.checkpoint_every == 0 or self.update == self.batch.num_updates:
                 manifest = self.save_checkpoint()
         progress.close()
         if manifest is None:
             found = newest_valid_checkpoint(self.checkpoint_root)
             path, digest = found
-            manifest = CheckpointManifest(path=path, update=self.update, episode=self.episode, num_updates=self.batch.num_updates, sha256=digest)
+            manifest = CheckpointManifest(
+                path=path, update=self.update, episode=self.episode, num_updates=self.batch.num_updates, sha256=digest
+            )
         return manifest
 
     def _evaluation_due(self) -> bool:
@@ -347,7 +408,9 @@ class PPOTrainer:
             if self.evaluator is not None:
                 began = time.perf_counter()
                 results, _ = self.evaluator()
-                metrics = {f"eval/{key}": value for key, value in results.items()} | {"timing/eval": time.perf_counter() - began}
+                metrics = {f"eval/{key}": value for key, value in results.items()} | {
+                    "timing/eval": time.perf_counter() - began
+                }
             self.accelerator.wait_for_everyone()
         return metrics
 
@@ -362,7 +425,10 @@ class PPOTrainer:
         # sharded frozen models gather layer by layer in their forwards, the same forwards on every process.
         with self._gathered(self.policy_wrapper, self.value_wrapper), sharded_forwards(*self.frozen_roots):
             rollout = self.worker.rollout(
-                queries, query_mask, prompts["prompt"], self._decode,
+                queries,
+                query_mask,
+                prompts["prompt"],
+                self._decode,
                 [(fn.metric_name, fn.weight, fn.function) for fn in self.reward_functions],
                 ppo.missing_eos_penalty,
                 conversations(prompts),
@@ -386,8 +452,14 @@ class PPOTrainer:
         self._check_finite({name: torch.tensor(value) for name, value in metrics.items() if isinstance(value, float)})
         return metrics
 
-    def _metrics(self, rollout: Rollout, kl: torch.Tensor, non_score_reward: torch.Tensor, stats: dict[str, float],
-                 timings: dict[str, float]) -> dict[str, Any]:
+    def _metrics(
+        self,
+        rollout: Rollout,
+        kl: torch.Tensor,
+        non_score_reward: torch.Tensor,
+        stats: dict[str, float],
+        timings: dict[str, float],
+    ) -> dict[str, Any]:
         """The update's metrics, with TRL's names, averaged over processes (counts summed). Per-token
         statistics are over real response tokens only (docs/METRICS.md)."""
         reduce = self._mean_across_processes
@@ -417,7 +489,9 @@ class PPOTrainer:
         """`num_ppo_epochs` × `num_mini_batches` optimizer steps, each accumulating its micro-batches."""
         ppo, batch = self.ppo, self.batch
         micro_batches = batch.micro_batches_per_mini_batch
-        records: dict[str, list[torch.Tensor]] = {key: [] for key in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "entropy", "ratio")}
+        records: dict[str, list[torch.Tensor]] = {
+            key: [] for key in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "entropy", "ratio")
+        }
         learning_rates: list[float] = []
         self.policy_wrapper.train()
         self.value_wrapper.train()
@@ -427,7 +501,9 @@ class PPOTrainer:
                 mini_rows = order[mini * batch.local_mini_batch_size : (mini + 1) * batch.local_mini_batch_size]
                 for micro in range(micro_batches):
                     rows = mini_rows[micro * batch.local_micro_batch_size : (micro + 1) * batch.local_micro_batch_size]
-                    record = self._accumulate(rollout, advantages, returns, rows, micro_batches, sync=micro == micro_batches - 1)
+                    record = self._accumulate(
+                        rollout, advantages, returns, rows, micro_batches, sync=micro == micro_batches - 1
+                    )
                     for key, value in record.items():
                         records[key].append(value)
                 learning_rates.append(self.optimizer.param_groups[0]["lr"])
@@ -466,7 +542,9 @@ class PPOTrainer:
                     no_sync.enter_context(self.accelerator.no_sync(wrapper))
             return self._micro_batch(rollout, advantages, returns, rows, micro_batches)
 
-    def _micro_batch(self, rollout: Rollout, advantages, returns, rows: torch.Tensor, micro_batches: int) -> dict[str, torch.Tensor]:
+    def _micro_batch(
+        self, rollout: Rollout, advantages, returns, rows: torch.Tensor, micro_batches: int
+    ) -> dict[str, torch.Tensor]:
         ppo = self.ppo
         mask = rollout.response_mask[rows]
         responses = rollout.responses[rows]
@@ -493,7 +571,9 @@ class PPOTrainer:
         self.accelerator.backward(ppo.vf_coef * vf_loss / micro_batches)
         return _micro_batch_record(pg_loss, vf_loss, pg_stats, vf_stats, entropy)
 
-    def _engine_micro_batch(self, rollout: Rollout, advantages, returns, rows, micro_batches: int, layout, inputs) -> dict[str, torch.Tensor]:
+    def _engine_micro_batch(
+        self, rollout: Rollout, advantages, returns, rows, micro_batches: int, layout, inputs
+    ) -> dict[str, torch.Tensor]:
         """`_micro_batch` through the DeepSpeed engine: one forward of both models, one backward of
         their summed loss (the engine's hooks reduce and partition the gradients)."""
         ppo = self.ppo
@@ -534,17 +614,21 @@ class PPOTrainer:
         for name, value in named.items():
             if not torch.isfinite(value).all():
                 raise TrainingDiverged(
-                    f"update {self.update + 1}: `{name}` is not finite — lower ppo.learning_rate, check the reward model "
-                    f"and reward functions; the last good checkpoint is kept in {self.checkpoint_root}"
+                    f"update {self.update + 1}: `{name}` is not finite — lower ppo.learning_rate, check the reward "
+                    f"model and reward functions; the last good checkpoint is kept in {self.checkpoint_root}"
                 )
 
 
 def _micro_batch_record(pg_loss, vf_loss, pg_stats: dict, vf_stats: dict, entropy) -> dict[str, torch.Tensor]:
     """What `_optimise` averages of each micro-batch."""
     return {
-        "pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(),
-        "pg_clipfrac": pg_stats["clipfrac"], "vf_clipfrac": vf_stats["clipfrac"],
-        "approxkl": pg_stats["approxkl"], "entropy": entropy, "ratio": pg_stats["ratio_mean"],
+        "pg_loss": pg_loss.detach(),
+        "vf_loss": vf_loss.detach(),
+        "pg_clipfrac": pg_stats["clipfrac"],
+        "vf_clipfrac": vf_stats["clipfrac"],
+        "approxkl": pg_stats["approxkl"],
+        "entropy": entropy,
+        "ratio": pg_stats["ratio_mean"],
     }
 
 
@@ -556,4 +640,3 @@ def _truncate_metrics(path: Path, update: int) -> None:
     kept = [line for line in lines if json.loads(line)["update"] <= update]
     if len(kept) != len(lines):
         path.write_text("".join(line + "\n" for line in kept))
-

@@ -43,7 +43,9 @@ class PolicyAndValue(nn.Module):
         self.value = value
 
     def forward(self, input_ids, attention_mask, position_ids, before) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.policy(input_ids, attention_mask, position_ids, before), self.value(input_ids, attention_mask, position_ids, before)
+        return self.policy(input_ids, attention_mask, position_ids, before), self.value(
+            input_ids, attention_mask, position_ids, before
+        )
 
 
 def import_deepspeed():
@@ -55,7 +57,9 @@ def import_deepspeed():
     return deepspeed
 
 
-def engine_config(stage: int, *, micro_batch_size: int, accumulation: int, world_size: int, max_grad_norm: float | None) -> dict[str, Any]:
+def engine_config(
+    stage: int, *, micro_batch_size: int, accumulation: int, world_size: int, max_grad_norm: float | None
+) -> dict[str, Any]:
     """The DeepSpeed config of the engine: ZeRO `stage`, fp32 parameters (bf16 compute is the
     config's autocast, as without DeepSpeed), ppoflow's accumulation and clipping."""
     return {
@@ -136,8 +140,13 @@ def optimizer_partitions(engine) -> list[dict[str, Any]] | None:
 def load_optimizer_partitions(engine, partitions: list[dict[str, Any]]) -> None:
     """Each process takes its partition of what `optimizer_partitions` saved, fp32 weights included."""
     own = engine.optimizer.state_dict()
-    merged = [{**{key: own[key] for key in partition.get(FROM_ENGINE, [])},
-              **{key: value for key, value in partition.items() if key != FROM_ENGINE}} for partition in partitions]
+    merged = [
+        {
+            **{key: own[key] for key in partition.get(FROM_ENGINE, [])},
+            **{key: value for key, value in partition.items() if key != FROM_ENGINE},
+        }
+        for partition in partitions
+    ]
     engine.optimizer.load_state_dict(merged, load_optimizer_states=True, load_from_fp32_weights=True)
 
 

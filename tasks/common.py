@@ -58,7 +58,9 @@ class IntactManifests(CachePolicy):
 
     base: CachePolicy = field(default_factory=lambda: INPUTS + TASK_SOURCE)
 
-    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
+    def compute_key(
+        self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str | None:
         key = self.base.compute_key(task_ctx=task_ctx, inputs=inputs, flow_parameters=flow_parameters, **kwargs)
         if key is not None:
             key = hash_objects(key, engine_identity(), raise_on_failure=True)
@@ -68,7 +70,9 @@ class IntactManifests(CachePolicy):
                 stale = _stale_manifest(store, key)
                 if stale is None:
                     return key
-                log.warning("%s: the cached result's files are missing or changed — running the stage again", task_ctx.task.name)
+                log.warning(
+                    "%s: the cached result's files are missing or changed — running the stage again", task_ctx.task.name
+                )
                 key = hash_objects(key, stale, raise_on_failure=True)
         return key
 
@@ -164,7 +168,11 @@ Sequence.register(RetryDelays)
 
 def flow_options(flow: FlowConfig) -> dict[str, Any]:
     """The `with_options` a flow run applies to every stage: retries, backoff, where results live."""
-    return {"retries": flow.retries, "retry_delay_seconds": RetryDelays(flow.retry_delay_seconds), "result_storage": result_storage(flow)}
+    return {
+        "retries": flow.retries,
+        "retry_delay_seconds": RetryDelays(flow.retry_delay_seconds),
+        "result_storage": result_storage(flow),
+    }
 
 
 def stage_run_name(parameters: dict[str, Any]) -> str:

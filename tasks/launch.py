@@ -29,11 +29,11 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from ppoflow import processes
-from ppoflow.workspace import METRICS_FILE
 from ppoflow.machines import Machines, Ticket, end_group, launch_command, new_ticket, write_ticket
 from ppoflow.manifests import RunPlan
 from ppoflow.runtime import launchable_accelerate_config, read_accelerate_config
 from ppoflow.tracking import resolve_tracking_uri
+from ppoflow.workspace import METRICS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +57,35 @@ def plan_launch(stage: str, plan: RunPlan, inputs: Path, result: Path, mlflow_ru
     runtime = plan.config.runtime
     settings = read_accelerate_config(runtime)
     machines = Machines.from_settings(settings)
-    port = int(settings["main_process_port"]) if machines.num_machines > 1 and settings.get("main_process_port") else processes.free_port()
+    port = (
+        int(settings["main_process_port"])
+        if machines.num_machines > 1 and settings.get("main_process_port")
+        else processes.free_port()
+    )
     accelerate_config = None
-    if runtime.accelerate_config is not None:  # as given, or its copy without accelerate's FSDP mode (ppoflow shards itself)
+    # as given, or its copy without accelerate's FSDP mode (ppoflow shards itself)
+    if runtime.accelerate_config is not None:
         accelerate_config = launchable_accelerate_config(runtime.accelerate_config, inputs.parent / "accelerate.yaml")
-    return new_ticket(stage, inputs, result, mlflow_run_id, num_processes=plan.batch.world_size, machines=machines, port=port,
-                      accelerate_config=accelerate_config)
+    return new_ticket(
+        stage,
+        inputs,
+        result,
+        mlflow_run_id,
+        num_processes=plan.batch.world_size,
+        machines=machines,
+        port=port,
+        accelerate_config=accelerate_config,
+    )
 
 
 def run_launched(
-    stage: str, plan: RunPlan, inputs: dict[str, BaseModel], result_type: type[M], *,
-    mlflow_run_id: str | None = None, on_metrics: Callable[[dict[str, Any]], None] | None = None,
+    stage: str,
+    plan: RunPlan,
+    inputs: dict[str, BaseModel],
+    result_type: type[M],
+    *,
+    mlflow_run_id: str | None = None,
+    on_metrics: Callable[[dict[str, Any]], None] | None = None,
 ) -> M:
     """Run engine stage `stage` on `plan.batch.world_size` processes and return its result manifest."""
     work = plan.output_dir / "launch"
@@ -80,12 +98,19 @@ def run_launched(
     ticket = plan_launch(stage, plan, inputs_path, result_path, mlflow_run_id)
     command = launch_command(ticket, 0, os.getpid())
     machines = ticket.machines.num_machines
-    where = f" over {machines} machines (the others join with `ppoflow join --output-dir {plan.output_dir}`)" if machines > 1 else ""
-    task_logger().info("%s on %d processes%s: %s", stage, plan.batch.world_size, where, " ".join(command))  # in the UI too
+    where = (
+        f" over {machines} machines (the others join with `ppoflow join --output-dir {plan.output_dir}`)"
+        if machines > 1
+        else ""
+    )
+    # in the UI too
+    task_logger().info("%s on %d processes%s: %s", stage, plan.batch.world_size, where, " ".join(command))
     metrics_path = plan.output_dir / METRICS_FILE
     follower = MetricsFollower(metrics_path, on_metrics) if on_metrics else None
     write_ticket(plan.output_dir, ticket)  # the other machines' cue, before the main machine waits for them
-    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    child = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     tail: deque[str] = deque(maxlen=40)
     reader = threading.Thread(target=_relay, args=(child, tail, task_logger()), name=f"{stage}-logs", daemon=True)
     reader.start()
@@ -103,8 +128,13 @@ def run_launched(
             follower.poll()
         write_ticket(plan.output_dir, ticket.model_copy(update={"state": "ended", "returncode": child.poll()}))
     if child.returncode != 0 or not result_path.is_file():
-        failure = next((line for line in reversed(tail) if "exitcode" in line or "Error" in line), tail[-1] if tail else "")
-        raise LaunchFailed(f"{stage} on {plan.batch.world_size} processes failed: accelerate launch exited {child.returncode}: {failure.strip()}")
+        failure = next(
+            (line for line in reversed(tail) if "exitcode" in line or "Error" in line), tail[-1] if tail else ""
+        )
+        raise LaunchFailed(
+            f"{stage} on {plan.batch.world_size} processes failed: "
+            f"accelerate launch exited {child.returncode}: {failure.strip()}"
+        )
     return result_type.model_validate_json(result_path.read_text())
 
 

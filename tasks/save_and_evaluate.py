@@ -12,15 +12,17 @@ from prefect import task
 from ppoflow import pipeline
 from ppoflow.atomic import write_text_atomic
 from ppoflow.hub import push_policy
-from ppoflow.workspace import METRICS_FILE, SAMPLES_FILE, read_jsonl
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, Release, RunPlan
+from ppoflow.tasks.common import STAGE_OPTIONS
 from ppoflow.tracking import TrackingRun, describe_release, log_release
 from ppoflow.tracking.promotion import gate
-from ppoflow.tasks.common import STAGE_OPTIONS
+from ppoflow.workspace import METRICS_FILE, SAMPLES_FILE, read_jsonl
 
 
 @task(name="save_and_evaluate", **STAGE_OPTIONS)
-def save_and_evaluate(plan: RunPlan, models: ModelManifest, data: DatasetManifest, final: CheckpointManifest, mlflow_run_id: str) -> Release:
+def save_and_evaluate(
+    plan: RunPlan, models: ModelManifest, data: DatasetManifest, final: CheckpointManifest, mlflow_run_id: str
+) -> Release:
     """The release names the MLflow run, the logged model and its registry version (with the alias),
     and the Hub commit when it was pushed; the run and the version get their descriptions last."""
     release = pipeline.save_and_evaluate(plan, models, data, final)
@@ -52,8 +54,11 @@ def promote(plan: RunPlan, models: ModelManifest, data: DatasetManifest, release
     """The promotion gate (`ppoflow.tracking.promotion`); its decision also goes into eval.json and the release."""
     policy_dir = release.merged_dir or release.policy_dir
     decision = gate(
-        run, plan.config.tracking.promotion,
-        name=release.registered_model, version=release.registered_version, eval_metrics=release.eval_metrics,
+        run,
+        plan.config.tracking.promotion,
+        name=release.registered_model,
+        version=release.registered_version,
+        eval_metrics=release.eval_metrics,
         evaluate=lambda baseline_dir: pipeline.evaluate_against(plan, models, data, policy_dir, baseline_dir),
         fetch_root=plan.output_dir / "registry",
         reference_uri=models.ref.registry_uri if models.ref is not None else None,
@@ -62,5 +67,3 @@ def promote(plan: RunPlan, models: ModelManifest, data: DatasetManifest, release
     write_text_atomic(release.eval_path, json.dumps(report, indent=2, sort_keys=True) + "\n")
     run.client.log_dict(run.run_id, report, "eval/eval.json")
     return release.model_copy(update={"promotion": decision})
-
-

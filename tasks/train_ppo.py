@@ -18,20 +18,28 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from ppoflow import pipeline
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, RunPlan
-from ppoflow.tracking import TrackingRun
 from ppoflow.tasks.common import STAGE_OPTIONS
 from ppoflow.tasks.launch import needs_launch, run_launched
+from ppoflow.tracking import TrackingRun
 
 log = logging.getLogger(__name__)
 
 
 @task(name="train_ppo", **STAGE_OPTIONS)
-def train_ppo(plan: RunPlan, models: ModelManifest, data: DatasetManifest, start: CheckpointManifest, mlflow_run_id: str) -> CheckpointManifest:
+def train_ppo(
+    plan: RunPlan, models: ModelManifest, data: DatasetManifest, start: CheckpointManifest, mlflow_run_id: str
+) -> CheckpointManifest:
     """`start` (the step-0 checkpoint) orders the stages and keys the cache; training itself resumes
     from the newest intact checkpoint on disk. Returns the final checkpoint."""
     if needs_launch(plan):
-        return run_launched("train", plan, {"plan": plan, "models": models, "data": data}, CheckpointManifest,
-                            mlflow_run_id=mlflow_run_id, on_metrics=TrainingProgress(plan))
+        return run_launched(
+            "train",
+            plan,
+            {"plan": plan, "models": models, "data": data},
+            CheckpointManifest,
+            mlflow_run_id=mlflow_run_id,
+            on_metrics=TrainingProgress(plan),
+        )
     sink = TrackingRun.attach(mlflow_run_id, output_dir=plan.output_dir).metrics_sink()
     try:
         return pipeline.train(plan, models, data, callbacks=[sink, TrainingProgress(plan)])
@@ -50,8 +58,13 @@ class TrainingProgress:
 
     def __call__(self, metrics: dict[str, Any]) -> None:
         update = metrics["update"]
-        description = f"update {update}/{self.num_updates}: score {metrics['objective/scores']:.3f}, KL {metrics['objective/kl']:.3f}"
+        description = (
+            f"update {update}/{self.num_updates}: score "
+            f"{metrics['objective/scores']:.3f}, KL {metrics['objective/kl']:.3f}"
+        )
         try:
-            update_progress_artifact(self.artifact_id, progress=100.0 * update / self.num_updates, description=description)
+            update_progress_artifact(
+                self.artifact_id, progress=100.0 * update / self.num_updates, description=description
+            )
         except Exception as exc:  # the Prefect API is down: training goes on, the UI catches up later
             log.warning("progress artifact not updated: %s", exc)

@@ -27,7 +27,9 @@ def toy_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
         summary_file = Path(prebuilt) / "toy.json"
         if summary_file.is_file() and json.loads(summary_file.read_text()).get("seed") == TOY_SEED:
             return Path(prebuilt)
-        warnings.warn(f"PPOFLOW_TEST_TOY_DIR={prebuilt} has no toy.json with seed {TOY_SEED}; building a fresh toy")
+        warnings.warn(
+            f"PPOFLOW_TEST_TOY_DIR={prebuilt} has no toy.json with seed {TOY_SEED}; building a fresh toy", stacklevel=1
+        )
     # Imported here so that test runs which never ask for the toy do not pay for importing torch.
     from ppoflow.toy import build_toy
 

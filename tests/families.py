@@ -69,19 +69,36 @@ class Family:
 
 _ENDOFTEXT = "<|endoftext|>"
 GPT2_TOKENS = Tokens(kind="bpe", eos=_ENDOFTEXT, pad=None, bos=_ENDOFTEXT, unk=_ENDOFTEXT, prepend=None)
-QWEN_TOKENS = Tokens(kind="bpe", eos="<|im_end|>", pad=_ENDOFTEXT, bos=None, unk=None, prepend=None, extra=("<|im_start|>",))
-_LLAMA_SHAPE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1}
+QWEN_TOKENS = Tokens(
+    kind="bpe", eos="<|im_end|>", pad=_ENDOFTEXT, bos=None, unk=None, prepend=None, extra=("<|im_start|>",)
+)
+_LLAMA_SHAPE = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+}
 _GEMMA_SHAPE = {**_LLAMA_SHAPE, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 64}
 
 FAMILIES: dict[str, Family] = {
     "gpt2": Family(
-        GPT2Config, {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 128},
-        ("attn_pdrop", "resid_pdrop", "embd_pdrop", "summary_first_dropout"), GPT2_TOKENS,
+        GPT2Config,
+        {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 128},
+        ("attn_pdrop", "resid_pdrop", "embd_pdrop", "summary_first_dropout"),
+        GPT2_TOKENS,
     ),
     "gpt_neox": Family(
         GPTNeoXConfig,
-        {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 128},
-        ("attention_dropout", "hidden_dropout", "classifier_dropout"), Tokens(pad=None, bos="<eos>", prepend=None),
+        {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 128,
+        },
+        ("attention_dropout", "hidden_dropout", "classifier_dropout"),
+        Tokens(pad=None, bos="<eos>", prepend=None),
     ),
     "llama": Family(LlamaConfig, _LLAMA_SHAPE, ("attention_dropout",)),
     "qwen2": Family(Qwen2Config, _LLAMA_SHAPE, ("attention_dropout",), QWEN_TOKENS),
@@ -90,14 +107,23 @@ FAMILIES: dict[str, Family] = {
     "gemma2": Family(Gemma2Config, _GEMMA_SHAPE, ("attention_dropout",)),
     "gemma3": Family(Gemma3TextConfig, _GEMMA_SHAPE, ("attention_dropout",)),
     "phi3": Family(
-        Phi3Config, {**_LLAMA_SHAPE, "max_position_embeddings": 128, "original_max_position_embeddings": 128},
-        ("attention_dropout", "resid_pdrop", "embd_pdrop"), Tokens(pad="<eos>"),
+        Phi3Config,
+        {**_LLAMA_SHAPE, "max_position_embeddings": 128, "original_max_position_embeddings": 128},
+        ("attention_dropout", "resid_pdrop", "embd_pdrop"),
+        Tokens(pad="<eos>"),
     ),
     "opt": Family(
         OPTConfig,
-        {"hidden_size": 32, "ffn_dim": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "word_embed_proj_dim": 32,
-         "max_position_embeddings": 128},
-        ("dropout", "attention_dropout", "activation_dropout", "layerdrop"), Tokens(bos="<eos>", prepend="<eos>"),
+        {
+            "hidden_size": 32,
+            "ffn_dim": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "word_embed_proj_dim": 32,
+            "max_position_embeddings": 128,
+        },
+        ("dropout", "attention_dropout", "activation_dropout", "layerdrop"),
+        Tokens(bos="<eos>", prepend="<eos>"),
     ),
 }
 
@@ -115,7 +141,12 @@ def write_tokenizer(toy: Path, out_dir: Path, tokens: Tokens) -> PreTrainedToken
     backend["post_processor"] = None if tokens.prepend is None else _prepend(tokens.prepend, backend)
     (out_dir / "tokenizer.json").write_text(json.dumps(backend))
     settings = json.loads((out_dir / "tokenizer_config.json").read_text())
-    for key, token in (("eos_token", tokens.eos), ("pad_token", tokens.pad), ("bos_token", tokens.bos), ("unk_token", tokens.unk)):
+    for key, token in (
+        ("eos_token", tokens.eos),
+        ("pad_token", tokens.pad),
+        ("bos_token", tokens.bos),
+        ("unk_token", tokens.unk),
+    ):
         settings.pop(key, None)
         if token is not None:
             settings[key] = token
@@ -128,8 +159,11 @@ def _prepend(token: str, backend: dict) -> dict:
     return {
         "type": "TemplateProcessing",
         "single": [{"SpecialToken": {"id": token, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-        "pair": [{"SpecialToken": {"id": token, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                 {"Sequence": {"id": "B", "type_id": 1}}],
+        "pair": [
+            {"SpecialToken": {"id": token, "type_id": 0}},
+            {"Sequence": {"id": "A", "type_id": 0}},
+            {"Sequence": {"id": "B", "type_id": 1}},
+        ],
         "special_tokens": {token: {"id": token, "ids": [ids[token]], "tokens": [token]}},
     }
 
@@ -145,20 +179,33 @@ def _bpe_files(toy: Path, tokens: Tokens) -> dict[str, str]:
     backend.normalizer = normalizers.NFC()
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    special = list(dict.fromkeys(token for token in (tokens.eos, tokens.pad, tokens.bos, tokens.unk, *tokens.extra) if token))
+    special = list(
+        dict.fromkeys(token for token in (tokens.eos, tokens.pad, tokens.bos, tokens.unk, *tokens.extra) if token)
+    )
     trainer = trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB_SIZE, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=BPE_VOCAB_SIZE,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     prompts = [json.loads(line)["prompt"] for line in (toy / "prompts.jsonl").read_text().splitlines()]
     backend.train_from_iterator(prompts, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=tokens.eos, pad_token=tokens.pad, bos_token=tokens.bos,
-                                        unk_token=tokens.unk, model_max_length=128)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=tokens.eos,
+        pad_token=tokens.pad,
+        bos_token=tokens.bos,
+        unk_token=tokens.unk,
+        model_max_length=128,
+    )
     with tempfile.TemporaryDirectory() as staging:
         tokenizer.save_pretrained(staging)
         return {path.name: path.read_text() for path in Path(staging).iterdir()}
 
 
-def family_config(name: str, tokenizer: PreTrainedTokenizerBase, *, dropout: float = DROPOUT, **settings: Any) -> PreTrainedConfig:
+def family_config(
+    name: str, tokenizer: PreTrainedTokenizerBase, *, dropout: float = DROPOUT, **settings: Any
+) -> PreTrainedConfig:
     """The family's tiny config on the tokenizer's vocabulary and special tokens (none where the
     tokenizer has none: GPT-2's config has no pad_token_id)."""
     family = FAMILIES[name]
@@ -173,8 +220,16 @@ def family_config(name: str, tokenizer: PreTrainedTokenizerBase, *, dropout: flo
     )
 
 
-def build_model(name: str, kind: Literal["policy", "reward"], toy: Path, out_dir: Path, *, tokens: Tokens | None = None,
-                seed: int = 0, dropout: float = DROPOUT) -> Path:
+def build_model(
+    name: str,
+    kind: Literal["policy", "reward"],
+    toy: Path,
+    out_dir: Path,
+    *,
+    tokens: Tokens | None = None,
+    seed: int = 0,
+    dropout: float = DROPOUT,
+) -> Path:
     """A family's causal LM (`policy`) or sequence classifier with num_labels=1 (`reward`), random
     weights (seeded), saved with its tokenizer (the family's, or `tokens`) to `out_dir`."""
     tokenizer = write_tokenizer(toy, out_dir, tokens or FAMILIES[name].tokens)
@@ -182,12 +237,16 @@ def build_model(name: str, kind: Literal["policy", "reward"], toy: Path, out_dir
     if kind == "policy":
         model = AutoModelForCausalLM.from_config(family_config(name, tokenizer, dropout=dropout))
     else:
-        model = AutoModelForSequenceClassification.from_config(family_config(name, tokenizer, dropout=dropout, num_labels=1))
+        model = AutoModelForSequenceClassification.from_config(
+            family_config(name, tokenizer, dropout=dropout, num_labels=1)
+        )
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
 
 
 def build_family(name: str, toy: Path, out_dir: Path, *, dropout: float = DROPOUT) -> tuple[Path, Path]:
     """`out_dir/policy` and `out_dir/reward` of one family."""
-    return (build_model(name, "policy", toy, out_dir / "policy", dropout=dropout),
-            build_model(name, "reward", toy, out_dir / "reward", seed=1, dropout=dropout))
+    return (
+        build_model(name, "policy", toy, out_dir / "policy", dropout=dropout),
+        build_model(name, "reward", toy, out_dir / "reward", seed=1, dropout=dropout),
+    )

@@ -68,12 +68,18 @@ def _handler(hub: FakeHub):
                 return self._reply(200, {"errors": [], "warnings": []})
             if parts[:2] == ["api", "models"] and "preupload" in parts:
                 files = json.loads(body)["files"]
-                return self._reply(200, {"files": [
-                    {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in files
-                ]})
+                return self._reply(
+                    200,
+                    {
+                        "files": [
+                            {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
+                            for f in files
+                        ]
+                    },
+                )
             if parts[:2] == ["api", "models"] and "commit" in parts:
                 at = parts.index("commit")
-                repo_id, revision = "/".join(parts[2:at]), "/".join(parts[at + 1:])
+                repo_id, revision = "/".join(parts[2:at]), "/".join(parts[at + 1 :])
                 if hub.fail_commits > 0:
                     hub.fail_commits -= 1
                     return self._reply(503, {"error": "the Hub is busy"})
@@ -81,11 +87,16 @@ def _handler(hub: FakeHub):
                 header = next(line["value"] for line in lines if line["key"] == "header")
                 files = {
                     line["value"]["path"]: base64.b64decode(line["value"]["content"])
-                    for line in lines if line["key"] == "file"
+                    for line in lines
+                    if line["key"] == "file"
                 }
-                hub.commits.append(Commit(repo_id, revision, header.get("summary", ""), files, self.headers.get("Authorization")))
+                hub.commits.append(
+                    Commit(repo_id, revision, header.get("summary", ""), files, self.headers.get("Authorization"))
+                )
                 oid = hashlib.sha1(repr(sorted(files)).encode() + str(len(hub.commits)).encode()).hexdigest()
-                return self._reply(200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{oid}", "commitOid": oid, "success": True})
+                return self._reply(
+                    200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{oid}", "commitOid": oid, "success": True}
+                )
             self._reply(404, {"error": f"no route {self.path}"})
 
     return Handler

@@ -34,9 +34,17 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from ppoflow.atomic import write_text_atomic
-from ppoflow.smol import convert, judges, prompts as grammar
+from ppoflow.smol import convert, judges
+from ppoflow.smol import prompts as grammar
 from ppoflow.toy.build import deterministic_torch, write_partitions, write_prompts
-from ppoflow.toy.train import clipped_step, length_bucketed_batches, pad_right, recent_mean, reward_scores, warmup_cosine_adamw
+from ppoflow.toy.train import (
+    clipped_step,
+    length_bucketed_batches,
+    pad_right,
+    recent_mean,
+    reward_scores,
+    warmup_cosine_adamw,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +77,15 @@ def build_smol(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {
-        "seed": seed, "n_prompts": n_prompts, "n_reward_prompts": n_reward_prompts, "n_heldout_prompts": n_heldout_prompts,
-        "sample_temperature": SAMPLE_TEMPERATURE, "sample_max_new_tokens": SAMPLE_MAX_NEW_TOKENS,
-        "min_judge_margin": MIN_JUDGE_MARGIN, "reward_training": REWARD_TRAINING, "num_threads": num_threads,
+        "seed": seed,
+        "n_prompts": n_prompts,
+        "n_reward_prompts": n_reward_prompts,
+        "n_heldout_prompts": n_heldout_prompts,
+        "sample_temperature": SAMPLE_TEMPERATURE,
+        "sample_max_new_tokens": SAMPLE_MAX_NEW_TOKENS,
+        "min_judge_margin": MIN_JUDGE_MARGIN,
+        "reward_training": REWARD_TRAINING,
+        "num_threads": num_threads,
     }
     previous = _read_summary(out_dir)
     policy_dir = out_dir / "policy"
@@ -83,34 +97,58 @@ def build_smol(
     rng = random.Random(seed)
     drawn = grammar.sample_prompts(rng, n_prompts + n_reward_prompts + n_heldout_prompts)
     train_prompts = drawn[:n_prompts]
-    reward_prompts, heldout_prompts = drawn[n_prompts : n_prompts + n_reward_prompts], drawn[n_prompts + n_reward_prompts :]
+    reward_prompts, heldout_prompts = (
+        drawn[n_prompts : n_prompts + n_reward_prompts],
+        drawn[n_prompts + n_reward_prompts :],
+    )
     write_prompts(out_dir / "prompts.jsonl", train_prompts)
     partitions = write_partitions(out_dir / "prompts", train_prompts)
     write_prompts(out_dir / "unlike.jsonl", grammar.unlike_prompts())
 
-    reward = previous.get("reward") if previous.get("settings") == settings and (out_dir / "reward" / "model.safetensors").is_file() else None
+    reward = (
+        previous.get("reward")
+        if previous.get("settings") == settings and (out_dir / "reward" / "model.safetensors").is_file()
+        else None
+    )
     if reward is None:
         reward = _build_reward(policy_dir, out_dir / "reward", reward_prompts, heldout_prompts, seed, num_threads)
     summary = {
         "settings": settings,
         "policy": {"dir": "policy", "source": source},
-        "prompts": {"file": "prompts.jsonl", "n": n_prompts, "partitions": partitions,
-                    "unlike": {"file": "unlike.jsonl", "n": len(grammar.unlike_prompts())}},
+        "prompts": {
+            "file": "prompts.jsonl",
+            "n": n_prompts,
+            "partitions": partitions,
+            "unlike": {"file": "unlike.jsonl", "n": len(grammar.unlike_prompts())},
+        },
         "reward": reward,
         "build_seconds": round(time.perf_counter() - started, 1),
         "versions": _versions(),
     }
     write_text_atomic(out_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
-    logger.info("smol: world in %s (%.0f s); reward model held-out pair accuracy %.3f",
-                out_dir, summary["build_seconds"], reward["heldout_accuracy"])
+    logger.info(
+        "smol: world in %s (%.0f s); reward model held-out pair accuracy %.3f",
+        out_dir,
+        summary["build_seconds"],
+        reward["heldout_accuracy"],
+    )
     return summary
 
 
-def _sampled_answers(policy_dir: Path, path: Path, reward_prompts, heldout_prompts, seed: int, num_threads: int) -> dict:
+def _sampled_answers(
+    policy_dir: Path, path: Path, reward_prompts, heldout_prompts, seed: int, num_threads: int
+) -> dict:
     """Two sampled answers per reward-model prompt ("train") and held-out prompt ("heldout"), kept in
     `path` (JSON) with the settings they were sampled with, and read from there when those agree."""
-    settings = {"seed": seed, "train": len(reward_prompts), "heldout": len(heldout_prompts), "num_threads": num_threads,
-                "temperature": SAMPLE_TEMPERATURE, "max_new_tokens": SAMPLE_MAX_NEW_TOKENS, "system": grammar.SYSTEM}
+    settings = {
+        "seed": seed,
+        "train": len(reward_prompts),
+        "heldout": len(heldout_prompts),
+        "num_threads": num_threads,
+        "temperature": SAMPLE_TEMPERATURE,
+        "max_new_tokens": SAMPLE_MAX_NEW_TOKENS,
+        "system": grammar.SYSTEM,
+    }
     try:
         kept = json.loads(path.read_text())
         if kept["settings"] == settings:
@@ -121,35 +159,61 @@ def _sampled_answers(policy_dir: Path, path: Path, reward_prompts, heldout_promp
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     with deterministic_torch(seed, num_threads):
         policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32, use_safetensors=True).eval()
-        sampled = {"train": sample_answer_pairs(policy, tokenizer, reward_prompts),
-                   "heldout": sample_answer_pairs(policy, tokenizer, heldout_prompts)}
-    logger.info("smol: %d answers sampled in %.0f s", 2 * len(reward_prompts) + 2 * len(heldout_prompts), time.perf_counter() - began)
+        sampled = {
+            "train": sample_answer_pairs(policy, tokenizer, reward_prompts),
+            "heldout": sample_answer_pairs(policy, tokenizer, heldout_prompts),
+        }
+    logger.info(
+        "smol: %d answers sampled in %.0f s",
+        2 * len(reward_prompts) + 2 * len(heldout_prompts),
+        time.perf_counter() - began,
+    )
     kept = {"settings": settings, **sampled, "seconds": round(time.perf_counter() - began, 1)}
     write_text_atomic(path, json.dumps(kept) + "\n")
     return kept
 
 
-def _build_reward(policy_dir: Path, reward_dir: Path, reward_prompts, heldout_prompts, seed: int, num_threads: int) -> dict:
+def _build_reward(
+    policy_dir: Path, reward_dir: Path, reward_prompts, heldout_prompts, seed: int, num_threads: int
+) -> dict:
     """Order each sampled pair by VADER, train the reward model, save it."""
     began = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    answers = _sampled_answers(policy_dir, reward_dir.parent / ANSWERS_FILE, reward_prompts, heldout_prompts, seed, num_threads)
+    answers = _sampled_answers(
+        policy_dir, reward_dir.parent / ANSWERS_FILE, reward_prompts, heldout_prompts, seed, num_threads
+    )
     train_answers, heldout_answers = answers["train"], answers["heldout"]
     with deterministic_torch(seed, num_threads):
         train_pairs, train_stats = judged_pairs(train_answers, tokenizer)
         heldout_pairs, heldout_stats = judged_pairs(heldout_answers, tokenizer)
 
-        model = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1, dtype=torch.float32, use_safetensors=True)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            policy_dir, num_labels=1, dtype=torch.float32, use_safetensors=True
+        )
         trainable = freeze_below(model, REWARD_TRAINING["trained_layers"])
         generator = torch.Generator().manual_seed(seed)
         loss = train_bradley_terry(
-            model, train_pairs, pad_id=tokenizer.pad_token_id, generator=generator,
-            epochs=REWARD_TRAINING["epochs"], batch_size=REWARD_TRAINING["batch_size"], lr=REWARD_TRAINING["lr"],
+            model,
+            train_pairs,
+            pad_id=tokenizer.pad_token_id,
+            generator=generator,
+            epochs=REWARD_TRAINING["epochs"],
+            batch_size=REWARD_TRAINING["batch_size"],
+            lr=REWARD_TRAINING["lr"],
         )
-        chosen, rejected = (reward_scores(model, [pair[side] for pair in heldout_pairs], pad_id=tokenizer.pad_token_id, batch_size=32, read=_end_scores)
-                            for side in (0, 1))
+        chosen, rejected = (
+            reward_scores(
+                model,
+                [pair[side] for pair in heldout_pairs],
+                pad_id=tokenizer.pad_token_id,
+                batch_size=32,
+                read=_end_scores,
+            )
+            for side in (0, 1)
+        )
         accuracy = (chosen > rejected).float().mean().item()
-        # Scores of unit spread over the policy's own answers: PPO's kl_coef and missing_eos_penalty are then in units of it.
+        # Scores of unit spread over the policy's own answers: PPO's kl_coef and missing_eos_penalty are
+        # then in units of it.
         spread = torch.cat([chosen, rejected]).std().item()
         with torch.no_grad():
             model.score.weight.div_(spread)
@@ -173,10 +237,15 @@ def _build_reward(policy_dir: Path, reward_dir: Path, reward_prompts, heldout_pr
         "heldout_score_judge_correlation": _correlation(model_scores, judge_pairs),
         "score_scale": 1 / spread,
         "sampled_answers": {
-            "n": len(judge), "temperature": SAMPLE_TEMPERATURE, "max_new_tokens": SAMPLE_MAX_NEW_TOKENS,
+            "n": len(judge),
+            "temperature": SAMPLE_TEMPERATURE,
+            "max_new_tokens": SAMPLE_MAX_NEW_TOKENS,
             "vader_mean": judge.mean().item(),
             "eos_rate": sum(end for pair in heldout_answers for end in pair["ended"]) / len(judge),
-            "examples": [{"prompt": pair["messages"][-1]["content"], "answer": pair["texts"][0]} for pair in heldout_answers[:N_SUMMARY_EXAMPLES]],
+            "examples": [
+                {"prompt": pair["messages"][-1]["content"], "answer": pair["texts"][0]}
+                for pair in heldout_answers[:N_SUMMARY_EXAMPLES]
+            ],
         },
         **REWARD_TRAINING,
         "sampling_seconds": answers["seconds"],
@@ -204,19 +273,32 @@ def sample_answer_pairs(policy: PreTrainedModel, tokenizer, conversations: Seque
         attention_mask = torch.tensor([[0] * (width - len(q)) + [1] * len(q) for q in doubled])
         with torch.no_grad():
             output = policy.generate(
-                input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=SAMPLE_TEMPERATURE,
-                top_k=0, top_p=1.0, max_new_tokens=SAMPLE_MAX_NEW_TOKENS, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                do_sample=True,
+                temperature=SAMPLE_TEMPERATURE,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=SAMPLE_MAX_NEW_TOKENS,
+                eos_token_id=eos,
+                pad_token_id=tokenizer.pad_token_id,
             )
         answers = []
         for row in output[:, width:].tolist():
             answers.append(row[: row.index(eos) + 1] if eos in row else row)
-        for index, (messages, query) in enumerate(zip(batch, queries)):
+        for index, (messages, query) in enumerate(zip(batch, queries, strict=True)):
             pair = answers[2 * index : 2 * index + 2]
             texts = tokenizer.batch_decode(pair, skip_special_tokens=True)
-            rows.append({
-                "messages": messages, "query": query, "answers": pair, "texts": texts,
-                "ended": [eos in answer for answer in pair], "vader": judges.vader_score([], texts),
-            })
+            rows.append(
+                {
+                    "messages": messages,
+                    "query": query,
+                    "answers": pair,
+                    "texts": texts,
+                    "ended": [eos in answer for answer in pair],
+                    "vader": judges.vader_score([], texts),
+                }
+            )
     return rows
 
 
@@ -253,8 +335,9 @@ def _end_scores(model: PreTrainedModel, input_ids: torch.Tensor, lengths: torch.
     return model.score(hidden[torch.arange(len(lengths)), lengths - 1]).squeeze(-1)
 
 
-def train_bradley_terry(model: PreTrainedModel, pairs, *, pad_id: int, epochs: int, batch_size: int, lr: float,
-                        generator: torch.Generator) -> float:
+def train_bradley_terry(
+    model: PreTrainedModel, pairs, *, pad_id: int, epochs: int, batch_size: int, lr: float, generator: torch.Generator
+) -> float:
     """Bradley–Terry on (chosen ids, rejected ids, _) pairs: -log sigmoid(r_chosen - r_rejected). Returns
     the mean loss of the last steps."""
     lengths = [max(len(chosen), len(rejected)) for chosen, rejected, _ in pairs]

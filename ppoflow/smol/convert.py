@@ -32,10 +32,14 @@ def gguf_path() -> Path:
     """The GGUF file inside the installed package (its own code, which needs llama-cpp, is never imported)."""
     spec = importlib.util.find_spec(MODULE)
     if spec is None or spec.origin is None:
-        raise PpoflowError(f"the real-model world needs the package {PACKAGE!r}, which is not installed: {INSTALL_HINT}")
+        raise PpoflowError(
+            f"the real-model world needs the package {PACKAGE!r}, which is not installed: {INSTALL_HINT}"
+        )
     path = Path(spec.origin).parent / GGUF_FILE
     if not path.is_file():
-        raise PpoflowError(f"{PACKAGE} {importlib.metadata.version(PACKAGE)} holds no {GGUF_FILE}: reinstall it ({INSTALL_HINT})")
+        raise PpoflowError(
+            f"{PACKAGE} {importlib.metadata.version(PACKAGE)} holds no {GGUF_FILE}: reinstall it ({INSTALL_HINT})"
+        )
     return path
 
 
@@ -46,7 +50,9 @@ def load_gguf() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         raise PpoflowError(f"reading {path.name} needs the package 'gguf', which is not installed: {INSTALL_HINT}")
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     # use_safetensors: never a pickled weights file, should the package's folder ever hold one beside the GGUF
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32, use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32, use_safetensors=True
+    )
     return model.eval(), tokenizer
 
 
@@ -59,10 +65,14 @@ def convert(out_dir: Path) -> dict:
     missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
-        raise PpoflowError(f"the GGUF weights do not fit the model built from its config: missing {missing}, unexpected {unexpected}")
+        raise PpoflowError(
+            f"the GGUF weights do not fit the model built from its config: missing {missing}, unexpected {unexpected}"
+        )
     model.tie_weights()
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)

@@ -254,7 +254,7 @@ def write_partitions(directory: Path, prompts: Sequence[object]) -> list[dict]:
     directory.mkdir()
     files = []
     bounds = [len(prompts) * index // len(PARTITION_DATES) for index in range(len(PARTITION_DATES) + 1)]
-    for date, start, stop in zip(PARTITION_DATES, bounds, bounds[1:]):
+    for date, start, stop in zip(PARTITION_DATES, bounds, bounds[1:], strict=False):
         write_prompts(directory / partition_name(date), prompts[start:stop])
         files.append({"file": f"{directory.name}/{partition_name(date)}", "date": date.isoformat(), "n": stop - start})
     return files
@@ -329,7 +329,9 @@ def _sample_report(
     responses = sample_responses(policy, tokenizer, prompts)
     completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
     oracle = torch.tensor(oracle_score(prompts, completions))
-    sequences = [prompt_ids + response for prompt_ids, response in zip(tokenizer(prompts)["input_ids"], responses)]
+    sequences = [
+        prompt_ids + response for prompt_ids, response in zip(tokenizer(prompts)["input_ids"], responses, strict=True)
+    ]
     scores = reward_scores(reward, sequences, pad_id=tokenizer.pad_token_id)
     return {
         "n": len(prompts),
@@ -343,7 +345,9 @@ def _sample_report(
             "negative": (oracle < 0).float().mean().item(),
         },
         "rm_oracle_pairwise_agreement": pairwise_agreement(scores, oracle),
-        "examples": [{"prompt": p, "completion": c} for p, c in zip(prompts[:N_SUMMARY_EXAMPLES], completions)],
+        "examples": [
+            {"prompt": p, "completion": c} for p, c in zip(prompts[:N_SUMMARY_EXAMPLES], completions, strict=False)
+        ],
     }
 
 

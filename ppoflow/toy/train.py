@@ -85,7 +85,11 @@ def train_reward(
 
 
 def reward_scores(
-    model: PreTrainedModel, sequences: Sequence[TokenIds], *, pad_id: int, batch_size: int = 64,
+    model: PreTrainedModel,
+    sequences: Sequence[TokenIds],
+    *,
+    pad_id: int,
+    batch_size: int = 64,
     read: Callable[[PreTrainedModel, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """`[N]` reward-model scores of right-padded sequences, at each one's last non-pad token.
@@ -107,7 +111,7 @@ def reward_scores(
 
 def pairwise_accuracy(model: PreTrainedModel, pairs: Sequence[tuple[TokenIds, TokenIds]], *, pad_id: int) -> float:
     """Fraction of (chosen, rejected) pairs the reward model orders correctly (ties count as wrong)."""
-    chosen, rejected = zip(*pairs)
+    chosen, rejected = zip(*pairs, strict=True)
     margin = reward_scores(model, chosen, pad_id=pad_id) - reward_scores(model, rejected, pad_id=pad_id)
     return (margin > 0).float().mean().item()
 
@@ -126,7 +130,9 @@ def pad_right(sequences: Sequence[TokenIds], pad_value: int) -> torch.Tensor:
     return torch.tensor([[*sequence] + [pad_value] * (width - len(sequence)) for sequence in sequences])
 
 
-def length_bucketed_batches(lengths: Sequence[int], batch_size: int, epochs: int, generator: torch.Generator) -> Iterator[list[int]]:
+def length_bucketed_batches(
+    lengths: Sequence[int], batch_size: int, epochs: int, generator: torch.Generator
+) -> Iterator[list[int]]:
     """Index batches over `epochs` shuffled passes, grouped by similar length.
 
     Padding is wasted compute, so each window of `BUCKET_BATCHES` batches is sorted by length

@@ -14,7 +14,7 @@ git commit and library versions come from `ppoflow.provenance`. Importing this p
 MLflow: the engine (`ppoflow train`) never does.
 """
 
-from ppoflow.tracking.metrics import SPOOL_FILE, MetricsSink
+from ppoflow.tracking.metrics import MetricsSink
 from ppoflow.tracking.release import check_release_names, describe_release, log_release
 from ppoflow.tracking.run import CONFIG_HASH_TAG, FAILURE_TAG, TrackingRun, flatten, open_run, run_name, tag_failure
 from ppoflow.tracking.store import (
@@ -25,6 +25,7 @@ from ppoflow.tracking.store import (
     mlflow_ui_run_url,
     resolve_tracking_uri,
 )
+from ppoflow.workspace import SPOOL_FILE
 
 __all__ = [
     "CONFIG_HASH_TAG",

@@ -22,7 +22,6 @@ import mlflow
 from mlflow.entities import Metric
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
-from ppoflow.workspace import SPOOL_FILE
 from ppoflow.tracking.store import first_line, in_batches
 
 _LOGGER = logging.getLogger(__name__)
@@ -72,7 +71,9 @@ class MetricsSink:
                 "run_id": self._run_id,
                 "step": int(update_metrics["update"]),
                 "timestamp": int(time.time() * 1000),
-                "metrics": {key: float(value) for key, value in update_metrics.items() if key != "update" and is_number(value)},
+                "metrics": {
+                    key: float(value) for key, value in update_metrics.items() if key != "update" and is_number(value)
+                },
             }
             with self._lock:
                 self._append_spool(record)
@@ -159,7 +160,10 @@ class MetricsSink:
             if not self._failing:
                 _LOGGER.warning(
                     "MLflow did not take metrics of updates %d..%d (%s); buffering them in memory and %s, retrying",
-                    batch[0]["step"], batch[-1]["step"], first_line(exc), self._spool_path,
+                    batch[0]["step"],
+                    batch[-1]["step"],
+                    first_line(exc),
+                    self._spool_path,
                 )
             self._failing = True
             return False
@@ -177,7 +181,9 @@ class MetricsSink:
                 spool.write(json.dumps(record) + "\n")
         except OSError as exc:
             if not self._spool_warned:
-                _LOGGER.warning("cannot write the metrics spool %s (%s); buffering in memory only", self._spool_path, exc.strerror)
+                _LOGGER.warning(
+                    "cannot write the metrics spool %s (%s); buffering in memory only", self._spool_path, exc.strerror
+                )
                 self._spool_warned = True
 
     def _remove_spool(self) -> None:
@@ -201,4 +207,3 @@ class MetricsSink:
             else:
                 _LOGGER.warning("dropping a spooled update of another MLflow run (%s)", record.get("run_id"))
         return records
-

@@ -50,16 +50,26 @@ def alias_holder(run: TrackingRun, name: str, alias: str) -> str | None:
         raise
 
 
-def decide(promotion: PromotionConfig, against: str, head_to_head: Mapping[str, float], eval_metrics: Mapping[str, float]) -> dict[str, Any]:
+def decide(
+    promotion: PromotionConfig, against: str, head_to_head: Mapping[str, float], eval_metrics: Mapping[str, float]
+) -> dict[str, Any]:
     """The gate's decision from the head-to-head numbers (win rate, rewards) and the stage's own eval
     against the reference (KL, reward-function means). Pure: the same numbers, the same decision."""
     checks = [("win rate", head_to_head["win_rate"], ">=", promotion.min_win_rate)]
     if promotion.max_kl is not None:
         checks.append(("KL to the reference", eval_metrics["kl"], "<=", promotion.max_kl))
-    checks += [(f"{name} mean", eval_metrics[f"{name}_policy"], ">=", bound) for name, bound in promotion.min_reward_functions.items()]
-    results = [(what, value, op, bound, value >= bound if op == ">=" else value <= bound) for what, value, op, bound in checks]
+    checks += [
+        (f"{name} mean", eval_metrics[f"{name}_policy"], ">=", bound)
+        for name, bound in promotion.min_reward_functions.items()
+    ]
+    results = [
+        (what, value, op, bound, value >= bound if op == ">=" else value <= bound) for what, value, op, bound in checks
+    ]
     failed = [result for result in results if not result[4]]
-    shown = "; ".join(f"{what} {value:.4g} {op if ok else ('<' if op == '>=' else '>')} {bound:.4g}" for what, value, op, bound, ok in failed or results)
+    shown = "; ".join(
+        f"{what} {value:.4g} {op if ok else ('<' if op == '>=' else '>')} {bound:.4g}"
+        for what, value, op, bound, ok in failed or results
+    )
     promoted = not failed
     return {
         "promoted": promoted,
@@ -70,7 +80,9 @@ def decide(promotion: PromotionConfig, against: str, head_to_head: Mapping[str, 
         "reward_policy": float(head_to_head["reward_policy"]),
         "reward_against": float(head_to_head["reward_ref"]),
         "kl": float(eval_metrics["kl"]),
-        "bounds": {what: {"value": float(value), "bound": float(bound), "passed": ok} for what, value, _, bound, ok in results},
+        "bounds": {
+            what: {"value": float(value), "bound": float(bound), "passed": ok} for what, value, _, bound, ok in results
+        },
     }
 
 
@@ -101,7 +113,12 @@ def gate(
             head_to_head = eval_metrics
         else:
             _LOGGER.info("promotion gate: version %s against %s (holder of @%s)", version, against, promotion.alias)
-            holder_dir = fetch(f"tracking.promotion.alias ({against})", RegistryVersion(name, holder, None), fetch_root, run.tracking_uri)
+            holder_dir = fetch(
+                f"tracking.promotion.alias ({against})",
+                RegistryVersion(name, holder, None),
+                fetch_root,
+                run.tracking_uri,
+            )
             head_to_head = evaluate(holder_dir)
         decision = decide(promotion, against, head_to_head, eval_metrics)
         if not decision["promoted"]:
@@ -114,12 +131,21 @@ def gate(
         # another run moved it right over this one: evaluate against that one in the next round
     else:
         decision = {
-            "promoted": False, "alias": promotion.alias, "against": "a moving alias",
-            "decision": f"rejected: @{promotion.alias} moved during each of {ROUNDS} evaluations (concurrent runs); left where it is",
+            "promoted": False,
+            "alias": promotion.alias,
+            "against": "a moving alias",
+            "decision": (
+                f"rejected: @{promotion.alias} moved during each of "
+                f"{ROUNDS} evaluations (concurrent runs); left where it is"
+            ),
         }
     if decision is None:
-        decision = {"promoted": True, "alias": promotion.alias, "against": "unrecorded",
-                    "decision": f"promoted: @{promotion.alias} already pointed at this version"}
+        decision = {
+            "promoted": True,
+            "alias": promotion.alias,
+            "against": "unrecorded",
+            "decision": f"promoted: @{promotion.alias} already pointed at this version",
+        }
     _record(run, name, version, decision)
     _LOGGER.info("promotion gate: version %s %s", version, decision["decision"])
     return decision

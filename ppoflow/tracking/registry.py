@@ -47,11 +47,15 @@ def parse(field: str, source: str) -> tuple[str, str | None, str | None]:
     """`(name, alias, version)` of a registry URI; a malformed one is refused naming `field`."""
     match = REGISTRY_URI.fullmatch(source)
     if match is None:
-        raise ConfigError(field, f"{source!r} is not a registry URI", "write models:/NAME@ALIAS or models:/NAME/VERSION")
+        raise ConfigError(
+            field, f"{source!r} is not a registry URI", "write models:/NAME@ALIAS or models:/NAME/VERSION"
+        )
     return match["name"], match["alias"], match["version"]
 
 
-def resolve(field: str, source: str, tracking_uri: str | None = None, *, unset_alias_ok: bool = False) -> RegistryVersion | None:
+def resolve(
+    field: str, source: str, tracking_uri: str | None = None, *, unset_alias_ok: bool = False
+) -> RegistryVersion | None:
     """The version `source` names now, from the tracking store (an alias is read, not followed later).
     `unset_alias_ok`: None, not an error, for an alias that points at no version (yet)."""
     name, alias, version = parse(field, source)
@@ -61,12 +65,16 @@ def resolve(field: str, source: str, tracking_uri: str | None = None, *, unset_a
     try:
         found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException as exc:
-        if alias and unset_alias_ok and exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+        if (
+            alias
+            and unset_alias_ok
+            and exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+        ):
             return None
         what = f"alias {alias!r} of {name!r}" if alias else f"version {version} of {name!r}"
         raise ModelError(
-            f"{field}: {source} does not resolve: no {what} in the registry of {uri.split('@')[-1]} ({first_line(exc)}) — "
-            "register it, or point the field at a local directory or a Hub id"
+            f"{field}: {source} does not resolve: no {what} in the registry of {uri.split('@')[-1]} "
+            f"({first_line(exc)}) — register it, or point the field at a local directory or a Hub id"
         ) from None
     return RegistryVersion(name=found.name, version=str(found.version), run_id=found.run_id)
 
@@ -87,7 +95,9 @@ def fetch(field: str, version: RegistryVersion, root: Path, tracking_uri: str | 
                 mlflow.artifacts.download_artifacts(artifact_uri=version.uri, dst_path=str(raw), tracking_uri=uri)
             _as_hf_directory(field, version, raw, staging)
         except MlflowException as exc:
-            raise ModelError(f"{field}: could not download {version.uri} ({first_line(exc)}) — check the artifact store") from None
+            raise ModelError(
+                f"{field}: could not download {version.uri} ({first_line(exc)}) — check the artifact store"
+            ) from None
         finally:
             shutil.rmtree(raw, ignore_errors=True)
         (staging / FETCHED).write_text(version.uri)
@@ -99,7 +109,9 @@ def fetch(field: str, version: RegistryVersion, root: Path, tracking_uri: str | 
 
 def _as_hf_directory(field: str, version: RegistryVersion, raw: Path, out: Path) -> None:
     """A logged transformers model (`model/` + `components/*/`) or a plain model directory, flattened."""
-    parts = [raw / "model", *sorted((raw / "components").glob("*"))] if (raw / "model" / "config.json").is_file() else [raw]
+    parts = (
+        [raw / "model", *sorted((raw / "components").glob("*"))] if (raw / "model" / "config.json").is_file() else [raw]
+    )
     if not (parts[0] / "config.json").is_file():
         raise ModelError(
             f"{field}: {version.uri} holds no Hugging Face model (no config.json in its artifacts) — "

@@ -28,19 +28,24 @@ from ppoflow.errors import TrackingError
 from ppoflow.manifests import DatasetManifest, ModelManifest, ModelSource, Release
 from ppoflow.provenance import library_versions
 from ppoflow.redaction import redact
-from ppoflow.tracking.metrics import SPOOL_FILE, MetricsSink, is_number
+from ppoflow.tracking.metrics import MetricsSink, is_number
 from ppoflow.tracking.run import CONFIG_HASH_TAG, FLOW_RUN_IDS_TAG, TrackingRun
 from ppoflow.tracking.store import first_line, global_tracking_uri, in_batches
+from ppoflow.workspace import SPOOL_FILE
 
 if TYPE_CHECKING:
     import pandas
 
 _LOGGER = logging.getLogger(__name__)
 
-TRAINED_POLICY_SHA_TAG = "ppoflow.trained_policy.sha256"  # the released weights (`ppoflow.policy.sha256`: the SFT input)
+TRAINED_POLICY_SHA_TAG = (
+    "ppoflow.trained_policy.sha256"  # the released weights (`ppoflow.policy.sha256`: the SFT input)
+)
 LEGACY_POLICY_SHA_TAG = "ppoflow.policy_sha256"  # the same, on versions registered before the rename: still read
 INPUT_POLICY_SHA_TAG = "ppoflow.policy.sha256"  # the policy training started from (`TrackingRun.log_models`)
-POLICY_SOURCE_TAG = "ppoflow.policy_source"  # what the version's policy started from: models:/NAME/VERSION, a path, a Hub id
+POLICY_SOURCE_TAG = (
+    "ppoflow.policy_source"  # what the version's policy started from: models:/NAME/VERSION, a path, a Hub id
+)
 # Each plot: key groups, one y axis each (the second on the right); a key ending in "/" stands for
 # every key with that prefix (`reward/<name>`: each reward function's mean score).
 PLOTS = {
@@ -56,7 +61,11 @@ def check_release_names(tracking: TrackingConfig) -> None:
     or written (MLflow itself would only say so at registration, after the whole run)."""
     if not tracking.log_model:
         return
-    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved, _validate_model_name
+    from mlflow.utils.validation import (
+        _validate_model_alias_name,
+        _validate_model_alias_name_reserved,
+        _validate_model_name,
+    )
 
     alias_rules = (_validate_model_alias_name, _validate_model_alias_name_reserved)
     checks = [
@@ -70,7 +79,9 @@ def check_release_names(tracking: TrackingConfig) -> None:
             try:
                 validate(value)
             except MlflowException as exc:
-                raise TrackingError(f"config field `{field}`: MLflow refuses {value!r} ({first_line(exc)}) — choose another name") from None
+                raise TrackingError(
+                    f"config field `{field}`: MLflow refuses {value!r} ({first_line(exc)}) — choose another name"
+                ) from None
 
 
 def log_release(
@@ -115,16 +126,28 @@ def log_release(
         model_id = _log_policy(run, Path(policy_dir), release, last_update)
         version = _register(run, registered_model_name, model_id, release, numeric, policy_source)
     else:
-        _LOGGER.info("policy %s is already version %s of %s", release.policy_sha256[:12], version.version, registered_model_name)
+        _LOGGER.info(
+            "policy %s is already version %s of %s", release.policy_sha256[:12], version.version, registered_model_name
+        )
     model_id = _logged_model_id(version)
     if model_id:  # also on a retry: the earlier attempt may have died before linking
         _link_logged_model(run, model_id, registered_model_name, str(version.version))
     set_alias(run, "tracking.alias", registered_model_name, alias, str(version.version))
-    model_uri = version.source if version.source.startswith("models:/") else f"models:/{registered_model_name}/{version.version}"
-    run.set_tags({"ppoflow.model_uri": model_uri, "ppoflow.registered_model": f"{registered_model_name}/{version.version}"})
-    return filled.model_copy(update={
-        "model_uri": model_uri, "registered_model": registered_model_name, "registered_version": str(version.version),
-    })
+    model_uri = (
+        version.source
+        if version.source.startswith("models:/")
+        else f"models:/{registered_model_name}/{version.version}"
+    )
+    run.set_tags(
+        {"ppoflow.model_uri": model_uri, "ppoflow.registered_model": f"{registered_model_name}/{version.version}"}
+    )
+    return filled.model_copy(
+        update={
+            "model_uri": model_uri,
+            "registered_model": registered_model_name,
+            "registered_version": str(version.version),
+        }
+    )
 
 
 MAX_DESCRIPTION = 5000  # the SQL registry's description column
@@ -157,17 +180,24 @@ def describe_release(run: TrackingRun, release: Release, models: ModelManifest, 
         f"PPO policy trained by ppoflow in MLflow run `{run.run_id}` (config hash `{tags.get(CONFIG_HASH_TAG, '')}`).",
         "",
         f"- trained weights sha256 `{release.policy_sha256}`",
-        f"- started from `{redact(models.policy.registry_uri or models.policy.source)}` (sha256 `{models.policy.sha256}`)",
-        f"- reward model `{redact(models.reward.registry_uri or models.reward.source)}` (sha256 `{models.reward.sha256}`)",
+        f"- started from `{redact(models.policy.registry_uri or models.policy.source)}` "
+        f"(sha256 `{models.policy.sha256}`)",
+        f"- reward model `{redact(models.reward.registry_uri or models.reward.source)}` "
+        f"(sha256 `{models.reward.sha256}`)",
         f"- prompts `{redact(data.source)}`: train digest `{data.train_digest}`, eval digest `{data.eval_digest}`"
         + (f", {len(data.partitions)} partitions ({_partition_range(data)})" if data.partitions else ""),
-        "- eval against the reference: " + ", ".join(
-            f"{key} {release.eval_metrics[key]:.4g}" for key in ("win_rate", "reward_policy", "reward_ref", "kl") if key in release.eval_metrics
+        "- eval against the reference: "
+        + ", ".join(
+            f"{key} {release.eval_metrics[key]:.4g}"
+            for key in ("win_rate", "reward_policy", "reward_ref", "kl")
+            if key in release.eval_metrics
         ),
     ]
     if release.promotion:
         version.append(f"- promotion gate (@{release.promotion['alias']}): {release.promotion['decision']}")
-    run.client.update_model_version(release.registered_model, release.registered_version, description="\n".join(version)[:MAX_DESCRIPTION])
+    run.client.update_model_version(
+        release.registered_model, release.registered_version, description="\n".join(version)[:MAX_DESCRIPTION]
+    )
     if not run.client.get_registered_model(release.registered_model).description:
         run.client.update_registered_model(
             release.registered_model,
@@ -178,26 +208,42 @@ def describe_release(run: TrackingRun, release: Release, models: ModelManifest, 
 
 def _models_table(models: ModelManifest) -> list[str]:
     lines = ["## Models", "", "| role | source | sha256 | registry version |", "|---|---|---|---|"]
-    roles: dict[str, ModelSource | None] = {"policy": models.policy, "ref": models.ref, "reward": models.reward, "value": models.value}
+    roles: dict[str, ModelSource | None] = {
+        "policy": models.policy,
+        "ref": models.ref,
+        "reward": models.reward,
+        "value": models.value,
+    }
     for role, model in roles.items():
         if model is None:
             lines.append(f"| {role} | the policy with the LoRA adapter disabled | | |")
         else:
-            lines.append(f"| {role} | `{redact(model.source)}` | `{model.sha256}` | {f'`{model.registry_uri}`' if model.registry_uri else '—'} |")
+            lines.append(
+                f"| {role} | `{redact(model.source)}` | `{model.sha256}` | "
+                f"{f'`{model.registry_uri}`' if model.registry_uri else '—'} |"
+            )
     return lines
 
 
 def _data_lines(data: DatasetManifest) -> list[str]:
     lines = [
-        "## Data", "",
-        f"Prompts `{redact(data.source)}` (fingerprint `{data.fingerprint}`): {data.train_rows} train, digest `{data.train_digest}`; "
-        f"{data.eval_rows} eval, digest `{data.eval_digest}`.",
+        "## Data",
+        "",
+        f"Prompts `{redact(data.source)}` (fingerprint `{data.fingerprint}`): {data.train_rows} "
+        f"train, digest `{data.train_digest}`; {data.eval_rows} eval, digest `{data.eval_digest}`.",
     ]
     if data.partitions:
         shown = data.partitions[-SHOWN_PARTITIONS:]
-        lines += ["", f"Partitions ({len(data.partitions)}{', the newest shown' if len(shown) < len(data.partitions) else ''}):", ""]
+        lines += [
+            "",
+            f"Partitions ({len(data.partitions)}{', the newest shown' if len(shown) < len(data.partitions) else ''}):",
+            "",
+        ]
         lines += ["| partition | date | sha256 | rows |", "|---|---|---|---|"]
-        lines += [f"| `{partition.path.name}` | {partition.date or '—'} | `{partition.sha256}` | {partition.rows} |" for partition in shown]
+        lines += [
+            f"| `{partition.path.name}` | {partition.date or '—'} | `{partition.sha256}` | {partition.rows} |"
+            for partition in shown
+        ]
     return lines
 
 
@@ -209,7 +255,11 @@ def _partition_range(data: DatasetManifest) -> str:
 def _release_lines(release: Release) -> list[str]:
     lines = [f"Trained policy sha256 `{release.policy_sha256}`."]
     if release.registered_model:
-        lines += ["", f"Registered model **{release.registered_model}** version **{release.registered_version}** (`{release.model_uri}`)."]
+        lines += [
+            "",
+            f"Registered model **{release.registered_model}** version "
+            f"**{release.registered_version}** (`{release.model_uri}`).",
+        ]
     else:
         lines += ["", "Not registered (`tracking.log_model: false`)."]
     if release.promotion:
@@ -256,7 +306,8 @@ def _registered_version(run: TrackingRun, name: str, policy_sha256: str) -> Any:
     except MlflowException:
         return None
     matching = [
-        version for version in versions
+        version
+        for version in versions
         if policy_sha256 in (version.tags.get(TRAINED_POLICY_SHA_TAG), version.tags.get(LEGACY_POLICY_SHA_TAG))
     ]
     return max(matching, key=lambda version: int(version.version), default=None)
@@ -269,7 +320,8 @@ def _create_registered_model(run: TrackingRun, name: str) -> None:
         if exc.error_code == "RESOURCE_ALREADY_EXISTS":
             return
         raise TrackingError(
-            f"config field `tracking.registered_model_name`: MLflow refused {name!r} ({first_line(exc)}) — choose another name"
+            "config field `tracking.registered_model_name`: MLflow "
+            f"refused {name!r} ({first_line(exc)}) — choose another name"
         ) from None
 
 
@@ -303,7 +355,9 @@ def _log_policy(run: TrackingRun, policy_dir: Path, release: Release, step: int)
         tags=identity,
         params={**logged_run.data.params, **identity},
     )
-    card = ModelCard(f"---\ntags: [ppoflow, rlhf, ppo]\n---\n# PPO policy\n\nTrained by ppoflow, MLflow run {run.run_id}.\n")
+    card = ModelCard(
+        f"---\ntags: [ppoflow, rlhf, ppo]\n---\n# PPO policy\n\nTrained by ppoflow, MLflow run {run.run_id}.\n"
+    )
     with global_tracking_uri(run.tracking_uri):
         mlflow.transformers.log_model(
             {"model": model, "tokenizer": tokenizer},
@@ -318,9 +372,15 @@ def _log_policy(run: TrackingRun, policy_dir: Path, release: Release, step: int)
     return logged.model_id
 
 
-def _register(run: TrackingRun, name: str, model_id: str, release: Release, eval_metrics: Mapping[str, float], policy_source: str) -> Any:
+def _register(
+    run: TrackingRun, name: str, model_id: str, release: Release, eval_metrics: Mapping[str, float], policy_source: str
+) -> Any:
     tags = {f"eval.{key}": repr(value) for key, value in eval_metrics.items()}
-    tags |= {CONFIG_HASH_TAG: run.config_hash(), TRAINED_POLICY_SHA_TAG: release.policy_sha256, POLICY_SOURCE_TAG: redact(policy_source)}
+    tags |= {
+        CONFIG_HASH_TAG: run.config_hash(),
+        TRAINED_POLICY_SHA_TAG: release.policy_sha256,
+        POLICY_SOURCE_TAG: redact(policy_source),
+    }
     # The SQL registry resolves a `models:/<id>` source through the process-wide tracking URI.
     with global_tracking_uri(run.tracking_uri):
         version = run.client.create_model_version(
@@ -359,7 +419,11 @@ def _check_model_dir(policy_dir: Path) -> None:
 
 def _pip_requirements() -> list[str]:
     versions = library_versions()
-    return [f"{name}=={versions[name]}" for name in ("transformers", "torch", "tokenizers", "accelerate") if name in versions]
+    return [
+        f"{name}=={versions[name]}"
+        for name in ("transformers", "torch", "tokenizers", "accelerate")
+        if name in versions
+    ]
 
 
 def _plot(history: list[dict], groups: tuple[tuple[str, ...], ...], title: str) -> Any:
@@ -371,13 +435,14 @@ def _plot(history: list[dict], groups: tuple[tuple[str, ...], ...], title: str) 
 
     present = sorted({key for row in history for key in row})
     expanded = [
-        [found for key in group for found in ([k for k in present if k.startswith(key)] if key.endswith("/") else [key])]
+        [
+            found
+            for key in group
+            for found in ([k for k in present if k.startswith(key)] if key.endswith("/") else [key])
+        ]
         for group in groups
     ]
-    series = [
-        [(key, points) for key in group if (points := _points(history, key))]
-        for group in expanded
-    ]
+    series = [[(key, points) for key in group if (points := _points(history, key))] for group in expanded]
     series = [group for group in series if group]
     if not series:
         return None
@@ -389,7 +454,7 @@ def _plot(history: list[dict], groups: tuple[tuple[str, ...], ...], title: str) 
         axes = first if index == 0 else first.twinx()
         color_offset = sum(len(earlier) for earlier in series[:index])
         for number, (key, points) in enumerate(group):
-            lines += axes.plot(*zip(*points), marker=".", label=key, color=f"C{color_offset + number}")
+            lines += axes.plot(*zip(*points, strict=True), marker=".", label=key, color=f"C{color_offset + number}")
         if len(series) > 1:
             axes.set_ylabel(", ".join(key for key, _ in group))
     first.set_xlabel("update")

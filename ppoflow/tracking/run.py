@@ -6,9 +6,9 @@ and data's, `manifests.training_fingerprint`), whatever its status, and creates 
 is none. Together they cover everything that changes results, the output directory included, so a
 retried or resumed job continues its run (FAILED or RUNNING), a finished job re-run (a cache hit:
 nothing new is trained) reuses its FINISHED run and only adds the new flow run's tags, and the same
-config on new partitions (or from a moved alias) is a run of its own. Re-logging is idempotent: params already present are
-skipped, datasets already logged (same digest) are skipped, metric points already in the run (same
-key and step) are never sent twice.
+config on new partitions (or from a moved alias) is a run of its own. Re-logging is idempotent:
+params already present are skipped, datasets already logged (same digest) are skipped, metric
+points already in the run (same key and step) are never sent twice.
 
 System metrics: MLflow's own `SystemMetricsMonitor` (CPU, memory, disk, network, GPU when present;
 psutil) takes an explicit run id and tracking URI and runs in its own thread, so
@@ -51,8 +51,9 @@ from ppoflow.manifests import DatasetManifest, ModelManifest, ModelSource, RunPl
 from ppoflow.partitions import is_glob
 from ppoflow.provenance import git_state, library_versions
 from ppoflow.redaction import redact
-from ppoflow.tracking.metrics import SPOOL_FILE, MetricsSink
+from ppoflow.tracking.metrics import MetricsSink
 from ppoflow.tracking.store import artifact_location, check_reachable, first_line, in_batches, resolve_tracking_uri
+from ppoflow.workspace import SPOOL_FILE
 
 if TYPE_CHECKING:
     import pandas
@@ -109,7 +110,8 @@ def open_run(plan: RunPlan, training: str, *, tracking_uri: str | None = None) -
         order_by=["attributes.start_time DESC"],
         max_results=100,
     )
-    found = [run for run in found if run.data.tags.get(OUTPUT_DIR_TAG) == str(plan.output_dir)]  # compared here: no quoting
+    # compared here: no quoting
+    found = [run for run in found if run.data.tags.get(OUTPUT_DIR_TAG) == str(plan.output_dir)]
     if found:
         run = found[0]
         if run.info.status != "RUNNING":
@@ -119,23 +121,36 @@ def open_run(plan: RunPlan, training: str, *, tracking_uri: str | None = None) -
         run = client.create_run(
             experiment_id,
             run_name=run_name(plan.config, plan.config_hash),
-            tags={CONFIG_HASH_TAG: plan.config_hash, TRAINING_TAG: training, OUTPUT_DIR_TAG: str(plan.output_dir),
-                  "mlflow.source.name": "ppoflow", "mlflow.source.type": "JOB"},
+            tags={
+                CONFIG_HASH_TAG: plan.config_hash,
+                TRAINING_TAG: training,
+                OUTPUT_DIR_TAG: str(plan.output_dir),
+                "mlflow.source.name": "ppoflow",
+                "mlflow.source.type": "JOB",
+            },
         )
         _LOGGER.info("created MLflow run %s (%s)", run.info.run_id, run.info.run_name)
     return TrackingRun(client, run.info.run_id, experiment_id, plan.output_dir)
 
 
-def tag_failure(flow_run_id: str, experiment: str, reason: str, stage: str | None, *, tracking_uri: str | None = None) -> str | None:
+def tag_failure(
+    flow_run_id: str, experiment: str, reason: str, stage: str | None, *, tracking_uri: str | None = None
+) -> str | None:
     """Tag the MLflow run that flow run `flow_run_id` last worked on with why it failed (`reason`, one
     line, redacted) and where; its run id, or None when that flow run opened no MLflow run."""
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
-    runs = client.search_runs(
-        [found.experiment_id], filter_string=f"tags.`{LAST_FLOW_RUN_TAG}` = '{flow_run_id}'", max_results=1,
-    ) if found is not None else []
+    runs = (
+        client.search_runs(
+            [found.experiment_id],
+            filter_string=f"tags.`{LAST_FLOW_RUN_TAG}` = '{flow_run_id}'",
+            max_results=1,
+        )
+        if found is not None
+        else []
+    )
     if not runs:
         return None
     run = TrackingRun(client, runs[0].info.run_id, found.experiment_id, Path("."))
@@ -151,7 +166,8 @@ def _experiment_id(client: mlflow.MlflowClient, name: str, location: str | None)
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise TrackingError(
-                    f"config field `tracking.experiment`: MLflow refused {name!r} ({first_line(exc)}) — choose another name"
+                    "config field `tracking.experiment`: MLflow refused "
+                    f"{name!r} ({first_line(exc)}) — choose another name"
                 ) from None
             experiment = client.get_experiment_by_name(name)
     if experiment.lifecycle_stage == "deleted":
@@ -192,7 +208,11 @@ class TrackingRun:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Tags, redacted and cut to MLflow's length limit; None values are left out."""
-        entries = [RunTag(key, str(redact(value, key))[:MAX_TAG_VAL_LENGTH]) for key, value in tags.items() if value is not None]
+        entries = [
+            RunTag(key, str(redact(value, key))[:MAX_TAG_VAL_LENGTH])
+            for key, value in tags.items()
+            if value is not None
+        ]
         for chunk in in_batches(entries, MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(self.run_id, tags=chunk)
 
@@ -208,7 +228,9 @@ class TrackingRun:
                 "under the same config hash (a hash collision or an edited run) — delete that run or change output_dir"
             )
         for key, value in changed.items():
-            _LOGGER.warning("param %s changed on resume: %r -> %r (kept the first, tagged the new)", key, present[key], value)
+            _LOGGER.warning(
+                "param %s changed on resume: %r -> %r (kept the first, tagged the new)", key, present[key], value
+            )
         if changed:
             self.set_tags({f"ppoflow.changed.{key}": value for key, value in changed.items()})
         new = [Param(key, value) for key, value in params.items() if key not in present]
@@ -225,12 +247,16 @@ class TrackingRun:
         self._log_params(identity, identity=True)
         self._log_params(attempt, identity=False)
         git = git_state()
-        self.set_tags({
-            CONFIG_HASH_TAG: plan.config_hash,
-            "ppoflow.output_dir": str(Path(plan.output_dir).resolve()),
-            "ppoflow.num_updates": plan.batch.num_updates,
-            **({"mlflow.source.git.commit": git.commit, "ppoflow.git.dirty": str(git.dirty).lower()} if git else {}),
-        })
+        self.set_tags(
+            {
+                CONFIG_HASH_TAG: plan.config_hash,
+                "ppoflow.output_dir": str(Path(plan.output_dir).resolve()),
+                "ppoflow.num_updates": plan.batch.num_updates,
+                **(
+                    {"mlflow.source.git.commit": git.commit, "ppoflow.git.dirty": str(git.dirty).lower()} if git else {}
+                ),
+            }
+        )
         resolved = redact(plan.config.model_dump(mode="json"))
         self.client.log_text(self.run_id, yaml.safe_dump(resolved, sort_keys=False), "config/config.yaml")
 
@@ -239,7 +265,10 @@ class TrackingRun:
         `models:/NAME/VERSION`, for a registry source) and the tokenizer's."""
         tags: dict[str, Any] = {}
         roles: dict[str, ModelSource | None] = {
-            "policy": models.policy, "ref": models.ref, "reward": models.reward, "value": models.value,
+            "policy": models.policy,
+            "ref": models.ref,
+            "reward": models.reward,
+            "value": models.value,
         }
         for role, model in roles.items():
             if model is None:
@@ -258,9 +287,13 @@ class TrackingRun:
             "ppoflow.tokenizer.pad_token_id": models.pad_token_id,
             "ppoflow.tokenizer.eos_token_id": models.eos_token_id,
             "ppoflow.tokenizer.stop_token_id": models.stop_token_id,
-            "ppoflow.reward.tokenizer": "own (prompt + response re-encoded as text)" if models.reward_tokenizer_dir else "the policy's",
+            "ppoflow.reward.tokenizer": "own (prompt + response re-encoded as text)"
+            if models.reward_tokenizer_dir
+            else "the policy's",
             "ppoflow.reward.tokenizer.sha256": models.reward_tokenizer_sha256,
-            "ppoflow.reward.chat_template": ("its own" if models.reward_chat_template else "none") if models.reward_tokenizer_dir else None,
+            "ppoflow.reward.chat_template": ("its own" if models.reward_chat_template else "none")
+            if models.reward_tokenizer_dir
+            else None,
         }
         self.set_tags(tags)
 
@@ -286,23 +319,40 @@ class TrackingRun:
             digest = digest[:MAX_DATASET_DIGEST_SIZE]
             if (f"{stem}-{split}", digest, context) in present:
                 continue
-            dataset = mlflow.data.from_pandas(load(split_dir), source=_dataset_source(source), name=f"{stem}-{split}", digest=digest)
+            dataset = mlflow.data.from_pandas(
+                load(split_dir), source=_dataset_source(source), name=f"{stem}-{split}", digest=digest
+            )
             inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
         for partition in data.partitions:
             name, digest = partition.path.stem, partition.sha256[:MAX_DATASET_DIGEST_SIZE]
             if (name, digest, PARTITION_CONTEXT) in present:
                 continue
             dataset = MetaDataset(_dataset_source(redact(str(partition.path))), name=name, digest=digest)
-            inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", PARTITION_CONTEXT)]))
+            inputs.append(
+                DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", PARTITION_CONTEXT)])
+            )
         if inputs:
             self.client.log_inputs(self.run_id, datasets=inputs)
-        self.set_tags({
-            f"ppoflow.data.{field}": getattr(data, field)
-            for field in (
-                "source", "fingerprint", "rows_read", "rows_kept", "dropped_too_long", "dropped_empty",
-                "eos_stripped", "eos_dropped", "train_rows", "eval_rows", "train_digest", "eval_digest",
-            )
-        } | {PARTITIONS_TAG: _partitions_tag(data) if data.partitions else None})
+        self.set_tags(
+            {
+                f"ppoflow.data.{field}": getattr(data, field)
+                for field in (
+                    "source",
+                    "fingerprint",
+                    "rows_read",
+                    "rows_kept",
+                    "dropped_too_long",
+                    "dropped_empty",
+                    "eos_stripped",
+                    "eos_dropped",
+                    "train_rows",
+                    "eval_rows",
+                    "train_digest",
+                    "eval_digest",
+                )
+            }
+            | {PARTITIONS_TAG: _partitions_tag(data) if data.partitions else None}
+        )
 
     def tag_flow_run(
         self, flow_run_id: str, flow_run_name: str | None, deployment: str | None, ui_url: str | None
@@ -316,11 +366,13 @@ class TrackingRun:
             while len(",".join(ids)) > MAX_TAG_VAL_LENGTH and len(ids) > 1:
                 ids.pop(0)
             about = json.dumps(redact({"name": flow_run_name, "deployment": deployment, "url": ui_url}))
-            self.set_tags({
-                FLOW_RUN_IDS_TAG: ",".join(ids),
-                f"prefect.flow_run.{flow_run_id}": about,
-                LAST_FLOW_RUN_TAG: flow_run_id,
-            })
+            self.set_tags(
+                {
+                    FLOW_RUN_IDS_TAG: ",".join(ids),
+                    f"prefect.flow_run.{flow_run_id}": about,
+                    LAST_FLOW_RUN_TAG: flow_run_id,
+                }
+            )
 
     # -- metrics --------------------------------------------------------------------------------
 
@@ -344,7 +396,10 @@ class TrackingRun:
                 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
                 monitor = SystemMetricsMonitor(
-                    self.run_id, sampling_interval=sampling_interval, resume_logging=True, tracking_uri=self.tracking_uri
+                    self.run_id,
+                    sampling_interval=sampling_interval,
+                    resume_logging=True,
+                    tracking_uri=self.tracking_uri,
                 )
             except Exception as exc:  # psutil missing or store unreadable: training goes on without
                 _LOGGER.warning("system metrics are off: %s", first_line(exc))

@@ -18,8 +18,13 @@ from tests.engine.conftest import toy_config
 from tests.reliability.helpers import REPO, subprocess_env, write_config
 
 TRAINING = (
-    "ppo.total_episodes=48", "ppo.per_device_train_batch_size=4", "ppo.gradient_accumulation_steps=2",
-    "ppo.num_mini_batches=1", "ppo.checkpoint_every=1", "ppo.keep_checkpoints=10", "runtime.num_processes=2",
+    "ppo.total_episodes=48",
+    "ppo.per_device_train_batch_size=4",
+    "ppo.gradient_accumulation_steps=2",
+    "ppo.num_mini_batches=1",
+    "ppo.checkpoint_every=1",
+    "ppo.keep_checkpoints=10",
+    "runtime.num_processes=2",
 )
 FINAL_STEP = 3
 
@@ -28,10 +33,33 @@ def start(config_path: Path, log: Path) -> subprocess.Popen:
     """`ppoflow train` under `accelerate launch` with 2 processes, in its own session."""
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-             "-m", "ppoflow.cli", "train", "--config", str(config_path)],
-            cwd=REPO, env=subprocess_env(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--multi_gpu",
+                "--num_processes",
+                "2",
+                "--num_machines",
+                "1",
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+                "--main_process_port",
+                str(free_port()),
+                "-m",
+                "ppoflow.cli",
+                "train",
+                "--config",
+                str(config_path),
+            ],
+            cwd=REPO,
+            env=subprocess_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
 
@@ -58,4 +86,6 @@ def run(toy: Path, directory: Path, name: str, *overrides: str) -> Path:
 
 
 def sha256(model_dir: Path) -> dict[str, str]:
-    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(model_dir.glob("*.safetensors"))}
+    return {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(model_dir.glob("*.safetensors"))
+    }

@@ -17,7 +17,8 @@ sees only what the device would:
   and only what device_check.sh writes into the `--target` folder is found.
 
 So a passing rehearsal proves that the device's list plus the wheels cover everything the check
-imports at run time, lazily imported modules and its subprocesses (training, SIGKILL-resume, both throughput sides with TRL from the wheels) included, which the static closure of
+imports at run time, lazily imported modules and its subprocesses (training, SIGKILL-resume, both
+throughput sides with TRL from the wheels) included, which the static closure of
 tests/unit/test_device_wheels.py cannot see. What it cannot prove: the device's own versions (torch
 2.11 and transformers 5.17 there, this venv's here), whose needs are allowed from this venv
 (`DEVICE_NEEDS_HERE`: e.g. transformers 5.25 needs `kernels`, which the device's 5.17 does not), and CUDA.
@@ -65,7 +66,9 @@ def _visible(cls, **kwargs):
         name = re.sub(r"[-_.]+", "-", distribution.metadata["Name"] or "").lower()
         if name in _config["hidden_distributions"]:
             continue
-        if name in _config["target_distributions"] and not str(distribution.locate_file("")).startswith(_config["target"]):
+        if name in _config["target_distributions"] and not str(distribution.locate_file("")).startswith(
+            _config["target"]
+        ):
             continue
         yield distribution
 
@@ -79,7 +82,9 @@ class _FromTheWheelsOnly(importlib.abc.MetaPathFinder):
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, [_config["target"]])
         if spec is None:
-            raise ModuleNotFoundError(f"{fullname} is not in the wheels' --target folder {_config['target']}", name=fullname)
+            raise ModuleNotFoundError(
+                f"{fullname} is not in the wheels' --target folder {_config['target']}", name=fullname
+            )
         return spec
 
 
@@ -108,12 +113,19 @@ def isolation(target: Path) -> dict:
     """Top-level modules and distributions to hide, and those to take from the --target folder only."""
     allowed = device_needs_here() | {REPOSITORY_DISTRIBUTION}
     installed = {canonicalize_name(d.metadata["Name"]) for d in importlib.metadata.distributions()}
-    modules = {module: {canonicalize_name(d) for d in dists} for module, dists in importlib.metadata.packages_distributions().items()}
+    modules = {
+        module: {canonicalize_name(d) for d in dists}
+        for module, dists in importlib.metadata.packages_distributions().items()
+    }
     from_target = sorted(module for module, dists in modules.items() if dists & set(device_wheels.WHEELS))
     blocked = sorted(module for module, dists in modules.items() if module not in from_target and not dists & allowed)
-    return {"target": str(target), "from_target": from_target, "blocked": blocked,
-            "target_distributions": sorted({*device_wheels.WHEELS, REPOSITORY_DISTRIBUTION}),
-            "hidden_distributions": sorted(installed - allowed - set(device_wheels.WHEELS))}
+    return {
+        "target": str(target),
+        "from_target": from_target,
+        "blocked": blocked,
+        "target_distributions": sorted({*device_wheels.WHEELS, REPOSITORY_DISTRIBUTION}),
+        "hidden_distributions": sorted(installed - allowed - set(device_wheels.WHEELS)),
+    }
 
 
 @pytest.fixture
@@ -130,18 +142,28 @@ def device_like(tmp_path) -> tuple[dict[str, str], Path]:
 
 def test_the_isolation_hides_what_the_device_lacks(device_like):
     env, target = device_like
-    probe = ("import importlib.metadata, importlib.util, json\n"
-             "found = {name: importlib.util.find_spec(name) is not None for name in ('mlflow', 'prefect', 'deepspeed', 'torch', 'transformers')}\n"
-             "found['metadata'] = sorted(d.metadata['Name'].lower() for d in importlib.metadata.distributions()\n"
-             "                           if d.metadata['Name'].lower() in ('mlflow', 'ppoflow', 'pydantic', 'torch'))\n"
-             "try:\n    import pydantic\n    found['pydantic'] = pydantic.__file__\n"
-             "except ImportError as error:\n    found['pydantic'] = str(error)\n"
-             "print(json.dumps(found))")
+    probe = (
+        "import importlib.metadata, importlib.util, json\n"
+        "found = {name: importlib.util.find_spec(name) is not None "
+        "for name in ('mlflow', 'prefect', 'deepspeed', 'torch', 'transformers')}\n"
+        "found['metadata'] = sorted(d.metadata['Name'].lower() for d in importlib.metadata.distributions()\n"
+        "                           if d.metadata['Name'].lower() in ('mlflow', 'ppoflow', 'pydantic', 'torch'))\n"
+        "try:\n    import pydantic\n    found['pydantic'] = pydantic.__file__\n"
+        "except ImportError as error:\n    found['pydantic'] = str(error)\n"
+        "print(json.dumps(found))"
+    )
     proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     found = json.loads(proc.stdout)
     assert found.pop("pydantic") == f"pydantic is not in the wheels' --target folder {target}"
-    assert found == {"mlflow": False, "prefect": False, "deepspeed": False, "torch": True, "transformers": True, "metadata": ["torch"]}
+    assert found == {
+        "mlflow": False,
+        "prefect": False,
+        "deepspeed": False,
+        "torch": True,
+        "transformers": True,
+        "metadata": ["torch"],
+    }
 
 
 @pytest.mark.slow
@@ -151,23 +173,58 @@ def test_device_check_rehearsed_on_the_cpu_with_the_wheels_alone(device_like, to
     env, target = device_like
     out = tmp_path / "out"
     proc = subprocess.run(
-        ["bash", str(REPO / "benchmarks" / "device_check.sh"), str(out), "--device", "cpu", "--target", str(target),
-         "--wheels", str(HOST_WHEELS), "--python", sys.executable, "--toy", str(toy_world), "--", "--skip", "two_processes"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540,
+        [
+            "bash",
+            str(REPO / "benchmarks" / "device_check.sh"),
+            str(out),
+            "--device",
+            "cpu",
+            "--target",
+            str(target),
+            "--wheels",
+            str(HOST_WHEELS),
+            "--python",
+            sys.executable,
+            "--toy",
+            str(toy_world),
+            "--",
+            "--skip",
+            "two_processes",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
     )
     log = proc.stdout[-4000:]
     result = json.loads((out / "gpu_check.json").read_text())
     checks = result["checks"]
     assert proc.returncode == 0, (log, {name: check.get("error") for name, check in checks.items()})
     assert {name: check["status"] for name, check in checks.items()} == {
-        "one_update": "pass", "packing": "pass", "kill_resume": "pass", "two_processes": "skipped", "throughput": "pass",
-        "throughput_smollm2_shape": "skipped"}
-    assert result["versions"]["trl"] == device_wheels.WHEELS["trl"] and result["versions"]["pydantic"] == device_wheels.WHEELS["pydantic"]
+        "one_update": "pass",
+        "packing": "pass",
+        "kill_resume": "pass",
+        "two_processes": "skipped",
+        "throughput": "pass",
+        "throughput_smollm2_shape": "skipped",
+    }
+    assert (
+        result["versions"]["trl"] == device_wheels.WHEELS["trl"]
+        and result["versions"]["pydantic"] == device_wheels.WHEELS["pydantic"]
+    )
     update = checks["one_update"]
-    assert update["compute"]["compute_dtype"] == "bfloat16" and update["compute"]["trained_weight_dtypes"] == ["float32"]
+    assert update["compute"]["compute_dtype"] == "bfloat16" and update["compute"]["trained_weight_dtypes"] == [
+        "float32"
+    ]
     assert 0.5 < update["change_ratio_compute_vs_fp32"] < 2.0
-    assert update["float32"]["logprobs_from_generation"] and update["float32"]["first_ratio"] == pytest.approx(1.0, abs=1e-5)
-    assert checks["packing"]["sdpa"]["self_check_packs"] and checks["packing"]["packed_rows"] < checks["packing"]["padded_rows"]
+    assert update["float32"]["logprobs_from_generation"] and update["float32"]["first_ratio"] == pytest.approx(
+        1.0, abs=1e-5
+    )
+    assert (
+        checks["packing"]["sdpa"]["self_check_packs"]
+        and checks["packing"]["packed_rows"] < checks["packing"]["padded_rows"]
+    )
     resume = checks["kill_resume"]
     assert resume["bitwise_equal"] and resume["killed"]["killed_after_step_2"]
     assert resume["killed"]["sha256"] == resume["uninterrupted"]["sha256"]
@@ -175,5 +232,7 @@ def test_device_check_rehearsed_on_the_cpu_with_the_wheels_alone(device_like, to
 
     environment = json.loads((out / "environment.json").read_text())
     assert environment["problems"] == [], environment["problems"]
-    assert {name: need["version"] for name, need in environment["needed"].items() if need["source"] == "wheel"} == device_wheels.WHEELS
+    assert {
+        name: need["version"] for name, need in environment["needed"].items() if need["source"] == "wheel"
+    } == device_wheels.WHEELS
     assert (out / "logs.tar.gz").is_file() and "done, exit 0" in (out / "device_check.log").read_text()

@@ -60,8 +60,11 @@ def test_first_ratio_is_one_and_one_step_per_mini_batch(run_stages, variant):
     # One micro-batch per mini-batch and one epoch: the first forward happens before any optimizer
     # step, so the rollout's log-probs must equal the training forward's (ratio 1, approxkl 0).
     stages = run_stages(
-        "ppo.total_episodes=16", "ppo.per_device_train_batch_size=16", "ppo.num_mini_batches=1",
-        "ppo.local_rollout_forward_batch_size=8", *variant,
+        "ppo.total_episodes=16",
+        "ppo.per_device_train_batch_size=16",
+        "ppo.num_mini_batches=1",
+        "ppo.local_rollout_forward_batch_size=8",
+        *variant,
     )
     (first,) = read_metrics(stages.plan.output_dir)
     assert first["val/ratio"] == pytest.approx(1.0, abs=1e-5)
@@ -74,8 +77,12 @@ def test_optimizer_steps_follow_num_mini_batches(run_stages):
     # batches of 4 × 4 = 16 prompts in 2 mini-batches of 8 (2 micro-batches of 4 each);
     # 2 updates × 3 epochs × 2 mini-batches = 12 steps.
     stages = run_stages(
-        "ppo.total_episodes=32", "ppo.per_device_train_batch_size=4", "ppo.gradient_accumulation_steps=4",
-        "ppo.num_mini_batches=2", "ppo.num_ppo_epochs=3", "ppo.checkpoint_every=5",
+        "ppo.total_episodes=32",
+        "ppo.per_device_train_batch_size=4",
+        "ppo.gradient_accumulation_steps=4",
+        "ppo.num_mini_batches=2",
+        "ppo.num_ppo_epochs=3",
+        "ppo.checkpoint_every=5",
     )
     batch = stages.plan.batch
     assert (batch.local_mini_batch_size, batch.batch_size, batch.num_updates) == (8, 16, 2)
@@ -88,9 +95,18 @@ def test_optimizer_steps_follow_num_mini_batches(run_stages):
 
 def test_toy_run_improves_reward_and_oracle(make_config):
     config = make_config(
-        "ppo.total_episodes=768", "ppo.per_device_train_batch_size=16", "ppo.gradient_accumulation_steps=4", "ppo.num_mini_batches=4",
-        "ppo.local_rollout_forward_batch_size=64", "ppo.num_ppo_epochs=2", "ppo.response_length=20",
-        "ppo.learning_rate=1e-4", "ppo.missing_eos_penalty=2.0", "ppo.checkpoint_every=100", "data.eval_size=96", "eval.batch_size=96",
+        "ppo.total_episodes=768",
+        "ppo.per_device_train_batch_size=16",
+        "ppo.gradient_accumulation_steps=4",
+        "ppo.num_mini_batches=4",
+        "ppo.local_rollout_forward_batch_size=64",
+        "ppo.num_ppo_epochs=2",
+        "ppo.response_length=20",
+        "ppo.learning_rate=1e-4",
+        "ppo.missing_eos_penalty=2.0",
+        "ppo.checkpoint_every=100",
+        "data.eval_size=96",
+        "eval.batch_size=96",
     )
     plan, release = pipeline.run_all(config)
     metrics = read_metrics(plan.output_dir)
@@ -107,14 +123,18 @@ def test_toy_run_improves_reward_and_oracle(make_config):
     assert 0.0 <= result["kl"] < 5.0
     assert result["eos_rate"] > 0.6
     samples = [json.loads(line) for line in (plan.output_dir / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 4 and {"prompt", "policy_completion", "ref_completion", "policy_score", "ref_score"} <= samples[0].keys()
+    assert (
+        len(samples) == 4
+        and {"prompt", "policy_completion", "ref_completion", "policy_score", "ref_score"} <= samples[0].keys()
+    )
 
 
 def checkpoint_files(checkpoint: Path) -> dict[str, bytes]:
     """A checkpoint's files but its state.json (which names the config hash) and the manifest of their checksums."""
     return {
         str(path.relative_to(checkpoint)): path.read_bytes()
-        for path in sorted(checkpoint.rglob("*")) if path.is_file() and path.name not in ("state.json", "manifest.json")
+        for path in sorted(checkpoint.rglob("*"))
+        if path.is_file() and path.name not in ("state.json", "manifest.json")
     }
 
 
@@ -136,7 +156,13 @@ def test_eval_every_evaluates_at_its_updates_and_the_last_as_stage_6_without_cha
     for row in rows[1], rows[3], rows[4]:
         assert 0.0 <= row["eval/win_rate"] <= 1.0 and 0.0 <= row["eval/eos_rate"] <= 1.0
         assert row["eval/num_prompts"] == 32 and row["timing/eval"] > 0
-        assert {"eval/reward_policy", "eval/reward_ref", "eval/kl", "eval/oracle_policy", "eval/oracle_ref"} <= row.keys()
+        assert {
+            "eval/reward_policy",
+            "eval/reward_ref",
+            "eval/kl",
+            "eval/oracle_policy",
+            "eval/oracle_ref",
+        } <= row.keys()
     assert rows[1]["eval/reward_policy"] != rows[4]["eval/reward_policy"]  # the policy trained in between
     # The last update's evaluation is stage 6's, of the same weights: the same numbers, key for key.
     release = pipeline.save_and_evaluate(evaluated.plan, evaluated.models, evaluated.data, evaluated.final)
@@ -149,7 +175,10 @@ def run_train(config_path: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "ppoflow.cli", "train", "--config", str(config_path)],
-        cwd=REPO, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+        cwd=REPO,
+        env=env,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
     )
 
 
@@ -176,8 +205,13 @@ def kill_after_next_update(process: subprocess.Popen, output_dir: Path, rng: ran
 
 
 def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(make_config, tmp_path):
-    overrides = ("ppo.total_episodes=96", "ppo.per_device_train_batch_size=8", "ppo.gradient_accumulation_steps=2", "ppo.num_mini_batches=2",
-                 "ppo.eval_every=2")
+    overrides = (
+        "ppo.total_episodes=96",
+        "ppo.per_device_train_batch_size=8",
+        "ppo.gradient_accumulation_steps=2",
+        "ppo.num_mini_batches=2",
+        "ppo.eval_every=2",
+    )
     reference = make_config(*overrides, output_dir=tmp_path / "uninterrupted")
     killed = make_config(*overrides, output_dir=tmp_path / "killed")
     assert reference.config_hash() == killed.config_hash()  # one training, written in two places
@@ -207,8 +241,14 @@ def eval_metrics_of(row: dict) -> dict:
 
 
 def test_lora_run_has_no_reference_copy(run_stages):
-    stages = run_stages("peft.enabled=true", "peft.target_modules=[q_proj,v_proj]", "ppo.learning_rate=1e-3", "peft.merge_on_save=true",
-                        "ppo.eval_every=4", train=False)
+    stages = run_stages(
+        "peft.enabled=true",
+        "peft.target_modules=[q_proj,v_proj]",
+        "ppo.learning_rate=1e-3",
+        "peft.merge_on_save=true",
+        "ppo.eval_every=4",
+        train=False,
+    )
     plan, models, data = stages.plan, stages.models, stages.data
     assert models.ref is None
     trainer = stages.trainer()
@@ -219,8 +259,18 @@ def test_lora_run_has_no_reference_copy(run_stages):
     release = pipeline.save_and_evaluate(plan, models, data, final)
     assert (release.policy_dir / "adapter_config.json").is_file()
     assert release.merged_dir is not None and (release.merged_dir / "config.json").is_file()
-    assert list_checkpoints(plan.output_dir / "checkpoints")[0].joinpath("policy", "adapter_model.safetensors").is_file()
-    assert set(release.eval_metrics) >= {"reward_policy", "reward_ref", "win_rate", "kl", "eos_rate", "oracle_policy", "oracle_ref"}
+    assert (
+        list_checkpoints(plan.output_dir / "checkpoints")[0].joinpath("policy", "adapter_model.safetensors").is_file()
+    )
+    assert set(release.eval_metrics) >= {
+        "reward_policy",
+        "reward_ref",
+        "win_rate",
+        "kl",
+        "eos_rate",
+        "oracle_policy",
+        "oracle_ref",
+    }
     # evaluated during training too (reference: the adapter disabled), as stage 6 evaluates the saved adapter
     rows = read_metrics(plan.output_dir)
     assert [row["update"] for row in rows if "eval/kl" in row] == [4]
@@ -239,14 +289,40 @@ def test_no_held_out_prompts_saves_the_policy_and_reports_no_evaluation(run_stag
 
 @pytest.mark.distributed
 def test_two_processes_under_accelerate_launch(make_config, tmp_path):
-    config = make_config("ppo.total_episodes=64", "ppo.per_device_train_batch_size=8", "ppo.num_mini_batches=1", "ppo.checkpoint_every=2",
-                         "ppo.eval_every=3")
+    config = make_config(
+        "ppo.total_episodes=64",
+        "ppo.per_device_train_batch_size=8",
+        "ppo.num_mini_batches=1",
+        "ppo.checkpoint_every=2",
+        "ppo.eval_every=3",
+    )
     config_path = write_config(config, tmp_path / "dist.yaml")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ppoflow.cli", "train", "--config", str(config_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "ppoflow.cli",
+            "train",
+            "--config",
+            str(config_path),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     summaries = [line for line in result.stdout.splitlines() if line.startswith("{")]
@@ -255,7 +331,8 @@ def test_two_processes_under_accelerate_launch(make_config, tmp_path):
     assert summary["episodes"] == 64 and summary["updates"] == 4  # batch = 8 × 2 processes
     metrics = read_metrics(Path(summary["output_dir"]))
     assert [m["update"] for m in metrics] == [1, 2, 3, 4]
-    assert [m["update"] for m in metrics if "eval/win_rate" in m] == [3, 4]  # the main process evaluated, the other waited
+    # the main process evaluated, the other waited
+    assert [m["update"] for m in metrics if "eval/win_rate" in m] == [3, 4]
     assert eval_metrics_of(metrics[-1]) == summary["eval"]  # stage 6's numbers (one process) at the last update
     checkpoints = [p.name for p in list_checkpoints(Path(summary["output_dir"]) / "checkpoints")]
     assert checkpoints == ["step-000004", "step-000002", "step-000000"]
@@ -268,8 +345,12 @@ def test_max_grad_norm_is_honoured(run_stages, tmp_path):
     # the change of the weights by orders of magnitude against an unclipped step (TRL ignored it).
     def weight_change(max_grad_norm: str, name: str) -> float:
         stages = run_stages(
-            "ppo.total_episodes=8", "ppo.per_device_train_batch_size=8", "ppo.num_mini_batches=1",
-            "ppo.adam_epsilon=1.0", "ppo.learning_rate=1e-2", f"ppo.max_grad_norm={max_grad_norm}",
+            "ppo.total_episodes=8",
+            "ppo.per_device_train_batch_size=8",
+            "ppo.num_mini_batches=1",
+            "ppo.adam_epsilon=1.0",
+            "ppo.learning_rate=1e-2",
+            f"ppo.max_grad_norm={max_grad_norm}",
             output_dir=tmp_path / name,
         )
         before, after = weights(stages.start.path / "policy"), weights(stages.final.path / "policy")

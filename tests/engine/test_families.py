@@ -11,12 +11,27 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CTRLConfig, CTRLForSequenceClassification, GenerationConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CTRLConfig,
+    CTRLForSequenceClassification,
+    GenerationConfig,
+)
 
 from ppoflow.checkpoint import newest_valid_checkpoint
 from ppoflow.config import PeftConfig
 from ppoflow.errors import ModelError
-from ppoflow.models import add_lora, describe_source, disable_dropout, load_causal_lm, load_classifier, packing_supported, token_values
+from ppoflow.models import (
+    add_lora,
+    describe_source,
+    disable_dropout,
+    load_causal_lm,
+    load_classifier,
+    packing_supported,
+    token_values,
+)
 from ppoflow.pipeline import run_all
 from tests.engine.conftest import toy_config
 from tests.families import DROPOUT, FAMILIES, QWEN_TOKENS, build_family, build_model
@@ -34,8 +49,12 @@ LLAMA_STYLE = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj"
 LORA_TARGETS = {
     "gpt2": ["c_attn", "c_fc", "c_proj"],  # Conv1D layers
     "gpt_neox": ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"],
-    "llama": LLAMA_STYLE, "qwen2": LLAMA_STYLE, "qwen3": LLAMA_STYLE, "mistral": LLAMA_STYLE,
-    "gemma2": LLAMA_STYLE, "gemma3": LLAMA_STYLE,
+    "llama": LLAMA_STYLE,
+    "qwen2": LLAMA_STYLE,
+    "qwen3": LLAMA_STYLE,
+    "mistral": LLAMA_STYLE,
+    "gemma2": LLAMA_STYLE,
+    "gemma3": LLAMA_STYLE,
     "phi3": ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"],
     "opt": ["fc1", "fc2", "k_proj", "out_proj", "q_proj", "v_proj"],
 }
@@ -44,7 +63,13 @@ LORA_TARGETS = {
 TIED = {"gpt2", "gemma2", "gemma3", "opt"}
 
 # The pad token stage 2 settles on: the tokenizer's own, else its unk token, else EOS (GPT-2).
-PAD_TOKENS = {"gpt2": "<|endoftext|>", "gpt_neox": "<unk>", "qwen2": "<|endoftext|>", "qwen3": "<|endoftext|>", "phi3": "<eos>"}
+PAD_TOKENS = {
+    "gpt2": "<|endoftext|>",
+    "gpt_neox": "<unk>",
+    "qwen2": "<|endoftext|>",
+    "qwen3": "<|endoftext|>",
+    "phi3": "<eos>",
+}
 
 PACKING_WARNING = "ignores packed position ids"
 
@@ -64,10 +89,18 @@ def run_config(toy: Path, world: Path, output_dir: Path, policy: Path, reward: P
     """Two updates of 8 prompts, one epoch of one mini-batch: each update's first forward comes before
     its optimizer step, so its PPO ratio is 1 exactly when training and rollout forwards agree."""
     return toy_config(
-        toy, output_dir,
-        f"models.policy={policy}", f"models.reward={reward}", f"data.path={world / 'prompts.jsonl'}", "data.eval_size=16",
-        "ppo.total_episodes=16", "ppo.per_device_train_batch_size=8", "ppo.num_mini_batches=1",
-        "ppo.local_rollout_forward_batch_size=8", "eval.batch_size=16", *overrides,
+        toy,
+        output_dir,
+        f"models.policy={policy}",
+        f"models.reward={reward}",
+        f"data.path={world / 'prompts.jsonl'}",
+        "data.eval_size=16",
+        "ppo.total_episodes=16",
+        "ppo.per_device_train_batch_size=8",
+        "ppo.num_mini_batches=1",
+        "ppo.local_rollout_forward_batch_size=8",
+        "eval.batch_size=16",
+        *overrides,
     )
 
 
@@ -91,8 +124,14 @@ def assert_first_ratios_are_one(output_dir: Path) -> None:
 def test_family_trains_saves_reloads_and_evaluates(toy_world, family_world, family, lora, tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="ppoflow")
     source = family_world / family
-    config = run_config(toy_world, family_world, tmp_path / "run", source / "policy", source / "reward",
-                           *(["peft.enabled=true"] if lora else []))
+    config = run_config(
+        toy_world,
+        family_world,
+        tmp_path / "run",
+        source / "policy",
+        source / "reward",
+        *(["peft.enabled=true"] if lora else []),
+    )
     plan, release = run_all(config)
 
     assert_first_ratios_are_one(plan.output_dir)
@@ -142,7 +181,9 @@ def test_policy_and_reward_of_different_families(toy_world, family_world, tmp_pa
 
 def sample_ids(directory: Path) -> torch.Tensor:
     """[1, L] ids of a text under the directory's tokenizer (no padding)."""
-    return AutoTokenizer.from_pretrained(directory)("i just watched northern empire . in short , great", return_tensors="pt")["input_ids"]
+    return AutoTokenizer.from_pretrained(directory)(
+        "i just watched northern empire . in short , great", return_tensors="pt"
+    )["input_ids"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -184,7 +225,9 @@ def test_default_lora_targets_exist_in_every_family_and_spare_the_lm_head(family
     assert PeftConfig().target_modules == "all-linear"
     loaded = add_lora(load_causal_lm(policy_dir, torch.float32), PeftConfig(enabled=True))
     with torch.device("meta"):  # stage 2 checks the targets on a skeleton like this one
-        skeleton = add_lora(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(policy_dir)), PeftConfig(enabled=True))
+        skeleton = add_lora(
+            AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(policy_dir)), PeftConfig(enabled=True)
+        )
     for model in (loaded, skeleton):
         adapted = sorted({name.rsplit(".", 2)[-2] for name, _ in model.named_modules() if name.endswith(".lora_A")})
         assert adapted == LORA_TARGETS[family]
@@ -200,9 +243,13 @@ def test_missing_lora_targets_are_named_with_the_layers_there_are(family_world):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_roles_are_the_classes_the_auto_classes_load(family_world, family):
     policy_dir, reward_dir = family_world / family / "policy", family_world / family / "reward"
-    causal, classifier = AutoConfig.from_pretrained(policy_dir).architectures[0], AutoConfig.from_pretrained(reward_dir).architectures[0]
+    causal, classifier = (
+        AutoConfig.from_pretrained(policy_dir).architectures[0],
+        AutoConfig.from_pretrained(reward_dir).architectures[0],
+    )
     common = {"revision": None, "trust_remote_code": False}
-    assert describe_source("policy", "policy", str(policy_dir), classifier=False, **common).model_class == causal  # GPT2LMHeadModel too
+    # GPT2LMHeadModel too
+    assert describe_source("policy", "policy", str(policy_dir), classifier=False, **common).model_class == causal
     assert describe_source("reward", "reward", str(reward_dir), classifier=True, **common).model_class == classifier
     with pytest.raises(ModelError, match=f"not a causal LM.*{causal}"):
         describe_source("policy", "policy", str(reward_dir), classifier=False, **common)
@@ -216,10 +263,15 @@ def test_token_values_read_the_classifier_head(family_world, family, tmp_path):
     # it must be what the classifier itself outputs. GPT-2's classifier config has no pad_token_id,
     # so its own forward takes one sequence at a time; CTRL names its head `classifier`, not `score`.
     if family == "ctrl":
-        CTRLForSequenceClassification(CTRLConfig(vocab_size=176, n_embd=32, dff=64, n_layer=1, n_head=2, num_labels=1)).save_pretrained(tmp_path)
+        CTRLForSequenceClassification(
+            CTRLConfig(vocab_size=176, n_embd=32, dff=64, n_layer=1, n_head=2, num_labels=1)
+        ).save_pretrained(tmp_path)
         classifier, ids = load_classifier(tmp_path, torch.float32).eval(), sample_ids(family_world / "llama" / "reward")
     else:
-        classifier, ids = load_classifier(family_world / family / "reward", torch.float32).eval(), sample_ids(family_world / family / "reward")
+        classifier, ids = (
+            load_classifier(family_world / family / "reward", torch.float32).eval(),
+            sample_ids(family_world / family / "reward"),
+        )
     if family == "gpt2":
         assert classifier.config.pad_token_id is None
     inputs = {"input_ids": ids, "attention_mask": None, "position_ids": torch.arange(ids.shape[1])[None]}
@@ -232,7 +284,15 @@ def test_token_values_read_the_classifier_head(family_world, family, tmp_path):
 def test_a_classifier_without_a_linear_head_on_its_decoder_is_refused(tmp_path):
     from transformers import BertConfig, BertForSequenceClassification
 
-    BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                             intermediate_size=64, num_labels=1)).save_pretrained(tmp_path)
+    BertForSequenceClassification(
+        BertConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            num_labels=1,
+        )
+    ).save_pretrained(tmp_path)
     with pytest.raises(ModelError, match="no head that scores each position"):
         load_classifier(tmp_path, torch.float32)

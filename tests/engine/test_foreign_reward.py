@@ -27,8 +27,9 @@ def permuted_reward(toy_world, tmp_path_factory):
 @pytest.mark.parametrize("pack", ["true", "false"])
 def test_re_encoded_scores_equal_the_shared_tokenizer_scores(run_stages, permuted_reward, tmp_path, pack):
     shared = run_stages(f"ppo.pack_sequences={pack}", output_dir=tmp_path / "shared", train=False).trainer()
-    foreign = run_stages(f"models.reward={permuted_reward}", f"ppo.pack_sequences={pack}", output_dir=tmp_path / "foreign",
-                         train=False).trainer()
+    foreign = run_stages(
+        f"models.reward={permuted_reward}", f"ppo.pack_sequences={pack}", output_dir=tmp_path / "foreign", train=False
+    ).trainer()
     assert shared.models.reward_tokenizer_dir is None
     assert foreign.models.reward_tokenizer_dir is not None and foreign.models.is_intact()
     assert foreign.worker.reward_encoder is not None and foreign.worker.reward_packed == (pack == "true")
@@ -44,10 +45,17 @@ def test_re_encoded_scores_equal_the_shared_tokenizer_scores(run_stages, permute
     assert torch.allclose(actual, expected, atol=1e-5), (actual - expected).abs().max()
 
 
-def test_a_run_with_a_foreign_reward_model_trains_with_the_value_model_from_the_policy(make_config, permuted_reward, caplog):
+def test_a_run_with_a_foreign_reward_model_trains_with_the_value_model_from_the_policy(
+    make_config, permuted_reward, caplog
+):
     caplog.set_level(logging.INFO, logger="ppoflow")
-    config = make_config(f"models.reward={permuted_reward}", "ppo.total_episodes=16", "data.eval_size=16", "eval.batch_size=16",
-                         "ppo.eval_every=1")
+    config = make_config(
+        f"models.reward={permuted_reward}",
+        "ppo.total_episodes=16",
+        "data.eval_size=16",
+        "eval.batch_size=16",
+        "ppo.eval_every=1",
+    )
     plan, release = pipeline.run_all(config)
     assert "the value model starts from the policy checkpoint" in caplog.text
     metrics = [json.loads(line) for line in (plan.output_dir / "metrics.jsonl").read_text().splitlines()]
@@ -75,8 +83,13 @@ def test_a_value_model_with_another_tokenizer_is_refused_in_stage_2(make_config,
 
 def test_the_value_model_may_start_from_a_causal_lm(run_stages, toy_world):
     # TRL allows the SFT model as the value start: the decoder with a fresh scalar head
-    trainer = run_stages(f"models.value={toy_world / 'policy'}", "ppo.total_episodes=8", "ppo.per_device_train_batch_size=8",
-                         "ppo.num_mini_batches=1", train=False).trainer()
+    trainer = run_stages(
+        f"models.value={toy_world / 'policy'}",
+        "ppo.total_episodes=8",
+        "ppo.per_device_train_batch_size=8",
+        "ppo.num_mini_batches=1",
+        train=False,
+    ).trainer()
     assert trainer.models.value.model_class.endswith("ForCausalLM")
     assert type(trainer.value).__name__.endswith("ForSequenceClassification")
     trainer.train()

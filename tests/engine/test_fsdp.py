@@ -11,7 +11,15 @@ from transformers import AutoModelForCausalLM
 
 from tests.engine.conftest import toy_config
 from tests.engine.launching import FINAL_STEP, TRAINING, kill_all, run, sha256, start, train
-from tests.reliability.helpers import checkpoint_steps, comparable, error_lines, policy_tensors, read_metrics, wait_for, write_config
+from tests.reliability.helpers import (
+    checkpoint_steps,
+    comparable,
+    error_lines,
+    policy_tensors,
+    read_metrics,
+    wait_for,
+    write_config,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -32,13 +40,17 @@ def sharded_run(toy_world, tmp_path_factory) -> Path:
 
 def test_a_sharded_run_killed_after_its_second_checkpoint_resumes_bitwise(sharded_run, toy_world, tmp_path):
     output_dir, child, log = train(toy_world, tmp_path, "killed", "runtime.fsdp=true")
-    assert wait_for(lambda: 2 in checkpoint_steps(output_dir), 300, alive=lambda: child.poll() is None), log.read_text()[-4000:]
+    assert wait_for(lambda: 2 in checkpoint_steps(output_dir), 300, alive=lambda: child.poll() is None), (
+        log.read_text()[-4000:]
+    )
     kill_all(child)
     assert FINAL_STEP not in checkpoint_steps(output_dir), "the run finished before the kill: nothing was resumed"
 
     # Resuming with the other setting is refused in one line (the optimizer state is another format).
     config_path = tmp_path / "killed.yaml"
-    other = write_config(toy_config(toy_world, output_dir, *TRAINING, "runtime.fsdp=false"), tmp_path / "unsharded.yaml")
+    other = write_config(
+        toy_config(toy_world, output_dir, *TRAINING, "runtime.fsdp=false"), tmp_path / "unsharded.yaml"
+    )
     refused = start(other, tmp_path / "refused.log")
     assert refused.wait(timeout=600) != 0
     lines = set(error_lines((tmp_path / "refused.log").read_text()))
@@ -58,11 +70,17 @@ def test_sharded_training_matches_unsharded_and_saves_plain_hugging_face_models(
     initial = policy_tensors(sharded_run / "checkpoints/step-000000/policy")
     for step in (1, FINAL_STEP):
         for model in ("policy", "value"):
-            sharded, plain = (policy_tensors(directory / f"checkpoints/step-{step:06d}/{model}") for directory in (sharded_run, unsharded))
+            sharded, plain = (
+                policy_tensors(directory / f"checkpoints/step-{step:06d}/{model}")
+                for directory in (sharded_run, unsharded)
+            )
             assert sharded.keys() == plain.keys()  # no FSDP names, the tied LM head written once, as DDP writes it
             difference = max((sharded[key] - plain[key]).abs().max().item() for key in plain)
             assert difference <= TOLERANCE, (step, model, difference)
-    moved = max((policy_tensors(unsharded / "checkpoints/step-000001/policy")[key] - initial[key]).abs().max().item() for key in initial)
+    moved = max(
+        (policy_tensors(unsharded / "checkpoints/step-000001/policy")[key] - initial[key]).abs().max().item()
+        for key in initial
+    )
     assert moved > 10 * TOLERANCE  # one step is far above the tolerance
 
     # Stage 6 (one process) read the sharded run's last checkpoint as any other: final/ is a plain model.

@@ -34,7 +34,9 @@ def test_ctrl_c_says_what_was_kept_in_one_line_and_the_same_command_resumes(toy_
     assert process.returncode == 130, err[-2000:]
     assert out == "" and "Traceback" not in err
     said = [line for line in err.splitlines() if line.startswith("interrupted:")]
-    assert len(said) == 1 and said[0].startswith("interrupted: finished stages and checkpoints are kept; run `ppoflow train`")
+    assert len(said) == 1 and said[0].startswith(
+        "interrupted: finished stages and checkpoints are kept; run `ppoflow train`"
+    )
     done = len(metrics.read_text().splitlines())
     assert 2 <= done < 20
 

@@ -65,7 +65,15 @@ def test_generation_log_probs_match_a_fresh_forward(toy_world, toy_models):
 
     tokenizer = AutoTokenizer.from_pretrained(toy_world / "policy")
     queries, query_mask = left_pad([tokenizer(p)["input_ids"] for p in prompts], 0, torch.device("cpu"))
-    common = dict(pad_token_id=0, stop_token_ids=[tokenizer.eos_token_id], completion_token_id=tokenizer.eos_token_id, response_length=20, temperature=0.7, chunk_size=16, packed=True)
+    common = dict(
+        pad_token_id=0,
+        stop_token_ids=[tokenizer.eos_token_id],
+        completion_token_id=tokenizer.eos_token_id,
+        response_length=20,
+        temperature=0.7,
+        chunk_size=16,
+        packed=True,
+    )
     worker = RolloutWorker(policy, policy, reward, reward, top_k=0, top_p=1.0, **common)
     assert worker.reuse_logprobs
     torch.manual_seed(3)
@@ -88,8 +96,14 @@ def test_packed_and_padded_training_agree(run_stages, tmp_path):
     # losses that agree to float tolerance (only summation order differs).
     results = {}
     for packed in (True, False):
-        stages = run_stages("ppo.total_episodes=8", f"ppo.pack_sequences={str(packed).lower()}", output_dir=tmp_path / f"packed-{packed}")
-        (results[packed],) = [json.loads(line) for line in (stages.plan.output_dir / "metrics.jsonl").read_text().splitlines()]
+        stages = run_stages(
+            "ppo.total_episodes=8",
+            f"ppo.pack_sequences={str(packed).lower()}",
+            output_dir=tmp_path / f"packed-{packed}",
+        )
+        (results[packed],) = [
+            json.loads(line) for line in (stages.plan.output_dir / "metrics.jsonl").read_text().splitlines()
+        ]
     packed, padded = results[True], results[False]
     assert packed["objective/scores"] == pytest.approx(padded["objective/scores"], abs=1e-5)
     assert packed["response/length_mean"] == padded["response/length_mean"]

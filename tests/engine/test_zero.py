@@ -7,9 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine.launching import FINAL_STEP, TRAINING, kill_all, run, sha256, start, train
 from tests.engine.conftest import toy_config
-from tests.reliability.helpers import checkpoint_steps, comparable, error_lines, policy_tensors, read_metrics, wait_for, write_config
+from tests.engine.launching import FINAL_STEP, TRAINING, kill_all, run, sha256, start, train
+from tests.reliability.helpers import (
+    checkpoint_steps,
+    comparable,
+    error_lines,
+    policy_tensors,
+    read_metrics,
+    wait_for,
+    write_config,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -27,8 +35,9 @@ def accelerate_config(directory: Path, stage: int) -> Path:
     """As `accelerate config` writes it for DeepSpeed on one machine."""
     path = directory / f"accelerate-zero{stage}.yaml"
     path.write_text(
-        "compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\ndeepspeed_config:\n  gradient_accumulation_steps: 2\n"
-        f"  offload_optimizer_device: none\n  offload_param_device: none\n  zero3_init_flag: false\n  zero_stage: {stage}\n"
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\ndeepspeed_config:\n"
+        "  gradient_accumulation_steps: 2\n  offload_optimizer_device: none\n  offload_param_device: none\n"
+        f"  zero3_init_flag: false\n  zero_stage: {stage}\n"
         "machine_rank: 0\nmixed_precision: 'no'\nnum_machines: 1\nnum_processes: 2\n"
     )
     return path
@@ -42,7 +51,13 @@ def runs(toy_world, tmp_path_factory, unsharded_run) -> dict[str, Path]:
         "ddp": unsharded_run,
         "zero2": run(toy_world, directory, "zero2", f"runtime.accelerate_config={accelerate_config(directory, 2)}"),
         # with the periodic evaluation (main process; ZeRO-3's parameters gathered for it), which changes no weight
-        "zero3": run(toy_world, directory, "zero3", f"runtime.accelerate_config={accelerate_config(directory, 3)}", "ppo.eval_every=2"),
+        "zero3": run(
+            toy_world,
+            directory,
+            "zero3",
+            f"runtime.accelerate_config={accelerate_config(directory, 3)}",
+            "ppo.eval_every=2",
+        ),
     }
 
 
@@ -58,15 +73,20 @@ def test_zero_training_matches_ddp_and_saves_plain_hugging_face_models(runs, sta
             assert sum(int((d > NEAR).sum()) for d in differences) <= 100, (step, model)
     start = policy_tensors(ddp / "checkpoints/step-000000/policy")
     moved = policy_tensors(zero / "checkpoints/step-000001/policy")
-    assert sum(int(((moved[key] - start[key]).abs() > TOLERANCE).sum()) for key in start) > 100_000  # one step is far above it
+    # one step is far above it
+    assert sum(int(((moved[key] - start[key]).abs() > TOLERANCE).sum()) for key in start) > 100_000
     assert (zero / "eval.json").is_file() and (zero / "final" / "model.safetensors").is_file()
     if stage == 3:
         assert [row["update"] for row in read_metrics(zero) if "eval/win_rate" in row] == [2, 3]
 
 
 def test_a_zero3_run_killed_after_its_second_checkpoint_resumes_bitwise(runs, toy_world, tmp_path):
-    output_dir, child, log = train(toy_world, tmp_path, "killed", f"runtime.accelerate_config={accelerate_config(tmp_path, 3)}", "ppo.eval_every=2")
-    assert wait_for(lambda: 2 in checkpoint_steps(output_dir), 300, alive=lambda: child.poll() is None), log.read_text()[-4000:]
+    output_dir, child, log = train(
+        toy_world, tmp_path, "killed", f"runtime.accelerate_config={accelerate_config(tmp_path, 3)}", "ppo.eval_every=2"
+    )
+    assert wait_for(lambda: 2 in checkpoint_steps(output_dir), 300, alive=lambda: child.poll() is None), (
+        log.read_text()[-4000:]
+    )
     kill_all(child)
     assert FINAL_STEP not in checkpoint_steps(output_dir), "the run finished before the kill: nothing was resumed"
 

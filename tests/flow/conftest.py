@@ -37,7 +37,11 @@ def toy_flow_config(toy: Path, output_dir: Path, results: Path) -> dict[str, Any
         },
         "reward_functions": [{"path": "ppoflow.toy:oracle_score", "name": "oracle", "weight": 0.0}],
         "eval": {"batch_size": 32, "sample_table_size": 4},
-        "tracking": {"experiment": "ppoflow-flow-test", "registered_model_name": "ppoflow-flow-test-policy", "system_metrics": False},
+        "tracking": {
+            "experiment": "ppoflow-flow-test",
+            "registered_model_name": "ppoflow-flow-test-policy",
+            "system_metrics": False,
+        },
         "flow": {"retries": 2, "retry_delay_seconds": [0.0], "result_storage": str(results)},
     }
 
@@ -108,8 +112,16 @@ def policy_dir(tmp_path_factory) -> Path:
         tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
     )
     config = LlamaConfig(
-        vocab_size=len(VOCAB), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=len(VOCAB),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     model = LlamaForCausalLM(config)
     assert model.num_parameters() < 1_000_000
@@ -132,11 +144,16 @@ def make_plan(tmp_path, policy_dir):
             models=ModelsConfig(policy=str(policy_dir), reward=str(policy_dir)),
             data=sections.pop("data", DataConfig(path=str(prompts), eval_size=1)),
             ppo=sections.pop("ppo", PPOConfig(total_episodes=16, per_device_train_batch_size=4, learning_rate=1e-5)),
-            tracking=sections.pop("tracking", TrackingConfig(experiment="ppoflow-test", registered_model_name="ppoflow-test")),
+            tracking=sections.pop(
+                "tracking", TrackingConfig(experiment="ppoflow-test", registered_model_name="ppoflow-test")
+            ),
             **sections,
         )
         return RunPlan(
-            config=config, config_hash=config.config_hash(), output_dir=config.output_dir, batch=BatchPlan.derive(config.ppo)
+            config=config,
+            config_hash=config.config_hash(),
+            output_dir=config.output_dir,
+            batch=BatchPlan.derive(config.ppo),
         )
 
     return build

@@ -32,8 +32,10 @@ from tests.reliability.faulty_rewards import CRASH_ENV, InjectedCrash
 pytestmark = [pytest.mark.flow, pytest.mark.slow]
 
 # The toy's oracle (logged) and a reward function that crashes once (weight 0: scores unchanged).
-CRASH_REWARD = ("reward_functions=[{path: 'ppoflow.toy:oracle_score', name: oracle, weight: 0.0}, "
-                "{path: 'tests.reliability.faulty_rewards:crash_once_after_update', weight: 0.0}]")
+CRASH_REWARD = (
+    "reward_functions=[{path: 'ppoflow.toy:oracle_score', name: oracle, weight: 0.0}, "
+    "{path: 'tests.reliability.faulty_rewards:crash_once_after_update', weight: 0.0}]"
+)
 
 STAGES = ["configure", "load_models", "prepare_dataset", "init_trainer", "train_ppo", "save_and_evaluate"]
 
@@ -72,7 +74,9 @@ def flow_artifacts(flow_run_id: str | UUID) -> list[Any]:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with get_client(sync_client=True) as client:
-        return client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(str(flow_run_id))])))
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(str(flow_run_id))]))
+        )
 
 
 def metric_lines(output_dir: Path) -> list[str]:
@@ -104,7 +108,8 @@ def reference(flow_env, make_flow_config, flow_workspace) -> dict[str, Any]:
     handler = logging.Handler()
     handler.emit = lambda record: logged.append(record.getMessage())
     cli_log = logging.getLogger("ppoflow.flows.cli")
-    level, cli_log.level = cli_log.level, logging.INFO  # under pytest, the CLI's basicConfig leaves the root level alone
+    # under pytest, the CLI's basicConfig leaves the root level alone
+    level, cli_log.level = cli_log.level, logging.INFO
     cli_log.addHandler(handler)
     try:
         code, stdout = run_cli("run", "--config", str(config_file))
@@ -113,7 +118,10 @@ def reference(flow_env, make_flow_config, flow_workspace) -> dict[str, Any]:
         cli_log.setLevel(level)
     assert code == 0, stdout
     return {
-        "tree": tree, "summary": json.loads(stdout.strip().splitlines()[-1]), "output_dir": Path(tree["output_dir"]), "logs": logged,
+        "tree": tree,
+        "summary": json.loads(stdout.strip().splitlines()[-1]),
+        "output_dir": Path(tree["output_dir"]),
+        "logs": logged,
     }
 
 
@@ -145,7 +153,12 @@ def test_a_full_run_leaves_its_lineage_in_mlflow_and_prefect(reference, flow_env
         assert history[-1].value == summary["eval"][key.removeprefix("eval/")], key
 
     manifest = DatasetManifest.model_validate_json((output_dir / "data" / "dataset.json").read_text())
-    datasets = {tag.value: entry.dataset for entry in run.inputs.dataset_inputs for tag in entry.tags if tag.key == "mlflow.data.context"}
+    datasets = {
+        tag.value: entry.dataset
+        for entry in run.inputs.dataset_inputs
+        for tag in entry.tags
+        if tag.key == "mlflow.data.context"
+    }
     assert datasets["training"].digest == manifest.train_digest[:36]
     assert datasets["evaluation"].digest == manifest.eval_digest[:36]
 
@@ -156,14 +169,24 @@ def test_a_full_run_leaves_its_lineage_in_mlflow_and_prefect(reference, flow_env
     logged = client.get_logged_model(summary["model_uri"].removeprefix("models:/"))
     assert logged.source_run_id == run.info.run_id
     assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": name, "version": version}]
-    assert logged.params["ppoflow.trained_policy.sha256"] == trained_sha == aliased.tags["ppoflow.trained_policy.sha256"]
+    assert (
+        logged.params["ppoflow.trained_policy.sha256"] == trained_sha == aliased.tags["ppoflow.trained_policy.sha256"]
+    )
     note = run.data.tags["mlflow.note.content"]
-    for text in (summary["config_hash"], run.data.tags["ppoflow.reward.sha256"], manifest.train_digest, trained_sha,
-                 summary["prefect_flow_run_id"], f"**{name}** version **{version}**"):
+    for text in (
+        summary["config_hash"],
+        run.data.tags["ppoflow.reward.sha256"],
+        manifest.train_digest,
+        trained_sha,
+        summary["prefect_flow_run_id"],
+        f"**{name}** version **{version}**",
+    ):
         assert text in note, text
     assert run.info.run_id in aliased.description and trained_sha in aliased.description
     assert client.get_registered_model(name).description
-    artifacts = {artifact.path for folder in ("eval", "config") for artifact in client.list_artifacts(run.info.run_id, folder)}
+    artifacts = {
+        artifact.path for folder in ("eval", "config") for artifact in client.list_artifacts(run.info.run_id, folder)
+    }
     assert {"eval/eval.json", "eval/samples.json", "config/config.yaml"} <= artifacts
 
     flow_run_id = summary["prefect_flow_run_id"]
@@ -173,8 +196,14 @@ def test_a_full_run_leaves_its_lineage_in_mlflow_and_prefect(reference, flow_env
     assert runs["train_ppo"].name == f"train_ppo[policy-{summary['config_hash'][:8]}]"
     by_key = {artifact.key: artifact for artifact in flow_artifacts(flow_run_id)}
     assert run.info.run_id in by_key["mlflow-run"].data and "mlflow ui --backend-store-uri" in by_key["mlflow-run"].data
-    for text in (summary["config_hash"], run.data.tags["ppoflow.policy.sha256"], manifest.train_digest, manifest.eval_digest,
-                 run.info.run_id, trained_sha):
+    for text in (
+        summary["config_hash"],
+        run.data.tags["ppoflow.policy.sha256"],
+        manifest.train_digest,
+        manifest.eval_digest,
+        run.info.run_id,
+        trained_sha,
+    ):
         assert text in by_key["rlhf-ppo-summary"].data, text
     samples = json.loads(by_key["sample-completions"].data)
     assert len(samples) == 4
@@ -194,11 +223,15 @@ def test_the_same_config_again_is_all_cached_in_the_same_mlflow_run(reference, f
     assert summary["mlflow_run_id"] == reference["summary"]["mlflow_run_id"]
     assert summary["registered_model"] == reference["summary"]["registered_model"]
     tags = mlflow.MlflowClient(tracking_uri=flow_env).get_run(summary["mlflow_run_id"]).data.tags
-    assert {reference["summary"]["prefect_flow_run_id"], str(flow_run_id)} <= set(tags["prefect.flow_run_ids"].split(","))
+    assert {reference["summary"]["prefect_flow_run_id"], str(flow_run_id)} <= set(
+        tags["prefect.flow_run_ids"].split(",")
+    )
 
 
 def test_stage_results_are_stored_as_json_not_pickles(reference, flow_workspace):
-    records = [json.loads(path.read_bytes()) for path in (flow_workspace / "prefect-results").iterdir() if path.is_file()]
+    records = [
+        json.loads(path.read_bytes()) for path in (flow_workspace / "prefect-results").iterdir() if path.is_file()
+    ]
     assert len(records) >= len(STAGES)
     assert {record["metadata"]["serializer"]["type"] for record in records} == {"json"}
     assert all(isinstance(json.loads(record["result"]), dict) for record in records)
@@ -219,7 +252,11 @@ def test_a_cached_stage_whose_files_are_gone_or_changed_runs_again(flow_env, mak
     summary = state.result()
     states = stage_states(state.state_details.flow_run_id)
     assert {stage: states[stage] for stage in STAGES[:5]} == {
-        "configure": "Cached", "load_models": "Completed", "prepare_dataset": "Completed", "init_trainer": "Cached", "train_ppo": "Completed",
+        "configure": "Cached",
+        "load_models": "Completed",
+        "prepare_dataset": "Completed",
+        "init_trainer": "Cached",
+        "train_ppo": "Completed",
     }
     assert DatasetManifest.model_validate_json((output_dir / "data" / "dataset.json").read_text()).is_intact()
     # update 3 was trained again from the checkpoint of update 2 (its metrics once), to the same policy:
@@ -229,13 +266,17 @@ def test_a_cached_stage_whose_files_are_gone_or_changed_runs_again(flow_env, mak
     assert summary["registered_model"] == first["registered_model"]
 
 
-def test_a_new_partition_in_the_same_workspace_reruns_stages_3_to_6_as_a_new_mlflow_run(flow_env, make_flow_config, flow_workspace, toy_world):
+def test_a_new_partition_in_the_same_workspace_reruns_stages_3_to_6_as_a_new_mlflow_run(
+    flow_env, make_flow_config, flow_workspace, toy_world
+):
     from ppoflow.toy import add_partition
 
     data_root = flow_workspace / "nightly-data"  # the toy's prompts and partitions, copied: a night is added
     shutil.copytree(toy_world / "prompts", data_root / "prompts")
     shutil.copy2(toy_world / "prompts.jsonl", data_root / "prompts.jsonl")
-    tree = make_flow_config("nightly", f"data.path={data_root / 'prompts'}", "data.window={newest: 1}", "tracking.log_model=false")
+    tree = make_flow_config(
+        "nightly", f"data.path={data_root / 'prompts'}", "data.window={newest: 1}", "tracking.log_model=false"
+    )
     output_dir = Path(tree["output_dir"])
     last_night = run_flow(tree).result()
     trained = metric_lines(output_dir)
@@ -245,27 +286,45 @@ def test_a_new_partition_in_the_same_workspace_reruns_stages_3_to_6_as_a_new_mlf
 
     tonight = state.result()
     assert stage_states(state.state_details.flow_run_id) == {
-        **dict.fromkeys(STAGES[:2], "Cached"), **dict.fromkeys(STAGES[2:], "Completed"),
+        **dict.fromkeys(STAGES[:2], "Cached"),
+        **dict.fromkeys(STAGES[2:], "Completed"),
     }
     client = mlflow.MlflowClient(tracking_uri=flow_env)
-    runs = {night: client.get_run(summary["mlflow_run_id"]) for night, summary in (("last", last_night), ("tonight", tonight))}
+    runs = {
+        night: client.get_run(summary["mlflow_run_id"])
+        for night, summary in (("last", last_night), ("tonight", tonight))
+    }
     assert runs["tonight"].info.run_id != runs["last"].info.run_id
     assert runs["tonight"].data.tags["ppoflow.config_hash"] == runs["last"].data.tags["ppoflow.config_hash"]
-    assert [json.loads(runs[night].data.tags["ppoflow.data.partitions"])[0][0] for night in runs] == ["prompts-2026-12-01", "prompts-2026-12-02"]
+    assert [json.loads(runs[night].data.tags["ppoflow.data.partitions"])[0][0] for night in runs] == [
+        "prompts-2026-12-01",
+        "prompts-2026-12-02",
+    ]
     for run in runs.values():  # last night's run as it was, tonight's with its own updates
-        assert run.info.status == "FINISHED" and [p.step for p in client.get_metric_history(run.info.run_id, "objective/scores")] == [1, 2, 3]
+        assert run.info.status == "FINISHED" and [
+            p.step for p in client.get_metric_history(run.info.run_id, "objective/scores")
+        ] == [1, 2, 3]
     (archived,) = (output_dir / "archive").iterdir()
     assert archived.name.endswith(runs["last"].data.tags["ppoflow.training_fingerprint"][:16])
     assert metric_lines(archived) == trained and metric_lines(output_dir) != trained
-    assert sorted(path.name for path in (archived / "checkpoints").iterdir()) == ["step-000000", "step-000002", "step-000003"]
+    assert sorted(path.name for path in (archived / "checkpoints").iterdir()) == [
+        "step-000000",
+        "step-000002",
+        "step-000003",
+    ]
     assert {"final", "eval.json", "data"} <= {path.name for path in archived.iterdir()}
 
     again = run_flow(tree)  # nothing new: all cached, tonight's run
     assert stage_states(again.state_details.flow_run_id) == dict.fromkeys(STAGES, "Cached")
-    assert again.result()["mlflow_run_id"] == tonight["mlflow_run_id"] and len(list((output_dir / "archive").iterdir())) == 1
+    assert (
+        again.result()["mlflow_run_id"] == tonight["mlflow_run_id"]
+        and len(list((output_dir / "archive").iterdir())) == 1
+    )
 
 
-def test_a_crashed_training_resumes_from_its_checkpoint_to_the_same_policy(reference, flow_env, make_flow_config, monkeypatch, caplog):
+def test_a_crashed_training_resumes_from_its_checkpoint_to_the_same_policy(
+    reference, flow_env, make_flow_config, monkeypatch, caplog
+):
     tree = make_flow_config("crashed", "flow.retries=0", "tracking.log_model=false", CRASH_REWARD)
     output_dir = Path(tree["output_dir"])
     # the rollout after update 2 (and its checkpoint) crashes, once
@@ -277,28 +336,45 @@ def test_a_crashed_training_resumes_from_its_checkpoint_to_the_same_policy(refer
     with pytest.raises(InjectedCrash):
         failed.result()
     states = stage_states(failed.state_details.flow_run_id)
-    assert states == {"configure": "Completed", "load_models": "Completed", "prepare_dataset": "Completed", "init_trainer": "Completed", "train_ppo": "Failed"}
+    assert states == {
+        "configure": "Completed",
+        "load_models": "Completed",
+        "prepare_dataset": "Completed",
+        "init_trainer": "Completed",
+        "train_ppo": "Failed",
+    }
     before = metric_lines(output_dir)
     assert [json.loads(line)["update"] for line in before] == [1, 2]
     # the failure is recorded where users look: a Prefect artifact and a tag on the (FAILED) MLflow run
     failed_id = str(failed.state_details.flow_run_id)
     (artifact,) = [item for item in flow_artifacts(failed_id) if item.key == "rlhf-ppo-failure"]
     assert "in stage `train_ppo`" in artifact.data and "InjectedCrash: " in artifact.data
-    assert f"prefect flow-run retry {failed_id} --entrypoint " in artifact.data and f"Workspace `{output_dir}`" in artifact.data
+    assert (
+        f"prefect flow-run retry {failed_id} --entrypoint " in artifact.data
+        and f"Workspace `{output_dir}`" in artifact.data
+    )
     client = mlflow.MlflowClient(tracking_uri=flow_env)
     (failed_run,) = client.search_runs(
-        [client.get_experiment_by_name("ppoflow-flow-test").experiment_id], filter_string=f"tags.`prefect.last_flow_run_id` = '{failed_id}'",
+        [client.get_experiment_by_name("ppoflow-flow-test").experiment_id],
+        filter_string=f"tags.`prefect.last_flow_run_id` = '{failed_id}'",
     )
     assert failed_run.info.status == "FAILED" and failed_run.data.tags["ppoflow.failed_stage"] == "train_ppo"
-    assert failed_run.data.tags["ppoflow.failure"].startswith("InjectedCrash: ") and "\n" not in failed_run.data.tags["ppoflow.failure"]
+    assert (
+        failed_run.data.tags["ppoflow.failure"].startswith("InjectedCrash: ")
+        and "\n" not in failed_run.data.tags["ppoflow.failure"]
+    )
 
     caplog.set_level(logging.INFO, logger="ppoflow")
     resumed = run_flow(tree)
 
     summary = resumed.result()
     assert stage_states(resumed.state_details.flow_run_id) == {
-        "configure": "Cached", "load_models": "Cached", "prepare_dataset": "Cached", "init_trainer": "Cached",
-        "train_ppo": "Completed", "save_and_evaluate": "Completed",
+        "configure": "Cached",
+        "load_models": "Cached",
+        "prepare_dataset": "Cached",
+        "init_trainer": "Cached",
+        "train_ppo": "Completed",
+        "save_and_evaluate": "Completed",
     }
     assert "resuming from step-000002 (update 2 of 3)" in caplog.text
     after = metric_lines(output_dir)
@@ -311,7 +387,8 @@ def test_a_crashed_training_resumes_from_its_checkpoint_to_the_same_policy(refer
     assert {str(failed.state_details.flow_run_id), str(resumed.state_details.flow_run_id)} <= flow_runs
     assert [point.step for point in client.get_metric_history(run.info.run_id, "objective/scores")] == [1, 2, 3]
 
-    expected = policy_tensors(reference["output_dir"] / "final")  # trained with evaluations in between, this run without
+    # trained with evaluations in between, this run without
+    expected = policy_tensors(reference["output_dir"] / "final")
     actual = policy_tensors(output_dir / "final")
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[name], actual[name]) for name in expected)
@@ -341,7 +418,9 @@ def test_a_bad_config_fails_in_stage_one_without_retries(flow_env, make_flow_con
     # named from the expanded config, as its stages are
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(state.state_details.flow_run_id)
-    workspace = flow_workspace / f"bad-{flow_run.expected_start_time.astimezone(timezone.utc):%Y-%m-%d}" / str(flow_run.id)
+    workspace = (
+        flow_workspace / f"bad-{flow_run.expected_start_time.astimezone(timezone.utc):%Y-%m-%d}" / str(flow_run.id)
+    )
     (artifact,) = [item for item in flow_artifacts(flow_run.id) if item.key == "rlhf-ppo-failure"]
     assert f"Workspace `{workspace}`" in artifact.data and "in stage `configure`" in artifact.data
     assert "ConfigError: config field `ppo.num_mini_batches`" in artifact.data
@@ -403,7 +482,9 @@ def test_stage_retries_back_off_and_record_a_number_the_ui_can_show(flow_env):
 
     @flow
     def retried():
-        return fails_twice.with_options(retries=options["retries"], retry_delay_seconds=options["retry_delay_seconds"])(return_state=True)
+        return fails_twice.with_options(retries=options["retries"], retry_delay_seconds=options["retry_delay_seconds"])(
+            return_state=True
+        )
 
     state = retried()
     assert state.is_completed()
@@ -422,7 +503,9 @@ def test_stage_retries_back_off_and_record_a_number_the_ui_can_show(flow_env):
     assert isinstance(recorded.empirical_policy.retry_delay, float)
 
 
-def test_an_unreachable_tracking_server_stops_the_flow_before_any_stage(flow_env, make_flow_config, closed_port, monkeypatch):
+def test_an_unreachable_tracking_server_stops_the_flow_before_any_stage(
+    flow_env, make_flow_config, closed_port, monkeypatch
+):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed_port}")
 
     state = run_flow(make_flow_config("unreachable"))

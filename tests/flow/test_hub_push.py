@@ -26,7 +26,11 @@ REPO = Path(__file__).resolve().parents[2]
 def ppoflow_run(config_file: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "ppoflow.flows.cli", "run", "--config", str(config_file)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
 
 
@@ -40,8 +44,12 @@ def test_push_to_hub_after_registration_and_a_failing_hub_keeps_the_version(toy_
 
     with running_hub() as hub:
         env = subprocess_env(
-            HF_HUB_OFFLINE="0", HF_ENDPOINT=hub.url, HF_TOKEN=TOKEN, HF_HOME=str(tmp_path / "hf-home"),
-            MLFLOW_TRACKING_URI=store, PREFECT_HOME=str(tmp_path / "prefect"),
+            HF_HUB_OFFLINE="0",
+            HF_ENDPOINT=hub.url,
+            HF_TOKEN=TOKEN,
+            HF_HOME=str(tmp_path / "hf-home"),
+            MLFLOW_TRACKING_URI=store,
+            PREFECT_HOME=str(tmp_path / "prefect"),
         )
         hub.fail_commits = 99
         failed = ppoflow_run(config_file, env)
@@ -66,7 +74,9 @@ def test_push_to_hub_after_registration_and_a_failing_hub_keeps_the_version(toy_
     assert summary["mlflow_run_id"] in card and "ppoflow-flow-test-policy` version 1" in card
     client = mlflow.MlflowClient(tracking_uri=store)
     tags = client.get_run(summary["mlflow_run_id"]).data.tags
-    assert tags["ppoflow.hub.commit"] == summary["hub_commit_url"] and tags["ppoflow.hub.repo_id"] == "my-org/toy-policy"
+    assert (
+        tags["ppoflow.hub.commit"] == summary["hub_commit_url"] and tags["ppoflow.hub.repo_id"] == "my-org/toy-policy"
+    )
     assert commit.authorization == f"Bearer {TOKEN}"
     # the token reaches the Hub and nothing else: not the output, the workspace, MLflow or Prefect's files
     assert TOKEN not in failed.stdout + failed.stderr + pushed.stdout + pushed.stderr + card

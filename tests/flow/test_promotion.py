@@ -39,20 +39,37 @@ def registry(store, policy_dir, tmp_path_factory):
     prompts = base / "prompts.jsonl"
     prompts.write_text('{"prompt": "great movie"}\n')
     config = RunConfig(
-        output_dir=base / "v1", models=ModelsConfig(policy=str(policy_dir), reward=str(policy_dir)),
-        data=DataConfig(path=str(prompts)), ppo=PPOConfig(total_episodes=4, per_device_train_batch_size=4),
+        output_dir=base / "v1",
+        models=ModelsConfig(policy=str(policy_dir), reward=str(policy_dir)),
+        data=DataConfig(path=str(prompts)),
+        ppo=PPOConfig(total_episodes=4, per_device_train_batch_size=4),
         tracking=TrackingConfig(experiment="gate-test", registered_model_name=NAME),
     )
-    plan = RunPlan(config=config, config_hash=config.config_hash(), output_dir=config.output_dir, batch=BatchPlan.derive(config.ppo))
+    plan = RunPlan(
+        config=config,
+        config_hash=config.config_hash(),
+        output_dir=config.output_dir,
+        batch=BatchPlan.derive(config.ppo),
+    )
     run = open_run(plan, TRAINING, tracking_uri=store)
     release = Release(policy_dir=policy_dir, policy_sha256="1" * 64, eval_path=base / "eval.json", eval_metrics=EVAL)
     log_release(
-        run, release, samples=pd.DataFrame({"prompt": ["p"]}), metrics_history=[], eval_report=EVAL, policy_dir=policy_dir,
-        registered_model_name=NAME, alias="candidate", log_model=True, policy_source=str(policy_dir),
+        run,
+        release,
+        samples=pd.DataFrame({"prompt": ["p"]}),
+        metrics_history=[],
+        eval_report=EVAL,
+        policy_dir=policy_dir,
+        registered_model_name=NAME,
+        alias="candidate",
+        log_model=True,
+        policy_source=str(policy_dir),
     )
     for _ in (2, 3):
         run.client.log_artifacts(run.run_id, str(policy_dir), "plain")
-        run.client.create_model_version(NAME, source=f"{run.client.get_run(run.run_id).info.artifact_uri}/plain", run_id=run.run_id)
+        run.client.create_model_version(
+            NAME, source=f"{run.client.get_run(run.run_id).info.artifact_uri}/plain", run_id=run.run_id
+        )
     return run
 
 
@@ -60,14 +77,24 @@ def test_the_gate_decides_from_its_bounds_in_one_readable_line():
     promotion = PromotionConfig(min_win_rate=0.55, max_kl=3.0, min_reward_functions={"oracle": 0.5})
     decided = decide(promotion, "models:/p/1", {"win_rate": 0.6, "reward_policy": 1.0, "reward_ref": 0.4}, EVAL)
     assert decided["promoted"] is True
-    assert decided["decision"] == "promoted: win rate 0.6 >= 0.55; KL to the reference 2 <= 3; oracle mean 0.8 >= 0.5 against models:/p/1"
-    assert decided["reward_against"] == 0.4 and decided["bounds"]["win rate"] == {"value": 0.6, "bound": 0.55, "passed": True}
+    assert (
+        decided["decision"]
+        == "promoted: win rate 0.6 >= 0.55; KL to the reference 2 <= 3; oracle mean 0.8 >= 0.5 against models:/p/1"
+    )
+    assert decided["reward_against"] == 0.4 and decided["bounds"]["win rate"] == {
+        "value": 0.6,
+        "bound": 0.55,
+        "passed": True,
+    }
 
     # only the bounds that failed are named
-    losing = decide(promotion, "models:/p/1", {"win_rate": 0.5, "reward_policy": 1.0, "reward_ref": 1.2}, {**EVAL, "kl": 3.5})
+    losing = decide(
+        promotion, "models:/p/1", {"win_rate": 0.5, "reward_policy": 1.0, "reward_ref": 1.2}, {**EVAL, "kl": 3.5}
+    )
     assert losing["promoted"] is False
     assert losing["decision"] == "rejected: win rate 0.5 < 0.55; KL to the reference 3.5 > 3 against models:/p/1"
-    assert decide(PromotionConfig(), "the reference", {**EVAL, "win_rate": 0.55}, EVAL)["promoted"] is True  # the bound is inclusive
+    # the bound is inclusive
+    assert decide(PromotionConfig(), "the reference", {**EVAL, "win_rate": 0.55}, EVAL)["promoted"] is True
 
 
 def test_registry_uris_resolve_to_one_version_fetched_once_as_a_model_directory(store, registry, tmp_path, monkeypatch):
@@ -78,13 +105,16 @@ def test_registry_uris_resolve_to_one_version_fetched_once_as_a_model_directory(
 
     version = resolve("models.policy", f"models:/{NAME}@candidate")
     assert (version.name, version.version, version.uri) == (NAME, "1", f"models:/{NAME}/1")
-    logged = fetch("models.policy", version, tmp_path)  # a logged transformers model: weights and tokenizer side by side
+    # a logged transformers model: weights and tokenizer side by side
+    logged = fetch("models.policy", version, tmp_path)
     assert {"config.json", "model.safetensors", "tokenizer.json", FETCHED} <= {path.name for path in logged.iterdir()}
     assert (logged / FETCHED).read_text() == f"models:/{NAME}/1"
     stamp = (logged / "config.json").stat().st_mtime_ns
-    assert fetch("models.policy", version, tmp_path) == logged and (logged / "config.json").stat().st_mtime_ns == stamp  # once
+    # once
+    assert fetch("models.policy", version, tmp_path) == logged and (logged / "config.json").stat().st_mtime_ns == stamp
 
-    plain = fetch("models.reward", resolve("models.reward", f"models:/{NAME}/2"), tmp_path)  # a directory logged as artifacts
+    # a directory logged as artifacts
+    plain = fetch("models.reward", resolve("models.reward", f"models:/{NAME}/2"), tmp_path)
     assert (plain / "config.json").is_file() and (plain / "tokenizer.json").is_file()
 
     # the first run of a chain: an alias that points nowhere yet falls back to models.policy_fallback
@@ -98,9 +128,18 @@ def test_registry_uris_resolve_to_one_version_fetched_once_as_a_model_directory(
     with pytest.raises(ConfigError, match="models.policy_fallback"):
         from ppoflow.config import RunConfig, validate_sources
 
-        validate_sources(RunConfig(models={"policy": str(plain), "policy_fallback": str(plain), "reward": str(plain)}, data={"path": str(tmp_path)}))
+        validate_sources(
+            RunConfig(
+                models={"policy": str(plain), "policy_fallback": str(plain), "reward": str(plain)},
+                data={"path": str(tmp_path)},
+            )
+        )
 
-    for uri, missing in ((f"models:/{NAME}@champion", "alias 'champion'"), (f"models:/{NAME}/9", "version 9"), ("models:/nobody/1", "version 1")):
+    for uri, missing in (
+        (f"models:/{NAME}@champion", "alias 'champion'"),
+        (f"models:/{NAME}/9", "version 9"),
+        ("models:/nobody/1", "version 1"),
+    ):
         with pytest.raises(ModelError, match=rf"^models\.value: {uri} does not resolve: no {missing}") as caught:
             resolve("models.value", uri)
         assert "\n" not in str(caught.value)
@@ -132,11 +171,19 @@ def test_the_gate_promotes_rejects_and_re_evaluates_when_another_run_moves_the_a
 
     second = gate(run, promotion, name=NAME, version="2", **{**arguments, "evaluate": racing})
     assert asked == [f"models:/{NAME}/1", f"models:/{NAME}/3"]
-    assert second["promoted"] and second["against"] == f"models:/{NAME}/3" and alias_holder(run, NAME, "champion") == "2"
+    assert (
+        second["promoted"] and second["against"] == f"models:/{NAME}/3" and alias_holder(run, NAME, "champion") == "2"
+    )
 
     # a version that loses leaves the alias where it was; a retried stage does not decide again
     asked.clear()
-    losing = gate(run, promotion, name=NAME, version="3", **{**arguments, "evaluate": lambda _: {"win_rate": 0.2, "reward_policy": 0.1, "reward_ref": 0.9}})
+    losing = gate(
+        run,
+        promotion,
+        name=NAME,
+        version="3",
+        **{**arguments, "evaluate": lambda _: {"win_rate": 0.2, "reward_policy": 0.1, "reward_ref": 0.9}},
+    )
     assert not losing["promoted"] and losing["decision"] == f"rejected: win rate 0.2 < 0.55 against models:/{NAME}/2"
     assert alias_holder(run, NAME, "champion") == "2"
     assert gate(run, promotion, name=NAME, version="3", **arguments) == losing and asked == []

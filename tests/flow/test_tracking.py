@@ -38,9 +38,15 @@ TRAINING = "t" * 64  # a training fingerprint (`manifests.training_fingerprint`)
 
 def update(step: int, kl: float | None = None) -> dict:
     return {
-        "update": step, "episode": 4 * (step + 1), "objective/kl": kl if kl is not None else 0.1 * step,
-        "objective/scores": 1.0 + step, "objective/rlhf_reward": 0.9 + step, "loss/policy_avg": -0.01 * step,
-        "loss/value_avg": 0.5 / (step + 1), "timing/rollout": 0.25, "note": "not a number",
+        "update": step,
+        "episode": 4 * (step + 1),
+        "objective/kl": kl if kl is not None else 0.1 * step,
+        "objective/scores": 1.0 + step,
+        "objective/rlhf_reward": 0.9 + step,
+        "loss/policy_avg": -0.01 * step,
+        "loss/value_avg": 0.5 / (step + 1),
+        "timing/rollout": 0.25,
+        "note": "not a number",
     }
 
 
@@ -94,7 +100,9 @@ def test_open_run_logs_the_plan_once_and_continues_the_same_run(store, make_plan
     assert not any("hunter2" in value for value in [*params.values(), *logged.data.tags.values()])
 
     # tracking settings are not part of the job's identity: changing them on resume is no collision
-    retargeted = plan.model_copy(update={"config": plan.config.model_copy(update={"tracking": TrackingConfig(alias="staging")})})
+    retargeted = plan.model_copy(
+        update={"config": plan.config.model_copy(update={"tracking": TrackingConfig(alias="staging")})}
+    )
     run.log_plan(retargeted)
     assert run.client.get_run(run.run_id).data.tags["ppoflow.changed.tracking.alias"] == "staging"
     # a different job under the same hash is refused
@@ -151,7 +159,12 @@ def test_metrics_survive_an_unreachable_server_through_the_spool(store, make_pla
 
     # The same run seen through a tracking URI where nothing listens: training must not notice.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    down = TrackingRun(mlflow.MlflowClient(tracking_uri=f"http://127.0.0.1:{closed_port}"), run.run_id, run.experiment_id, plan.output_dir)
+    down = TrackingRun(
+        mlflow.MlflowClient(tracking_uri=f"http://127.0.0.1:{closed_port}"),
+        run.run_id,
+        run.experiment_id,
+        plan.output_dir,
+    )
     down_sink = down.metrics_sink()
     started = time.monotonic()
     for step in range(3, 6):
@@ -176,9 +189,20 @@ def test_datasets_are_logged_once_with_digests_and_contexts(store, make_plan, tm
     plan = make_plan()
     run = open_run(plan, TRAINING, tracking_uri=store)
     manifest = DatasetManifest(
-        train_dir=tmp_path / "train", eval_dir=tmp_path / "eval", fingerprint="f" * 16, source=plan.config.data.path,
-        rows_read=10, rows_kept=9, dropped_too_long=1, dropped_empty=0, eos_stripped=2, eos_dropped=0,
-        train_rows=8, eval_rows=1, train_digest="a" * 64, eval_digest="b" * 64,
+        train_dir=tmp_path / "train",
+        eval_dir=tmp_path / "eval",
+        fingerprint="f" * 16,
+        source=plan.config.data.path,
+        rows_read=10,
+        rows_kept=9,
+        dropped_too_long=1,
+        dropped_empty=0,
+        eos_stripped=2,
+        eos_dropped=0,
+        train_rows=8,
+        eval_rows=1,
+        train_digest="a" * 64,
+        eval_digest="b" * 64,
     )
     frames = {
         manifest.train_dir: pd.DataFrame({"prompt": ["great movie"] * 8, "input_ids": [[1, 4, 6]] * 8}),
@@ -197,7 +221,10 @@ def test_datasets_are_logged_once_with_digests_and_contexts(store, make_plan, tm
 
     logged = run.client.get_run(run.run_id)
     inputs = {
-        tag.value: entry.dataset for entry in logged.inputs.dataset_inputs for tag in entry.tags if tag.key == "mlflow.data.context"
+        tag.value: entry.dataset
+        for entry in logged.inputs.dataset_inputs
+        for tag in entry.tags
+        if tag.key == "mlflow.data.context"
     }
     assert len(logged.inputs.dataset_inputs) == 2
     assert inputs["training"].digest == "a" * 36 and inputs["evaluation"].digest == "b" * 36
@@ -208,13 +235,27 @@ def test_datasets_are_logged_once_with_digests_and_contexts(store, make_plan, tm
 def test_models_and_flow_runs_are_tagged(store, make_plan, policy_dir):
     run = open_run(make_plan(), TRAINING, tracking_uri=store)
     source = ModelSource(
-        role="policy", source=str(policy_dir), revision=None, local_dir=policy_dir, sha256="c" * 64,
-        model_class="LlamaForCausalLM", num_parameters=2864,
+        role="policy",
+        source=str(policy_dir),
+        revision=None,
+        local_dir=policy_dir,
+        sha256="c" * 64,
+        model_class="LlamaForCausalLM",
+        num_parameters=2864,
     )
-    run.log_models(ModelManifest(
-        policy=source, ref=source, reward=source, value=source, tokenizer_dir=policy_dir, tokenizer_sha256="d" * 64,
-        pad_token_id=0, eos_token_id=2, stop_token_id=None,
-    ))
+    run.log_models(
+        ModelManifest(
+            policy=source,
+            ref=source,
+            reward=source,
+            value=source,
+            tokenizer_dir=policy_dir,
+            tokenizer_sha256="d" * 64,
+            pad_token_id=0,
+            eos_token_id=2,
+            stop_token_id=None,
+        )
+    )
     run.tag_flow_run("flow-1", "brave-otter", None, "http://127.0.0.1:4200/runs/flow-run/flow-1")
     run.tag_flow_run("flow-2", "calm-heron", "ppo/nightly", None)
     run.tag_flow_run("flow-2", "calm-heron", "ppo/nightly", None)
@@ -222,23 +263,41 @@ def test_models_and_flow_runs_are_tagged(store, make_plan, policy_dir):
     assert tags["ppoflow.policy.sha256"] == "c" * 64 and tags["ppoflow.value.num_parameters"] == "2864"
     assert tags["ppoflow.ref.class"] == "LlamaForCausalLM" and tags["ppoflow.tokenizer.sha256"] == "d" * 64
     assert tags["ppoflow.reward.tokenizer"] == "the policy's" and "ppoflow.reward.tokenizer.sha256" not in tags
-    run.log_models(ModelManifest(
-        policy=source, ref=source, reward=source, value=source, tokenizer_dir=policy_dir, tokenizer_sha256="d" * 64,
-        pad_token_id=0, eos_token_id=2, stop_token_id=2, reward_tokenizer_dir=policy_dir, reward_tokenizer_sha256="e" * 64,
-        reward_chat_template=True,
-    ))
+    run.log_models(
+        ModelManifest(
+            policy=source,
+            ref=source,
+            reward=source,
+            value=source,
+            tokenizer_dir=policy_dir,
+            tokenizer_sha256="d" * 64,
+            pad_token_id=0,
+            eos_token_id=2,
+            stop_token_id=2,
+            reward_tokenizer_dir=policy_dir,
+            reward_tokenizer_sha256="e" * 64,
+            reward_chat_template=True,
+        )
+    )
     tags = run.client.get_run(run.run_id).data.tags
     assert tags["ppoflow.reward.tokenizer"].startswith("own") and tags["ppoflow.reward.tokenizer.sha256"] == "e" * 64
     assert tags["ppoflow.reward.chat_template"] == "its own"
     assert tags["prefect.flow_run_ids"] == "flow-1,flow-2" and tags["prefect.last_flow_run_id"] == "flow-2"
-    assert json.loads(tags["prefect.flow_run.flow-2"]) == {"name": "calm-heron", "deployment": "ppo/nightly", "url": None}
+    assert json.loads(tags["prefect.flow_run.flow-2"]) == {
+        "name": "calm-heron",
+        "deployment": "ppo/nightly",
+        "url": None,
+    }
 
 
 def test_system_metrics_are_sampled_into_the_run(store, make_plan):
     run = open_run(make_plan(), TRAINING, tracking_uri=store)
     run.start_system_metrics(sampling_interval=0.2)
     deadline = time.monotonic() + 60
-    while "system/cpu_utilization_percentage" not in run.client.get_run(run.run_id).data.metrics and time.monotonic() < deadline:
+    while (
+        "system/cpu_utilization_percentage" not in run.client.get_run(run.run_id).data.metrics
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.1)  # polling: the monitor logs its first batch of samples when it is ready
     run.stop_system_metrics()
     assert "system/cpu_utilization_percentage" in run.client.get_run(run.run_id).data.metrics
@@ -257,12 +316,29 @@ def test_log_release_registers_the_policy_with_alias_and_eval_tags(store, make_p
     plan = make_plan()
     run = open_run(plan, TRAINING, tracking_uri=store)
     history = [update(step) for step in range(4)]
-    release = Release(policy_dir=policy_dir, policy_sha256="e" * 64, eval_path=tmp_path / "eval.json", eval_metrics={"win_rate": 0.75})
-    report = {"reward_policy": 1.5, "reward_ref": 0.5, "win_rate": 0.75, "kl": 0.2, "eos_rate": 1.0, "oracle_policy": 0.8}
-    samples = pd.DataFrame({"prompt": ["great movie"], "policy": ["great acting"], "ref": ["awful plot"], "reward": [1.2]})
+    release = Release(
+        policy_dir=policy_dir, policy_sha256="e" * 64, eval_path=tmp_path / "eval.json", eval_metrics={"win_rate": 0.75}
+    )
+    report = {
+        "reward_policy": 1.5,
+        "reward_ref": 0.5,
+        "win_rate": 0.75,
+        "kl": 0.2,
+        "eos_rate": 1.0,
+        "oracle_policy": 0.8,
+    }
+    samples = pd.DataFrame(
+        {"prompt": ["great movie"], "policy": ["great acting"], "ref": ["awful plot"], "reward": [1.2]}
+    )
     arguments = dict(
-        samples=samples, metrics_history=history, eval_report=report, policy_dir=policy_dir,
-        registered_model_name="ppoflow-test-policy", alias="candidate", log_model=True, policy_source="models:/sft/3",
+        samples=samples,
+        metrics_history=history,
+        eval_report=report,
+        policy_dir=policy_dir,
+        registered_model_name="ppoflow-test-policy",
+        alias="candidate",
+        log_model=True,
+        policy_source="models:/sft/3",
     )
 
     with pytest.raises(TrackingError, match="tracking.registered_model_name"):
@@ -293,7 +369,14 @@ def test_log_release_registers_the_policy_with_alias_and_eval_tags(store, make_p
     assert logged.data.tags["ppoflow.trained_policy.sha256"] == "e" * 64
     assert [output.model_id for output in logged.outputs.model_outputs] == [logged_model.model_id]
     artifacts = {info.path for folder in ("eval", "plots") for info in run.client.list_artifacts(run.run_id, folder)}
-    assert artifacts >= {"eval/samples.json", "eval/samples.csv", "eval/eval.json", "plots/reward.png", "plots/kl.png", "plots/losses.png"}
+    assert artifacts >= {
+        "eval/samples.json",
+        "eval/samples.csv",
+        "eval/eval.json",
+        "plots/reward.png",
+        "plots/kl.png",
+        "plots/losses.png",
+    }
 
     # a retried release stage finds its version instead of registering the same weights again
     assert log_release(run, release, **arguments).registered_version == "1"
@@ -308,28 +391,63 @@ def test_log_release_registers_the_policy_with_alias_and_eval_tags(store, make_p
     assert [point.step for point in run.client.get_metric_history(run.run_id, "eval/win_rate")] == [3]
 
 
-def test_the_run_the_version_and_the_registered_model_are_described_after_the_gate(store, make_plan, policy_dir, tmp_path):
+def test_the_run_the_version_and_the_registered_model_are_described_after_the_gate(
+    store, make_plan, policy_dir, tmp_path
+):
     plan = make_plan("described")
     run = open_run(plan, TRAINING, tracking_uri=store)
     run.tag_flow_run("flow-1", "brave-otter", "ppo/nightly", "http://127.0.0.1:4200/runs/flow-run/flow-1")
     sft = ModelSource(
-        role="policy", source="models:/sft/3", revision=None, local_dir=policy_dir, sha256="c" * 64,
-        model_class="LlamaForCausalLM", num_parameters=2864, registry_uri="models:/sft/3",
+        role="policy",
+        source="models:/sft/3",
+        revision=None,
+        local_dir=policy_dir,
+        sha256="c" * 64,
+        model_class="LlamaForCausalLM",
+        num_parameters=2864,
+        registry_uri="models:/sft/3",
     )
-    reward = sft.model_copy(update={"role": "reward", "source": str(policy_dir), "sha256": "d" * 64, "registry_uri": None})
+    reward = sft.model_copy(
+        update={"role": "reward", "source": str(policy_dir), "sha256": "d" * 64, "registry_uri": None}
+    )
     models = ModelManifest(
-        policy=sft, ref=sft.model_copy(update={"role": "ref"}), reward=reward, value=reward.model_copy(update={"role": "value"}),
-        tokenizer_dir=policy_dir, tokenizer_sha256="d" * 64, pad_token_id=0, eos_token_id=2, stop_token_id=None,
+        policy=sft,
+        ref=sft.model_copy(update={"role": "ref"}),
+        reward=reward,
+        value=reward.model_copy(update={"role": "value"}),
+        tokenizer_dir=policy_dir,
+        tokenizer_sha256="d" * 64,
+        pad_token_id=0,
+        eos_token_id=2,
+        stop_token_id=None,
     )
     partition = PartitionRecord(path=tmp_path / "prompts-2026-12-01.jsonl", date="2026-12-01", sha256="9" * 64, rows=2)
     data = DatasetManifest(
-        train_dir=tmp_path / "train", eval_dir=tmp_path / "eval", fingerprint="f" * 16, source=str(tmp_path),
-        rows_read=2, rows_kept=2, dropped_too_long=0, dropped_empty=0, eos_stripped=0, eos_dropped=0,
-        train_rows=1, eval_rows=1, train_digest="a" * 64, eval_digest="b" * 64, partitions=[partition],
+        train_dir=tmp_path / "train",
+        eval_dir=tmp_path / "eval",
+        fingerprint="f" * 16,
+        source=str(tmp_path),
+        rows_read=2,
+        rows_kept=2,
+        dropped_too_long=0,
+        dropped_empty=0,
+        eos_stripped=0,
+        eos_dropped=0,
+        train_rows=1,
+        eval_rows=1,
+        train_digest="a" * 64,
+        eval_digest="b" * 64,
+        partitions=[partition],
     )
     release = Release(
-        policy_dir=policy_dir, policy_sha256="e" * 64, eval_path=tmp_path / "eval.json", eval_metrics={"win_rate": 0.75, "kl": 0.2},
-        mlflow_run_id=run.run_id, model_uri="models:/m-1", registered_model="ppoflow-described", registered_version="1",
+        policy_dir=policy_dir,
+        policy_sha256="e" * 64,
+        eval_path=tmp_path / "eval.json",
+        eval_metrics={"win_rate": 0.75, "kl": 0.2},
+        mlflow_run_id=run.run_id,
+        model_uri="models:/m-1",
+        registered_model="ppoflow-described",
+        registered_version="1",
         promotion={"alias": "champion", "decision": "promoted: win rate 0.75 >= 0.5 against the reference"},
     )
     run.client.create_registered_model("ppoflow-described")
@@ -338,21 +456,45 @@ def test_the_run_the_version_and_the_registered_model_are_described_after_the_ga
 
     note = run.client.get_run(run.run_id).data.tags["mlflow.note.content"]
     assert note.startswith(f"# PPO run `{plan.config_hash}`")
-    for text in ("c" * 64, "d" * 64, "`models:/sft/3`", "a" * 64, "b" * 64, "9" * 64, "prompts-2026-12-01.jsonl", "e" * 64,
-                 "`flow-1` brave-otter (deployment ppo/nightly): http://127.0.0.1:4200/runs/flow-run/flow-1",
-                 "**ppoflow-described** version **1**", "promoted: win rate 0.75 >= 0.5 against the reference"):
+    for text in (
+        "c" * 64,
+        "d" * 64,
+        "`models:/sft/3`",
+        "a" * 64,
+        "b" * 64,
+        "9" * 64,
+        "prompts-2026-12-01.jsonl",
+        "e" * 64,
+        "`flow-1` brave-otter (deployment ppo/nightly): http://127.0.0.1:4200/runs/flow-run/flow-1",
+        "**ppoflow-described** version **1**",
+        "promoted: win rate 0.75 >= 0.5 against the reference",
+    ):
         assert text in note, text
     described = run.client.get_model_version("ppoflow-described", "1").description
-    for text in (run.run_id, plan.config_hash, "e" * 64, "models:/sft/3", "c" * 64, "a" * 64, "win_rate 0.75", "@champion): promoted"):
+    for text in (
+        run.run_id,
+        plan.config_hash,
+        "e" * 64,
+        "models:/sft/3",
+        "c" * 64,
+        "a" * 64,
+        "win_rate 0.75",
+        "@champion): promoted",
+    ):
         assert text in described, text
-    assert run.client.get_registered_model("ppoflow-described").description.startswith("PPO policies trained by ppoflow")
+    assert run.client.get_registered_model("ppoflow-described").description.startswith(
+        "PPO policies trained by ppoflow"
+    )
     run.client.update_registered_model("ppoflow-described", description="the team's own words")
     describe_release(run, release, models, data)
     assert run.client.get_registered_model("ppoflow-described").description == "the team's own words"
 
 
 def test_plots_show_the_reward_functions_and_each_loss_on_its_own_axis():
-    history = [update(step) | {"reward/length": 0.1 * step, "reward/sentiment": float("nan") if step == 1 else 0.5} for step in range(4)]
+    history = [
+        update(step) | {"reward/length": 0.1 * step, "reward/sentiment": float("nan") if step == 1 else 0.5}
+        for step in range(4)
+    ]
     reward = _plot(history, PLOTS["reward"], "reward")
     (axes,) = reward.axes
     labels = [line.get_label() for line in axes.get_lines()]
@@ -367,8 +509,11 @@ def test_plots_show_the_reward_functions_and_each_loss_on_its_own_axis():
     assert len(_plot([update(step) for step in range(2)], PLOTS["reward"], "reward").axes[0].get_lines()) == 2
     assert _plot([{"update": 1, "loss/value_avg": 0.5}], PLOTS["losses"], "losses").axes[0].get_ylabel() == ""
     assert _plot([{"update": 1}], PLOTS["kl"], "kl") is None
-    evaluated = [update(step) | ({"eval/reward_policy": 0.1 * step, "eval/reward_ref": 0.0, "eval/win_rate": 0.5} if step in (2, 3) else {})
-                 for step in range(1, 4)]
+    evaluated = [
+        update(step)
+        | ({"eval/reward_policy": 0.1 * step, "eval/reward_ref": 0.0, "eval/win_rate": 0.5} if step in (2, 3) else {})
+        for step in range(1, 4)
+    ]
     scores, win_rate = _plot(evaluated, PLOTS["eval"], "eval").axes
     assert [list(line.get_xdata()) for line in scores.get_lines()] == [[2, 3], [2, 3]]
     assert [line.get_label() for line in win_rate.get_lines()] == ["eval/win_rate"]
@@ -386,9 +531,21 @@ def test_partitions_are_logged_once_as_inputs_and_listed_in_a_tag(store, make_pl
         path.write_text('{"prompt": "great movie"}\n')
         partitions.append(PartitionRecord(path=path, date=day, sha256=digest, rows=1))
     manifest = DatasetManifest(
-        train_dir=tmp_path / "train", eval_dir=tmp_path / "eval", fingerprint="f" * 16, source=str(nightly),
-        rows_read=2, rows_kept=2, dropped_too_long=0, dropped_empty=0, eos_stripped=0, eos_dropped=0,
-        train_rows=1, eval_rows=1, train_digest="a" * 64, eval_digest="b" * 64, partitions=partitions,
+        train_dir=tmp_path / "train",
+        eval_dir=tmp_path / "eval",
+        fingerprint="f" * 16,
+        source=str(nightly),
+        rows_read=2,
+        rows_kept=2,
+        dropped_too_long=0,
+        dropped_empty=0,
+        eos_stripped=0,
+        eos_dropped=0,
+        train_rows=1,
+        eval_rows=1,
+        train_digest="a" * 64,
+        eval_digest="b" * 64,
+        partitions=partitions,
     )
     frame = pd.DataFrame({"prompt": ["great movie"], "input_ids": [[1, 4, 6]]})
     run.log_datasets(manifest, lambda split_dir: frame)
@@ -397,7 +554,9 @@ def test_partitions_are_logged_once_as_inputs_and_listed_in_a_tag(store, make_pl
     logged = run.client.get_run(run.run_id)
     contexts = sorted(
         (tag.value, entry.dataset.name, entry.dataset.digest)
-        for entry in logged.inputs.dataset_inputs for tag in entry.tags if tag.key == "mlflow.data.context"
+        for entry in logged.inputs.dataset_inputs
+        for tag in entry.tags
+        if tag.key == "mlflow.data.context"
     )
     assert contexts == [
         ("evaluation", "nightly-eval", "b" * 36),
@@ -408,7 +567,8 @@ def test_partitions_are_logged_once_as_inputs_and_listed_in_a_tag(store, make_pl
     sources = {entry.dataset.name: json.loads(entry.dataset.source) for entry in logged.inputs.dataset_inputs}
     assert sources["prompts-2026-12-01"]["uri"].endswith("nightly/prompts-2026-12-01.jsonl")
     assert json.loads(logged.data.tags["ppoflow.data.partitions"]) == [
-        ["prompts-2026-11-30", "c" * 64], ["prompts-2026-12-01", "d" * 64],
+        ["prompts-2026-11-30", "c" * 64],
+        ["prompts-2026-12-01", "d" * 64],
     ]
 
 
@@ -417,10 +577,25 @@ def test_the_partitions_tag_keeps_the_newest_within_mlflow_s_limit(tmp_path):
 
     from ppoflow.tracking.run import _partitions_tag
 
-    partitions = [PartitionRecord(path=tmp_path / f"prompts-{day:04d}.jsonl", date=None, sha256=f"{day:064d}", rows=1) for day in range(200)]
+    partitions = [
+        PartitionRecord(path=tmp_path / f"prompts-{day:04d}.jsonl", date=None, sha256=f"{day:064d}", rows=1)
+        for day in range(200)
+    ]
     manifest = DatasetManifest(
-        train_dir=tmp_path, eval_dir=tmp_path, fingerprint="f", source="s", rows_read=1, rows_kept=1, dropped_too_long=0,
-        dropped_empty=0, eos_stripped=0, eos_dropped=0, train_rows=1, eval_rows=0, train_digest="a", eval_digest="b",
+        train_dir=tmp_path,
+        eval_dir=tmp_path,
+        fingerprint="f",
+        source="s",
+        rows_read=1,
+        rows_kept=1,
+        dropped_too_long=0,
+        dropped_empty=0,
+        eos_stripped=0,
+        eos_dropped=0,
+        train_rows=1,
+        eval_rows=0,
+        train_digest="a",
+        eval_digest="b",
         partitions=partitions,
     )
     entries = json.loads(text := _partitions_tag(manifest))

@@ -21,8 +21,20 @@ pytestmark = [pytest.mark.slow, pytest.mark.flow, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCES = ("pyproject.toml", "README.md", "ppoflow", "flows", "tasks", "deployments", "mlflow_server", "configs")
-SHORT = ["--set", "ppo.total_episodes=64", "--set", "ppo.num_ppo_epochs=1", "--set", "ppo.checkpoint_every=1",
-         "--set", "ppo.eval_every=null", "--set", "data.eval_size=32", "--set", "tracking.system_metrics=false"]
+SHORT = [
+    "--set",
+    "ppo.total_episodes=64",
+    "--set",
+    "ppo.num_ppo_epochs=1",
+    "--set",
+    "ppo.checkpoint_every=1",
+    "--set",
+    "ppo.eval_every=null",
+    "--set",
+    "data.eval_size=32",
+    "--set",
+    "tracking.system_metrics=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,19 +48,42 @@ def installed(tmp_path_factory) -> Path:
             shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         else:
             shutil.copy2(REPO / name, source / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(root / "dist"), str(source)],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(root / "dist"),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     (wheel,) = (root / "dist").glob("ppoflow-*.whl")
 
     env_dir = root / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
-    purelib = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                  check=True, capture_output=True, text=True).stdout.strip())
+    purelib = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
     # The dependencies (and pip) from this machine's environment, behind the venv's own site-packages.
     (purelib / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     before = set(os.listdir(purelib))
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True, capture_output=True, text=True)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True, capture_output=True, text=True
+    )
     landed = sorted(set(os.listdir(purelib)) - before)
     assert [name for name in landed if not name.endswith(".dist-info")] == ["ppoflow"], landed
     assert {"flows", "tasks", "deployments", "mlflow_server", "configs"} <= set(os.listdir(purelib / "ppoflow"))
@@ -56,18 +91,38 @@ def installed(tmp_path_factory) -> Path:
 
 
 def run(bin_dir: Path, cwd: Path, *argv: str) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
-    env.update(PATH=f"{bin_dir}:{env.get('PATH', '')}", PREFECT_HOME=str(cwd / ".prefect"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run([str(bin_dir / "ppoflow"), *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("PYTHONPATH", "MLFLOW_TRACKING_URI", "PREFECT_API_URL")
+    }
+    env.update(
+        PATH=f"{bin_dir}:{env.get('PATH', '')}",
+        PREFECT_HOME=str(cwd / ".prefect"),
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+    )
+    return subprocess.run(
+        [str(bin_dir / "ppoflow"), *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=400
+    )
 
 
 def test_the_wheel_installs_one_import_root_and_runs_from_an_empty_directory(installed, tmp_path):
     work = tmp_path / "empty"
     work.mkdir()
     python = str(installed / "python")
-    where = subprocess.run([python, "-c", "import ppoflow.flows.rlhf_ppo as f, importlib.util as u; print(f.__file__); "
-                            "print([n for n in ('flows', 'tasks', 'mlflow_server', 'deployments') if u.find_spec(n)])"],
-                           cwd=work, capture_output=True, text=True, check=True).stdout.splitlines()
+    where = subprocess.run(
+        [
+            python,
+            "-c",
+            "import ppoflow.flows.rlhf_ppo as f, importlib.util as u; print(f.__file__); "
+            "print([n for n in ('flows', 'tasks', 'mlflow_server', 'deployments') if u.find_spec(n)])",
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     assert str(REPO) not in where[0] and "site-packages/ppoflow/flows/rlhf_ppo.py" in where[0]
     assert where[1] == "[]", "no top-level flows/tasks/mlflow_server/deployments importable"
 
@@ -79,7 +134,9 @@ def test_the_wheel_installs_one_import_root_and_runs_from_an_empty_directory(ins
     assert json.loads(init.stdout) == {"written": ["my-model.yaml", "toy.yaml"]}
     assert "policy: my-org/my-sft-model" in (work / "my-model.yaml").read_text()
     again = run(installed, work, "init")
-    assert again.returncode == 2 and again.stderr.strip().splitlines()[-1].startswith("error: my-model.yaml and toy.yaml exist")
+    assert again.returncode == 2 and again.stderr.strip().splitlines()[-1].startswith(
+        "error: my-model.yaml and toy.yaml exist"
+    )
 
     toy = run(installed, work, "toy", "--out", ".ppoflow/toy")
     assert toy.returncode == 0, toy.stderr[-3000:]
@@ -110,13 +167,29 @@ def test_the_wheel_installs_one_import_root_and_runs_from_an_empty_directory(ins
     assert "training finished earlier" in moved.stderr
     changed = run(installed, work, "train", "--config", "toy.yaml", *SHORT, "--set", "ppo.learning_rate=1e-5")
     assert changed.returncode == 2
-    assert changed.stderr.strip().splitlines()[-1].endswith(
-        "differs in ppo.learning_rate: 5e-05 -> 1e-05) — use a new output_dir for a changed config, or delete the old run")
+    assert (
+        changed.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "differs in ppo.learning_rate: 5e-05 -> 1e-05) — use a new "
+            "output_dir for a changed config, or delete the old run"
+        )
+    )
 
 
-THIRD_PARTY = ("Loading weights", "Writing model shards", "Saving the dataset", "Generating train split", "Map",
-               "prefect.task_runs: Finished in state", "Creating initial MLflow database", "system_metrics_monitor",
-               "Setting accelerator to CPU", "Traceback", "\x1b[A")
+THIRD_PARTY = (
+    "Loading weights",
+    "Writing model shards",
+    "Saving the dataset",
+    "Generating train split",
+    "Map",
+    "prefect.task_runs: Finished in state",
+    "Creating initial MLflow database",
+    "system_metrics_monitor",
+    "Setting accelerator to CPU",
+    "Traceback",
+    "\x1b[A",
+)
 
 
 def said_by_stage(stderr: str, cached: bool) -> None:
@@ -124,7 +197,9 @@ def said_by_stage(stderr: str, cached: bool) -> None:
     then); none of the libraries' progress bars or notices."""
     lines = [line.split(" INFO ppoflow: ", 1)[1] for line in stderr.splitlines() if " INFO ppoflow: [" in line]
     names = ("configure", "load_models", "prepare_dataset", "init_trainer", "train_ppo", "save_and_evaluate")
-    assert [line.split(":")[0].rstrip(" …") for line in lines] == [f"[{i}/6] {name}" for i, name in enumerate(names, 1) for _ in (0, 1)], lines
+    assert [line.split(":")[0].rstrip(" …") for line in lines] == [
+        f"[{i}/6] {name}" for i, name in enumerate(names, 1) for _ in (0, 1)
+    ], lines
     ends = lines[1::2]
     assert all(line.endswith(" s") for line in ends)
     assert all(("Cached, reused" in line) == cached for line in ends), ends

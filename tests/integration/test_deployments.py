@@ -165,7 +165,9 @@ def mlflow_run_of(stack: serve.Stack, flow_run_id: UUID):
     client = mlflow.MlflowClient(tracking_uri=stack.mlflow_url)
     experiment = client.get_experiment_by_name(EXPERIMENT)
     assert experiment is not None, f"no MLflow experiment {EXPERIMENT!r} on {stack.mlflow_url}"
-    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`prefect.flow_run.{flow_run_id}` LIKE '%'")
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`prefect.flow_run.{flow_run_id}` LIKE '%'"
+    )
     assert len(runs) == 1, f"{len(runs)} MLflow runs tagged with flow run {flow_run_id}"
     return client, runs[0]
 
@@ -217,12 +219,17 @@ def triggered(served_stack, second_worker, toy_world, workspace, partitions) -> 
     with prefect_client(served_stack) as client:
         deployment = client.read_deployment_by_name("rlhf-ppo/toy-nightly")
         good = client.create_flow_run_from_deployment(
-            deployment.id, parameters={"overrides": chain_overrides(toy_world, partitions, workspace)})
-        crash = ("reward_functions=[{path: 'ppoflow.toy:oracle_score', name: oracle, weight: 0.0}, "
-                 "{path: 'tests.reliability.faulty_rewards:crash_once_after_update', weight: 0.0}]")
+            deployment.id, parameters={"overrides": chain_overrides(toy_world, partitions, workspace)}
+        )
+        crash = (
+            "reward_functions=[{path: 'ppoflow.toy:oracle_score', name: oracle, weight: 0.0}, "
+            "{path: 'tests.reliability.faulty_rewards:crash_once_after_update', weight: 0.0}]"
+        )
         fault = client.create_flow_run_from_deployment(
-            deployment.id, parameters={"overrides": [*tiny_overrides(toy_world, workspace, "fault"), "flow.retries=0", crash]},
-            job_variables={"env": {CRASH_ENV: f"1:{workspace / 'fault' / '.fault-injected-1'}"}})
+            deployment.id,
+            parameters={"overrides": [*tiny_overrides(toy_world, workspace, "fault"), "flow.retries=0", crash]},
+            job_variables={"env": {CRASH_ENV: f"1:{workspace / 'fault' / '.fault-injected-1'}"}},
+        )
         return {"good": wait_final(client, good.id), "fault": wait_final(client, fault.id)}
 
 
@@ -240,14 +247,17 @@ def test_deployments_on_the_server_are_what_the_file_says(served_stack, served_d
         deployment = served_deployments[name]
         assert deployment.work_pool_name == serve.WORK_POOL
         assert deployment.pull_steps == [
-            {"prefect.deployments.steps.set_working_directory": {"directory": str(serve.REPO_ROOT)}}]
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(serve.REPO_ROOT)}}
+        ]
         assert deployment.parameters == {"config": load_run_config(str(config_file(spec)))["config"], "overrides": []}
         assert deployment.job_variables == spec["work_pool"]["job_variables"]
         assert deployment.enforce_parameter_schema
         assert not deployment.paused
         schedules = [(s.schedule.cron, s.schedule.timezone, s.active) for s in deployment.schedules]
         assert schedules == [(s["cron"], s["timezone"], s["active"]) for s in spec["schedules"]]
-    assert [s for s in declared()["toy-nightly"]["schedules"]] == [{"cron": "0 2 * * *", "timezone": "UTC", "active": True}]
+    assert [s for s in declared()["toy-nightly"]["schedules"]] == [
+        {"cron": "0 2 * * *", "timezone": "UTC", "active": True}
+    ]
     assert not any(s["active"] for s in declared()["my-model"]["schedules"])
 
 
@@ -260,9 +270,13 @@ def test_scheduler_plans_the_nightly_at_two_utc(served_stack, served_deployments
     with prefect_client(served_stack) as client:
         deadline = time.monotonic() + 20
         while True:
-            planned = [run for run in client.read_flow_runs(
-                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
-                if run.auto_scheduled]
+            planned = [
+                run
+                for run in client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+                )
+                if run.auto_scheduled
+            ]
             if planned or time.monotonic() > deadline:
                 break
             time.sleep(1)
@@ -272,7 +286,7 @@ def test_scheduler_plans_the_nightly_at_two_utc(served_stack, served_deployments
             now = datetime.now(timezone.utc)
             assert all((t.hour, t.minute, t.second) == (2, 0, 0) for t in times)
             assert now < times[0] <= now + timedelta(days=1)
-            assert all(b - a == timedelta(days=1) for a, b in zip(times, times[1:]))
+            assert all(b - a == timedelta(days=1) for a, b in zip(times, times[1:], strict=False))
         finally:  # no 02:00 run may start while the other tests use the pool
             for schedule in deployment.schedules:
                 client.update_deployment_schedule(deployment.id, schedule.id, active=False)  # drops its planned runs
@@ -293,18 +307,26 @@ def test_toy_run_lands_in_mlflow_with_its_prefect_lineage(served_stack, triggere
     assert run.info.status == "FINISHED"
     assert run.data.tags["prefect.last_flow_run_id"] == str(good.id)
     about = json.loads(run.data.tags[f"prefect.flow_run.{good.id}"])
-    assert (about["deployment"], about["url"]) == ("toy-nightly", f"{served_stack.prefect_url}/flow-runs/flow-run/{good.id}")
+    assert (about["deployment"], about["url"]) == (
+        "toy-nightly",
+        f"{served_stack.prefect_url}/flow-runs/flow-run/{good.id}",
+    )
     assert run.data.params["output_dir"] == str(workspace / "nights" / str(good.id))  # {flow_run} expanded
     assert [m.step for m in client.get_metric_history(run.info.run_id, "objective/kl")] == [1, 2, 3, 4]
     assert {"eval/reward_policy", "eval/oracle_policy", "loss/policy_avg"} <= set(run.data.metrics)
-    contexts = {tag.value for entry in run.inputs.dataset_inputs for tag in entry.tags if tag.key == "mlflow.data.context"}
+    contexts = {
+        tag.value for entry in run.inputs.dataset_inputs for tag in entry.tags if tag.key == "mlflow.data.context"
+    }
     assert contexts == {"training", "evaluation", "partition"}
     versions = [v for v in client.search_model_versions(f"name='{CHAIN_MODEL}'") if v.run_id == run.info.run_id]
     assert len(versions) == 1 and versions[0].status == "READY"
 
     with prefect_client(served_stack) as prefect:
         artifacts = {a.key: a for a in prefect.read_artifacts() if a.flow_run_id == good.id}
-    page = f"{served_stack.mlflow_url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
+    page = (
+        f"{served_stack.mlflow_url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+        "?workflowType=machine_learning"
+    )
     assert f"({page})" in artifacts["mlflow-run"].data  # a markdown link to the run's page
     assert {"rlhf-ppo-summary", "sample-completions"} <= set(artifacts)
 
@@ -332,8 +354,13 @@ def test_failed_run_retried_keeps_stages_1_to_4_cached(served_stack, triggered, 
 
     # Exactly what a user types (the UI's "Retry" does the same): the flow run goes back to Scheduled.
     env = {**os.environ, **serve.prefect_env(Path(served_stack.home)), "PREFECT_API_URL": served_stack.api_url}
-    retry = subprocess.run([sys.executable, "-m", "prefect", "flow-run", "retry", str(fault.id)],
-                           env=env, capture_output=True, text=True, timeout=120)
+    retry = subprocess.run(
+        [sys.executable, "-m", "prefect", "flow-run", "retry", str(fault.id)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert retry.returncode == 0, retry.stdout + retry.stderr
 
     with prefect_client(served_stack) as client:
@@ -341,7 +368,11 @@ def test_failed_run_retried_keeps_stages_1_to_4_cached(served_stack, triggered, 
         assert retried.state.is_completed(), f"retried run ended {retried.state_name}: {retried.state.message}"
         assert retried.id == fault.id and retried.run_count == 2
         states = {stage: run.state.name for stage, run in latest_task_runs(client, fault.id).items()}
-    assert states == {**dict.fromkeys(CACHED_ON_RETRY, "Cached"), "train_ppo": "Completed", "save_and_evaluate": "Completed"}
+    assert states == {
+        **dict.fromkeys(CACHED_ON_RETRY, "Cached"),
+        "train_ppo": "Completed",
+        "save_and_evaluate": "Completed",
+    }
 
     # Training resumed after update 1 (its metrics line kept verbatim) instead of starting over.
     metrics_after = (output_dir / "metrics.jsonl").read_text().splitlines()
@@ -352,7 +383,9 @@ def test_failed_run_retried_keeps_stages_1_to_4_cached(served_stack, triggered, 
     client, run = mlflow_run_of(served_stack, fault.id)
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "objective/kl")] == [1, 2, 3]
-    assert len([v for v in client.search_model_versions(f"name='{REGISTERED_MODEL}'") if v.run_id == run.info.run_id]) == 1
+    assert (
+        len([v for v in client.search_model_versions(f"name='{REGISTERED_MODEL}'") if v.run_id == run.info.run_id]) == 1
+    )
 
 
 @pytest.fixture(scope="module")
@@ -363,12 +396,21 @@ def chain(served_stack, triggered, toy_world, workspace, partitions) -> dict[str
     config on a new partition."""
     from ppoflow.toy import add_partition
 
-    from_sft = [f"models.policy={toy_world / 'policy'}", "models.policy_fallback=null", "ppo.learning_rate=1e-9",
-                "ppo.total_episodes=32", f"output_dir={workspace / SFT_NIGHTLY}"]
+    from_sft = [
+        f"models.policy={toy_world / 'policy'}",
+        "models.policy_fallback=null",
+        "ppo.learning_rate=1e-9",
+        "ppo.total_episodes=32",
+        f"output_dir={workspace / SFT_NIGHTLY}",
+    ]
     nights = {"night 1": triggered["good"]}
     with prefect_client(served_stack) as client:
         deployment = client.read_deployment_by_name("rlhf-ppo/toy-nightly")
-        for night, date, extra in (("night 2", "2026-12-02", []), ("night 3", "2026-12-03", from_sft), ("night 4", "2026-12-04", from_sft)):
+        for night, date, extra in (
+            ("night 2", "2026-12-02", []),
+            ("night 3", "2026-12-03", from_sft),
+            ("night 4", "2026-12-04", from_sft),
+        ):
             add_partition(partitions.parent, date, 160, seed=len(nights))
             overrides = [*chain_overrides(toy_world, partitions, workspace), *extra]
             flow_run = client.create_flow_run_from_deployment(deployment.id, parameters={"overrides": overrides})
@@ -377,7 +419,9 @@ def chain(served_stack, triggered, toy_world, workspace, partitions) -> dict[str
 
 
 @TRIGGERED_TIMEOUT
-def test_nightly_runs_chain_through_the_registry_and_promote_only_through_the_gate(served_stack, chain, toy_world, workspace):
+def test_nightly_runs_chain_through_the_registry_and_promote_only_through_the_gate(
+    served_stack, chain, toy_world, workspace
+):
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=served_stack.mlflow_url)
@@ -385,14 +429,18 @@ def test_nightly_runs_chain_through_the_registry_and_promote_only_through_the_ga
     for night, flow_run in chain.items():
         assert flow_run.state.is_completed(), f"{night} ended {flow_run.state_name}: {flow_run.state.message}"
         _, runs[night] = mlflow_run_of(served_stack, flow_run.id)
-        (versions[night],) = [v for v in client.search_model_versions(f"name='{CHAIN_MODEL}'") if v.run_id == runs[night].info.run_id]
+        (versions[night],) = [
+            v for v in client.search_model_versions(f"name='{CHAIN_MODEL}'") if v.run_id == runs[night].info.run_id
+        ]
     number = {night: str(version.version) for night, version in versions.items()}
     assert sorted(number.values()) == ["1", "2", "3", "4"]
     decisions = {night: versions[night].tags["ppoflow.promotion"] for night in chain}
 
     # night 1: no champion yet, so it started from the SFT model and was judged against the reference
     assert versions["night 1"].tags["ppoflow.policy_source"] == str(toy_world / "policy")
-    assert decisions["night 1"].startswith("promoted: win rate ") and decisions["night 1"].endswith(" against the reference")
+    assert decisions["night 1"].startswith("promoted: win rate ") and decisions["night 1"].endswith(
+        " against the reference"
+    )
 
     # night 2: from the champion (version 1), recorded as its parent, on the partition that landed before it
     assert runs["night 2"].data.tags["ppoflow.policy.registry_version"] == f"models:/{CHAIN_MODEL}/{number['night 1']}"
@@ -404,13 +452,19 @@ def test_nightly_runs_chain_through_the_registry_and_promote_only_through_the_ga
     champion_after_2 = number["night 2"] if decisions["night 2"].startswith("promoted: ") else number["night 1"]
 
     # night 3 cannot beat the champion: rejected, the alias stays where it was, the decision is everywhere
-    assert decisions["night 3"].startswith("rejected: win rate ") and decisions["night 3"].endswith(f" against models:/{CHAIN_MODEL}/{champion_after_2}")
+    assert decisions["night 3"].startswith("rejected: win rate ") and decisions["night 3"].endswith(
+        f" against models:/{CHAIN_MODEL}/{champion_after_2}"
+    )
     assert runs["night 3"].data.tags["ppoflow.promotion"] == decisions["night 3"]
     report = json.loads(Path(client.download_artifacts(runs["night 3"].info.run_id, "eval/eval.json")).read_text())
     assert report["promotion"]["promoted"] is False and report["promotion"]["decision"] == decisions["night 3"]
     with prefect_client(served_stack) as prefect:
-        (summary,) = [a for a in prefect.read_artifacts() if a.flow_run_id == chain["night 3"].id and a.key == "rlhf-ppo-summary"]
-        night_4_stages = {stage: run.state.name for stage, run in latest_task_runs(prefect, chain["night 4"].id).items()}
+        (summary,) = [
+            a for a in prefect.read_artifacts() if a.flow_run_id == chain["night 3"].id and a.key == "rlhf-ppo-summary"
+        ]
+        night_4_stages = {
+            stage: run.state.name for stage, run in latest_task_runs(prefect, chain["night 4"].id).items()
+        }
     assert decisions["night 3"] in summary.data
 
     # night 4: night 3's config in night 3's workspace on a new partition: stages 1-2 Cached, 3-6 run as a
@@ -418,8 +472,13 @@ def test_nightly_runs_chain_through_the_registry_and_promote_only_through_the_ga
     assert night_4_stages == {**dict.fromkeys(STAGES[:2], "Cached"), **dict.fromkeys(STAGES[2:], "Completed")}
     assert runs["night 4"].info.run_id != runs["night 3"].info.run_id and runs["night 3"].info.status == "FINISHED"
     assert runs["night 4"].data.tags["ppoflow.config_hash"] == runs["night 3"].data.tags["ppoflow.config_hash"]
-    assert runs["night 4"].data.tags["ppoflow.training_fingerprint"] != runs["night 3"].data.tags["ppoflow.training_fingerprint"]
-    assert [stem for stem, _ in json.loads(runs["night 4"].data.tags["ppoflow.data.partitions"])] == ["prompts-2026-12-04"]
+    assert (
+        runs["night 4"].data.tags["ppoflow.training_fingerprint"]
+        != runs["night 3"].data.tags["ppoflow.training_fingerprint"]
+    )
+    assert [stem for stem, _ in json.loads(runs["night 4"].data.tags["ppoflow.data.partitions"])] == [
+        "prompts-2026-12-04"
+    ]
     (archived,) = (workspace / SFT_NIGHTLY / "archive").iterdir()
     assert archived.name.endswith(runs["night 3"].data.tags["ppoflow.training_fingerprint"][:16])
     assert {path.name for path in (archived / "checkpoints").iterdir()} == {"step-000000", "step-000002"}
@@ -437,7 +496,10 @@ def processes_of(workspace: Path) -> list:
     found = []
     for process in psutil.process_iter(["cmdline"]):
         with contextlib.suppress(psutil.Error):
-            if any(str(workspace) in part for part in process.info["cmdline"] or ()) and process.status() != psutil.STATUS_ZOMBIE:
+            if (
+                any(str(workspace) in part for part in process.info["cmdline"] or ())
+                and process.status() != psutil.STATUS_ZOMBIE
+            ):
                 found.append(process)
     return found
 
@@ -451,8 +513,13 @@ def test_cancelling_a_two_process_training_ends_every_rank(served_stack, chain, 
     from prefect.states import Cancelling
 
     output_dir = workspace / "cancelled"
-    overrides = [*tiny_overrides(toy_world, workspace, "cancelled"), "runtime.num_processes=2", "ppo.total_episodes=9600",
-                 "ppo.checkpoint_every=1000", "flow.retries=0"]
+    overrides = [
+        *tiny_overrides(toy_world, workspace, "cancelled"),
+        "runtime.num_processes=2",
+        "ppo.total_episodes=9600",
+        "ppo.checkpoint_every=1000",
+        "flow.retries=0",
+    ]
     with prefect_client(served_stack) as client:
         deployment = client.read_deployment_by_name("rlhf-ppo/toy-nightly")
         flow_run = client.create_flow_run_from_deployment(deployment.id, parameters={"overrides": overrides})
@@ -511,12 +578,20 @@ def browser(served_stack):
     from playwright.sync_api import expect, sync_playwright
 
     if not CHROMIUM.is_file():
-        pytest.fail(f"no {CHROMIUM}: install Debian's browser (apt-get install -y chromium), as make test does as root (.ci/system-packages)")
+        pytest.fail(
+            f"no {CHROMIUM}: install Debian's browser (apt-get install -y "
+            "chromium), as make test does as root (.ci/system-packages)"
+        )
     expect.set_options(timeout=PAGE_TIMEOUT_MS)
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-        context = chromium.new_context(viewport=VIEWPORT, http_credentials={
-            "username": os.environ["MLFLOW_TRACKING_USERNAME"], "password": os.environ["MLFLOW_TRACKING_PASSWORD"]})
+        context = chromium.new_context(
+            viewport=VIEWPORT,
+            http_credentials={
+                "username": os.environ["MLFLOW_TRACKING_USERNAME"],
+                "password": os.environ["MLFLOW_TRACKING_PASSWORD"],
+            },
+        )
         context.set_default_timeout(PAGE_TIMEOUT_MS)
         try:
             yield context
@@ -531,9 +606,20 @@ def night_one(served_stack, triggered) -> dict[str, Any]:
     assert good.state.is_completed(), f"good run ended {good.state_name}: {good.state.message}"
     client, run = mlflow_run_of(served_stack, good.id)
     name, _, version = run.data.tags["ppoflow.registered_model"].partition("/")
-    datasets = {tag.value: entry.dataset for entry in run.inputs.dataset_inputs for tag in entry.tags if tag.key == "mlflow.data.context"}
-    return {"flow_run": good, "run": run, "registered_model": name, "version": version, "datasets": datasets,
-            "model_id": run.data.tags["ppoflow.model_uri"].removeprefix("models:/")}
+    datasets = {
+        tag.value: entry.dataset
+        for entry in run.inputs.dataset_inputs
+        for tag in entry.tags
+        if tag.key == "mlflow.data.context"
+    }
+    return {
+        "flow_run": good,
+        "run": run,
+        "registered_model": name,
+        "version": version,
+        "datasets": datasets,
+        "model_id": run.data.tags["ppoflow.model_uri"].removeprefix("models:/"),
+    }
 
 
 def clip_between(page, top, bottom, margin: int = 12) -> dict[str, float]:
@@ -545,8 +631,9 @@ def clip_between(page, top, bottom, margin: int = 12) -> dict[str, float]:
 
 
 def open_mlflow_run_page(browser, stack: serve.Stack, run):
-    from ppoflow.tracking import mlflow_ui_run_url
     from playwright.sync_api import expect
+
+    from ppoflow.tracking import mlflow_ui_run_url
 
     page = browser.new_page()
     page.goto(mlflow_ui_run_url(run.info.experiment_id, run.info.run_id, base=stack.mlflow_url))
@@ -556,7 +643,9 @@ def open_mlflow_run_page(browser, stack: serve.Stack, run):
 
 @pytest.mark.ui
 @TRIGGERED_TIMEOUT
-def test_ui_mlflow_run_page_shows_datasets_model_hashes_and_registered_version(served_stack, browser, night_one, screenshots):
+def test_ui_mlflow_run_page_shows_datasets_model_hashes_and_registered_version(
+    served_stack, browser, night_one, screenshots
+):
     from playwright.sync_api import expect
 
     run, flow_run = night_one["run"], night_one["flow_run"]
@@ -587,8 +676,10 @@ def test_ui_mlflow_run_page_shows_datasets_model_hashes_and_registered_version(s
     expect(page.get_by_text(f"Trained policy sha256 {run.data.tags['ppoflow.trained_policy.sha256']}")).to_be_visible()
     release = page.get_by_text(f"Registered model {night_one['registered_model']} version {night_one['version']}")
     expect(release).to_be_visible()
-    page.screenshot(path=screenshots / "mlflow-run.png",
-                    clip=clip_between(page, page.get_by_text("Description", exact=True).first, release))
+    page.screenshot(
+        path=screenshots / "mlflow-run.png",
+        clip=clip_between(page, page.get_by_text("Description", exact=True).first, release),
+    )
 
     # The link to the Prefect flow run opens its page.
     flow_run_page = page.get_by_role("link", name=f"{served_stack.prefect_url}/flow-runs/flow-run/{flow_run.id}")
@@ -625,9 +716,14 @@ def test_ui_model_version_page_links_its_run(served_stack, browser, night_one, s
     expect(page.get_by_text(run.data.tags["ppoflow.trained_policy.sha256"]).first).to_be_visible()
     description = page.get_by_text(f"PPO policy trained by ppoflow in MLflow run {run.info.run_id}")
     expect(description).to_be_visible()
-    page.screenshot(path=screenshots / "mlflow-model-version.png",
-                    clip=clip_between(page, page.get_by_text(f"Version {night_one['version']}", exact=True).first,
-                                      page.get_by_text("promotion gate (@").first))
+    page.screenshot(
+        path=screenshots / "mlflow-model-version.png",
+        clip=clip_between(
+            page,
+            page.get_by_text(f"Version {night_one['version']}", exact=True).first,
+            page.get_by_text("promotion gate (@").first,
+        ),
+    )
     source_run.click()
     expect(page.get_by_text("About this run")).to_be_visible()
     assert run.info.run_id in page.url
@@ -636,7 +732,8 @@ def test_ui_model_version_page_links_its_run(served_stack, browser, night_one, s
 @pytest.mark.ui
 @TRIGGERED_TIMEOUT
 def test_ui_prefect_flow_run_page_shows_six_completed_tasks_artifacts_and_a_working_mlflow_link(
-        served_stack, browser, night_one, screenshots):
+    served_stack, browser, night_one, screenshots
+):
     from playwright.sync_api import expect
 
     flow_run, run = night_one["flow_run"], night_one["run"]
@@ -653,8 +750,12 @@ def test_ui_prefect_flow_run_page_shows_six_completed_tasks_artifacts_and_a_work
     page.get_by_text("Artifacts", exact=True).click()
     for key in ("mlflow-run", "rlhf-ppo-summary", "sample-completions", "ppo-training-progress"):
         expect(page.get_by_text(key, exact=True)).to_be_visible()
-    page.screenshot(path=screenshots / "prefect-flow-run.png",
-                    clip=clip_between(page, page.get_by_text("Runs", exact=True).last, page.get_by_text("ppo-training-progress", exact=True)))
+    page.screenshot(
+        path=screenshots / "prefect-flow-run.png",
+        clip=clip_between(
+            page, page.get_by_text("Runs", exact=True).last, page.get_by_text("ppo-training-progress", exact=True)
+        ),
+    )
 
     page.get_by_text("mlflow-run", exact=True).click()
     link = page.get_by_role("link", name=f"MLflow run {run.info.run_id}")

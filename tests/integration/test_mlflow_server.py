@@ -39,9 +39,15 @@ ADMIN_PASSWORD = "test-admin-pw-0123456789"
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                 "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_AUTH_ADMIN_USERNAME",
-                 "MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_BACKEND_STORE_URI"):
+    for name in (
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_AUTH_ADMIN_PASSWORD",
+        "MLFLOW_AUTH_ADMIN_USERNAME",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY",
+        "MLFLOW_BACKEND_STORE_URI",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -133,8 +139,7 @@ def test_basic_auth(tmp_path, monkeypatch):
 
     home = tmp_path / "auth"
     # No secrets in the environment: refused before anything starts.
-    with pytest.raises(ServerError, match="MLFLOW_AUTH_ADMIN_PASSWORD and "
-                                          "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+    with pytest.raises(ServerError, match="MLFLOW_AUTH_ADMIN_PASSWORD and MLFLOW_FLASK_SERVER_SECRET_KEY"):
         start_server(home, port=0, auth=True)
     monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", ADMIN_PASSWORD)
     monkeypatch.setenv("MLFLOW_FLASK_SERVER_SECRET_KEY", "test-secret-key")
@@ -165,14 +170,18 @@ def test_basic_auth(tmp_path, monkeypatch):
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "auditor-pw-0123456")
         auditor = mlflow.MlflowClient(tracking_uri=info.url)
         assert auditor.get_run(run_id).data.metrics["objective/rlhf_reward"] == 0.75
-        for forbidden in (lambda: auditor.log_metric(run_id, "x", 1.0),
-                          lambda: auditor.create_run(exp_id),
-                          lambda: auditor.get_experiment(other_exp)):
+        for forbidden in (
+            lambda: auditor.log_metric(run_id, "x", 1.0),
+            lambda: auditor.create_run(exp_id),
+            lambda: auditor.get_experiment(other_exp),
+        ):
             with pytest.raises(MlflowException, match="403"):
                 forbidden()
         # the login cache holds checked logins only: the auditor's name with another password is refused
-        wrong = urllib.request.Request(f"{info.url}/api/2.0/mlflow/runs/get?run_id={run_id}", headers={
-            "Authorization": "Basic " + base64.b64encode(b"auditor:not-the-password-0").decode()})
+        wrong = urllib.request.Request(
+            f"{info.url}/api/2.0/mlflow/runs/get?run_id={run_id}",
+            headers={"Authorization": "Basic " + base64.b64encode(b"auditor:not-the-password-0").decode()},
+        )
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(wrong, timeout=10)
         assert err.value.code == 401
@@ -240,10 +249,22 @@ def test_postgres_backend(tmp_path):
             assert list((home / "artifacts").rglob("eval.json"))
             # The run really is in PostgreSQL.
             out = subprocess.run(
-                [str(bindir / "psql"), "-h", "127.0.0.1", "-p", str(info.postgres["port"]),
-                 "-U", "mlflow", "-w", "-d", "mlflow", "-tAc",
-                 f"SELECT value FROM metrics WHERE run_uuid = '{run_id}'"],
-                capture_output=True, text=True,
+                [
+                    str(bindir / "psql"),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(info.postgres["port"]),
+                    "-U",
+                    "mlflow",
+                    "-w",
+                    "-d",
+                    "mlflow",
+                    "-tAc",
+                    f"SELECT value FROM metrics WHERE run_uuid = '{run_id}'",
+                ],
+                capture_output=True,
+                text=True,
                 env={**os.environ, "PGPASSFILE": str(home / "pgpass")},
             )
             assert out.stdout.strip() == "0.75", out.stderr

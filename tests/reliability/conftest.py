@@ -87,7 +87,9 @@ def faults(request) -> Iterator[FaultLog]:
 @pytest.fixture
 def bad_input_verdict(request) -> Iterator[dict[str, Any]]:
     """A bad-input case fills in what it tried and the message it got; refused clearly when it passed."""
-    verdict: dict[str, Any] = {"case": request.node.callspec.id if hasattr(request.node, "callspec") else request.node.name}
+    verdict: dict[str, Any] = {
+        "case": request.node.callspec.id if hasattr(request.node, "callspec") else request.node.name
+    }
     yield verdict
     _report(request.config)["bad_inputs"].append({**verdict, "refused_clearly": _passed(request.node)})
 
@@ -115,7 +117,11 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         counts["survived"] += fault["survived"]
     summary = {
         "measured_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "machine": {"cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2), "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_average_1m": round(os.getloadavg()[0], 2),
+            "python": platform.python_version(),
+        },
         "launcher": "cold" if os.environ.get("PPOFLOW_RELIABILITY_COLD") == "1" else "warm",
         "wall_seconds": round(time.time() - report["began"], 1),
         "faults": {"injected": len(faults), "survived": sum(f["survived"] for f in faults), "by_kind": by_kind},

@@ -19,6 +19,7 @@ CRASH_ENV = "PPOFLOW_TEST_CRASH_AFTER"  # "<update>:<marker file>", read by `cra
 class InjectedCrash(RuntimeError):
     """A crash injected on purpose; retryable like any other crash (not a user error)."""
 
+
 GOOD_UPDATES = 2
 _calls: dict[str, int] = {}
 

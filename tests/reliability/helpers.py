@@ -27,14 +27,21 @@ REPO = Path(__file__).resolve().parents[2]
 # Eight PPO updates of 16 prompts (2 mini-batches of 8), a checkpoint after every update, two kept:
 # about 5 s of training on 2 quiet cores, long enough to land kills in every phase of a run.
 TRAINING = (
-    "ppo.total_episodes=128", "ppo.per_device_train_batch_size=8", "ppo.gradient_accumulation_steps=2",
-    "ppo.num_mini_batches=2", "ppo.checkpoint_every=1", "ppo.keep_checkpoints=2",
+    "ppo.total_episodes=128",
+    "ppo.per_device_train_batch_size=8",
+    "ppo.gradient_accumulation_steps=2",
+    "ppo.num_mini_batches=2",
+    "ppo.checkpoint_every=1",
+    "ppo.keep_checkpoints=2",
 )
 NUM_UPDATES = 8
 # Flow runs log to MLflow but need no model registry entry unless a test asks for one.
 FLOW_SETTINGS = (
-    "tracking.experiment=reliability", "tracking.registered_model_name=reliability-policy",
-    "tracking.system_metrics=false", "flow.retries=1", "flow.retry_delay_seconds=[1.0]",
+    "tracking.experiment=reliability",
+    "tracking.registered_model_name=reliability-policy",
+    "tracking.system_metrics=false",
+    "flow.retries=1",
+    "flow.retry_delay_seconds=[1.0]",
 )
 NOT_COMPARED = ("timing/", "perf/")
 
@@ -42,7 +49,11 @@ NOT_COMPARED = ("timing/", "perf/")
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment of every process a reliability test starts: offline, one thread, no servers
     inherited (each test names its own MLflow store and Prefect home)."""
-    env = {key: value for key, value in os.environ.items() if key not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_HOME")}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_HOME")
+    }
     env |= {
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",
@@ -128,7 +139,9 @@ def checkpoint_steps(output_dir: Path) -> list[int]:
 
 def partial_checkpoints(output_dir: Path) -> list[str]:
     try:
-        return [entry.name for entry in os.scandir(Path(output_dir) / "checkpoints") if entry.name.startswith(".partial-")]
+        return [
+            entry.name for entry in os.scandir(Path(output_dir) / "checkpoints") if entry.name.startswith(".partial-")
+        ]
     except FileNotFoundError:
         return []
 
@@ -146,7 +159,9 @@ def snapshot(output_dir: Path) -> dict[str, Any]:
     }
 
 
-def wait_for(condition: Callable[[], Any], timeout: float, interval: float = 0.002, alive: Callable[[], bool] | None = None) -> Any:
+def wait_for(
+    condition: Callable[[], Any], timeout: float, interval: float = 0.002, alive: Callable[[], bool] | None = None
+) -> Any:
     """Poll until `condition()` is truthy (returned); None when `alive()` turns false or on timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -166,8 +181,13 @@ def wait_for(condition: Callable[[], Any], timeout: float, interval: float = 0.0
 def start_cli(argv: list[str], log: Path, env: dict[str, str], stdout: Path | None = None) -> subprocess.Popen:
     with open(log, "ab") as err, open(stdout or log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "ppoflow.flows.cli", *argv], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
-            stdout=out, stderr=err, start_new_session=True,
+            [sys.executable, "-m", "ppoflow.flows.cli", *argv],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
         )
 
 
@@ -208,7 +228,9 @@ def require_mounts(tmp_path: Path) -> None:
     try:
         _mount("-t", "tmpfs", "-o", "size=1m", "tmpfs", str(probe))
     except OSError as exc:
-        pytest.skip(f"cannot mount a tmpfs here ({exc.strerror}): the disk-full and read-only faults need root/CAP_SYS_ADMIN")
+        pytest.skip(
+            f"cannot mount a tmpfs here ({exc.strerror}): the disk-full and read-only faults need root/CAP_SYS_ADMIN"
+        )
     _umount(probe)
     probe.rmdir()
 

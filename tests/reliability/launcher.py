@@ -68,8 +68,12 @@ class ColdLauncher:
     def start(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> Child:
         with open(log, "ab") as handle:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "ppoflow.cli", *argv], cwd=REPO, env={**self.env, **(env or {})},
-                stdin=subprocess.DEVNULL, stdout=handle, stderr=handle,
+                [sys.executable, "-m", "ppoflow.cli", *argv],
+                cwd=REPO,
+                env={**self.env, **(env or {})},
+                stdin=subprocess.DEVNULL,
+                stdout=handle,
+                stderr=handle,
             )
         return Child(popen.pid, self, popen)
 
@@ -83,7 +87,13 @@ class WarmLauncher:
     def __init__(self, env: dict[str, str]):
         self.env = env
         self._process = subprocess.Popen(
-            [sys.executable, __file__], cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+            [sys.executable, __file__],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
         )
         self._events: dict[str, dict] = {}
         self._exits: dict[int, int] = {}

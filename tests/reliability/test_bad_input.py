@@ -41,8 +41,17 @@ class Case:
 
 
 def _another_configs_checkpoint(output_dir: Path) -> None:
-    state = {"update": 0, "episode": 0, "optimizer_steps": 0, "num_updates": 8, "config_hash": "0123456789abcdef", "world_size": 1}
-    write_checkpoint(output_dir / "checkpoints", 0, lambda directory: (directory / "weights.txt").write_text("other run"), state)
+    state = {
+        "update": 0,
+        "episode": 0,
+        "optimizer_steps": 0,
+        "num_updates": 8,
+        "config_hash": "0123456789abcdef",
+        "world_size": 1,
+    }
+    write_checkpoint(
+        output_dir / "checkpoints", 0, lambda directory: (directory / "weights.txt").write_text("other run"), state
+    )
 
 
 def user(content: str) -> dict:
@@ -55,7 +64,7 @@ def reply(content: str) -> dict:
 
 def rf(path: str) -> str:
     """A `reward_functions` override (braces doubled: overrides go through str.format)."""
-    return "reward_functions=[{{path: '%s', weight: 0.0}}]" % path
+    return "reward_functions=[{{path: '" + path + "', weight: 0.0}}]"
 
 
 CASES = [
@@ -70,22 +79,57 @@ CASES = [
     Case("stop token given twice", "`ppo.stop_token_id`", ("ppo.stop_token=eos", "ppo.stop_token_id=2")),
     Case("stop token outside the vocabulary", "`ppo.stop_token_id`", ("ppo.stop_token_id=100000",)),
     Case("evaluation every 0 updates", "`ppo.eval_every`", ("ppo.eval_every=0",)),
-    Case("evaluation during training without eval prompts", "`ppo.eval_every`", ("ppo.eval_every=2", "data.eval_size=0")),
+    Case(
+        "evaluation during training without eval prompts", "`ppo.eval_every`", ("ppo.eval_every=2", "data.eval_size=0")
+    ),
     Case("a promotion gate without eval prompts", "`data.eval_size`", ("data.eval_size=0",)),
     Case("reference with LoRA", "`models.ref`", ("peft.enabled=true", "models.ref=/tmp")),
     Case("sharded training on one process", "`runtime.fsdp`", ("runtime.fsdp=true",)),
-    Case("sharded training with LoRA", "`runtime.fsdp`", ("runtime.fsdp=true", "runtime.num_processes=2", "peft.enabled=true")),
-    Case("sharded frozen models beside an unsharded policy", "`runtime.fsdp_frozen`", ("runtime.fsdp_frozen=true", "runtime.num_processes=2")),
-    Case("an accelerate config that shards over one process", "`runtime.accelerate_config`", ("runtime.accelerate_config={bad}/accelerate-fsdp.yaml",)),
-    Case("an accelerate config for two machines and one process", "`runtime.accelerate_config`",
-         ("runtime.accelerate_config={bad}/accelerate-two-nodes.yaml",)),
-    Case("an accelerate config offloading DeepSpeed's optimizer", "`runtime.accelerate_config`",
-         ("runtime.accelerate_config={bad}/accelerate-deepspeed.yaml", "runtime.num_processes=2")),
-    Case("an accelerate FSDP setting ppoflow does not do", "`runtime.accelerate_config`",
-         ("runtime.accelerate_config={bad}/accelerate-offload.yaml", "runtime.num_processes=2")),
-    Case("an accelerate config that is not there", "`runtime.accelerate_config`", ("runtime.accelerate_config={bad}/no-such-accelerate.yaml",)),
-    Case("an accelerate config that is a gzip file", "`runtime.accelerate_config`", ("runtime.accelerate_config={bad}/accelerate.yaml.gz",)),
-    Case("flash-attention without a GPU", "`models.attn_implementation`", ("models.attn_implementation=flash_attention_2",)),
+    Case(
+        "sharded training with LoRA",
+        "`runtime.fsdp`",
+        ("runtime.fsdp=true", "runtime.num_processes=2", "peft.enabled=true"),
+    ),
+    Case(
+        "sharded frozen models beside an unsharded policy",
+        "`runtime.fsdp_frozen`",
+        ("runtime.fsdp_frozen=true", "runtime.num_processes=2"),
+    ),
+    Case(
+        "an accelerate config that shards over one process",
+        "`runtime.accelerate_config`",
+        ("runtime.accelerate_config={bad}/accelerate-fsdp.yaml",),
+    ),
+    Case(
+        "an accelerate config for two machines and one process",
+        "`runtime.accelerate_config`",
+        ("runtime.accelerate_config={bad}/accelerate-two-nodes.yaml",),
+    ),
+    Case(
+        "an accelerate config offloading DeepSpeed's optimizer",
+        "`runtime.accelerate_config`",
+        ("runtime.accelerate_config={bad}/accelerate-deepspeed.yaml", "runtime.num_processes=2"),
+    ),
+    Case(
+        "an accelerate FSDP setting ppoflow does not do",
+        "`runtime.accelerate_config`",
+        ("runtime.accelerate_config={bad}/accelerate-offload.yaml", "runtime.num_processes=2"),
+    ),
+    Case(
+        "an accelerate config that is not there",
+        "`runtime.accelerate_config`",
+        ("runtime.accelerate_config={bad}/no-such-accelerate.yaml",),
+    ),
+    Case(
+        "an accelerate config that is a gzip file",
+        "`runtime.accelerate_config`",
+        ("runtime.accelerate_config={bad}/accelerate.yaml.gz",),
+    ),
+    Case(
+        "flash-attention without a GPU",
+        "`models.attn_implementation`",
+        ("models.attn_implementation=flash_attention_2",),
+    ),
     Case("push to hub without a repo", "`tracking`", ("tracking.push_to_hub=true",)),
     Case("negative lock timeout", "`flow.lock_timeout_seconds`", ("flow.lock_timeout_seconds=-1",)),
     Case("reward function: unknown module", "`reward_functions.0.path`", (rf("no_such_module:score"),)),
@@ -101,7 +145,11 @@ CASES = [
     Case("policy path missing", "`models.policy`", ("models.policy=/no/such/policy",)),
     Case("policy path is a file", "models.policy:", ("models.policy={toy}/prompts.jsonl",)),
     Case("policy dir without config.json", "models.policy:", ("models.policy={bad}/no-config",)),
-    Case("policy not on disk nor in the offline Hub cache", "models.policy:", ("models.policy=acme-ml/not-cached-policy",)),
+    Case(
+        "policy not on disk nor in the offline Hub cache",
+        "models.policy:",
+        ("models.policy=acme-ml/not-cached-policy",),
+    ),
     Case("policy is not a causal LM", "models.policy:", ("models.policy={toy}/reward",)),
     Case("reward is not a sequence classifier", "models.reward:", ("models.reward={toy}/policy",)),
     Case("reward with num_labels=2", "models.reward:", ("models.reward={bad}/two-labels",)),
@@ -112,7 +160,9 @@ CASES = [
     Case("weights not in safetensors", "models.policy", ("models.policy={bad}/pickle-only",)),
     Case("registry URI malformed", "`models.policy`", ("models.policy=models:/policy@",)),
     Case("registry version that does not exist", "models.policy:", ("models.policy=models:/no-such-policy/3",)),
-    Case("policy fallback without a registry alias", "`models.policy_fallback`", ("models.policy_fallback={toy}/policy",)),
+    Case(
+        "policy fallback without a registry alias", "`models.policy_fallback`", ("models.policy_fallback={toy}/policy",)
+    ),
     # -- data ------------------------------------------------------------------------------------
     Case("data path missing", "`data.path`", ("data.path=/no/such/prompts.jsonl",)),
     Case("data file of unknown type", "data.path:", ("data.path={bad}/prompts.csv",)),
@@ -122,33 +172,97 @@ CASES = [
     Case("prompts that are not text", "data.prompt_column:", ("data.path={bad}/numbers.jsonl",)),
     Case("prompts all empty", "data.prompt_column:", ("data.path={bad}/blank.jsonl",)),
     Case("prompts all too long", "`data.max_prompt_length`", ("data.max_prompt_length=2",)),
-    Case("prompts all ending with EOS, dropped", "`data.eos_prompts`", ("data.path={bad}/eos.jsonl", "data.eos_prompts=drop")),
+    Case(
+        "prompts all ending with EOS, dropped",
+        "`data.eos_prompts`",
+        ("data.path={bad}/eos.jsonl", "data.eos_prompts=drop"),
+    ),
     Case("eval split larger than the data", "`data.eval_size`", ("data.path={bad}/few.jsonl", "data.eval_size=40")),
     Case("chat template file missing", "`data.chat_template`", ("data.chat_template=/no/such/template.jinja",)),
     Case("conversations without a chat template", "`data.chat_template`", ("data.path={bad}/conversations.jsonl",)),
-    Case("conversations with the chat template off", "`data.chat_template`", ("data.path={bad}/conversations.jsonl", "data.chat_template=none")),
-    Case("chat template file in another encoding", "`data.chat_template`",
-         ("data.path={bad}/conversations.jsonl", "data.chat_template={bad}/latin-1.jinja")),
-    Case("chat template that does not render", "`data.chat_template`", ("data.path={bad}/conversations.jsonl", "data.chat_template={bad}/broken.jinja")),
+    Case(
+        "conversations with the chat template off",
+        "`data.chat_template`",
+        ("data.path={bad}/conversations.jsonl", "data.chat_template=none"),
+    ),
+    Case(
+        "chat template file in another encoding",
+        "`data.chat_template`",
+        ("data.path={bad}/conversations.jsonl", "data.chat_template={bad}/latin-1.jinja"),
+    ),
+    Case(
+        "chat template that does not render",
+        "`data.chat_template`",
+        ("data.path={bad}/conversations.jsonl", "data.chat_template={bad}/broken.jinja"),
+    ),
     Case("text and conversations mixed", "data.prompt_column:", ("data.path={bad}/mixed.jsonl",)),
     Case("messages without content", "data.prompt_column:", ("data.path={bad}/no-content.jsonl",)),
     Case("conversation that is only the reply", "data.prompt_column:", ("data.path={bad}/reply-only.jsonl",)),
     Case("data glob matching no partition", "data.path:", ("data.path={bad}/nightly-*.jsonl",)),
     Case("data window on a single file", "`data.window`", ("data.window={{newest: 2}}",)),
-    Case("data window by days on undated partitions", "`data.window`", ("data.path={bad}/shards", "data.window={{days: 3}}")),
+    Case(
+        "data window by days on undated partitions",
+        "`data.window`",
+        ("data.path={bad}/shards", "data.window={{days: 3}}"),
+    ),
     # -- tracking (the flow) ---------------------------------------------------------------------
-    Case("tracking server unreachable", "MLFLOW_TRACKING_URI=", command="run", tracking_uri="http://127.0.0.1:{closed_port}", before_prefect=True),
-    Case("tracking file store", "MLFLOW_TRACKING_URI=", command="run", tracking_uri="file:///tmp/mlruns", before_prefect=True),
-    Case("tracking store not writable", "MLFLOW_TRACKING_URI=", command="run", tracking_uri="sqlite:////proc/ppoflow/mlflow.db", before_prefect=True),
-    Case("output_dir with an unknown placeholder", "`output_dir`", ("output_dir=runs/{{foo}}",), command="run", before_prefect=True),
-    Case("registered model name MLflow refuses", "`tracking.registered_model_name`", ("tracking.registered_model_name=team/policy",), command="run"),
+    Case(
+        "tracking server unreachable",
+        "MLFLOW_TRACKING_URI=",
+        command="run",
+        tracking_uri="http://127.0.0.1:{closed_port}",
+        before_prefect=True,
+    ),
+    Case(
+        "tracking file store",
+        "MLFLOW_TRACKING_URI=",
+        command="run",
+        tracking_uri="file:///tmp/mlruns",
+        before_prefect=True,
+    ),
+    Case(
+        "tracking store not writable",
+        "MLFLOW_TRACKING_URI=",
+        command="run",
+        tracking_uri="sqlite:////proc/ppoflow/mlflow.db",
+        before_prefect=True,
+    ),
+    Case(
+        "output_dir with an unknown placeholder",
+        "`output_dir`",
+        ("output_dir=runs/{{foo}}",),
+        command="run",
+        before_prefect=True,
+    ),
+    Case(
+        "registered model name MLflow refuses",
+        "`tracking.registered_model_name`",
+        ("tracking.registered_model_name=team/policy",),
+        command="run",
+    ),
     Case("registry alias MLflow reserves", "`tracking.alias`", ("tracking.alias=latest",), command="run"),
-    Case("promotion alias MLflow reserves", "`tracking.promotion.alias`", ("tracking.promotion.alias=latest",), command="run"),
+    Case(
+        "promotion alias MLflow reserves",
+        "`tracking.promotion.alias`",
+        ("tracking.promotion.alias=latest",),
+        command="run",
+    ),
     Case("promotion alias equal to the candidate alias", "`tracking`", ("tracking.promotion.alias=candidate",)),
-    Case("promotion bound on an unknown reward function", "`tracking.promotion.min_reward_functions.nope`", ("tracking.promotion.min_reward_functions={{nope: 0.5}}",)),
+    Case(
+        "promotion bound on an unknown reward function",
+        "`tracking.promotion.min_reward_functions.nope`",
+        ("tracking.promotion.min_reward_functions={{nope: 0.5}}",),
+    ),
     Case("experiment deleted", "`tracking.experiment`", ("tracking.experiment=deleted-experiment",), command="run"),
-    Case("push to the Hub while offline", "`tracking.push_to_hub`", ("tracking.push_to_hub=true", "tracking.hub_repo_id=org/policy"), command="run"),
+    Case(
+        "push to the Hub while offline",
+        "`tracking.push_to_hub`",
+        ("tracking.push_to_hub=true", "tracking.hub_repo_id=org/policy"),
+        command="run",
+    ),
 ]
+
+
 @pytest.fixture(scope="module")
 def bad(toy_world, tmp_path_factory) -> Path:
     """Models and prompt files that are wrong in one way each."""
@@ -184,7 +298,8 @@ def bad(toy_world, tmp_path_factory) -> Path:
 
     from transformers import AutoModel
 
-    AutoModel.from_config(AutoConfig.from_pretrained(toy_world / "policy")).save_pretrained(root / "base-model")  # no head at all
+    # no head at all
+    AutoModel.from_config(AutoConfig.from_pretrained(toy_world / "policy")).save_pretrained(root / "base-model")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(toy_world / "policy" / name, root / "base-model" / name)
 
@@ -194,14 +309,25 @@ def bad(toy_world, tmp_path_factory) -> Path:
         "empty.jsonl": "",
         "numbers.jsonl": "".join(json.dumps({"prompt": i}) + "\n" for i in range(50)),
         "blank.jsonl": "".join(json.dumps({"prompt": "   "}) + "\n" for _ in range(50)),
-        "eos.jsonl": "".join(json.dumps({"prompt": f"the movie was good <eos>{' ' * (i % 3)}"}) + "\n" for i in range(50)),
+        "eos.jsonl": "".join(
+            json.dumps({"prompt": f"the movie was good <eos>{' ' * (i % 3)}"}) + "\n" for i in range(50)
+        ),
         "few.jsonl": "".join(json.dumps({"prompt": f"review number {i} :"}) + "\n" for i in range(40)),
-        "conversations.jsonl": "".join(json.dumps({"messages": [user(f"review number {i} :"), reply("great .")]}) + "\n" for i in range(50)),
+        "conversations.jsonl": "".join(
+            json.dumps({"messages": [user(f"review number {i} :"), reply("great .")]}) + "\n" for i in range(50)
+        ),
         "broken.jinja": "{% for message in messages %}",
         "accelerate-fsdp.yaml": "distributed_type: FSDP\nnum_machines: 1\nfsdp_config:\n  fsdp_version: 2\n",
-        "accelerate-two-nodes.yaml": "distributed_type: MULTI_GPU\nnum_machines: 2\nmachine_rank: 0\nmain_process_ip: 10.0.0.1\n",
-        "accelerate-deepspeed.yaml": "distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 3\n  offload_optimizer_device: cpu\nnum_machines: 1\n",
-        "accelerate-offload.yaml": "distributed_type: FSDP\nfsdp_config:\n  fsdp_offload_params: true\n  fsdp_version: 2\nnum_machines: 1\n",
+        "accelerate-two-nodes.yaml": (
+            "distributed_type: MULTI_GPU\nnum_machines: 2\nmachine_rank: 0\nmain_process_ip: 10.0.0.1\n"
+        ),
+        "accelerate-deepspeed.yaml": (
+            "distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 3\n"
+            "  offload_optimizer_device: cpu\nnum_machines: 1\n"
+        ),
+        "accelerate-offload.yaml": (
+            "distributed_type: FSDP\nfsdp_config:\n  fsdp_offload_params: true\n  fsdp_version: 2\nnum_machines: 1\n"
+        ),
         "mixed.jsonl": json.dumps({"prompt": "review :"}) + "\n" + json.dumps({"prompt": [user("review :")]}) + "\n",
         "no-content.jsonl": json.dumps({"prompt": [{"role": "user", "text": "review :"}]}) + "\n",
         "reply-only.jsonl": json.dumps({"messages": [reply("great .")]}) + "\n",
@@ -211,7 +337,9 @@ def bad(toy_world, tmp_path_factory) -> Path:
     for name, text in lines.items():
         (root / name).write_text(text)
     (root / "accelerate.yaml.gz").write_bytes(gzip.compress(b"distributed_type: MULTI_GPU\nnum_machines: 1\n"))
-    (root / "latin-1.jinja").write_bytes("{% for m in messages %}{{ m['content'] }} — café{% endfor %}".encode("latin-1", "replace"))
+    (root / "latin-1.jinja").write_bytes(
+        "{% for m in messages %}{{ m['content'] }} — café{% endfor %}".encode("latin-1", "replace")
+    )
     return root
 
 
@@ -258,12 +386,22 @@ def case(request) -> Case:
 
 
 def test_bad_input_is_refused_in_one_clear_line_before_any_work(
-    case, flow_ready, toy_world, bad, store, closed_port, tmp_path, monkeypatch, bad_input_verdict,
+    case,
+    flow_ready,
+    toy_world,
+    bad,
+    store,
+    closed_port,
+    tmp_path,
+    monkeypatch,
+    bad_input_verdict,
 ):
     output_dir = tmp_path / "run"
     names = {"toy": toy_world, "bad": bad, "closed_port": closed_port}
     overrides = [override.format(**names) for override in case.overrides]
-    config_path = write_config(reliability_config(toy_world, output_dir, *_flow_settings(case)), tmp_path / "config.yaml")
+    config_path = write_config(
+        reliability_config(toy_world, output_dir, *_flow_settings(case)), tmp_path / "config.yaml"
+    )
     if case.config_file == "missing":
         config_path = tmp_path / "no-such-config.yaml"
     elif case.config_file == "broken":
@@ -273,7 +411,9 @@ def test_bad_input_is_refused_in_one_clear_line_before_any_work(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (case.tracking_uri or store).format(**names))
     bad_input_verdict.update(kind=case.command, expected_field=case.expected)
 
-    code, stdout, stderr = ppoflow([case.command, "--config", str(config_path), *[f"--set={text}" for text in overrides]])
+    code, stdout, stderr = ppoflow(
+        [case.command, "--config", str(config_path), *[f"--set={text}" for text in overrides]]
+    )
 
     lines = error_lines(stderr)
     bad_input_verdict["message"] = lines[0] if lines else stderr.strip().splitlines()[-1:]
@@ -288,4 +428,8 @@ def test_bad_input_is_refused_in_one_clear_line_before_any_work(
 
 
 def _flow_settings(case: Case) -> tuple[str, ...]:
-    return ("tracking.system_metrics=false", "flow.retries=0", "tracking.registered_model_name=bad-input-policy") if case.command == "run" else ()
+    return (
+        ("tracking.system_metrics=false", "flow.retries=0", "tracking.registered_model_name=bad-input-policy")
+        if case.command == "run"
+        else ()
+    )

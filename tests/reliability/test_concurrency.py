@@ -50,14 +50,18 @@ class CheckpointWriters(threading.Thread):
             time.sleep(0.001)
 
 
-def test_a_second_run_waits_and_reuses_and_a_third_without_patience_fails_clearly(reference, train_run, tmp_path, faults):
+def test_a_second_run_waits_and_reuses_and_a_third_without_patience_fails_clearly(
+    reference, train_run, tmp_path, faults
+):
     output_dir = tmp_path / "shared"
     watcher = CheckpointWriters(output_dir)
     watcher.start()
     first = train_run("first", output_dir=output_dir)
     second = train_run("second", output_dir=output_dir)
     faults.injected("concurrent run of the same config", waits=True)
-    holder_pid = wait_for(lambda: lock_holder(output_dir) in (first[0].pid, second[0].pid) and lock_holder(output_dir), 300, interval=0.01)
+    holder_pid = wait_for(
+        lambda: lock_holder(output_dir) in (first[0].pid, second[0].pid) and lock_holder(output_dir), 300, interval=0.01
+    )
     assert holder_pid, "neither run took the lock"
 
     impatient, _, impatient_log = train_run("impatient", "flow.lock_timeout_seconds=0", output_dir=output_dir)
@@ -65,8 +69,9 @@ def test_a_second_run_waits_and_reuses_and_a_third_without_patience_fails_clearl
     assert impatient.wait(300) == 2, impatient_log.read_text()[-3000:]
     (line,) = error_lines(impatient_log.read_text())
     assert re.fullmatch(
-        rf"error: config field `output_dir`: {output_dir} is in use by another run \(pid {holder_pid} on \S+ since \S+Z; waited 0 s of "
-        r"flow\.lock_timeout_seconds=0\) — wait for that run to finish and run again .*, or choose another output_dir",
+        rf"error: config field `output_dir`: {output_dir} is in use by another run \(pid "
+        rf"{holder_pid} on \S+ since \S+Z; waited 0 s of flow\.lock_timeout_seconds=0\) "
+        r"— wait for that run to finish and run again .*, or choose another output_dir",
         line,
     ), line
     assert impatient.pid not in watcher.pids
@@ -78,7 +83,10 @@ def test_a_second_run_waits_and_reuses_and_a_third_without_patience_fails_clearl
     (holder,) = [run for run in (first, second) if run[0].pid == holder_pid]
     (waiter,) = [run for run in (first, second) if run[0].pid != holder_pid]
     waiter_log = waiter[2].read_text()
-    assert f"{output_dir} is in use by another run (pid {holder_pid} on" in waiter_log and "waiting for it to finish" in waiter_log
+    assert (
+        f"{output_dir} is in use by another run (pid {holder_pid} on" in waiter_log
+        and "waiting for it to finish" in waiter_log
+    )
     assert "resuming from" not in waiter_log and "ppo:" not in waiter_log  # nothing trained again
     assert watcher.pids == {holder_pid}, f"checkpoints written by {watcher.pids}, the lock holder is {holder_pid}"
     assert not watcher.overlaps, watcher.overlaps[:3]

@@ -30,11 +30,17 @@ def test_a_non_finite_reward_or_loss_stops_training_at_that_update(train_run, fa
 
     bad_update = GOOD_UPDATES + 1
     (line,) = error_lines(log.read_text())
-    assert re.match(rf"error: update {bad_update}: `{metric}` is not finite — .*the last good checkpoint is kept in {output_dir / 'checkpoints'}$", line), line
+    assert re.match(
+        rf"error: update {bad_update}: `{metric}` is not finite — .*the "
+        rf"last good checkpoint is kept in {output_dir / 'checkpoints'}$",
+        line,
+    ), line
     assert "Traceback" not in log.read_text()
     assert [row["update"] for row in read_metrics(output_dir)] == list(range(1, bad_update))
     assert checkpoint_steps(output_dir) == [0, GOOD_UPDATES - 1, GOOD_UPDATES]
     last_good = output_dir / "checkpoints" / f"step-{GOOD_UPDATES:06d}"
     verify_checkpoint(last_good)
-    assert all(torch.isfinite(tensor).all() for tensor in load_file(last_good / "policy" / "model.safetensors").values())
+    assert all(
+        torch.isfinite(tensor).all() for tensor in load_file(last_good / "policy" / "model.safetensors").values()
+    )
     assert not (output_dir / "final").exists() and not (output_dir / "eval.json").exists()

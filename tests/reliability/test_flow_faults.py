@@ -24,16 +24,27 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from uuid import UUID
 from typing import Any
+from uuid import UUID
 
 import mlflow
 import pytest
 
 from ppoflow.mlflow_server.server import start_server, stop_server
 from tests.reliability.helpers import (
-    FLOW_SETTINGS, NUM_UPDATES, assert_same_run, checkpoint_steps, error_lines, kill_session, read_metrics, reliability_config,
-    start_cli, subprocess_env, summary_of, wait_for, write_config,
+    FLOW_SETTINGS,
+    NUM_UPDATES,
+    assert_same_run,
+    checkpoint_steps,
+    error_lines,
+    kill_session,
+    read_metrics,
+    reliability_config,
+    start_cli,
+    subprocess_env,
+    summary_of,
+    wait_for,
+    write_config,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.flow]
@@ -69,7 +80,9 @@ def _recorded(workdir: Path, stage: str, state: str) -> bool:
     return bool(states) and states[-1].get(stage) == state
 
 
-def _start_flow(config_path: Path, workdir: Path, name: str, env: dict[str, str]) -> tuple[subprocess.Popen, Path, Path]:
+def _start_flow(
+    config_path: Path, workdir: Path, name: str, env: dict[str, str]
+) -> tuple[subprocess.Popen, Path, Path]:
     log, out = workdir / f"{name}.log", workdir / f"{name}.out"
     return start_cli(["run", "--config", str(config_path)], log, env, stdout=out), log, out
 
@@ -107,18 +120,25 @@ def _run_campaign(toy_world: Path, workdir: Path, server_home: Path, port: int) 
     )
 
     first, first_log, _ = _start_flow(config_path, workdir, "first", env)
-    assert wait_for(lambda: (output_dir / "data" / "dataset.json").exists() and _recorded(workdir, "load_models", "Completed"),
-                    TIMEOUT, alive=lambda: first.poll() is None), first_log.read_text()[-3000:]
+    assert wait_for(
+        lambda: (output_dir / "data" / "dataset.json").exists() and _recorded(workdir, "load_models", "Completed"),
+        TIMEOUT,
+        alive=lambda: first.poll() is None,
+    ), first_log.read_text()[-3000:]
     kill_session(first)
 
     second, second_log, _ = _start_flow(config_path, workdir, "second", env)
-    assert wait_for(lambda: 3 in checkpoint_steps(output_dir), TIMEOUT, alive=lambda: second.poll() is None), second_log.read_text()[-3000:]
+    assert wait_for(lambda: 3 in checkpoint_steps(output_dir), TIMEOUT, alive=lambda: second.poll() is None), (
+        second_log.read_text()[-3000:]
+    )
     time.sleep(rng.uniform(0.0, 1.0))
     killed_at = max(checkpoint_steps(output_dir))
     kill_session(second)
 
     third, third_log, third_out = _start_flow(config_path, workdir, "third", env)
-    assert wait_for(lambda: max(checkpoint_steps(output_dir), default=0) > killed_at, TIMEOUT, alive=lambda: third.poll() is None), third_log.read_text()[-3000:]
+    assert wait_for(
+        lambda: max(checkpoint_steps(output_dir), default=0) > killed_at, TIMEOUT, alive=lambda: third.poll() is None
+    ), third_log.read_text()[-3000:]
     outage_began, steps_at_outage = time.monotonic(), checkpoint_steps(output_dir)
     stop_server(server_home)
     start_server(server_home, port=port)  # blocks until /health answers
@@ -155,8 +175,12 @@ def test_a_flow_killed_mid_training_resumes_to_the_same_policy(campaign, referen
     faults.injected("sigkill: flow process", moment=f"training, after checkpoint {campaign['killed_at_checkpoint']}")
     third = campaign["states"][2]
     assert {stage: third[stage] for stage in STAGES} == {
-        "configure": "Cached", "load_models": "Cached", "prepare_dataset": "Cached", "init_trainer": "Cached",
-        "train_ppo": "Completed", "save_and_evaluate": "Completed",
+        "configure": "Cached",
+        "load_models": "Cached",
+        "prepare_dataset": "Cached",
+        "init_trainer": "Cached",
+        "train_ppo": "Completed",
+        "save_and_evaluate": "Completed",
     }
     assert "resuming from step-" in campaign["third_log"]
     assert campaign["summary"]["updates"] == NUM_UPDATES
@@ -165,7 +189,9 @@ def test_a_flow_killed_mid_training_resumes_to_the_same_policy(campaign, referen
 
 @CAMPAIGN_TIMEOUT
 def test_a_tracking_server_gone_mid_run_gets_every_metric_once(campaign, faults):
-    faults.injected("MLflow server stopped and restarted", where="during training", outage_seconds=campaign["outage_seconds"])
+    faults.injected(
+        "MLflow server stopped and restarted", where="during training", outage_seconds=campaign["outage_seconds"]
+    )
     # The outage really hit training: it began before the last checkpoint, and the metrics sender met
     # a closed port (MLflow's client retries with backoff; the sink spools and re-sends what fails).
     assert max(campaign["steps_at_outage"]) < NUM_UPDATES
@@ -193,9 +219,19 @@ def test_a_tracking_server_gone_mid_run_gets_every_metric_once(campaign, faults)
 def test_no_secret_is_written_anywhere(campaign):
     # Everything the three runs wrote: workspace, MLflow store and artifacts (and the server's log),
     # Prefect's database (parameters, logs, states) and result storage, and all captured output.
-    places = [campaign["output_dir"], campaign["server_home"], campaign["prefect_home"], campaign["results"], *campaign["logs"]]
+    places = [
+        campaign["output_dir"],
+        campaign["server_home"],
+        campaign["prefect_home"],
+        campaign["results"],
+        *campaign["logs"],
+    ]
     files = [path for place in places for path in ([place] if place.is_file() else place.rglob("*")) if path.is_file()]
-    assert len(files) > 50 and any(path.name == "mlflow.db" for path in files) and any(path.name == "prefect.db" for path in files)
+    assert (
+        len(files) > 50
+        and any(path.name == "mlflow.db" for path in files)
+        and any(path.name == "prefect.db" for path in files)
+    )
     leaks = [
         f"{name} in {path}"
         for path in files
@@ -207,11 +243,14 @@ def test_no_secret_is_written_anywhere(campaign):
     assert not any(value in summary for value in campaign["secrets"].values())
 
 
-def test_a_tracking_server_unreachable_at_start_stops_the_flow_in_one_line_before_any_work(toy_world, tmp_path, closed_port, faults):
+def test_a_tracking_server_unreachable_at_start_stops_the_flow_in_one_line_before_any_work(
+    toy_world, tmp_path, closed_port, faults
+):
     env = subprocess_env(PREFECT_HOME=str(tmp_path / "prefect"), MLFLOW_TRACKING_URI=f"http://127.0.0.1:{closed_port}")
     output_dir = tmp_path / "run"
     config_path = write_config(
-        reliability_config(toy_world, output_dir, *FLOW_SETTINGS, f"flow.result_storage={tmp_path / 'results'}"), tmp_path / "flow.yaml",
+        reliability_config(toy_world, output_dir, *FLOW_SETTINGS, f"flow.result_storage={tmp_path / 'results'}"),
+        tmp_path / "flow.yaml",
     )
     process, log, out = _start_flow(config_path, tmp_path, "unreachable", env)
     faults.injected("MLflow server unreachable", where="at start")
@@ -219,7 +258,9 @@ def test_a_tracking_server_unreachable_at_start_stops_the_flow_in_one_line_befor
     assert out.read_text() == ""
     stderr = log.read_text()
     (line,) = error_lines(stderr)
-    assert line.startswith(f"error: MLflow tracking server MLFLOW_TRACKING_URI=http://127.0.0.1:{closed_port} does not answer (")
+    assert line.startswith(
+        f"error: MLflow tracking server MLFLOW_TRACKING_URI=http://127.0.0.1:{closed_port} does not answer ("
+    )
     assert " — start it (mlflow_server/) or fix MLFLOW_TRACKING_URI" in line
     assert "Traceback" not in stderr and "prefect" not in stderr.lower(), stderr[-3000:]  # no Prefect log line either
     assert not (tmp_path / "prefect" / "prefect.db").exists()  # the ephemeral Prefect server never started: no flow run

@@ -22,7 +22,13 @@ import pytest
 
 from ppoflow.checkpoint import verify_checkpoint
 from tests.reliability.helpers import (
-    NUM_UPDATES, assert_same_run, checkpoint_steps, partial_checkpoints, read_metrics, snapshot, wait_for,
+    NUM_UPDATES,
+    assert_same_run,
+    checkpoint_steps,
+    partial_checkpoints,
+    read_metrics,
+    snapshot,
+    wait_for,
 )
 
 pytestmark = pytest.mark.slow
@@ -129,7 +135,11 @@ def while_writing_a_checkpoint(run: Restart, rng: random.Random) -> bool:
     pattern = re.compile(r"\.partial-step-(\d+)-")
 
     def writing() -> bool:
-        return any(int(match.group(1)) > done + 1 for name in partial_checkpoints(run.output_dir) if (match := pattern.match(name)))
+        return any(
+            int(match.group(1)) > done + 1
+            for name in partial_checkpoints(run.output_dir)
+            if (match := pattern.match(name))
+        )
 
     return _kill_when(run.child, writing)
 
@@ -143,7 +153,10 @@ def while_evaluating(run: Restart, rng: random.Random) -> bool:
 
     def evaluating() -> bool:
         if not began:
-            if NUM_UPDATES in checkpoint_steps(run.output_dir) and "Loading weights" in run.new_log().split("resuming from")[-1].split("ppo:")[-1]:
+            if (
+                NUM_UPDATES in checkpoint_steps(run.output_dir)
+                and "Loading weights" in run.new_log().split("resuming from")[-1].split("ppo:")[-1]
+            ):
                 began.append(time.monotonic())
                 run.evaluating = True
             return False
@@ -160,17 +173,36 @@ def while_saving_the_final_policy(run: Restart, rng: random.Random) -> bool:
 def test_sigkill_at_random_moments_then_every_restart_resumes_bitwise(reference, train_run, faults):
     rng = random.Random(SEED)
     schedule = [
-        while_starting, while_writing_a_checkpoint, while_training, while_starting,
-        while_writing_a_checkpoint, while_training, while_writing_a_checkpoint, while_starting,
-        while_training, while_writing_a_checkpoint, while_training, while_writing_a_checkpoint,
-        while_evaluating, while_evaluating, while_saving_the_final_policy, while_starting,
+        while_starting,
+        while_writing_a_checkpoint,
+        while_training,
+        while_starting,
+        while_writing_a_checkpoint,
+        while_training,
+        while_writing_a_checkpoint,
+        while_starting,
+        while_training,
+        while_writing_a_checkpoint,
+        while_training,
+        while_writing_a_checkpoint,
+        while_evaluating,
+        while_evaluating,
+        while_saving_the_final_policy,
+        while_starting,
     ]
     kills: list[dict[str, Any]] = []
     for attempt, trigger in enumerate(schedule):
         run = Restart(*train_run("killed"))
         if not trigger(run, rng):
             break
-        kills.append({"attempt": attempt, "trigger": trigger.__name__, "moment": run.phase(), "steps_before": run.before["steps"]})
+        kills.append(
+            {
+                "attempt": attempt,
+                "trigger": trigger.__name__,
+                "moment": run.phase(),
+                "steps_before": run.before["steps"],
+            }
+        )
         faults.injected("sigkill: ppoflow train", moment=kills[-1]["moment"], trigger=trigger.__name__, seed=SEED)
     else:
         run = Restart(*train_run("killed"))
@@ -179,7 +211,9 @@ def test_sigkill_at_random_moments_then_every_restart_resumes_bitwise(reference,
 
     moments = [kill["moment"] for kill in kills]
     assert len(kills) >= 10, f"seed {SEED}: only {len(kills)} kills landed: {kills}"
-    assert moments.count("checkpoint-write") >= 3 and "evaluation" in moments and "training" in moments, f"seed {SEED}: {kills}"
+    assert moments.count("checkpoint-write") >= 3 and "evaluation" in moments and "training" in moments, (
+        f"seed {SEED}: {kills}"
+    )
     assert_same_run(reference, output_dir)
     assert not partial_checkpoints(output_dir), "a .partial checkpoint was left behind"
     assert log.read_text().count("resuming from step-") >= 4  # restarts picked up where the killed ones stopped
@@ -201,7 +235,7 @@ def damage(checkpoint: Path, how: str) -> str:
         target = checkpoint / "optimizer.pt"
         os.truncate(target, target.stat().st_size // 2)
         return "optimizer.pt does not match its checksum"
-    (checkpoint / "manifest.json").write_text("{\"format\": 1, \"files\": ")
+    (checkpoint / "manifest.json").write_text('{"format": 1, "files": ')
     return "manifest.json is unreadable"
 
 
@@ -210,7 +244,10 @@ def test_a_corrupt_or_truncated_newest_checkpoint_is_skipped_for_the_previous_go
     # must report it, resume from N-1, and write N anew. Three times, three kinds of damage.
     child, output_dir, log = train_run("corrupted")
     for stop_at, how in ((2, FLIP), (4, TRUNCATE), (6, GARBAGE)):
-        assert _kill_when(child, lambda: stop_at in checkpoint_steps(output_dir)), log.read_text()[-3000:]
+        # The conditions are polled within this iteration; the defaults bind its values (ruff B023).
+        assert _kill_when(
+            child, lambda stop_at=stop_at, output_dir=output_dir: stop_at in checkpoint_steps(output_dir)
+        ), log.read_text()[-3000:]
         faults.injected("sigkill: ppoflow train", moment="just after a checkpoint")
         newest = output_dir / "checkpoints" / f"step-{stop_at:06d}"
         verify_checkpoint(newest)
@@ -220,11 +257,18 @@ def test_a_corrupt_or_truncated_newest_checkpoint_is_skipped_for_the_previous_go
 
         child, output_dir, log = train_run("corrupted")
         resumed = f"resuming from step-{stop_at - 1:06d} (update {stop_at - 1} of {NUM_UPDATES})"
-        assert wait_for(lambda: resumed in log.read_text()[seen:], STAGE_TIMEOUT, interval=0.05, alive=lambda: child.poll() is None), (
-            log.read_text()[seen:][-3000:]
-        )
+        assert wait_for(
+            lambda resumed=resumed, log=log, seen=seen: resumed in log.read_text()[seen:],
+            STAGE_TIMEOUT,
+            interval=0.05,
+            alive=lambda child=child: child.poll() is None,
+        ), log.read_text()[seen:][-3000:]
         assert f"skipping unusable checkpoint: {newest}: {reason}" in log.read_text()[seen:]
-        assert wait_for(lambda: stop_at + 1 in checkpoint_steps(output_dir), STAGE_TIMEOUT, interval=0.05)
+        assert wait_for(
+            lambda stop_at=stop_at, output_dir=output_dir: stop_at + 1 in checkpoint_steps(output_dir),
+            STAGE_TIMEOUT,
+            interval=0.05,
+        )
         verify_checkpoint(newest)  # written anew by the resumed run: intact
     assert child.wait(STAGE_TIMEOUT) == 0, log.read_text()[-3000:]
     assert_same_run(reference, output_dir)

@@ -100,9 +100,16 @@ def test_lora_adapters_are_never_unpickled(tmp_path):
     from peft import LoraConfig, PeftModel
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    base = LlamaForCausalLM(LlamaConfig(
-        vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-    ))
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=16,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
     adapter, marker = tmp_path / "adapter", tmp_path / "unpickled"
     LoraConfig(target_modules=["q_proj"], r=2).save_pretrained(adapter)
     torch.save({"lora_A.weight": _RunsWhenUnpickled(marker)}, adapter / "adapter_model.bin")

@@ -12,7 +12,15 @@ import pytest
 
 from ppoflow.checkpoint import verify_checkpoint
 from tests.reliability.helpers import (
-    assert_same_run, bind_mount, checkpoint_steps, error_lines, require_mounts, resize_tmpfs, set_read_only, small_tmpfs, wait_for,
+    assert_same_run,
+    bind_mount,
+    checkpoint_steps,
+    error_lines,
+    require_mounts,
+    resize_tmpfs,
+    set_read_only,
+    small_tmpfs,
+    wait_for,
 )
 
 pytestmark = pytest.mark.slow
@@ -37,7 +45,10 @@ def test_a_full_disk_stops_the_run_clearly_and_keeps_its_checkpoints(reference, 
         assert child.wait(TIMEOUT) == 2, log.read_text()[-3000:]
         faults.injected("disk full", where="writing checkpoint 2")
         (line,) = error_lines(log.read_text())
-        assert line.startswith(f"error: cannot write checkpoint step-000002 in {output_dir / 'checkpoints'}: no space left on the device — ")
+        assert line.startswith(
+            "error: cannot write checkpoint step-000002 in "
+            f"{output_dir / 'checkpoints'}: no space left on the device — "
+        )
         assert "the earlier checkpoints are intact" in line
         assert "Traceback" not in log.read_text()
         assert checkpoint_steps(output_dir) == [0, 1]
@@ -50,11 +61,15 @@ def test_a_full_disk_stops_the_run_clearly_and_keeps_its_checkpoints(reference, 
         assert_same_run(reference, output_dir)
 
 
-def test_an_output_dir_turned_read_only_mid_run_stops_clearly_and_keeps_its_checkpoints(reference, train_run, tmp_path, faults):
+def test_an_output_dir_turned_read_only_mid_run_stops_clearly_and_keeps_its_checkpoints(
+    reference, train_run, tmp_path, faults
+):
     require_mounts(tmp_path)
     with bind_mount(tmp_path / "storage", tmp_path / "mounted") as mounted:
         child, output_dir, log = train_run("read-only", output_dir=mounted / "run")
-        assert wait_for(lambda: 3 in checkpoint_steps(output_dir), TIMEOUT, interval=0.005, alive=lambda: child.poll() is None)
+        assert wait_for(
+            lambda: 3 in checkpoint_steps(output_dir), TIMEOUT, interval=0.005, alive=lambda: child.poll() is None
+        )
         set_read_only(mounted, True)
         faults.injected("output_dir read-only", where="mid-training, after checkpoint 3")
         assert child.wait(TIMEOUT) == 2, log.read_text()[-3000:]
@@ -79,5 +94,8 @@ def test_a_read_only_output_dir_is_refused_before_any_work(train_run, tmp_path, 
         faults.injected("output_dir read-only", where="at start")
         assert child.wait(TIMEOUT) == 2, log.read_text()[-3000:]
         (line,) = error_lines(log.read_text())
-        assert line == f"error: config field `output_dir`: {output_dir} is not writable (Read-only file system) — choose a directory you can write to"
+        assert line == (
+            f"error: config field `output_dir`: {output_dir} is not writable "
+            "(Read-only file system) — choose a directory you can write to"
+        )
         assert not output_dir.exists()

@@ -196,9 +196,12 @@ def test_add_partition_writes_a_new_night_of_unseen_prompts(toy_world: Path, tmp
     new = _texts(path)
     assert len(set(new)) == 40 and not set(new) & set(_texts(toy_world / "prompts.jsonl"))
     assert [p.path.name for p in select_partitions(str(copies[0] / "prompts"), None)][-1] == path.name
+    # no partial file left
     assert sorted(p.name for p in (copies[0] / "prompts").iterdir()) == [
-        "prompts-2026-11-30.jsonl", "prompts-2026-12-01.jsonl", "prompts-2026-12-02.jsonl",
-    ]  # no partial file left
+        "prompts-2026-11-30.jsonl",
+        "prompts-2026-12-01.jsonl",
+        "prompts-2026-12-02.jsonl",
+    ]
     with pytest.raises(FileExistsError, match="prompts-2026-12-02.jsonl"):
         add_partition(copies[0], "2026-12-02", 40, seed=2)
     assert not set(_texts(add_partition(copies[0], "2026-12-03", 40, seed=1))) & set(new)
@@ -258,7 +261,9 @@ def test_sft_samples_end_with_eos_are_mixed_and_ranked_like_the_oracle(
     oracle = torch.tensor(oracle_score(prompts, tokenizer.batch_decode(responses, skip_special_tokens=True)))
     assert (oracle > 0).float().mean() > 0.15 and (oracle < 0).float().mean() > 0.15
 
-    sequences = [prompt_ids + response for prompt_ids, response in zip(tokenizer(prompts)["input_ids"], responses)]
+    sequences = [
+        prompt_ids + response for prompt_ids, response in zip(tokenizer(prompts)["input_ids"], responses, strict=True)
+    ]
     scores = reward_scores(reward, sequences, pad_id=tokenizer.pad_token_id)
     assert pairwise_agreement(scores, oracle) > 0.85
     assert summary["sft_samples"]["rm_oracle_pairwise_agreement"] > 0.85

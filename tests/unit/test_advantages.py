@@ -70,9 +70,7 @@ def test_masked_whiten_over_rows_with_padding(padding):
     # -> (x - 3) / 2 = -1, 0, 1 (rsqrt(4 + 1e-8) differs from 1/2 by ~6e-10); padding -> 0
     assert_close(masked_whiten(values, mask), [[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]], atol=1e-8)
     # shift_mean=False adds the mean 3 back: -1 + 3, 0 + 3, 1 + 3; padding still 0
-    assert_close(
-        masked_whiten(values, mask, shift_mean=False), [[2.0, 3.0, 0.0], [4.0, 0.0, 0.0]], atol=1e-8
-    )
+    assert_close(masked_whiten(values, mask, shift_mean=False), [[2.0, 3.0, 0.0], [4.0, 0.0, 0.0]], atol=1e-8)
 
 
 # --- kl_penalty -------------------------------------------------------------------------------
@@ -82,9 +80,7 @@ def test_kl_estimators_hand_values():
     logprobs = f64([math.log(0.5), math.log(0.25)])
     ref_logprobs = f64([math.log(0.25), math.log(0.5)])
     # k1 = log p - log q: log(0.5 / 0.25) = log 2 = 0.693147..., log(0.25 / 0.5) = -log 2 (k1 < 0)
-    assert_close(
-        kl_penalty(logprobs, ref_logprobs, "k1"), [0.6931471805599453, -0.6931471805599453]
-    )
+    assert_close(kl_penalty(logprobs, ref_logprobs, "k1"), [0.6931471805599453, -0.6931471805599453])
     # k3 = (r - 1) - log r, r = q / p: r = 0.5 -> -0.5 + log 2 = 0.193147...;
     #                                  r = 2   ->  1.0 - log 2 = 0.306853...
     assert_close(kl_penalty(logprobs, ref_logprobs, "k3"), [0.1931471805599453, 0.3068528194400547])

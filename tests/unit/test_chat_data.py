@@ -36,7 +36,9 @@ def make_chat_tokenizer(chat_template: str | None = None) -> PreTrainedTokenizer
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, CHAT_VOCAB[BOS])])
     backend.add_special_tokens([AddedToken(marker, special=True) for marker in MARKERS])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK
+    )
     tokenizer.chat_template = chat_template
     return tokenizer
 
@@ -57,7 +59,9 @@ def write_rows(tmp: Path, rows: list[dict]) -> Path:
     return write_jsonl(tmp / "conversations.jsonl", rows)
 
 
-def prepare_chat(tmp: Path, rows: list[dict], tokenizer_template: str | None = TEMPLATE, out: str = "out", **fields) -> DatasetManifest:
+def prepare_chat(
+    tmp: Path, rows: list[dict], tokenizer_template: str | None = TEMPLATE, out: str = "out", **fields
+) -> DatasetManifest:
     """Stage 3 on `rows` with the chat tokenizer (its template: `tokenizer_template`); `fields` are DataConfig's."""
     fields = {"eval_size": 0, "max_prompt_length": 32, **fields}
     return prepare(write_rows(tmp, rows), tmp / out, tokenizer=make_chat_tokenizer(tokenizer_template), **fields)
@@ -68,7 +72,7 @@ def stored(manifest: DatasetManifest) -> dict[str, tuple[list[int], list | None]
     rows = {}
     for split in (manifest.train_dir, manifest.eval_dir):
         table = load_prompts(split)
-        for prompt, ids, messages in zip(table["prompt"], table["input_ids"], table["messages"]):
+        for prompt, ids, messages in zip(table["prompt"], table["input_ids"], table["messages"], strict=True):
             rows[prompt] = (ids, None if messages is None else json.loads(messages))
     return rows
 
@@ -81,7 +85,9 @@ def test_a_conversation_is_rendered_with_the_generation_prompt_and_one_bos(tmp_p
     assert rows["<bos><user> the cat <end> <assistant> "] == ([1, 20, 4, 5, 22, 21], [user("the cat")])
     assert rows["<bos><user> hello world <end> <assistant> "] == ([1, 20, 12, 13, 22, 21], [user("hello world")])
     assert (manifest.rows_read, manifest.rows_kept) == (2, 2)
-    by_transformers = make_chat_tokenizer(TEMPLATE).apply_chat_template([user("the cat")], add_generation_prompt=True, return_dict=False)
+    by_transformers = make_chat_tokenizer(TEMPLATE).apply_chat_template(
+        [user("the cat")], add_generation_prompt=True, return_dict=False
+    )
     assert by_transformers == [1, 20, 4, 5, 22, 21]  # what apply_chat_template(tokenize=True) gives
 
 
@@ -89,7 +95,7 @@ def test_the_system_turn_is_rendered_before_the_user_turn(tmp_path):
     conversation = [system("one two"), user("hello world")]
     manifest = prepare_chat(tmp_path, [{"prompt": conversation}] * 2)
 
-    (prompt, (token_ids, messages)), = stored(manifest).items()
+    ((prompt, (token_ids, messages)),) = stored(manifest).items()
     assert prompt == "<bos><system> one two <end> <user> hello world <end> <assistant> "
     assert token_ids == [1, 19, 14, 15, 22, 20, 12, 13, 22, 21]
     assert messages == conversation
@@ -120,7 +126,9 @@ def test_a_template_file_replaces_the_tokenizers(tmp_path):
     (tmp_path / "chat.jinja").write_text(TEMPLATE)
 
     by_tokenizer = prepare_chat(tmp_path, rows, tokenizer_template=PLAIN_TEMPLATE, out="auto")
-    by_file = prepare_chat(tmp_path, rows, tokenizer_template=PLAIN_TEMPLATE, out="file", chat_template=str(tmp_path / "chat.jinja"))
+    by_file = prepare_chat(
+        tmp_path, rows, tokenizer_template=PLAIN_TEMPLATE, out="file", chat_template=str(tmp_path / "chat.jinja")
+    )
 
     assert stored(by_tokenizer)["<bos>the cat "][0] == [1, 4, 5]
     assert stored(by_file)["<bos><user> the cat <end> <assistant> "][0] == [1, 20, 4, 5, 22, 21]
@@ -178,24 +186,132 @@ def test_a_template_ending_with_eos_has_it_stripped_or_the_prompt_dropped(tmp_pa
         prepare_chat(tmp_path, rows, tokenizer_template=EOS_TEMPLATE, out="drop", eos_prompts="drop")
 
 
-RAISES_ON_A_DOG = "{% for m in messages %}{% if m['content'] == 'a dog' %}{{ raise_exception('no dogs') }}{% endif %}{{ m['content'] }}{% endfor %}"
+RAISES_ON_A_DOG = (
+    "{% for m in messages %}{% if m['content'] == 'a dog' %}{{ raise_exception('no dogs') }}{% endif %}"
+    "{{ m['content'] }}{% endfor %}"
+)
 
 CHAT_ERRORS = {
-    "no template in the tokenizer": ([{"prompt": [user("the cat")]}], None, {}, ConfigError, "data.chat_template", "no chat template"),
-    "template none": ([{"prompt": [user("the cat")]}], TEMPLATE, {"chat_template": "none"}, ConfigError, "data.chat_template", "is none"),
-    "template file gone": ([{"prompt": [user("the cat")]}], None, {"chat_template": "/no/such.jinja"}, ConfigError, "data.chat_template", "cannot read"),
-    "template not jinja": ([{"prompt": [user("the cat")]}], "{% for %}", {}, ConfigError, "data.chat_template", "row 0"),
-    "template refuses a row": ([{"prompt": [user("the cat")]}, {"prompt": [user("a dog")]}], RAISES_ON_A_DOG, {}, ConfigError, "data.chat_template", "row 1 (TemplateError: no dogs)"),
-    "text and conversations mixed": ([{"prompt": "the cat"}, {"prompt": [user("a dog")]}], TEMPLATE, {}, DataError, "data.prompt_column", "row 1"),
-    "null among conversations": ([{"prompt": [user("the cat")]}, {"prompt": [user("a dog")]}, {"prompt": None}], TEMPLATE, {}, DataError, "data.prompt_column", "row 2"),
-    "empty conversation": ([{"prompt": [user("the cat")]}, {"prompt": []}], TEMPLATE, {}, DataError, "data.prompt_column", "row 1 of column 'prompt' is an empty conversation"),
-    "messages that are strings": ([{"prompt": ["the cat", "a dog"]}], TEMPLATE, {}, DataError, "data.prompt_column", "message 0 is str"),
-    "message without content": ([{"prompt": [{"role": "user"}]}], TEMPLATE, {}, DataError, "data.prompt_column", "message 0"),
-    "content that is not text": ([{"prompt": [user("the cat")]}, {"prompt": [{"role": "user", "content": 3}]}], TEMPLATE, {}, DataError, "data.prompt_column", "row 1"),
-    "only an assistant turn": ([{"messages": [assistant("a dog")]}], TEMPLATE, {}, DataError, "data.prompt_column", "only an assistant turn"),
-    "ends with the system turn": ([{"prompt": [system("one"), user("two"), system("three")]}], TEMPLATE, {}, DataError, "data.prompt_column", "ends with a turn of role 'system'"),
-    "prompt ends with the reply": ([{"prompt": [user("the cat"), assistant("a dog")]}], TEMPLATE, {}, DataError, "data.prompt_column", "belongs in a 'messages' column"),
-    "neither column": ([{"conversation": [user("the cat")]}], TEMPLATE, {}, ConfigError, "data.prompt_column", "'messages' column is used"),
+    "no template in the tokenizer": (
+        [{"prompt": [user("the cat")]}],
+        None,
+        {},
+        ConfigError,
+        "data.chat_template",
+        "no chat template",
+    ),
+    "template none": (
+        [{"prompt": [user("the cat")]}],
+        TEMPLATE,
+        {"chat_template": "none"},
+        ConfigError,
+        "data.chat_template",
+        "is none",
+    ),
+    "template file gone": (
+        [{"prompt": [user("the cat")]}],
+        None,
+        {"chat_template": "/no/such.jinja"},
+        ConfigError,
+        "data.chat_template",
+        "cannot read",
+    ),
+    "template not jinja": (
+        [{"prompt": [user("the cat")]}],
+        "{% for %}",
+        {},
+        ConfigError,
+        "data.chat_template",
+        "row 0",
+    ),
+    "template refuses a row": (
+        [{"prompt": [user("the cat")]}, {"prompt": [user("a dog")]}],
+        RAISES_ON_A_DOG,
+        {},
+        ConfigError,
+        "data.chat_template",
+        "row 1 (TemplateError: no dogs)",
+    ),
+    "text and conversations mixed": (
+        [{"prompt": "the cat"}, {"prompt": [user("a dog")]}],
+        TEMPLATE,
+        {},
+        DataError,
+        "data.prompt_column",
+        "row 1",
+    ),
+    "null among conversations": (
+        [{"prompt": [user("the cat")]}, {"prompt": [user("a dog")]}, {"prompt": None}],
+        TEMPLATE,
+        {},
+        DataError,
+        "data.prompt_column",
+        "row 2",
+    ),
+    "empty conversation": (
+        [{"prompt": [user("the cat")]}, {"prompt": []}],
+        TEMPLATE,
+        {},
+        DataError,
+        "data.prompt_column",
+        "row 1 of column 'prompt' is an empty conversation",
+    ),
+    "messages that are strings": (
+        [{"prompt": ["the cat", "a dog"]}],
+        TEMPLATE,
+        {},
+        DataError,
+        "data.prompt_column",
+        "message 0 is str",
+    ),
+    "message without content": (
+        [{"prompt": [{"role": "user"}]}],
+        TEMPLATE,
+        {},
+        DataError,
+        "data.prompt_column",
+        "message 0",
+    ),
+    "content that is not text": (
+        [{"prompt": [user("the cat")]}, {"prompt": [{"role": "user", "content": 3}]}],
+        TEMPLATE,
+        {},
+        DataError,
+        "data.prompt_column",
+        "row 1",
+    ),
+    "only an assistant turn": (
+        [{"messages": [assistant("a dog")]}],
+        TEMPLATE,
+        {},
+        DataError,
+        "data.prompt_column",
+        "only an assistant turn",
+    ),
+    "ends with the system turn": (
+        [{"prompt": [system("one"), user("two"), system("three")]}],
+        TEMPLATE,
+        {},
+        DataError,
+        "data.prompt_column",
+        "ends with a turn of role 'system'",
+    ),
+    "prompt ends with the reply": (
+        [{"prompt": [user("the cat"), assistant("a dog")]}],
+        TEMPLATE,
+        {},
+        DataError,
+        "data.prompt_column",
+        "belongs in a 'messages' column",
+    ),
+    "neither column": (
+        [{"conversation": [user("the cat")]}],
+        TEMPLATE,
+        {},
+        ConfigError,
+        "data.prompt_column",
+        "'messages' column is used",
+    ),
 }
 
 
@@ -210,4 +326,3 @@ def test_bad_conversations_fail_in_one_line_naming_the_field_and_write_nothing(t
     assert field in message and detail in message, message
     assert "\n" not in message
     assert not (tmp_path / "work").exists()
-

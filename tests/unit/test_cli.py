@@ -21,4 +21,5 @@ def test_a_bad_log_level_is_one_line_and_exit_status_2(capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.splitlines() == [
-        "error: --log-level 'verbose' is not a logging level — use one of DEBUG, INFO, WARNING, ERROR"]
+        "error: --log-level 'verbose' is not a logging level — use one of DEBUG, INFO, WARNING, ERROR"
+    ]

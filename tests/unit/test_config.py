@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-import pytest
-
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from ppoflow.config import BatchPlan, PPOConfig, build_config, expand_output_dir, load_config, names_registry_alias, parse_override
+import pytest
+
+from ppoflow.config import (
+    BatchPlan,
+    PPOConfig,
+    build_config,
+    expand_output_dir,
+    load_config,
+    names_registry_alias,
+    parse_override,
+)
 from ppoflow.errors import ConfigError
 from ppoflow.pipeline import configure
 
@@ -28,8 +36,14 @@ def test_batch_plan_matches_trl_arithmetic():
     # TRL 1.12: per process 4 × 6 accumulation = 24 prompts per rollout, in 3 mini-batches of 8,
     # each in micro-batches of 4 (2 per mini-batch); 2 processes → 48 per batch;
     # ceil(100 / 48) = 3 updates; 3 × 2 epochs × 3 mini-batches = 18 optimizer steps.
-    ppo = PPOConfig(total_episodes=100, per_device_train_batch_size=4, gradient_accumulation_steps=6,
-                    num_mini_batches=3, num_ppo_epochs=2, local_rollout_forward_batch_size=10)
+    ppo = PPOConfig(
+        total_episodes=100,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=6,
+        num_mini_batches=3,
+        num_ppo_epochs=2,
+        local_rollout_forward_batch_size=10,
+    )
     plan = BatchPlan.derive(ppo, world_size=2)
     assert plan.local_batch_size == 24
     assert plan.batch_size == 48
@@ -45,14 +59,23 @@ def test_batch_plan_matches_trl_arithmetic():
 def test_mini_batch_smaller_than_micro_batch_is_one_micro_batch():
     # TRL's toy setting: 64 prompts per process in 4 mini-batches of 16; the micro-batch shrinks to 16.
     plan = BatchPlan.derive(PPOConfig(total_episodes=64, per_device_train_batch_size=64, num_mini_batches=4))
-    assert (plan.local_batch_size, plan.local_mini_batch_size, plan.local_micro_batch_size, plan.micro_batches_per_mini_batch) == (64, 16, 16, 1)
+    assert (
+        plan.local_batch_size,
+        plan.local_mini_batch_size,
+        plan.local_micro_batch_size,
+        plan.micro_batches_per_mini_batch,
+    ) == (64, 16, 16, 1)
 
 
 @pytest.mark.parametrize(
     ("fields", "field", "text"),
     [
         ({"per_device_train_batch_size": 6, "num_mini_batches": 4}, "ppo.num_mini_batches", "does not divide"),
-        ({"per_device_train_batch_size": 4, "gradient_accumulation_steps": 3, "num_mini_batches": 2}, "ppo.per_device_train_batch_size", "does not divide"),
+        (
+            {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 3, "num_mini_batches": 2},
+            "ppo.per_device_train_batch_size",
+            "does not divide",
+        ),
     ],
 )
 def test_batch_shapes_that_do_not_divide_are_refused(fields, field, text):
@@ -61,7 +84,9 @@ def test_batch_shapes_that_do_not_divide_are_refused(fields, field, text):
 
 
 def test_overrides_are_yaml_values(tree):
-    config = build_config(tree, ["ppo.learning_rate=1e-5", "peft.enabled=true", "peft.target_modules=[q_proj]", "ppo.stop_token=eos"])
+    config = build_config(
+        tree, ["ppo.learning_rate=1e-5", "peft.enabled=true", "peft.target_modules=[q_proj]", "ppo.stop_token=eos"]
+    )
     assert config.ppo.learning_rate == 1e-5
     assert config.peft.enabled is True
     assert config.peft.target_modules == ["q_proj"]
@@ -101,7 +126,11 @@ BAD = [
     (["ppo.eval_every=4", "data.eval_size=0"], "ppo.eval_every", "no held-out prompts"),
     (["data.eval_size=0"], "data.eval_size", "the promotion gate (tracking.promotion) judges"),
     (["runtime.fsdp=true"], "runtime.fsdp", "runtime.num_processes is 1"),
-    (["runtime.fsdp=true", "runtime.num_processes=2", "peft.enabled=true"], "runtime.fsdp", "LoRA with FSDP is not built"),
+    (
+        ["runtime.fsdp=true", "runtime.num_processes=2", "peft.enabled=true"],
+        "runtime.fsdp",
+        "LoRA with FSDP is not built",
+    ),
     (["runtime.keep_archives=-1"], "runtime.keep_archives", "greater than or equal to 0"),
     (["ppo.learning_rate"], "ppo.learning_rate", "key.path=value"),
     (["output_dir=runs/{foo}"], "output_dir", "unknown placeholder {foo}"),
@@ -124,7 +153,10 @@ def test_bad_values_name_the_field(tree, overrides, field, text):
 def test_eval_every_is_off_by_default_and_a_number_of_updates(tree):
     assert build_config(tree).ppo.eval_every is None
     assert build_config(tree, ["ppo.eval_every=3"]).ppo.eval_every == 3
-    assert build_config(tree, ["ppo.eval_every=null", "data.eval_size=0", "tracking.promotion=null"]).ppo.eval_every is None
+    assert (
+        build_config(tree, ["ppo.eval_every=null", "data.eval_size=0", "tracking.promotion=null"]).ppo.eval_every
+        is None
+    )
 
 
 def test_missing_section_is_named(tree):
@@ -133,15 +165,36 @@ def test_missing_section_is_named(tree):
         build_config(tree)
 
 
-@pytest.mark.parametrize(("edit", "text"), [
-    (lambda t: t.__setitem__("modles", t.pop("models")), "`modles`: is not a known setting — did you mean `models`?"),
-    (lambda t: t.__setitem__("ppo", {"learning_rat": 1e-5}), "`ppo.learning_rat`: is not a known setting — did you mean `learning_rate`?"),
-    (lambda t: t["data"].__setitem__("window", {"newst": 1}), "`data.window.newst`: is not a known setting — did you mean `newest`?"),
-    (lambda t: t.__setitem__("reward_functions", [{"path": "m:f", "wieght": 1}]), "`reward_functions.0.wieght`: is not a known setting — did you mean `weight`?"),
-    (lambda t: t.__setitem__("zzz", 1), "`zzz`: is not a known setting — known here: output_dir, models, data, ppo"),
-    (lambda t: t.__setitem__("peft", {"enabled": True, "lora_dropout": 0.05}),
-     "`peft.lora_dropout`: is not a setting here — remove it: ppoflow trains with every dropout off, LoRA's included"),
-])
+@pytest.mark.parametrize(
+    ("edit", "text"),
+    [
+        (
+            lambda t: t.__setitem__("modles", t.pop("models")),
+            "`modles`: is not a known setting — did you mean `models`?",
+        ),
+        (
+            lambda t: t.__setitem__("ppo", {"learning_rat": 1e-5}),
+            "`ppo.learning_rat`: is not a known setting — did you mean `learning_rate`?",
+        ),
+        (
+            lambda t: t["data"].__setitem__("window", {"newst": 1}),
+            "`data.window.newst`: is not a known setting — did you mean `newest`?",
+        ),
+        (
+            lambda t: t.__setitem__("reward_functions", [{"path": "m:f", "wieght": 1}]),
+            "`reward_functions.0.wieght`: is not a known setting — did you mean `weight`?",
+        ),
+        (
+            lambda t: t.__setitem__("zzz", 1),
+            "`zzz`: is not a known setting — known here: output_dir, models, data, ppo",
+        ),
+        (
+            lambda t: t.__setitem__("peft", {"enabled": True, "lora_dropout": 0.05}),
+            "`peft.lora_dropout`: is not a setting here — remove it: "
+            "ppoflow trains with every dropout off, LoRA's included",
+        ),
+    ],
+)
 def test_an_unknown_key_is_reported_before_what_it_hides_with_the_closest_name(tree, edit, text):
     edit(tree)
     with pytest.raises(ConfigError) as refused:
@@ -149,10 +202,13 @@ def test_an_unknown_key_is_reported_before_what_it_hides_with_the_closest_name(t
     assert text in str(refused.value)
 
 
-@pytest.mark.parametrize(("content", "where"), [
-    ("models:\n\tpolicy: x\n", "at line 2, column 1: found character '\\t' that cannot start any token"),
-    ("ppo: {a: 1\nb: 2\n", "at line 2, column 2: expected ',' or '}', but got ':'"),
-])
+@pytest.mark.parametrize(
+    ("content", "where"),
+    [
+        ("models:\n\tpolicy: x\n", "at line 2, column 1: found character '\\t' that cannot start any token"),
+        ("ppo: {a: 1\nb: 2\n", "at line 2, column 2: expected ',' or '}', but got ':'"),
+    ],
+)
 def test_yaml_syntax_errors_give_line_and_column(tmp_path, content, where):
     path = tmp_path / "config.yaml"
     path.write_text(content)
@@ -182,21 +238,31 @@ def test_config_file_errors(tmp_path):
 
 
 STAGE_ONE_BAD = [
-    (["ppo.total_episodes=10", "ppo.per_device_train_batch_size=8", "ppo.gradient_accumulation_steps=2"], "ppo.total_episodes", "smaller than one rollout batch"),
+    (
+        ["ppo.total_episodes=10", "ppo.per_device_train_batch_size=8", "ppo.gradient_accumulation_steps=2"],
+        "ppo.total_episodes",
+        "smaller than one rollout batch",
+    ),
     (["models.policy=/does/not/exist"], "models.policy", "neither an existing directory nor a Hub id"),
     (["models.reward=./missing/reward/dir"], "models.reward", "neither an existing directory nor a Hub id"),
     (["data.path=/no/such/prompts.jsonl"], "data.path", "does not exist"),
     (["data.chat_template=/no/such/template.jinja"], "data.chat_template", "is not a file"),
     (["reward_functions=[{path: 'no_such_module:score'}]"], "reward_functions.0.path", "cannot import module"),
     (["reward_functions=[{path: 'ppoflow.toy:no_such_function'}]"], "reward_functions.0.path", "no callable"),
-    (["reward_functions=[{path: 'ppoflow.toy:oracle_score'}, {path: 'ppoflow.toy:oracle_score'}]"], "reward_functions", "used twice"),
+    (
+        ["reward_functions=[{path: 'ppoflow.toy:oracle_score'}, {path: 'ppoflow.toy:oracle_score'}]"],
+        "reward_functions",
+        "used twice",
+    ),
     (["peft.enabled=true", "models.ref=/tmp"], "models.ref", "with LoRA"),
     (["ppo.stop_token=eos", "ppo.stop_token_id=5"], "ppo.stop_token_id", "only one"),
     (["output_dir=/proc/ppoflow-run"], "output_dir", "not writable"),
 ]
 
 
-@pytest.mark.parametrize(("overrides", "field", "text"), STAGE_ONE_BAD, ids=[b[1] + ":" + b[2][:12] for b in STAGE_ONE_BAD])
+@pytest.mark.parametrize(
+    ("overrides", "field", "text"), STAGE_ONE_BAD, ids=[b[1] + ":" + b[2][:12] for b in STAGE_ONE_BAD]
+)
 def test_stage_one_refuses_before_any_work(tree, overrides, field, text):
     config = build_config(tree, overrides)
     with pytest.raises(ConfigError) as caught:
@@ -211,7 +277,8 @@ def test_output_dir_placeholders_expand_from_the_utc_day_and_the_flow_run(tree):
     expanded = expand_output_dir(config, scheduled_start=evening_in_new_york, flow_run="0f1e2d3c")
 
     assert expanded.output_dir == Path("runs/nightly-2026-12-02/0f1e2d3c")
-    assert expand_output_dir(config, scheduled_start=datetime(2026, 12, 2, 1, 30), flow_run="0f1e2d3c") == expanded  # naive: UTC
+    # naive: UTC
+    assert expand_output_dir(config, scheduled_start=datetime(2026, 12, 2, 1, 30), flow_run="0f1e2d3c") == expanded
     other = expand_output_dir(config, scheduled_start=evening_in_new_york, flow_run="9a8b7c6d")
     assert other.output_dir != expanded.output_dir
     assert other.config_hash() == expanded.config_hash()  # where a training is written is not what it is

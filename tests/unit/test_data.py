@@ -110,7 +110,11 @@ def as_jsonl_shards(tmp: Path, rows: list[dict]) -> Path:
     return tmp / "shards"
 
 
-NIGHTS = {"prompts-2026-11-29.jsonl": ["the cat sat", "a dog ran"], "prompts-2026-11-30.jsonl": ["hello world"], "prompts-2026-12-01.jsonl": ["one two three", "the mat", "a cat"]}
+NIGHTS = {
+    "prompts-2026-11-29.jsonl": ["the cat sat", "a dog ran"],
+    "prompts-2026-11-30.jsonl": ["hello world"],
+    "prompts-2026-12-01.jsonl": ["one two three", "the mat", "a cat"],
+}
 
 
 def as_partitions(tmp: Path, nights: dict[str, list[str]] = NIGHTS) -> Path:
@@ -127,7 +131,15 @@ def as_partitions_of_other_columns(tmp: Path) -> Path:
     return directory
 
 
-SOURCES = [as_jsonl, as_json_array, as_parquet, as_saved_dataset, as_saved_dataset_dict, as_parquet_shards, as_jsonl_shards]
+SOURCES = [
+    as_jsonl,
+    as_json_array,
+    as_parquet,
+    as_saved_dataset,
+    as_saved_dataset_dict,
+    as_parquet_shards,
+    as_jsonl_shards,
+]
 
 
 def prepare(path: Path, out_dir: Path, tokenizer=None, seed: int = 0, **fields) -> DatasetManifest:
@@ -139,7 +151,7 @@ def stored(split_dir: Path) -> list[tuple[str, list[int]]]:
     table = load_prompts(split_dir)
     assert table.column_names == ["prompt", "input_ids", "messages"]
     assert set(table["messages"]) <= {None}  # text prompts have no conversation
-    return list(zip(table["prompt"], table["input_ids"]))
+    return list(zip(table["prompt"], table["input_ids"], strict=True))
 
 
 def stored_prompts(manifest: DatasetManifest) -> list[str]:
@@ -162,7 +174,9 @@ def test_every_source_kind_gives_the_same_prompts(tmp_path, write_source, refere
 
 
 def test_counts_and_contents_when_eos_is_stripped(reference):
-    counts = {key: getattr(reference, key) for key in ("dropped_empty", "dropped_too_long", "eos_stripped", "eos_dropped")}
+    counts = {
+        key: getattr(reference, key) for key in ("dropped_empty", "dropped_too_long", "eos_stripped", "eos_dropped")
+    }
     assert counts == {"dropped_empty": 3, "dropped_too_long": 2, "eos_stripped": 2, "eos_dropped": 0}
 
     rows = dict(stored(reference.train_dir) + stored(reference.eval_dir))
@@ -303,13 +317,37 @@ ERROR_CASES = {
     "glob matching nothing": (lambda tmp: tmp / "prompts-*.jsonl", {}, DataError, "data.path", "matches no file"),
     "partitions with other columns": (as_partitions_of_other_columns, {}, DataError, "data.path", "columns"),
     "hub id offline": (lambda tmp: "nobody-here/no-such-prompts", {}, DataError, "data.path", "locally or on the Hub"),
-    "missing split": (lambda tmp: as_saved_dataset_dict(tmp, records(ROWS)), {"split": "validation"}, ConfigError, "data.split", "train, test"),
-    "missing column": (lambda tmp: write_jsonl(tmp / "p.jsonl", [{"text": "a"}]), {}, ConfigError, "data.prompt_column", "text"),
+    "missing split": (
+        lambda tmp: as_saved_dataset_dict(tmp, records(ROWS)),
+        {"split": "validation"},
+        ConfigError,
+        "data.split",
+        "train, test",
+    ),
+    "missing column": (
+        lambda tmp: write_jsonl(tmp / "p.jsonl", [{"text": "a"}]),
+        {},
+        ConfigError,
+        "data.prompt_column",
+        "text",
+    ),
     "numbers for prompts": (_jsonl([1, 2, 3]), {}, DataError, "data.prompt_column", "row 0"),
     "null prompt": (_jsonl(["the cat", "a dog", None]), {}, DataError, "data.prompt_column", "row 2"),
     "all prompts empty": (_jsonl(["", "  ", "<eos>"]), {}, DataError, "data.prompt_column", "empty"),
-    "all prompts too long": (_jsonl(["the cat sat on the mat", "one two three four five"]), {}, ConfigError, "data.max_prompt_length", "5 (shortest) to 6 (longest)"),
-    "every prompt ends with eos": (_jsonl(["the cat <eos>", "a dog<eos>", ""]), {"eos_prompts": "drop"}, ConfigError, "data.eos_prompts", "strip"),
+    "all prompts too long": (
+        _jsonl(["the cat sat on the mat", "one two three four five"]),
+        {},
+        ConfigError,
+        "data.max_prompt_length",
+        "5 (shortest) to 6 (longest)",
+    ),
+    "every prompt ends with eos": (
+        _jsonl(["the cat <eos>", "a dog<eos>", ""]),
+        {"eos_prompts": "drop"},
+        ConfigError,
+        "data.eos_prompts",
+        "strip",
+    ),
     "eval split takes everything": (_jsonl(ROWS), {"eval_size": 6}, ConfigError, "data.eval_size", "6 prompts kept"),
 }
 
@@ -339,7 +377,9 @@ def test_bad_input_fails_in_one_line_naming_the_field_and_writes_nothing(tmp_pat
 
 def test_eos_appending_tokenizer_with_drop_drops_everything(tmp_path):
     with pytest.raises(ConfigError, match="data.eos_prompts"):
-        prepare(as_jsonl(tmp_path, records(ROWS)), tmp_path / "out", tokenizer=make_tokenizer("eos"), eos_prompts="drop")
+        prepare(
+            as_jsonl(tmp_path, records(ROWS)), tmp_path / "out", tokenizer=make_tokenizer("eos"), eos_prompts="drop"
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -355,14 +395,16 @@ def test_manifest_notices_an_edited_local_source(tmp_path):
     assert not manifest.is_intact()
 
 
-
 def test_partitions_are_read_oldest_first_and_recorded(tmp_path):
     directory = as_partitions(tmp_path)
     manifest = prepare(directory, tmp_path / "out", eval_size=2)
     # The same rows in date order, as one file, give the very same splits.
     in_order = [prompt for night in sorted(NIGHTS) for prompt in NIGHTS[night]]
     single = prepare(write_jsonl(tmp_path / "all.jsonl", records(in_order)), tmp_path / "single", eval_size=2)
-    assert (stored(manifest.train_dir), stored(manifest.eval_dir)) == (stored(single.train_dir), stored(single.eval_dir))
+    assert (stored(manifest.train_dir), stored(manifest.eval_dir)) == (
+        stored(single.train_dir),
+        stored(single.eval_dir),
+    )
     assert manifest.rows_read == 6 and manifest.source_path == directory.resolve()
     assert [(r.path, r.date, r.rows) for r in manifest.partitions] == [
         (directory.resolve() / "prompts-2026-11-29.jsonl", datetime.date(2026, 11, 29), 2),

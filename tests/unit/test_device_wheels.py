@@ -32,11 +32,16 @@ def test_a_pin_nothing_needs_and_a_version_the_device_refuses_are_named(monkeypa
     monkeypatch.setitem(device_wheels.DEVICE_VERSIONS, "huggingface-hub", "0.20.0")
     problems = device_wheels.closure().problems
     assert "unneeded: cowsay is pinned and nothing needs it" in problems
-    assert any(p.startswith("conflict: datasets 5.2.0 needs huggingface-hub") and p.endswith("the device has 0.20.0") for p in problems), problems
+    assert any(
+        p.startswith("conflict: datasets 5.2.0 needs huggingface-hub") and p.endswith("the device has 0.20.0")
+        for p in problems
+    ), problems
 
 
 def test_an_import_no_distribution_provides_is_named(monkeypatch):
-    monkeypatch.setattr(device_wheels, "third_party_imports", lambda reached=None: {"not_a_real_package": {"benchmarks/gpu_check.py"}})
+    monkeypatch.setattr(
+        device_wheels, "third_party_imports", lambda reached=None: {"not_a_real_package": {"benchmarks/gpu_check.py"}}
+    )
     problems = device_wheels.closure().problems
     assert "import not_a_real_package (benchmarks/gpu_check.py): no installed distribution provides it" in problems
 
@@ -48,8 +53,11 @@ def test_the_downloaded_wheels_are_the_pins_for_cpython_3_12_on_linux():
     for wheel in wheels:
         name, version, _, tags = parse_wheel_filename(wheel.name)
         pinned[name] = str(version)
-        assert any(tag.interpreter in {"py3", "cp312", "py312"} and (tag.platform == "any" or "manylinux" in tag.platform and tag.platform.endswith("x86_64"))
-                   for tag in tags), (wheel.name, sorted(map(str, tags)))
+        assert any(
+            tag.interpreter in {"py3", "cp312", "py312"}
+            and (tag.platform == "any" or "manylinux" in tag.platform and tag.platform.endswith("x86_64"))
+            for tag in tags
+        ), (wheel.name, sorted(map(str, tags)))
         assert device_wheels.wheel_metadata(wheel)[:2] == (name, str(version))
     assert pinned == device_wheels.WHEELS
     assert device_wheels.size_mib(wheels) < device_wheels.SIZE_LIMIT_MIB

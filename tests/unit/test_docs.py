@@ -17,8 +17,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"
 README = REPO / "README.md"
-PAGES_WITH_COMMANDS = [README, *sorted(DOCS.glob("*.md")), REPO / "deployments" / "README.md",
-                       REPO / "mlflow_server" / "README.md", REPO / "benchmarks" / "README.md"]
+PAGES_WITH_COMMANDS = [
+    README,
+    *sorted(DOCS.glob("*.md")),
+    REPO / "deployments" / "README.md",
+    REPO / "mlflow_server" / "README.md",
+    REPO / "benchmarks" / "README.md",
+]
 README_MAX_LINES = 200
 
 # A shown command is matched to the longest key below that it starts with (whole words). Leading
@@ -36,11 +41,15 @@ RUN_BY_A_TEST = {
     "ppoflow run --config configs/toy.yaml": ("tests/flow/test_wheel.py", '"run", "--config", "toy.yaml"'),
     "ppoflow join": ("tests/flow/test_distributed_flow.py", '"join", "--output-dir"'),
     "prefect flow-run retry": ("tests/integration/test_deployments.py", '"flow-run", "retry"'),
-    "prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml": ("deployments/serve.py", '"deploy", "--all", "--prefect-file"'),
+    "prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml": (
+        "deployments/serve.py",
+        '"deploy", "--all", "--prefect-file"',
+    ),
     "prefect worker start --pool ppoflow --limit 1": ("deployments/serve.py", '"worker", "start", "--pool"'),
     "python -m ppoflow.mlflow_server.server status": ("tests/integration/test_mlflow_server.py", 'main(["status"'),
     "python -m ppoflow.mlflow_server.server stop": ("tests/integration/test_mlflow_server.py", 'main(["stop"'),
-    "bash benchmarks/device_check.sh": ("tests/engine/test_device_check.py", '"benchmarks" / "device_check.sh"'),  # --device cpu
+    # --device cpu
+    "bash benchmarks/device_check.sh": ("tests/engine/test_device_check.py", '"benchmarks" / "device_check.sh"'),
     # The suite's own files, which CI's `make test` runs; _check_pytest_command checks the paths and variables.
     ".venv/bin/python -m pytest": (".ci/run", "make test"),
 }
@@ -50,46 +59,101 @@ RUN_AS_CODE_BY_A_TEST = {
     "make serve": ("tests/integration/conftest.py", "serve.start(home, prefect_port=0, mlflow_port=0"),
     "make serve-stop": ("tests/integration/conftest.py", "serve.stop(home)"),
     "prefect deployment run": ("tests/integration/test_deployments.py", "client.create_flow_run_from_deployment("),
-    "prefect work-pool create ppoflow --type process": ("deployments/serve.py", "client.create_work_pool(WorkPoolCreate("),
-    "prefect work-pool set-concurrency-limit ppoflow 1": ("deployments/serve.py", "WorkPoolUpdate(concurrency_limit=concurrency_limit)"),
-    "python -m ppoflow.mlflow_server.server start": ("tests/integration/test_mlflow_server.py", "start_server(home, port=0"),
-    "python -m ppoflow.mlflow_server.server start --port 0 --auth": ("tests/integration/test_mlflow_server.py", "start_server(home, port=0, auth=True"),
-    'curl -u "$ADMIN" "$URL/api/2.0/mlflow/experiments/get-by-name': ("tests/integration/test_deployments.py", "/api/2.0/mlflow/experiments/get-by-name?"),
-    'curl -u "$ADMIN" -X POST "$URL/api/2.0/mlflow/users/create"': ("tests/integration/test_mlflow_server.py", "auth_client.create_user("),
-    'curl -u "$ADMIN" -X POST "$URL/api/3.0/mlflow/users/permissions/grant"': ("tests/integration/test_mlflow_server.py", "auth_client.grant_user_permission("),
+    "prefect work-pool create ppoflow --type process": (
+        "deployments/serve.py",
+        "client.create_work_pool(WorkPoolCreate(",
+    ),
+    "prefect work-pool set-concurrency-limit ppoflow 1": (
+        "deployments/serve.py",
+        "WorkPoolUpdate(concurrency_limit=concurrency_limit)",
+    ),
+    "python -m ppoflow.mlflow_server.server start": (
+        "tests/integration/test_mlflow_server.py",
+        "start_server(home, port=0",
+    ),
+    "python -m ppoflow.mlflow_server.server start --port 0 --auth": (
+        "tests/integration/test_mlflow_server.py",
+        "start_server(home, port=0, auth=True",
+    ),
+    'curl -u "$ADMIN" "$URL/api/2.0/mlflow/experiments/get-by-name': (
+        "tests/integration/test_deployments.py",
+        "/api/2.0/mlflow/experiments/get-by-name?",
+    ),
+    'curl -u "$ADMIN" -X POST "$URL/api/2.0/mlflow/users/create"': (
+        "tests/integration/test_mlflow_server.py",
+        "auth_client.create_user(",
+    ),
+    'curl -u "$ADMIN" -X POST "$URL/api/3.0/mlflow/users/permissions/grant"': (
+        "tests/integration/test_mlflow_server.py",
+        "auth_client.grant_user_permission(",
+    ),
 }
 
 # Not runnable on this project's machines: no GPU, no Hub, no internet beyond the package registries.
 NOT_RUNNABLE_HERE = {
-    "make install TORCH=": "fetches torch's CUDA build from download.pytorch.org (no internet here but the package registries) for a GPU",
-    "ppoflow train --config my-model.yaml": "the starter config names Hub models (my-org/...) and wants a GPU; on toy.yaml the same command runs in tests/flow/test_wheel.py",
+    "make install TORCH=": (
+        "fetches torch's CUDA build from download.pytorch.org (no internet here but the package registries) for a GPU"
+    ),
+    "ppoflow train --config my-model.yaml": (
+        "the starter config names Hub models (my-org/...) and wants a GPU; "
+        "on toy.yaml the same command runs in tests/flow/test_wheel.py"
+    ),
     "ppoflow run --config my-model.yaml": "as above; `ppoflow run --config toy.yaml` runs in tests/flow/test_wheel.py",
 }
 
 # Runnable here, and run by hand rather than by a test: each says why.
 RUN_BY_HAND = {
-    "make demo": "install, the toy world and 32 updates; no test runs the target, but tests/flow/test_wheel.py runs its two commands (`ppoflow toy`, then `ppoflow run` on the toy config, cut to one update)",
+    "make demo": (
+        "install, the toy world and 32 updates; no test runs the target, but tests/flow/test_wheel.py "
+        "runs its two commands (`ppoflow toy`, then `ppoflow run` on the toy config, cut to one update)"
+    ),
     "make test-fast": "a subset of `make test`, which CI runs",
-    "make device-wheels": "downloads the GPU machine's wheels from the registry; tests/engine/test_device_check.py downloads the same versions for this interpreter",
+    "make device-wheels": (
+        "downloads the GPU machine's wheels from the registry; "
+        "tests/engine/test_device_check.py downloads the same versions for this interpreter"
+    ),
     "make smol": "about 30 min (the real-model world); tests/engine/test_smol.py builds a small one",
     "make demo-smol": "about 45 min of training on 2 cores; its figures are in docs/REAL_MODEL.md",
     "make bench-smol": "make demo-smol, then the independent check; its figures are in docs/REAL_MODEL.md",
     "make bench": "15-20 min against TRL in .venv-bench (--quick: 4 min); its figures are in docs/PERFORMANCE.md",
     "make bench-venv": "builds .venv-bench from the package registry (about 1.5 min); only the benchmark needs it",
     "make bench-trl": "needs .venv-bench (TRL 1.12), which the test suite does not build",
-    ".venv-bench/bin/python benchmarks/trl_baseline.py": "needs .venv-bench (TRL 1.12), which the test suite does not build",
-    'curl -u "$ADMIN" "$URL/api/3.0/mlflow/users/permissions/list': "no test lists permissions; the grant it shows is tested",
+    ".venv-bench/bin/python benchmarks/trl_baseline.py": (
+        "needs .venv-bench (TRL 1.12), which the test suite does not build"
+    ),
+    'curl -u "$ADMIN" "$URL/api/3.0/mlflow/users/permissions/list': (
+        "no test lists permissions; the grant it shows is tested"
+    ),
     "sqlite3": "backups of a live store: no test yet",
     "pg_dump": "backups of a live store: no test yet",
 }
 
-ACCOUNTED = {"run by a test": RUN_BY_A_TEST, "run as code by a test": RUN_AS_CODE_BY_A_TEST,
-             "not runnable here": NOT_RUNNABLE_HERE, "run by hand": RUN_BY_HAND}
+ACCOUNTED = {
+    "run by a test": RUN_BY_A_TEST,
+    "run as code by a test": RUN_AS_CODE_BY_A_TEST,
+    "not runnable here": NOT_RUNNABLE_HERE,
+    "run by hand": RUN_BY_HAND,
+}
 
 # In a fenced block without a language (a diagram, a layout, or commands), a line is a command when
 # its first word is one of these.
-COMMAND_WORDS = {"make", "ppoflow", "python", "python3", "bash", "prefect", "pip", "accelerate", "mlflow",
-                 "curl", "sqlite3", "pg_dump", "createdb", "rsync", "srun"}
+COMMAND_WORDS = {
+    "make",
+    "ppoflow",
+    "python",
+    "python3",
+    "bash",
+    "prefect",
+    "pip",
+    "accelerate",
+    "mlflow",
+    "curl",
+    "sqlite3",
+    "pg_dump",
+    "createdb",
+    "rsync",
+    "srun",
+}
 SHELL_LANGUAGES = {"bash", "sh", "shell", "console"}
 FENCE = re.compile(r"^\s*```(\S*)\s*$")
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
@@ -177,8 +241,12 @@ def shown_commands(page: Path) -> list[tuple[str, str]]:
 
 def _key_of(bare: str) -> tuple[str, str] | None:
     """(group, key) of the longest key the command starts with, at a word boundary."""
-    matches = [(len(key), group, key) for group, table in ACCOUNTED.items() for key in table
-               if bare.startswith(key) and not re.match(r"[\w-]", bare[len(key):len(key) + 1])]
+    matches = [
+        (len(key), group, key)
+        for group, table in ACCOUNTED.items()
+        for key in table
+        if bare.startswith(key) and not re.match(r"[\w-]", bare[len(key) : len(key) + 1])
+    ]
     return max(matches)[1:] if matches else None
 
 
@@ -205,9 +273,26 @@ def test_the_site_builds_strictly(tmp_path):
     """What `make docs` and CI build: any mkdocs warning (a link to a missing page or anchor, a link
     out of docs/, a page not in the nav) fails the build."""
     site = tmp_path / "site"
-    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(REPO / "mkdocs.yml"),
-                           "--site-dir", str(site)], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, f"mkdocs build --strict failed (mkdocs is in the dev extra):\n{done.stdout}{done.stderr}"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "--config-file",
+            str(REPO / "mkdocs.yml"),
+            "--site-dir",
+            str(site),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, (
+        f"mkdocs build --strict failed (mkdocs is in the dev extra):\n{done.stdout}{done.stderr}"
+    )
     pages = sorted(page.stem for page in DOCS.glob("*.md"))
     assert sorted(path.stem for path in site.glob("*.html") if path.stem not in ("404", "search")) == pages
 
@@ -224,15 +309,20 @@ def test_the_makefile_builds_the_site_strictly_outside_the_tree():
 
 def test_the_readme_is_short():
     lines = README.read_text().splitlines()
-    assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines; move detail into docs/ (at most {README_MAX_LINES})"
+    assert len(lines) <= README_MAX_LINES, (
+        f"README.md has {len(lines)} lines; move detail into docs/ (at most {README_MAX_LINES})"
+    )
 
 
 @pytest.mark.parametrize("index", [README, DOCS / "index.md"], ids=["README", "index"])
 def test_the_readme_and_the_index_link_every_page(index):
     prefix = "docs/" if index == README else ""
     text = index.read_text()
-    missing = [page.name for page in sorted(DOCS.glob("*.md"))
-               if page.name != "index.md" and f"]({prefix}{page.name}" not in text]
+    missing = [
+        page.name
+        for page in sorted(DOCS.glob("*.md"))
+        if page.name != "index.md" and f"]({prefix}{page.name}" not in text
+    ]
     assert not missing, f"{index.name} does not link {missing}"
     if index == README:
         assert "](docs/index.md)" in text
@@ -244,8 +334,16 @@ def _slug(heading: str) -> str:
     return re.sub(r"\s", "-", re.sub(r"[^\w\s-]", "", text))
 
 
-@pytest.mark.parametrize("page", [README, REPO / "deployments" / "README.md", REPO / "mlflow_server" / "README.md",
-                                  REPO / "benchmarks" / "README.md"], ids=lambda page: str(page.relative_to(REPO)))
+@pytest.mark.parametrize(
+    "page",
+    [
+        README,
+        REPO / "deployments" / "README.md",
+        REPO / "mlflow_server" / "README.md",
+        REPO / "benchmarks" / "README.md",
+    ],
+    ids=lambda page: str(page.relative_to(REPO)),
+)
 def test_links_outside_the_site_resolve(page):
     """The READMEs are not part of the site: their relative links and anchors are checked here."""
     broken = []
@@ -290,11 +388,16 @@ def _field_rows() -> list[tuple[str, str]]:
             default = "required" if field.is_required() else shown(field.get_default(call_default_factory=True))
             if name == "reward_functions":
                 rows.append((name, default))
-                rows.extend((f"{name}[].{sub}", "required" if f.is_required() else shown(f.get_default()))
-                            for sub, f in RewardFunctionConfig.model_fields.items())
+                rows.extend(
+                    (f"{name}[].{sub}", "required" if f.is_required() else shown(f.get_default()))
+                    for sub, f in RewardFunctionConfig.model_fields.items()
+                )
                 continue
-            section = [c for c in (field.annotation, *typing.get_args(field.annotation))
-                       if isinstance(c, type) and issubclass(c, BaseModel)]
+            section = [
+                c
+                for c in (field.annotation, *typing.get_args(field.annotation))
+                if isinstance(c, type) and issubclass(c, BaseModel)
+            ]
             if section:
                 if prefix:
                     rows.append((prefix + name, default))
@@ -308,7 +411,9 @@ def _field_rows() -> list[tuple[str, str]]:
 
 def test_config_md_lists_every_field_with_its_default():
     text = (DOCS / "CONFIG.md").read_text()
-    missing = [f"{name} (default {default})" for name, default in _field_rows() if f"| `{name}` | {default} |" not in text]
+    missing = [
+        f"{name} (default {default})" for name, default in _field_rows() if f"| `{name}` | {default} |" not in text
+    ]
     assert not missing, f"docs/CONFIG.md, 'Every field', lacks or has another default for: {missing}"
 
 
@@ -316,9 +421,13 @@ def test_config_md_lists_every_field_with_its_default():
 
 
 def test_every_command_shown_is_accounted_for():
-    unaccounted = [f"{page.relative_to(REPO)}: {command}" for page, command, bare in _all_shown() if _key_of(bare) is None]
-    assert not unaccounted, ("commands shown but neither run by a test nor listed with a reason in "
-                             "tests/unit/test_docs.py:\n" + "\n".join(unaccounted))
+    unaccounted = [
+        f"{page.relative_to(REPO)}: {command}" for page, command, bare in _all_shown() if _key_of(bare) is None
+    ]
+    assert not unaccounted, (
+        "commands shown but neither run by a test nor listed with a reason in "
+        "tests/unit/test_docs.py:\n" + "\n".join(unaccounted)
+    )
 
 
 def test_no_entry_is_stale():
@@ -332,7 +441,12 @@ def test_the_tests_that_run_the_commands_still_do():
         for key, (path, evidence) in table.items():
             file = REPO / path
             assert file.is_file(), f"{key}: {path} does not exist"
-            assert evidence in file.read_text(), f"{key}: {path} no longer contains {evidence!r}"
+            # Whitespace aside: the formatter (ruff format) puts a long call's arguments one per line.
+            assert _squeezed(evidence) in _squeezed(file.read_text()), f"{key}: {path} no longer contains {evidence!r}"
+
+
+def _squeezed(text: str) -> str:
+    return re.sub(r"\s+", "", text)
 
 
 def test_the_pytest_commands_name_files_and_variables_the_suite_has():

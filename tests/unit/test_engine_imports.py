@@ -44,7 +44,8 @@ sys.modules["mlflow"] = sys.modules["prefect"] = None
 from ppoflow.flows.cli import main
 
 code = main(["train", "--config", sys.argv[1]])
-loaded = sorted({name.split(".")[0] for name, module in sys.modules.items() if module is not None} & {"mlflow", "prefect"})
+imported = {name.split(".")[0] for name, module in sys.modules.items() if module is not None}
+loaded = sorted(imported & {"mlflow", "prefect"})
 print(json.dumps({"code": code, "loaded": loaded}))
 """
 
@@ -61,7 +62,9 @@ def run_fresh(code: str, *args: str, cwd: Path) -> dict:
 
 def test_no_engine_module_imports_mlflow_or_prefect(tmp_path):
     report = run_fresh(IMPORT_EVERY_ENGINE_MODULE, cwd=tmp_path)
-    assert {"ppoflow.cli", "ppoflow.pipeline", "ppoflow.trainer", "ppoflow.redaction", "ppoflow.provenance"} <= set(report["imported"])
+    assert {"ppoflow.cli", "ppoflow.pipeline", "ppoflow.trainer", "ppoflow.redaction", "ppoflow.provenance"} <= set(
+        report["imported"]
+    )
     assert report["loaded"] == []
 
 
@@ -72,8 +75,14 @@ def test_ppoflow_train_runs_without_mlflow_or_prefect(toy_world, tmp_path):
         "models": {"policy": str(toy_world / "policy"), "reward": str(toy_world / "reward")},
         "data": {"path": str(toy_world / "prompts.jsonl"), "max_prompt_length": 32, "eval_size": 8},
         "ppo": {
-            "total_episodes": 8, "per_device_train_batch_size": 8, "num_mini_batches": 1, "num_ppo_epochs": 1,
-            "local_rollout_forward_batch_size": 8, "response_length": 8, "stop_token": "eos", "seed": 7,
+            "total_episodes": 8,
+            "per_device_train_batch_size": 8,
+            "num_mini_batches": 1,
+            "num_ppo_epochs": 1,
+            "local_rollout_forward_batch_size": 8,
+            "response_length": 8,
+            "stop_token": "eos",
+            "seed": 7,
         },
         "eval": {"batch_size": 8, "sample_table_size": 2},
     }

@@ -27,15 +27,30 @@ def hub(monkeypatch):
 @pytest.fixture
 def release_inputs(tmp_path):
     tree = {
-        "output_dir": str(tmp_path), "models": {"policy": "org/sft", "reward": "org/rm"}, "data": {"path": "p.jsonl"},
+        "output_dir": str(tmp_path),
+        "models": {"policy": "org/sft", "reward": "org/rm"},
+        "data": {"path": "p.jsonl"},
         "tracking": {"push_to_hub": True, "hub_repo_id": "my-org/my-policy", "hub_retry_delay_seconds": [0.0, 0.0]},
     }
     config = build_config(tree)
-    plan = RunPlan(config=config, config_hash=config.config_hash(), output_dir=tmp_path, batch=BatchPlan.derive(config.ppo))
+    plan = RunPlan(
+        config=config, config_hash=config.config_hash(), output_dir=tmp_path, batch=BatchPlan.derive(config.ppo)
+    )
     data = DatasetManifest(
-        train_dir=tmp_path / "train", eval_dir=tmp_path / "eval", fingerprint="f" * 64, source="p.jsonl", rows_read=10,
-        rows_kept=10, dropped_too_long=0, dropped_empty=0, eos_stripped=0, eos_dropped=0, train_rows=8, eval_rows=2,
-        train_digest="a" * 64, eval_digest="b" * 64,
+        train_dir=tmp_path / "train",
+        eval_dir=tmp_path / "eval",
+        fingerprint="f" * 64,
+        source="p.jsonl",
+        rows_read=10,
+        rows_kept=10,
+        dropped_too_long=0,
+        dropped_empty=0,
+        eos_stripped=0,
+        eos_dropped=0,
+        train_rows=8,
+        eval_rows=2,
+        train_digest="a" * 64,
+        eval_digest="b" * 64,
     )
     final = tmp_path / "final"
     final.mkdir()
@@ -43,8 +58,13 @@ def release_inputs(tmp_path):
     (final / "model.safetensors").write_bytes(b"\x00weights\x01")
     (final / "README.md").write_text("peft's own card")
     release = Release(
-        policy_dir=final, policy_sha256="c" * 64, eval_path=tmp_path / "eval.json", eval_metrics={"win_rate": 0.75},
-        mlflow_run_id="run123", registered_model="ppoflow-policy", registered_version="4",
+        policy_dir=final,
+        policy_sha256="c" * 64,
+        eval_path=tmp_path / "eval.json",
+        eval_metrics={"win_rate": 0.75},
+        mlflow_run_id="run123",
+        registered_model="ppoflow-policy",
+        registered_version="4",
     )
     return plan, data, release
 
@@ -73,8 +93,13 @@ def test_a_failing_hub_is_retried(hub, release_inputs):
 
 def test_retries_follow_hub_retry_delay_seconds(hub, release_inputs):
     plan, data, release = release_inputs
-    once = plan.model_copy(update={"config": plan.config.model_copy(update={"tracking": plan.config.tracking.model_copy(
-        update={"hub_retry_delay_seconds": []})})})
+    once = plan.model_copy(
+        update={
+            "config": plan.config.model_copy(
+                update={"tracking": plan.config.tracking.model_copy(update={"hub_retry_delay_seconds": []})}
+            )
+        }
+    )
     hub.fail_commits = 1
     with pytest.raises(TrackingError, match=r"failed 1 time \("):
         push_policy(once, data, release)

@@ -169,12 +169,14 @@ def test_value_loss_unclipped_regime_by_hand():
 
 
 def test_first_true_index():
-    rows = bools([
-        [False, True, True],
-        [False, False, False],
-        [True, False, False],
-        [False, False, True],
-    ])
+    rows = bools(
+        [
+            [False, True, True],
+            [False, False, False],
+            [True, False, False],
+            [False, False, True],
+        ]
+    )
     assert first_true_index(rows).tolist() == [1, 3, 0, 2]
 
 
@@ -182,12 +184,14 @@ STOP, PAD = 2, 0
 
 
 def test_response_mask_ends_at_the_first_stop_token():
-    responses = longs([
-        [2, 5, 6, 2],  # stop at position 0
-        [5, 6, 7, 8],  # no stop: every token is real
-        [5, 6, 7, 2],  # stop at the last position
-        [5, 2, 7, 2],  # two stops: the first one counts
-    ])
+    responses = longs(
+        [
+            [2, 5, 6, 2],  # stop at position 0
+            [5, 6, 7, 8],  # no stop: every token is real
+            [5, 6, 7, 2],  # stop at the last position
+            [5, 2, 7, 2],  # two stops: the first one counts
+        ]
+    )
     assert response_mask(responses, longs([STOP])).tolist() == [
         [True, False, False, False],
         [True, True, True, True],

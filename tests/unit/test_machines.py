@@ -14,8 +14,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def ticket(tmp_path: Path, machines: Machines, **changes):
-    made = new_ticket("train", tmp_path / "launch/train.inputs.json", tmp_path / "launch/train.result.json", "run-1",
-                      num_processes=4, machines=machines, port=29555, accelerate_config=None)
+    made = new_ticket(
+        "train",
+        tmp_path / "launch/train.inputs.json",
+        tmp_path / "launch/train.result.json",
+        "run-1",
+        num_processes=4,
+        machines=machines,
+        port=29555,
+        accelerate_config=None,
+    )
     return made.model_copy(update=changes)
 
 
@@ -53,9 +61,27 @@ def test_a_joiner_refuses_the_main_machines_rank_and_a_rank_the_launch_has_not(t
 
 
 def test_a_joiner_does_not_join_an_ended_launch_and_gives_up_after_its_idle_timeout(tmp_path):
-    write_ticket(tmp_path, ticket(tmp_path, Machines(num_machines=2, main_process_ip="127.0.0.1"), state="ended", returncode=0))
-    joined = subprocess.run([sys.executable, "-m", "ppoflow.cli", "join", "--output-dir", str(tmp_path), "--machine-rank", "1",
-                             "--idle-timeout", "1"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    write_ticket(
+        tmp_path, ticket(tmp_path, Machines(num_machines=2, main_process_ip="127.0.0.1"), state="ended", returncode=0)
+    )
+    joined = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ppoflow.cli",
+            "join",
+            "--output-dir",
+            str(tmp_path),
+            "--machine-rank",
+            "1",
+            "--idle-timeout",
+            "1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert joined.returncode == 2  # a user error, in one line
     errors = [line for line in joined.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no launch to join in" in errors[0] and "--idle-timeout" in errors[0]

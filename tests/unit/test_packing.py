@@ -116,9 +116,13 @@ class _OneRowPackingDecoder(_LeakyDecoder):
         if input_ids.shape[0] > 1:
             return SimpleNamespace(last_hidden_state=embedded.cumsum(1))
         starts = (position_ids == 0).long().cumsum(1)  # which sequence each token belongs to
-        states = torch.stack([
-            (embedded * (starts[..., None] == starts[:, t, None, None]))[:, : t + 1].sum(1) for t in range(input_ids.shape[1])
-        ], dim=1)
+        states = torch.stack(
+            [
+                (embedded * (starts[..., None] == starts[:, t, None, None]))[:, : t + 1].sum(1)
+                for t in range(input_ids.shape[1])
+            ],
+            dim=1,
+        )
         return SimpleNamespace(last_hidden_state=states)
 
 

@@ -49,12 +49,25 @@ def test_a_name_with_two_dates_is_refused():
 def test_directory_partitions_are_ordered_by_date_then_name_and_skip_other_files(tmp_path):
     directory = touch(
         tmp_path / "prompts",
-        "prompts-2026-12-01.jsonl", "b-2026-11-29.jsonl", "a-2026-11-29.jsonl", "prompts-20261130.jsonl",
-        ".prompts-2026-12-02.jsonl.tmp", ".prompts-2026-12-02.jsonl", "README.md",
+        "prompts-2026-12-01.jsonl",
+        "b-2026-11-29.jsonl",
+        "a-2026-11-29.jsonl",
+        "prompts-20261130.jsonl",
+        ".prompts-2026-12-02.jsonl.tmp",
+        ".prompts-2026-12-02.jsonl",
+        "README.md",
     )
     found = find_partitions(str(directory))
-    assert names(found) == ["a-2026-11-29.jsonl", "b-2026-11-29.jsonl", "prompts-20261130.jsonl", "prompts-2026-12-01.jsonl"]
-    assert [p.date for p in found] == [datetime.date(2026, 11, 29)] * 2 + [datetime.date(2026, 11, 30), datetime.date(2026, 12, 1)]
+    assert names(found) == [
+        "a-2026-11-29.jsonl",
+        "b-2026-11-29.jsonl",
+        "prompts-20261130.jsonl",
+        "prompts-2026-12-01.jsonl",
+    ]
+    assert [p.date for p in found] == [datetime.date(2026, 11, 29)] * 2 + [
+        datetime.date(2026, 11, 30),
+        datetime.date(2026, 12, 1),
+    ]
     assert all(p.path.is_absolute() for p in found)
 
 
@@ -67,22 +80,35 @@ def test_window_newest_and_days_with_gaps(tmp_path):
     # 27 and 30 November are missing: days counts calendar days back from the newest date, 1 December.
     directory = touch(
         tmp_path / "prompts",
-        *(f"prompts-2026-11-{day}.jsonl" for day in (25, 26, 28, 29)), "prompts-2026-12-01.jsonl",
+        *(f"prompts-2026-11-{day}.jsonl" for day in (25, 26, 28, 29)),
+        "prompts-2026-12-01.jsonl",
     )
     path = str(directory)
     every = names(select_partitions(path, None))
     assert len(every) == 5
-    assert names(select_partitions(path, DataWindow(newest=2))) == ["prompts-2026-11-29.jsonl", "prompts-2026-12-01.jsonl"]
+    assert names(select_partitions(path, DataWindow(newest=2))) == [
+        "prompts-2026-11-29.jsonl",
+        "prompts-2026-12-01.jsonl",
+    ]
     assert names(select_partitions(path, DataWindow(newest=50))) == every
     assert names(select_partitions(path, DataWindow(days=1))) == ["prompts-2026-12-01.jsonl"]
     assert names(select_partitions(path, DataWindow(days=2))) == ["prompts-2026-12-01.jsonl"]  # 30 Nov is missing
-    assert names(select_partitions(path, DataWindow(days=3))) == ["prompts-2026-11-29.jsonl", "prompts-2026-12-01.jsonl"]
+    assert names(select_partitions(path, DataWindow(days=3))) == [
+        "prompts-2026-11-29.jsonl",
+        "prompts-2026-12-01.jsonl",
+    ]
     assert names(select_partitions(path, DataWindow(days=5))) == every[2:]
     assert names(select_partitions(path, DataWindow(days=7))) == every
 
 
 def test_glob_selects_the_matching_files(tmp_path):
-    touch(tmp_path / "data", "prompts-2026-11-30.jsonl", "prompts-2026-12-01.jsonl", "other-2026-12-02.jsonl", "prompts.parquet")
+    touch(
+        tmp_path / "data",
+        "prompts-2026-11-30.jsonl",
+        "prompts-2026-12-01.jsonl",
+        "other-2026-12-02.jsonl",
+        "prompts.parquet",
+    )
     pattern = str(tmp_path / "data" / "prompts-*.jsonl")
     assert names(select_partitions(pattern, None)) == ["prompts-2026-11-30.jsonl", "prompts-2026-12-01.jsonl"]
     assert names(select_partitions(pattern, DataWindow(days=1))) == ["prompts-2026-12-01.jsonl"]
@@ -109,20 +135,39 @@ def _nested(tmp: Path) -> tuple[str, DataWindow | None]:
 
 
 REFUSALS = {
-    "glob matching nothing": (lambda tmp: (str(tmp / "prompts-*.jsonl"), None), DataError, "data.path", "matches no file"),
+    "glob matching nothing": (
+        lambda tmp: (str(tmp / "prompts-*.jsonl"), None),
+        DataError,
+        "data.path",
+        "matches no file",
+    ),
     "glob matching another kind": (
-        lambda tmp: (str(touch(tmp / "d", "prompts-1.csv") / "prompts-*"), None), DataError, "data.path", "prompts-1.csv",
+        lambda tmp: (str(touch(tmp / "d", "prompts-1.csv") / "prompts-*"), None),
+        DataError,
+        "data.path",
+        "prompts-1.csv",
     ),
     "dated and undated mixed": (_mixed, DataError, "data.path", "ambiguous"),
     "data files in subdirectories": (_nested, DataError, "data.path", "subdirectories"),
     "empty directory": (lambda tmp: (str(touch(tmp / "p", "notes.txt")), None), DataError, "data.path", "holds no"),
     "days on undated files": (
-        lambda tmp: (str(touch(tmp / "p", "part-0.jsonl")), DataWindow(days=3)), ConfigError, "data.window", "dated",
+        lambda tmp: (str(touch(tmp / "p", "part-0.jsonl")), DataWindow(days=3)),
+        ConfigError,
+        "data.window",
+        "dated",
     ),
     "window on a single file": (
-        lambda tmp: (str(touch(tmp, "p.jsonl") / "p.jsonl"), DataWindow(newest=1)), ConfigError, "data.window", "single source",
+        lambda tmp: (str(touch(tmp, "p.jsonl") / "p.jsonl"), DataWindow(newest=1)),
+        ConfigError,
+        "data.window",
+        "single source",
     ),
-    "window on a hub id": (lambda tmp: ("my-org/prompts", DataWindow(newest=1)), ConfigError, "data.window", "single source"),
+    "window on a hub id": (
+        lambda tmp: ("my-org/prompts", DataWindow(newest=1)),
+        ConfigError,
+        "data.window",
+        "single source",
+    ),
 }
 
 
@@ -138,10 +183,17 @@ def test_refusals_are_one_line_naming_the_field(tmp_path, case):
 
 @pytest.mark.parametrize(
     ("window", "detail"),
-    [({}, "exactly one of newest and days"), ({"newest": 2, "days": 2}, "exactly one"), ({"newest": 0}, "greater than 0")],
+    [
+        ({}, "exactly one of newest and days"),
+        ({"newest": 2, "days": 2}, "exactly one"),
+        ({"newest": 0}, "greater than 0"),
+    ],
 )
 def test_window_config_is_validated(window, detail):
-    tree = {"models": {"policy": "org/policy", "reward": "org/reward"}, "data": {"path": "org/prompts", "window": window}}
+    tree = {
+        "models": {"policy": "org/policy", "reward": "org/reward"},
+        "data": {"path": "org/prompts", "window": window},
+    }
     with pytest.raises(ConfigError, match=detail) as raised:
         build_config(tree)
     assert "data.window" in str(raised.value)
@@ -150,7 +202,11 @@ def test_window_config_is_validated(window, detail):
 def test_stage_one_checks_the_partitions(tmp_path):
     models = {"policy": "org/policy", "reward": "org/reward"}
     touch(tmp_path / "data", "prompts-2026-12-01.jsonl")
-    validate_sources(build_config({"models": models, "data": {"path": str(tmp_path / "data" / "prompts-*.jsonl"), "window": {"days": 7}}}))
+    validate_sources(
+        build_config(
+            {"models": models, "data": {"path": str(tmp_path / "data" / "prompts-*.jsonl"), "window": {"days": 7}}}
+        )
+    )
     with pytest.raises(DataError, match="matches no file"):
         validate_sources(build_config({"models": models, "data": {"path": str(tmp_path / "data" / "nightly-*.jsonl")}}))
     with pytest.raises(ConfigError, match="data.window"):

@@ -46,4 +46,9 @@ def test_a_conversation_is_rendered_with_the_reward_chat_template_as_a_user_and_
     ids = encoder.encode([1, great], [plot, 2], messages, complete=True)
     assert ids == [(7 * great + 3) % 176, 38, (7 * plot + 3) % 176, 38]
     # a text prompt with a chat-template reward model stays plain text
-    assert encoder.encode([1, great], [plot, 2], None, complete=True) == [10, (7 * great + 3) % 176, (7 * plot + 3) % 176, 17]
+    assert encoder.encode([1, great], [plot, 2], None, complete=True) == [
+        10,
+        (7 * great + 3) % 176,
+        (7 * plot + 3) % 176,
+        17,
+    ]

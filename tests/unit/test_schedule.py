@@ -15,7 +15,22 @@ from ppoflow.schedule import lr_multiplier, make_scheduler, warmup_steps
         # 10 steps, 2 of warmup: 0, 1/2, then linear decay over the remaining 8 steps.
         ("linear", [0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0]),
         # cosine after warmup: 0.5 * (1 + cos(pi * k / 8)); k = 2 gives 0.5 * (1 + 1/sqrt 2) = 0.853553...
-        ("cosine", [0.0, 0.5, 1.0, 0.9619397663, 0.8535533906, 0.6913417162, 0.5, 0.3086582838, 0.1464466094, 0.0380602337, 0.0]),
+        (
+            "cosine",
+            [
+                0.0,
+                0.5,
+                1.0,
+                0.9619397663,
+                0.8535533906,
+                0.6913417162,
+                0.5,
+                0.3086582838,
+                0.1464466094,
+                0.0380602337,
+                0.0,
+            ],
+        ),
         ("constant_with_warmup", [0.0, 0.5] + [1.0] * 9),
     ],
 )

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import socket
 
+from ppoflow import processes
+from ppoflow.config import load_config
 from ppoflow.deployments import serve
 from ppoflow.deployments.steps import load_run_config
-from ppoflow import processes
 from ppoflow.mlflow_server import redact_uri
-from ppoflow.config import load_config
 from tests.deployment_files import config_file, declared
 
 
@@ -21,9 +21,15 @@ def test_each_deployment_takes_its_config_from_a_valid_run_config_file():
     template = load_config(config_file(deployments["my-model"]))
     assert template.peft.enabled and template.models.ref is None
     nightly = load_run_config(str(config_file(deployments["toy-nightly"])))["config"]
-    assert nightly["tracking"]["experiment"] == "ppoflow-toy-nightly" and nightly["output_dir"] == "runs/toy-nightly/{date}"
+    assert (
+        nightly["tracking"]["experiment"] == "ppoflow-toy-nightly"
+        and nightly["output_dir"] == "runs/toy-nightly/{date}"
+    )
     assert nightly["models"]["policy"] == f"models:/{nightly['tracking']['registered_model_name']}@champion"
-    assert nightly["tracking"]["promotion"]["alias"] == "champion" and nightly["data"]["window"] == {"newest": 1, "days": None}
+    assert nightly["tracking"]["promotion"]["alias"] == "champion" and nightly["data"]["window"] == {
+        "newest": 1,
+        "days": None,
+    }
     assert all(entry["entrypoint"] == "flows/rlhf_ppo.py:rlhf_ppo" for entry in deployments.values())
 
 
@@ -36,8 +42,13 @@ def test_the_prefect_ui_calls_the_api_of_its_own_port(tmp_path, monkeypatch):
 
 def test_flow_runs_of_the_worker_know_the_prefect_ui_only_when_it_is_served(tmp_path):
     """PREFECT_UI_URL is what a flow run writes as its page into the MLflow run's flow-run tag."""
-    stack = serve.Stack(home=str(tmp_path), prefect_url="http://127.0.0.1:4321", mlflow_url="http://127.0.0.1:5432",
-                        work_pool=serve.WORK_POOL, deployments=[])
+    stack = serve.Stack(
+        home=str(tmp_path),
+        prefect_url="http://127.0.0.1:4321",
+        mlflow_url="http://127.0.0.1:5432",
+        work_pool=serve.WORK_POOL,
+        deployments=[],
+    )
     env = serve.worker_environment(stack)
     assert (env["PREFECT_API_URL"], env["PREFECT_UI_URL"]) == ("http://127.0.0.1:4321/api", "http://127.0.0.1:4321")
     stack.ui = False
@@ -58,4 +69,3 @@ def test_a_port_is_in_use_while_a_socket_listens_on_it(closed_port):
         assert processes.port_in_use("127.0.0.1", closed_port)
         assert serve.choose_port(None, closed_port, "test server") != closed_port  # taken: any free one instead
     assert processes.http_status(f"http://127.0.0.1:{closed_port}/health", timeout=1.0) is None
-

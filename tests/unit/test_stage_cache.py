@@ -50,7 +50,9 @@ def test_a_chain_of_stale_nights_is_walked_to_the_fresh_key_hashing_the_file_onc
 
     opened: list[str] = []
     real_open = open
-    monkeypatch.setattr(hashing, "open", lambda path, *args: opened.append(str(path)) or real_open(path, *args), raising=False)
+    monkeypatch.setattr(
+        hashing, "open", lambda path, *args: opened.append(str(path)) or real_open(path, *args), raising=False
+    )
     partition.write_text("night 5\n")
     fresh = policy.compute_key(task_ctx=task_ctx, inputs=inputs, flow_parameters={})
     assert fresh not in store.records and opened == [str(partition)]  # five stale records, one read of the file
@@ -61,7 +63,8 @@ def test_an_unreadable_record_is_never_a_hit():
     task_ctx = SimpleNamespace(result_store=store, task=SimpleNamespace(name="load_models"))
     inputs = {"plan": "p"}
     key = policy.compute_key(task_ctx=task_ctx, inputs=inputs, flow_parameters={})
-    assert policy.compute_key(task_ctx=task_ctx, inputs=inputs, flow_parameters={}) == key  # the same inputs, the same key
+    # the same inputs, the same key
+    assert policy.compute_key(task_ctx=task_ctx, inputs=inputs, flow_parameters={}) == key
     store.records[key] = None
     store.read = lambda key: (_ for _ in ()).throw(ValueError("written by another serializer"))
     assert policy.compute_key(task_ctx=task_ctx, inputs=inputs, flow_parameters={}) not in (key, None)

@@ -15,8 +15,8 @@ from ppoflow import pipeline
 from ppoflow.checkpoint import verify_checkpoint, write_checkpoint
 from ppoflow.config import BatchPlan, DataConfig, ModelsConfig, PPOConfig, RunConfig
 from ppoflow.errors import ConfigError
-from ppoflow.workspace import SPOOL_FILE
 from ppoflow.manifests import DatasetManifest, ModelManifest, ModelSource, RunPlan, training_fingerprint
+from ppoflow.workspace import SPOOL_FILE
 
 TONIGHT, LAST_NIGHT = "a" * 64, "b" * 64
 
@@ -29,7 +29,12 @@ def plan(tmp_path) -> RunPlan:
         data=DataConfig(path=str(tmp_path / "prompts"), eval_size=1),
         ppo=PPOConfig(total_episodes=32, per_device_train_batch_size=8),
     )
-    return RunPlan(config=config, config_hash=config.config_hash(), output_dir=config.output_dir, batch=BatchPlan.derive(config.ppo))
+    return RunPlan(
+        config=config,
+        config_hash=config.config_hash(),
+        output_dir=config.output_dir,
+        batch=BatchPlan.derive(config.ppo),
+    )
 
 
 @pytest.fixture
@@ -38,32 +43,67 @@ def model_manifest(tmp_path) -> ModelManifest:
     vocab = {token: index for index, token in enumerate(["<pad>", "<eos>", "<unk>", "the", "cat", "dog", "sat", "ran"])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>").save_pretrained(tmp_path / "tok")
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    ).save_pretrained(tmp_path / "tok")
     return ModelManifest(
-        policy=model_source("policy", "1"), ref=model_source("ref", "1"), reward=model_source("reward", "2"), value=model_source("value", "2"),
-        tokenizer_dir=tmp_path / "tok", tokenizer_sha256="3" * 64, pad_token_id=0, eos_token_id=1, stop_token_id=1,
+        policy=model_source("policy", "1"),
+        ref=model_source("ref", "1"),
+        reward=model_source("reward", "2"),
+        value=model_source("value", "2"),
+        tokenizer_dir=tmp_path / "tok",
+        tokenizer_sha256="3" * 64,
+        pad_token_id=0,
+        eos_token_id=1,
+        stop_token_id=1,
     )
 
 
 def model_source(role: str, digit: str) -> ModelSource:
     return ModelSource(
-        role=role, source=f"org/{role}", revision=None, local_dir=Path("/nowhere"), sha256=digit * 64, model_class="M", num_parameters=1,
+        role=role,
+        source=f"org/{role}",
+        revision=None,
+        local_dir=Path("/nowhere"),
+        sha256=digit * 64,
+        model_class="M",
+        num_parameters=1,
     )
 
 
 def data(tmp_path: Path, fingerprint: str) -> DatasetManifest:
     return DatasetManifest(
-        train_dir=tmp_path / "train", eval_dir=tmp_path / "eval", fingerprint=fingerprint, source="prompts", rows_read=9,
-        rows_kept=9, dropped_too_long=0, dropped_empty=0, eos_stripped=0, eos_dropped=0, train_rows=8, eval_rows=1,
-        train_digest="c" * 64, eval_digest="d" * 64,
+        train_dir=tmp_path / "train",
+        eval_dir=tmp_path / "eval",
+        fingerprint=fingerprint,
+        source="prompts",
+        rows_read=9,
+        rows_kept=9,
+        dropped_too_long=0,
+        dropped_empty=0,
+        eos_stripped=0,
+        eos_dropped=0,
+        train_rows=8,
+        eval_rows=1,
+        train_digest="c" * 64,
+        eval_digest="d" * 64,
     )
 
 
 def fake_checkpoint(plan: RunPlan, update: int, training: str | None) -> Path:
-    state = {"update": update, "episode": update * 8, "optimizer_steps": update, "num_updates": 4, "config_hash": plan.config_hash, "world_size": 1}
+    state = {
+        "update": update,
+        "episode": update * 8,
+        "optimizer_steps": update,
+        "num_updates": 4,
+        "config_hash": plan.config_hash,
+        "world_size": 1,
+    }
     if training is not None:
         state["training_fingerprint"] = training
-    return write_checkpoint(plan.output_dir / "checkpoints", update, lambda directory: (directory / "policy.bin").write_bytes(b"w"), state)
+    return write_checkpoint(
+        plan.output_dir / "checkpoints", update, lambda directory: (directory / "policy.bin").write_bytes(b"w"), state
+    )
 
 
 def test_the_training_fingerprint_follows_every_model_the_tokenizer_and_the_data(model_manifest):
@@ -72,12 +112,15 @@ def test_the_training_fingerprint_follows_every_model_the_tokenizer_and_the_data
     assert training_fingerprint(model_manifest, LAST_NIGHT) != base
     promoted = model_manifest.model_copy(update={"policy": model_source("policy", "9")})  # the alias moved
     assert training_fingerprint(promoted, TONIGHT) != base
-    assert training_fingerprint(model_manifest.model_copy(update={"ref": None}), TONIGHT) != base  # LoRA: no separate reference
+    # LoRA: no separate reference
+    assert training_fingerprint(model_manifest.model_copy(update={"ref": None}), TONIGHT) != base
     assert training_fingerprint(model_manifest.model_copy(update={"tokenizer_sha256": "4" * 64}), TONIGHT) != base
 
 
 @pytest.mark.parametrize("stage", ["init_trainer", "train"])
-def test_stages_four_and_five_refuse_checkpoints_of_another_training_and_keep_them(plan, tmp_path, model_manifest, stage):
+def test_stages_four_and_five_refuse_checkpoints_of_another_training_and_keep_them(
+    plan, tmp_path, model_manifest, stage
+):
     last_night = training_fingerprint(model_manifest, LAST_NIGHT)
     step_zero = fake_checkpoint(plan, 0, last_night)
     finished = fake_checkpoint(plan, 4, last_night)
@@ -85,8 +128,9 @@ def test_stages_four_and_five_refuse_checkpoints_of_another_training_and_keep_th
         getattr(pipeline, stage)(plan, model_manifest, data(tmp_path, TONIGHT))
     tonight = training_fingerprint(model_manifest, TONIGHT)
     assert str(raised.value) == (
-        f"config field `output_dir`: {plan.output_dir} holds a training of other models or data (training fingerprint "
-        f"{last_night[:16]}, this run's {tonight[:16]}) — run stage 3 (prepare_dataset) first, which archives it, or use a new output_dir"
+        f"config field `output_dir`: {plan.output_dir} holds a training of other models "
+        f"or data (training fingerprint {last_night[:16]}, this run's {tonight[:16]}) — "
+        "run stage 3 (prepare_dataset) first, which archives it, or use a new output_dir"
     )
     assert (step_zero / "manifest.json").is_file() and (finished / "manifest.json").is_file()
 
@@ -109,7 +153,9 @@ def test_checkpoints_without_a_recorded_fingerprint_still_load(plan, tmp_path, m
 
 def write_night(tmp_path: Path, day: str, prompts: list[str]) -> None:
     (tmp_path / "prompts").mkdir(exist_ok=True)
-    (tmp_path / "prompts" / f"prompts-{day}.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    (tmp_path / "prompts" / f"prompts-{day}.jsonl").write_text(
+        "".join(json.dumps({"prompt": p}) + "\n" for p in prompts)
+    )
 
 
 def test_stage_three_archives_another_training_whole_before_writing_the_new_data(plan, tmp_path, model_manifest):
@@ -117,12 +163,18 @@ def test_stage_three_archives_another_training_whole_before_writing_the_new_data
     last_night = pipeline.prepare_dataset(plan, model_manifest)
     trained = training_fingerprint(model_manifest, last_night.fingerprint)
     checkpoints = [fake_checkpoint(plan, update, trained) for update in (0, 4)]
-    for name, text in (("metrics.jsonl", '{"update": 1}\n'), ("eval.json", "{}"), (SPOOL_FILE, "{}\n"), ("config.yaml", "output_dir: run\n")):
+    for name, text in (
+        ("metrics.jsonl", '{"update": 1}\n'),
+        ("eval.json", "{}"),
+        (SPOOL_FILE, "{}\n"),
+        ("config.yaml", "output_dir: run\n"),
+    ):
         (plan.output_dir / name).write_text(text)
     (plan.output_dir / "final").mkdir()
     (plan.output_dir / "final" / "model.safetensors").write_bytes(b"weights")
     prepared = (plan.output_dir / "data" / "dataset.json").read_text()
-    assert pipeline.prepare_dataset(plan, model_manifest) == last_night  # the same data: prepared again, nothing archived
+    # the same data: prepared again, nothing archived
+    assert pipeline.prepare_dataset(plan, model_manifest) == last_night
     assert not (plan.output_dir / "archive").exists()
 
     write_night(tmp_path, "2026-12-01", ["the dog sat"])
@@ -131,18 +183,27 @@ def test_stage_three_archives_another_training_whole_before_writing_the_new_data
     assert tonight.fingerprint != last_night.fingerprint and tonight.is_intact()
     (archived,) = (plan.output_dir / "archive").iterdir()
     assert archived.name.endswith(f"-{trained[:16]}")
-    assert sorted(path.name for path in archived.iterdir()) == sorted(["checkpoints", "data", "eval.json", "final", "metrics.jsonl", SPOOL_FILE])
+    assert sorted(path.name for path in archived.iterdir()) == sorted(
+        ["checkpoints", "data", "eval.json", "final", "metrics.jsonl", SPOOL_FILE]
+    )
     assert (archived / "data" / "dataset.json").read_text() == prepared  # last night's data, as it was
     for checkpoint in checkpoints:  # whole and intact, only moved
         assert verify_checkpoint(archived / "checkpoints" / checkpoint.name)
     assert (archived / "final" / "model.safetensors").read_bytes() == b"weights"
-    assert sorted(path.name for path in plan.output_dir.iterdir()) == ["archive", "config.yaml", "data"]  # stage 1's stays
+    # stage 1's stays
+    assert sorted(path.name for path in plan.output_dir.iterdir()) == ["archive", "config.yaml", "data"]
     assert set(pipeline.TRAINING_PRODUCTS) >= {SPOOL_FILE, "checkpoints", "final", "final-merged", "samples.jsonl"}
 
 
 @pytest.mark.parametrize(("keep", "kept_nights"), [(None, [1, 2, 3]), (2, [2, 3]), (0, [])])
 def test_runtime_keep_archives_keeps_the_newest_archived_trainings(plan, tmp_path, model_manifest, keep, kept_nights):
-    plan = plan.model_copy(update={"config": plan.config.model_copy(update={"runtime": plan.config.runtime.model_copy(update={"keep_archives": keep})})})
+    plan = plan.model_copy(
+        update={
+            "config": plan.config.model_copy(
+                update={"runtime": plan.config.runtime.model_copy(update={"keep_archives": keep})}
+            )
+        }
+    )
     trained = {}
     for night, day in enumerate(("2026-11-28", "2026-11-29", "2026-11-30", "2026-12-01"), start=1):
         write_night(tmp_path, day, [f"the cat sat {'dog ' * night}", "the dog ran", "the cat ran"])
