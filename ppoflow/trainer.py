@@ -358,34 +358,34 @@ class PPOTrainer:
         metrics_path = self.output_dir / METRICS_FILE
         if self.accelerator.is_main_process:
             _truncate_metrics(metrics_path, self.update)
-        progress = tqdm(
+        manifest = None
+        # Closed on the way out of an error or Ctrl-C too, so that what is said next starts on its own line.
+        with tqdm(
             total=self.batch.num_updates,
             initial=self.update,
             desc="ppo",
             unit="update",
             disable=not self.accelerator.is_main_process,
-        )
-        manifest = None
-        while self.update < self.batch.num_updates:
-            metrics = self.step()
-            if self._evaluation_due():
-                metrics |= self.evaluate()
-            if self.accelerator.is_main_process:
-                with open(metrics_path, "a") as handle:
-                    handle.write(json.dumps(metrics) + "\n")
-                for callback in callbacks:
-                    callback(metrics)
-            progress.update(1)
-            progress.set_postfix(
-                {
-                    "episodes/s": f"{metrics['perf/episodes_per_s']:.1f}",
-                    "score": f"{metrics['objective/scores']:.3f}",
-                    "kl": f"{metrics['objective/kl']:.3f}",
-                }
-            )
-            if self.update % self.ppo.checkpoint_every == 0 or self.update == self.batch.num_updates:
-                manifest = self.save_checkpoint()
-        progress.close()
+        ) as progress:
+            while self.update < self.batch.num_updates:
+                metrics = self.step()
+                if self._evaluation_due():
+                    metrics |= self.evaluate()
+                if self.accelerator.is_main_process:
+                    with open(metrics_path, "a") as handle:
+                        handle.write(json.dumps(metrics) + "\n")
+                    for callback in callbacks:
+                        callback(metrics)
+                progress.update(1)
+                progress.set_postfix(
+                    {
+                        "episodes/s": f"{metrics['perf/episodes_per_s']:.1f}",
+                        "score": f"{metrics['objective/scores']:.3f}",
+                        "kl": f"{metrics['objective/kl']:.3f}",
+                    }
+                )
+                if self.update % self.ppo.checkpoint_every == 0 or self.update == self.batch.num_updates:
+                    manifest = self.save_checkpoint()
         if manifest is None:
             found = newest_valid_checkpoint(self.checkpoint_root)
             path, digest = found

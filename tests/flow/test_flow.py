@@ -214,12 +214,19 @@ def test_a_full_run_leaves_its_lineage_in_mlflow_and_prefect(reference, flow_env
     assert progress.task_run_id == runs["train_ppo"].id
 
 
-def test_the_same_config_again_is_all_cached_in_the_same_mlflow_run(reference, flow_env):
+def test_the_same_config_again_is_all_cached_in_the_same_mlflow_run(reference, flow_env, caplog):
+    caplog.set_level(logging.INFO, logger="ppoflow")
     state = run_flow(reference["tree"])
     summary = state.result()
     flow_run_id = state.state_details.flow_run_id
 
     assert stage_states(flow_run_id) == {stage: "Cached" for stage in STAGES}
+    said = [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "ppoflow" and "Cached, reused (" in record.getMessage()
+    ]
+    assert [line.split(":")[0] for line in said] == [f"[{i}/6] {stage}" for i, stage in enumerate(STAGES, 1)], said
     assert summary["mlflow_run_id"] == reference["summary"]["mlflow_run_id"]
     assert summary["registered_model"] == reference["summary"]["registered_model"]
     tags = mlflow.MlflowClient(tracking_uri=flow_env).get_run(summary["mlflow_run_id"]).data.tags

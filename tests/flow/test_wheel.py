@@ -156,10 +156,6 @@ def test_the_wheel_installs_one_import_root_and_runs_from_an_empty_directory(ins
     said_by_stage(flow.stderr, cached=False)
     assert "training finished earlier (step-000001, update 1 of 1): reusing it" in flow.stderr
 
-    again = run(installed, work, "run", "--config", "toy.yaml", *SHORT)
-    assert again.returncode == 0, again.stderr[-3000:]
-    said_by_stage(again.stderr, cached=True)
-
     # A workspace copied elsewhere resumes there: only output_dir differs.
     shutil.copytree(work / "runs" / "toy", work / "copied")
     moved = run(installed, work, "train", "--config", "toy.yaml", *SHORT, "--set", "output_dir=copied")
@@ -193,8 +189,8 @@ THIRD_PARTY = (
 
 
 def said_by_stage(stderr: str, cached: bool) -> None:
-    """Each stage's start and end line, in order; `Cached` on every end line of a reused run (and only
-    then); none of the libraries' progress bars or notices."""
+    """Each stage's start and end line, in order; `Cached` on no end line of a run that ran its stages
+    (tests/flow/test_flow.py sees all six Cached on a re-run); none of the libraries' bars or notices."""
     lines = [line.split(" INFO ppoflow: ", 1)[1] for line in stderr.splitlines() if " INFO ppoflow: [" in line]
     names = ("configure", "load_models", "prepare_dataset", "init_trainer", "train_ppo", "save_and_evaluate")
     assert [line.split(":")[0].rstrip(" …") for line in lines] == [

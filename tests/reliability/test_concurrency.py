@@ -87,7 +87,7 @@ def test_a_second_run_waits_and_reuses_and_a_third_without_patience_fails_clearl
         f"{output_dir} is in use by another run (pid {holder_pid} on" in waiter_log
         and "waiting for it to finish" in waiter_log
     )
-    assert "resuming from" not in waiter_log and "ppo:" not in waiter_log  # nothing trained again
+    assert "resuming from" not in waiter_log and not re.search(r"(^|\r)ppo:", waiter_log, re.M)  # no training bar
     assert watcher.pids == {holder_pid}, f"checkpoints written by {watcher.pids}, the lock holder is {holder_pid}"
     assert not watcher.overlaps, watcher.overlaps[:3]
     assert_same_run(reference, output_dir)

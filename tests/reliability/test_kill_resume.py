@@ -145,18 +145,15 @@ def while_writing_a_checkpoint(run: Restart, rng: random.Random) -> bool:
 
 
 def while_evaluating(run: Restart, rng: random.Random) -> bool:
-    """Evaluating: the last checkpoint is on disk, stage 6 has begun (its first model load after the
-    training progress bar, or the first at all in a restart with nothing left to train), no eval.json.
+    """Evaluating: the last checkpoint is on disk, stage 6 has begun (its start line since the restart),
+    no eval.json.
     Should evaluation beat the random delay, the kill lands at once instead (and is counted as such)."""
     delay = rng.uniform(0.0, 0.3)
     began: list[float] = []
 
     def evaluating() -> bool:
         if not began:
-            if (
-                NUM_UPDATES in checkpoint_steps(run.output_dir)
-                and "Loading weights" in run.new_log().split("resuming from")[-1].split("ppo:")[-1]
-            ):
+            if NUM_UPDATES in checkpoint_steps(run.output_dir) and "[6/6] save_and_evaluate …" in run.new_log():
                 began.append(time.monotonic())
                 run.evaluating = True
             return False
