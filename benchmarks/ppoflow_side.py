@@ -49,9 +49,29 @@ for entry in (str(REPO_ROOT), str(HERE)):
 import trl_baseline as tb  # noqa: E402  (stdlib-only at import time: the SPEC reader, RSS sampler, helpers)
 
 # SPEC keys that are TRL-only and have no ppoflow meaning; they are accepted and listed in the RESULT.
-TRL_ONLY_KEYS = {"num_sample_generations", "eval_batch_size", "eval_do_sample", "eval_temperature", "eval_seed",
-                 "rss_sample_interval_s", "name", "notes", "oracle_per_update", "batch_semantics", "torch_threads", "oracle", "prompts",
-                 "prompt_column", "eval_size", "max_prompt_length", "policy", "reward", "value", "ppoflow_overrides", "bf16"}
+TRL_ONLY_KEYS = {
+    "num_sample_generations",
+    "eval_batch_size",
+    "eval_do_sample",
+    "eval_temperature",
+    "eval_seed",
+    "rss_sample_interval_s",
+    "name",
+    "notes",
+    "oracle_per_update",
+    "batch_semantics",
+    "torch_threads",
+    "oracle",
+    "prompts",
+    "prompt_column",
+    "eval_size",
+    "max_prompt_length",
+    "policy",
+    "reward",
+    "value",
+    "ppoflow_overrides",
+    "bf16",
+}
 
 
 def ppo_section(spec: dict[str, Any], ppo_fields: set[str]) -> tuple[dict[str, Any], list[str]]:
@@ -125,13 +145,19 @@ def main(argv: list[str] | None = None) -> int:
     ppo, ignored = ppo_section(spec, set(FlowPPOConfig.model_fields))
     tree: dict[str, Any] = {
         "output_dir": str(workdir / "run"),
-        "models": {"policy": spec["policy"], "reward": spec["reward"], "value": spec["value"],
-                   "dtype": "bfloat16" if spec.get("bf16") else "float32"},  # bf16: autocast over fp32 weights, as TRL's bf16
+        "models": {
+            "policy": spec["policy"],
+            "reward": spec["reward"],
+            "value": spec["value"],
+            "dtype": "bfloat16" if spec.get("bf16") else "float32",
+        },  # bf16: autocast over fp32 weights, as TRL's bf16
         "data": {"path": str(train_file), "prompt_column": "prompt", "max_prompt_length": max_len, "eval_size": 0},
         "ppo": ppo,
         "tracking": {"promotion": None},  # no held-out prompts (eval_size 0), and no registry: no gate
         "reward_functions": (
-            [{"path": spec["oracle"], "name": "oracle", "weight": 0.0}] if (oracle and spec.get("oracle_per_update")) else []
+            [{"path": spec["oracle"], "name": "oracle", "weight": 0.0}]
+            if (oracle and spec.get("oracle_per_update"))
+            else []
         ),
     }
     config = build_config(tree, spec.get("ppoflow_overrides", []))  # `key.path=value`, ppoflow-only variants
@@ -156,8 +182,15 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---------- instrumentation: the same generate() counting as the TRL side ----------
     stop_ids = torch.tensor(trainer.worker.stop_token_ids)
-    counters = {"generate_calls": 0, "generate_s": 0.0, "generated_tokens": 0, "response_tokens": 0,
-                "sequences": 0, "with_stop": 0, "counting": True}
+    counters = {
+        "generate_calls": 0,
+        "generate_s": 0.0,
+        "generated_tokens": 0,
+        "response_tokens": 0,
+        "sequences": 0,
+        "with_stop": 0,
+        "counting": True,
+    }
     policy = trainer.worker.policy
     original_generate = policy.generate  # the evaluation below generates uncounted
     tb.count_generate(policy, counters, trainer.worker.stop_token_ids)
@@ -200,16 +233,20 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     eval_result: dict[str, Any] = {"size": len(eval_rows)}
     if eval_rows:
-        trained = trainer.policy.eval()
+        trainer.policy.eval()
         reward_model = trainer.worker.reward
         device = trainer.accelerator.device
         do_sample = bool(spec.get("eval_do_sample", False))
         gen_kwargs: dict[str, Any] = {
-            "max_new_tokens": config.ppo.response_length, "do_sample": do_sample,
-            "eos_token_id": trainer.worker.stop_token_ids, "pad_token_id": models.pad_token_id,
+            "max_new_tokens": config.ppo.response_length,
+            "do_sample": do_sample,
+            "eos_token_id": trainer.worker.stop_token_ids,
+            "pad_token_id": models.pad_token_id,
         }
         if do_sample:
-            gen_kwargs.update(temperature=float(spec.get("eval_temperature", config.ppo.temperature)) + 1e-7, top_k=0, top_p=1.0)
+            gen_kwargs.update(
+                temperature=float(spec.get("eval_temperature", config.ppo.temperature)) + 1e-7, top_k=0, top_p=1.0
+            )
         gen_config = GenerationConfig(**gen_kwargs)
         torch.manual_seed(int(spec.get("eval_seed", config.ppo.seed)))
         bs = int(spec.get("eval_batch_size", 64))
@@ -220,20 +257,27 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             for i in range(0, len(eval_rows), bs):
                 queries, query_mask = left_pad([ids for _, ids in eval_rows[i : i + bs]], models.pad_token_id, device)
-                seqs = original_generate(input_ids=queries, attention_mask=query_mask.long(), generation_config=gen_config)
+                seqs = original_generate(
+                    input_ids=queries, attention_mask=query_mask.long(), generation_config=gen_config
+                )
                 responses = seqs[:, queries.shape[1] :]
                 mask = response_mask(responses, stop_ids)
                 responses = responses.masked_fill(~mask, models.pad_token_id)
                 layout = padded_layout(queries, query_mask, responses, mask)
                 scores.extend(token_values(reward_model, layout.decoder_inputs(), layout.last).float().tolist())
-                completions.extend(tokenizer.decode(row[k].tolist(), skip_special_tokens=True) for row, k in zip(responses, mask))
+                completions.extend(
+                    tokenizer.decode(row[k].tolist(), skip_special_tokens=True)
+                    for row, k in zip(responses, mask, strict=True)
+                )
                 resp_tokens.extend(mask.sum(1).tolist())
                 has_stop.extend(torch.isin(responses, stop_ids.to(responses.device)).logical_and(mask).any(1).tolist())
         eval_prompts = [p for p, _ in eval_rows]
         eval_result.update(
             decoding="sample" if do_sample else "greedy",
-            reward_mean=float(np.mean(scores)), reward_std=float(np.std(scores)),
-            response_tokens_mean=float(np.mean(resp_tokens)), stop_rate=float(np.mean(has_stop)),
+            reward_mean=float(np.mean(scores)),
+            reward_std=float(np.std(scores)),
+            response_tokens_mean=float(np.mean(resp_tokens)),
+            stop_rate=float(np.mean(has_stop)),
         )
         if oracle is not None:
             values = [float(v) for v in oracle(eval_prompts, completions)]
@@ -248,24 +292,40 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "ppoflow_side",
         "name": spec.get("name"),
         "versions": {
-            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
             "ppoflow": getattr(ppoflow, "__version__", None) or importlib.metadata.version("ppoflow"),
             "accelerate": importlib.import_module("accelerate").__version__,
         },
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "device": str(trainer.accelerator.device), "dtype": str(trainer.worker.compute_dtype).removeprefix("torch.")},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "device": str(trainer.accelerator.device),
+            "dtype": str(trainer.worker.compute_dtype).removeprefix("torch."),
+        },
         "spec": spec,
         "ppoflow_config": config.ppo.model_dump(mode="json"),
         "ignored_spec_keys": ignored,
         "derived": plan.batch.model_dump(),
-        "data": {"prompts_read": len(prompts_all), "prompts_dropped_too_long": len(prompts_all) - len(kept),
-                 "train_prompts": len(train_rows), "eval_prompts": len(eval_rows), "max_prompt_length": max_len},
+        "data": {
+            "prompts_read": len(prompts_all),
+            "prompts_dropped_too_long": len(prompts_all) - len(kept),
+            "train_prompts": len(train_rows),
+            "eval_prompts": len(eval_rows),
+            "max_prompt_length": max_len,
+        },
         "timing_s": {
-            "prepare": round(prepare_s, 3), "init_checkpoint": round(init_s, 3), "trainer_setup": round(setup_s, 3),
-            "train_loop": round(train_s, 3), "train_call": round(train_call_s, 3),
+            "prepare": round(prepare_s, 3),
+            "init_checkpoint": round(init_s, 3),
+            "trainer_setup": round(setup_s, 3),
+            "train_loop": round(train_s, 3),
+            "train_call": round(train_call_s, 3),
             "train_loop_cpu": round(train_cpu_s, 3),
-            "final_checkpoint": round(train_call_s - train_s, 3), "train_generate": round(counters["generate_s"], 3),
-            "eval": round(eval_s, 3), "process_total": round(time.perf_counter() - t_process, 3),
+            "final_checkpoint": round(train_call_s - train_s, 3),
+            "train_generate": round(counters["generate_s"], 3),
+            "eval": round(eval_s, 3),
+            "process_total": round(time.perf_counter() - t_process, 3),
         },
         "phases_s": phases,
         "throughput": {

@@ -40,14 +40,34 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # SPEC keys this script consumes itself (everything else must be a PPOConfig field).
 OWN_KEYS = {
-    "policy", "reward", "value", "prompts", "prompt_column", "eval_size", "max_prompt_length", "oracle",
-    "batch_semantics", "torch_threads", "eval_batch_size", "eval_do_sample", "eval_temperature", "eval_seed",
-    "rss_sample_interval_s", "name", "notes", "oracle_per_update",
+    "policy",
+    "reward",
+    "value",
+    "prompts",
+    "prompt_column",
+    "eval_size",
+    "max_prompt_length",
+    "oracle",
+    "batch_semantics",
+    "torch_threads",
+    "eval_batch_size",
+    "eval_do_sample",
+    "eval_temperature",
+    "eval_seed",
+    "rss_sample_interval_s",
+    "name",
+    "notes",
+    "oracle_per_update",
 }
 # PPOConfig fields the benchmark fixes; a SPEC may not change them.
 FIXED_CONFIG = {
-    "fp16": False, "report_to": "none", "save_strategy": "no", "eval_strategy": "no",
-    "push_to_hub": False, "logging_steps": 1, "disable_tqdm": True,
+    "fp16": False,
+    "report_to": "none",
+    "save_strategy": "no",
+    "eval_strategy": "no",
+    "push_to_hub": False,
+    "logging_steps": 1,
+    "disable_tqdm": True,
 }
 # PPOConfig fields the benchmark sets unless the SPEC says otherwise.
 DEFAULT_CONFIG = {
@@ -270,8 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     if tokenizer.pad_token_id is None:
         raise SpecError("the policy tokenizer has no pad token; TRL's PPO needs one (and pad != eos)")
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
-        print("WARNING: pad == eos: TRL truncates responses with pad and finds their ends by the first pad",
-              file=sys.stderr)
+        print(
+            "WARNING: pad == eos: TRL truncates responses with pad and finds their ends by the first pad",
+            file=sys.stderr,
+        )
     dtype = torch.float32
     policy = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=dtype)
     ref_policy = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=dtype)
@@ -305,20 +327,36 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---------- instrumentation ----------
     stop_id_for_count = tokenizer.eos_token_id if config.stop_token == "eos" else config.stop_token_id
-    counters = {"generate_calls": 0, "generate_s": 0.0, "generated_tokens": 0, "response_tokens": 0,
-                "sequences": 0, "with_stop": 0, "optimizer_steps": 0, "counting": True}
+    counters = {
+        "generate_calls": 0,
+        "generate_s": 0.0,
+        "generated_tokens": 0,
+        "response_tokens": 0,
+        "sequences": 0,
+        "with_stop": 0,
+        "optimizer_steps": 0,
+        "counting": True,
+    }
     # Optional learning curve of the oracle: the rollout completions of each update, scored by the oracle
     # (a decode and an oracle call per update inside the timed loop: for learning runs, not throughput runs).
     oracle_per_update = bool(spec.get("oracle_per_update")) and oracle is not None
     oracle_acc = {"sum": 0.0, "n": 0}
+
     def score_with_oracle(queries, new, lengths) -> None:
-        texts = [tokenizer.decode(row[: int(n)].tolist(), skip_special_tokens=True) for row, n in zip(new, lengths)]
+        texts = [
+            tokenizer.decode(row[: int(n)].tolist(), skip_special_tokens=True)
+            for row, n in zip(new, lengths, strict=True)
+        ]
         values = oracle(tokenizer.batch_decode(queries, skip_special_tokens=True), texts)
         oracle_acc["sum"] += float(sum(values))
         oracle_acc["n"] += len(values)
 
-    count_generate(policy, counters, None if stop_id_for_count is None else [stop_id_for_count],
-                   score_with_oracle if oracle_per_update else None)
+    count_generate(
+        policy,
+        counters,
+        None if stop_id_for_count is None else [stop_id_for_count],
+        score_with_oracle if oracle_per_update else None,
+    )
 
     logs: list[dict[str, Any]] = []  # one row per TRL log call (one per update: logging_steps=1)
     train_t0: list[float] = []
@@ -338,7 +376,10 @@ def main(argv: list[str] | None = None) -> int:
                 if phase_train_start:  # the training phase of this update: first grad forward -> this log call
                     phase_s["train"] += time.perf_counter() - phase_train_start.pop()
                     phase_train_start.clear()
-                row["bench/phases_cum_s"] = {k: round(v, 4) for k, v in phase_s.items()}
+                row["bench/phases_cum_s"] = {
+                    "rollout": round(counters["generate_s"], 4),
+                    **{k: round(v, 4) for k, v in phase_s.items()},
+                }
                 collected.append(row)
 
     collected = logs  # `logs` is on_log's own argument name inside the callback
@@ -391,7 +432,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Count real optimizer steps (accelerate skips `optimizer.step()` while accumulating).
     inner_opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-    inner_opt.register_step_post_hook(lambda *a, **k: counters.__setitem__("optimizer_steps", counters["optimizer_steps"] + 1))
+    inner_opt.register_step_post_hook(
+        lambda *a, **k: counters.__setitem__("optimizer_steps", counters["optimizer_steps"] + 1)
+    )
 
     # ---------- the timed training loop ----------
     gc.collect()
@@ -422,8 +465,9 @@ def main(argv: list[str] | None = None) -> int:
         do_sample = bool(spec.get("eval_do_sample", False))
         gen_kwargs: dict[str, Any] = {"max_new_tokens": config.response_length, "do_sample": do_sample}
         if do_sample:
-            gen_kwargs.update(temperature=float(spec.get("eval_temperature", config.temperature)) + 1e-7,
-                              top_k=0, top_p=1.0)
+            gen_kwargs.update(
+                temperature=float(spec.get("eval_temperature", config.temperature)) + 1e-7, top_k=0, top_p=1.0
+            )
         gen_config = GenerationConfig(**gen_kwargs)
         torch.manual_seed(int(spec.get("eval_seed", seed)))
         bs = int(spec.get("eval_batch_size", 64))
@@ -442,9 +486,7 @@ def main(argv: list[str] | None = None) -> int:
                 query_responses, _ = batch_generation(trained, queries, bs, pad_id, gen_config)
                 response = query_responses[:, context_length:]
                 post = truncate_response(stop_id, pad_id, response) if stop_id is not None else response
-                _, score, _ = get_reward(
-                    trainer.reward_model, torch.cat((queries, post), 1), pad_id, context_length
-                )
+                _, score, _ = get_reward(trainer.reward_model, torch.cat((queries, post), 1), pad_id, context_length)
                 scores.extend(score.float().view(-1).tolist())
                 completions.extend(tokenizer.batch_decode(post, skip_special_tokens=True))
                 resp_tokens.extend((post != pad_id).sum(dim=1).tolist())
@@ -465,8 +507,12 @@ def main(argv: list[str] | None = None) -> int:
                 oracle_sha = hashlib.sha256(oracle_src.encode()).hexdigest()[:16]
             except (OSError, TypeError, KeyError):
                 oracle_sha = None
-            eval_result.update(oracle=spec["oracle"], oracle_module_sha256=oracle_sha,
-                               oracle_mean=float(np.mean(values)), oracle_values=values)
+            eval_result.update(
+                oracle=spec["oracle"],
+                oracle_module_sha256=oracle_sha,
+                oracle_mean=float(np.mean(values)),
+                oracle_values=values,
+            )
         eval_result.update(prompts=eval_prompts, completions=completions, rewards=scores)
     eval_s = time.perf_counter() - t0
 
@@ -474,61 +520,110 @@ def main(argv: list[str] | None = None) -> int:
     train_src = inspect.getsource(PPOTrainer.train)
     sched = trainer.lr_scheduler
     opt_defaults = {  # lr and weight_decay are per param group (below), not these constructor defaults
-        k: v for k, v in inner_opt.defaults.items()
+        k: v
+        for k, v in inner_opt.defaults.items()
         if isinstance(v, (int, float, bool, str, tuple)) and k not in ("lr", "weight_decay")
     }
     opt_groups = [
-        {"params": sum(p.numel() for p in g["params"]), "weight_decay": g.get("weight_decay"), "eps": g.get("eps"),
-         "betas": g.get("betas")}
+        {
+            "params": sum(p.numel() for p in g["params"]),
+            "weight_decay": g.get("weight_decay"),
+            "eps": g.get("eps"),
+            "betas": g.get("betas"),
+        }
         for g in inner_opt.param_groups
     ]
     result = {
         "benchmark": "trl_baseline",
         "name": spec.get("name"),
         "versions": {
-            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "trl": trl.__version__, "accelerate": importlib.import_module("accelerate").__version__,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "trl": trl.__version__,
+            "accelerate": importlib.import_module("accelerate").__version__,
             "datasets": importlib.import_module("datasets").__version__,
         },
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "device": str(trainer.accelerator.device), "dtype": "bfloat16" if config.bf16 else "float32"},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "device": str(trainer.accelerator.device),
+            "dtype": "bfloat16" if config.bf16 else "float32",
+        },
         "spec": spec,
         "trl_config": {
             k: getattr(config, k, None)
             for k in (
-                "total_episodes", "per_device_train_batch_size", "gradient_accumulation_steps", "num_ppo_epochs",
-                "num_mini_batches", "local_rollout_forward_batch_size", "response_length", "stop_token",
-                "stop_token_id", "temperature", "missing_eos_penalty", "kl_coef", "kl_estimator", "cliprange",
-                "vf_coef", "cliprange_value", "gamma", "lam", "whiten_rewards", "learning_rate", "max_grad_norm",
-                "lr_scheduler_type", "warmup_ratio", "weight_decay", "adam_epsilon", "optim", "seed",
-                "num_sample_generations", "gradient_checkpointing", "bf16",
+                "total_episodes",
+                "per_device_train_batch_size",
+                "gradient_accumulation_steps",
+                "num_ppo_epochs",
+                "num_mini_batches",
+                "local_rollout_forward_batch_size",
+                "response_length",
+                "stop_token",
+                "stop_token_id",
+                "temperature",
+                "missing_eos_penalty",
+                "kl_coef",
+                "kl_estimator",
+                "cliprange",
+                "vf_coef",
+                "cliprange_value",
+                "gamma",
+                "lam",
+                "whiten_rewards",
+                "learning_rate",
+                "max_grad_norm",
+                "lr_scheduler_type",
+                "warmup_ratio",
+                "weight_decay",
+                "adam_epsilon",
+                "optim",
+                "seed",
+                "num_sample_generations",
+                "gradient_checkpointing",
+                "bf16",
             )
         },
         "derived": {
-            "world_size": config.world_size, "local_batch_size": config.local_batch_size,
-            "batch_size": config.batch_size, "micro_batch_size": config.micro_batch_size,
-            "local_mini_batch_size": config.local_mini_batch_size, "mini_batch_size": config.mini_batch_size,
+            "world_size": config.world_size,
+            "local_batch_size": config.local_batch_size,
+            "batch_size": config.batch_size,
+            "micro_batch_size": config.micro_batch_size,
+            "local_mini_batch_size": config.local_mini_batch_size,
+            "mini_batch_size": config.mini_batch_size,
             "forward_micro_batch": min(config.per_device_train_batch_size, config.local_mini_batch_size),
             "num_total_batches": n_updates,
             "stop_token_id_used": trainer.stop_token_id,
         },
-        "data": {"prompts_read": len(prompts_all), "prompts_dropped_too_long": len(prompts_all) - len(kept),
-                 "train_prompts": len(train_rows), "eval_prompts": len(eval_rows), "max_prompt_length": max_len},
+        "data": {
+            "prompts_read": len(prompts_all),
+            "prompts_dropped_too_long": len(prompts_all) - len(kept),
+            "train_prompts": len(train_rows),
+            "eval_prompts": len(eval_rows),
+            "max_prompt_length": max_len,
+        },
         "timing_s": {
-            "load_models": round(load_s, 3), "tokenize": round(tokenize_s, 3), "trainer_setup": round(setup_s, 3),
-            "train_loop": round(train_s, 3), "train_loop_cpu": round(train_cpu_s, 3),
+            "load_models": round(load_s, 3),
+            "tokenize": round(tokenize_s, 3),
+            "trainer_setup": round(setup_s, 3),
+            "train_loop": round(train_s, 3),
+            "train_loop_cpu": round(train_cpu_s, 3),
             "train_generate": round(counters["generate_s"], 3),
-            "eval": round(eval_s, 3), "process_total": round(time.perf_counter() - t_process, 3),
+            "eval": round(eval_s, 3),
+            "process_total": round(time.perf_counter() - t_process, 3),
         },
         "phases_s": {
-            "rollout": round(counters["generate_s"], 4), "policy": 0.0,
+            "rollout": round(counters["generate_s"], 4),
+            "policy": 0.0,
             **{k: round(v, 4) for k, v in phase_s.items()},
             "step": round(train_s, 4),
             "other": round(train_s - counters["generate_s"] - sum(phase_s.values()), 4),
             "notes": "rollout = generate(); ref/value/score = no-grad forwards of the reference, value and reward "
-                     "backbones; train = first grad forward of an update to its log call; other = the rest "
-                     "(log-probs from scores, GAE, whitening, gc.collect, empty_cache); policy = 0 (log-probs come "
-                     "from generate()'s scores).",
+            "backbones; train = first grad forward of an update to its log call; other = the rest "
+            "(log-probs from scores, GAE, whitening, gc.collect, empty_cache); policy = 0 (log-probs come "
+            "from generate()'s scores).",
         },
         "throughput": {
             "updates": n_updates,
@@ -543,9 +638,9 @@ def main(argv: list[str] | None = None) -> int:
             "optimizer_steps": counters["optimizer_steps"],
             "s_per_update": train_s / max(1, n_updates),
             "notes": "response_tokens: tokens up to and including the first stop token (all tokens if none), as "
-                     "counted on the policy's generate() output during train(); generated_tokens: every position "
-                     "generate() produced, including padding after sequences that stopped early; "
-                     "upper_bound_*: response_length * episodes / train_loop seconds.",
+            "counted on the policy's generate() output during train(); generated_tokens: every position "
+            "generate() produced, including padding after sequences that stopped early; "
+            "upper_bound_*: response_length * episodes / train_loop seconds.",
         },
         "memory": {
             "rss_before_train_mib": mib(rss_before_train),

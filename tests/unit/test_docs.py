@@ -116,6 +116,10 @@ RUN_BY_HAND = {
     "make demo-smol": "about 45 min of training on 2 cores; its figures are in docs/REAL_MODEL.md",
     "make bench-smol": "make demo-smol, then the independent check; its figures are in docs/REAL_MODEL.md",
     "make bench": "15-20 min against TRL in .venv-bench (--quick: 4 min); its figures are in docs/PERFORMANCE.md",
+    "make bench-smol-speed": (
+        "about 10 min against TRL in .venv-bench on SmolLM2-135M, and it needs `make smol`'s world (about 30 min); "
+        "its figures are in docs/PERFORMANCE.md"
+    ),
     "make bench-venv": "builds .venv-bench from the package registry (about 1.5 min); only the benchmark needs it",
     "make bench-trl": "needs .venv-bench (TRL 1.12), which the test suite does not build",
     ".venv-bench/bin/python benchmarks/trl_baseline.py": (
