@@ -23,7 +23,7 @@ def smol_world(tmp_path_factory) -> tuple[Path, dict]:
     from ppoflow.smol import build_smol
 
     out = tmp_path_factory.mktemp("smol")
-    return out, build_smol(out, seed=0, n_prompts=24, n_reward_prompts=8, n_heldout_prompts=8)
+    return out, build_smol(out, seed=0, n_prompts=24, n_reward_prompts=4, n_heldout_prompts=4)
 
 
 def test_the_converted_directory_computes_what_the_gguf_model_computes(smol_world):
@@ -62,7 +62,7 @@ def test_a_small_world_has_conversations_a_trained_reward_model_and_its_record(s
     assert len(rows) == 24 and all([m["role"] for m in row["prompt"]] == ["system", "user"] for row in rows)
     assert sum(len((out / p["file"]).read_text().splitlines()) for p in summary["prompts"]["partitions"]) == 24
     reward = summary["reward"]
-    assert reward["train"]["sampled"] == 8 and reward["train_pairs"] == 8 - reward["train"]["ties_dropped"]
+    assert reward["train"]["sampled"] == 4 and reward["train_pairs"] == 4 - reward["train"]["ties_dropped"]
     assert 0.0 <= reward["heldout_accuracy"] <= 1.0 and reward["trained_parameters"] < 30_000_000
     reward_prompts = {
         json.dumps(row["messages"]) for row in json.loads((out / "reward_answers.json").read_text())["train"]
@@ -70,7 +70,7 @@ def test_a_small_world_has_conversations_a_trained_reward_model_and_its_record(s
     assert not reward_prompts & {json.dumps(row["prompt"]) for row in rows}, (
         "PPO prompts must be new to the reward model"
     )
-    again = build_smol(out, seed=0, n_prompts=24, n_reward_prompts=8, n_heldout_prompts=8)
+    again = build_smol(out, seed=0, n_prompts=24, n_reward_prompts=4, n_heldout_prompts=4)
     assert again["reward"] == reward, "a second build with the same settings keeps the reward model"
 
 
