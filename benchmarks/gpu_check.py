@@ -214,14 +214,8 @@ def check_packing(ctx: dict[str, Any]) -> dict[str, Any]:
 
     import torch
 
-    from ppoflow.models import (
-        load_causal_lm,
-        load_classifier,
-        packing_supported,
-        resolve_dtype,
-        response_logits,
-        token_values,
-    )
+    from ppoflow.forwards import packing_supported, response_logits, token_values
+    from ppoflow.models import load_causal_lm, load_classifier, resolve_dtype
     from ppoflow.packing import packed_layout, padded_layout
 
     device = torch.device("cuda" if ctx["cuda"] else "cpu")

@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     from ppoflow.checkpoint import newest_valid_checkpoint
     from ppoflow.config import PPOConfig as FlowPPOConfig
     from ppoflow.config import build_config
+    from ppoflow.forwards import token_values
     from ppoflow.losses import response_mask
-    from ppoflow.models import token_values
     from ppoflow.packing import padded_layout
     from ppoflow.rollout import left_pad
     from ppoflow.trainer import PPOTrainer

@@ -54,8 +54,8 @@ from ppoflow.config import CHAT_TEMPLATE_CHOICES, HUB_ID, BatchPlan, DataConfig
 from ppoflow.errors import ConfigError, DataError
 from ppoflow.hashing import partitions_digest, sha256_file, sha256_tree
 from ppoflow.manifests import DatasetManifest, PartitionRecord
-from ppoflow.models import tokenizer_identity
 from ppoflow.partitions import Partition, select_partitions
+from ppoflow.tokenizers import tokenizer_identity
 
 logger = logging.getLogger(__name__)
 

@@ -25,10 +25,11 @@ from ppoflow.checkpoint import capture_rng, restore_rng
 from ppoflow.config import RunConfig
 from ppoflow.data import load_prompts
 from ppoflow.manifests import ModelManifest
-from ppoflow.models import load_frozen, load_tokenizer
+from ppoflow.models import load_frozen
 from ppoflow.reward_inputs import conversations
 from ppoflow.rewards import load_reward_functions
 from ppoflow.rollout import RolloutWorker, build_worker, left_pad
+from ppoflow.tokenizers import load_tokenizer
 from ppoflow.workspace import EVAL_FILE, SAMPLES_FILE
 
 

@@ -49,17 +49,7 @@ from ppoflow.evaluate import evaluate_policy, save_policy, write_eval
 from ppoflow.hashing import sha256_tree
 from ppoflow.locking import output_dir_lock
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, Release, RunPlan, training_fingerprint
-from ppoflow.models import (
-    REGISTRY_FIELDS,
-    describe_models,
-    load_policy,
-    load_released,
-    load_tokenizer,
-    pin_registry_sources,
-    prepare_tokenizers,
-    restore_registry_sources,
-    settle_value_source,
-)
+from ppoflow.models import load_policy, load_released
 from ppoflow.rewards import load_reward_functions
 from ppoflow.runtime import (
     check_launched_plain,
@@ -70,6 +60,8 @@ from ppoflow.runtime import (
     process_state,
     read_accelerate_config,
 )
+from ppoflow.sources import REGISTRY_FIELDS, describe_models, pin_registry_sources, restore_registry_sources
+from ppoflow.tokenizers import load_tokenizer, prepare_tokenizers, settle_value_source
 from ppoflow.trainer import MetricsCallback, PPOTrainer
 from ppoflow.workspace import EVAL_FILE, METRICS_FILE, SAMPLES_FILE, SPOOL_FILE
 

@@ -19,18 +19,13 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 
 from ppoflow.config import RunConfig
+from ppoflow.forwards import has_logit_transform, response_logits, token_values, use_packing
 from ppoflow.losses import holds_token, logprobs_of, response_mask
 from ppoflow.manifests import ModelManifest
-from ppoflow.models import (
-    has_logit_transform,
-    load_tokenizer,
-    resolve_dtype,
-    response_logits,
-    token_values,
-    use_packing,
-)
+from ppoflow.models import resolve_dtype
 from ppoflow.packing import Layout, make_layout
 from ppoflow.reward_inputs import Messages, RewardTextEncoder
+from ppoflow.tokenizers import load_tokenizer
 
 
 @dataclass

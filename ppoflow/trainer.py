@@ -46,16 +46,10 @@ from ppoflow.checkpoint import (
 from ppoflow.data import load_prompts, local_batch
 from ppoflow.errors import CheckpointError, TrainingDiverged
 from ppoflow.evaluate import Evaluator
+from ppoflow.forwards import response_logits, token_values
 from ppoflow.losses import entropy_from_logits, logprobs_of, policy_loss, value_loss
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, RunPlan, training_fingerprint
-from ppoflow.models import (
-    load_frozen,
-    load_policy,
-    load_tokenizer,
-    load_value,
-    response_logits,
-    token_values,
-)
+from ppoflow.models import load_frozen, load_policy, load_value
 from ppoflow.reward_inputs import conversations
 from ppoflow.rewards import load_reward_functions
 from ppoflow.rollout import Rollout, build_worker, left_pad
@@ -72,6 +66,7 @@ from ppoflow.sharding import (
     shard,
     sharded_forwards,
 )
+from ppoflow.tokenizers import load_tokenizer
 from ppoflow.workspace import METRICS_FILE
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ import pytest
 
 from ppoflow import pipeline
 from ppoflow.data import load_prompts
-from ppoflow.models import load_tokenizer
+from ppoflow.tokenizers import load_tokenizer
 
 pytestmark = pytest.mark.slow  # trains on the toy world
 

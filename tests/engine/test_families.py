@@ -23,16 +23,10 @@ from transformers import (
 from ppoflow.checkpoint import newest_valid_checkpoint
 from ppoflow.config import PeftConfig
 from ppoflow.errors import ModelError
-from ppoflow.models import (
-    add_lora,
-    describe_source,
-    disable_dropout,
-    load_causal_lm,
-    load_classifier,
-    packing_supported,
-    token_values,
-)
+from ppoflow.forwards import packing_supported, token_values
+from ppoflow.models import add_lora, disable_dropout, load_causal_lm, load_classifier
 from ppoflow.pipeline import run_all
+from ppoflow.sources import describe_source
 from tests.engine.conftest import toy_config
 from tests.families import DROPOUT, FAMILIES, QWEN_TOKENS, build_family, build_model
 

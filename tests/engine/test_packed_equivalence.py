@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from ppoflow.models import load_causal_lm, load_classifier, packing_supported, response_logits, token_values
+from ppoflow.forwards import packing_supported, response_logits, token_values
+from ppoflow.models import load_causal_lm, load_classifier
 from ppoflow.packing import packed_layout, padded_layout
 from ppoflow.rollout import RolloutWorker, left_pad
 

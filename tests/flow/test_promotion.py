@@ -119,7 +119,7 @@ def test_registry_uris_resolve_to_one_version_fetched_once_as_a_model_directory(
 
     # the first run of a chain: an alias that points nowhere yet falls back to models.policy_fallback
     from ppoflow.config import ModelsConfig
-    from ppoflow.models import pin_registry_sources
+    from ppoflow.sources import pin_registry_sources
 
     chained = ModelsConfig(policy=f"models:/{NAME}@nobody", policy_fallback="/sft", reward=f"models:/{NAME}/2")
     pinned_config, pinned = pin_registry_sources(chained, tmp_path)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from ppoflow.models import packing_supported, use_packing
+from ppoflow.forwards import packing_supported, use_packing
 from ppoflow.packing import choose_row_tokens, packed_layout, padded_layout
 
 # Row 0: prompt [5, 6] (one left pad), response [10, 2] then pad. Row 1: prompt [7, 8, 9], response [11, 12, 2].
