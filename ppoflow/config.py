@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import math
 import re
 import typing
 from datetime import datetime, timezone
@@ -21,7 +20,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from ppoflow.errors import ConfigError
-from ppoflow.partitions import is_glob, select_partitions
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 REGISTRY_URI = re.compile(r"models:/(?P<name>[^/@\s]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>[1-9][0-9]*))")
@@ -558,67 +556,6 @@ def config_differences(before: dict[str, Any], after: dict[str, Any], limit: int
     return changed[:limit] + ([f"and {len(changed) - limit} more"] if len(changed) > limit else [])
 
 
-class BatchPlan(BaseModel):
-    """Derived batch arithmetic, exactly TRL 1.12's `PPOConfig`: a rollout batch is
-    `per_device_train_batch_size × gradient_accumulation_steps` prompts per process, split into
-    `num_mini_batches` mini-batches; each mini-batch is processed in micro-batches of at most
-    `per_device_train_batch_size` and ends with one optimizer step (TRL stepped only every
-    `gradient_accumulation_steps` micro-batches, i.e. once per epoch, whatever `num_mini_batches`)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    world_size: int
-    local_batch_size: int
-    batch_size: int
-    local_mini_batch_size: int
-    mini_batch_size: int
-    local_micro_batch_size: int
-    micro_batch_size: int
-    micro_batches_per_mini_batch: int
-    num_updates: int
-    optimizer_steps: int
-
-    @classmethod
-    def derive(cls, ppo: PPOConfig, world_size: int = 1) -> BatchPlan:
-        local_batch = ppo.per_device_train_batch_size * ppo.gradient_accumulation_steps
-        batch = local_batch * world_size
-        if local_batch % ppo.num_mini_batches:
-            raise ConfigError(
-                "ppo.num_mini_batches",
-                f"{ppo.num_mini_batches} does not divide the per-process rollout batch of {local_batch} "
-                "(per_device_train_batch_size × gradient_accumulation_steps)",
-                f"choose a divisor of {local_batch}",
-            )
-        local_mini = local_batch // ppo.num_mini_batches
-        local_micro = min(ppo.per_device_train_batch_size, local_mini)
-        if local_mini % local_micro:
-            raise ConfigError(
-                "ppo.per_device_train_batch_size",
-                f"{local_micro} does not divide the per-process mini-batch of {local_mini}",
-                "make gradient_accumulation_steps a multiple of num_mini_batches",
-            )
-        if ppo.total_episodes < batch:
-            raise ConfigError(
-                "ppo.total_episodes",
-                f"{ppo.total_episodes} is smaller than one rollout batch of {batch} "
-                f"(per_device_train_batch_size × gradient_accumulation_steps × {world_size} processes)",
-                f"set it to at least {batch} or shrink the batch",
-            )
-        num_updates = math.ceil(ppo.total_episodes / batch)
-        return cls(
-            world_size=world_size,
-            local_batch_size=local_batch,
-            batch_size=batch,
-            local_mini_batch_size=local_mini,
-            mini_batch_size=local_mini * world_size,
-            local_micro_batch_size=local_micro,
-            micro_batch_size=local_micro * world_size,
-            micro_batches_per_mini_batch=local_mini // local_micro,
-            num_updates=num_updates,
-            optimizer_steps=num_updates * ppo.num_ppo_epochs * ppo.num_mini_batches,
-        )
-
-
 def output_dir_placeholders(output_dir: str | Path) -> set[str]:
     """The placeholders (`date`, `flow_run`) in an output_dir; ValueError for an unknown one or a stray brace."""
     text = str(output_dir)
@@ -783,88 +720,3 @@ def names_registry_alias(models: ModelsConfig) -> bool:
         (match := REGISTRY_URI.fullmatch(getattr(models, field) or "")) is not None and match["alias"] is not None
         for field in MODEL_SOURCE_FIELDS
     )
-
-
-def check_model_source(field: str, source: str) -> None:
-    """A local path must exist, a registry URI be well formed; anything else must look like a Hub id."""
-    if is_registry_uri(source):
-        if not REGISTRY_URI.fullmatch(source):
-            raise ConfigError(
-                field, f"{source!r} is not a registry URI", "write models:/NAME@ALIAS or models:/NAME/VERSION"
-            )
-        return
-    if Path(source).expanduser().exists():
-        return
-    if not HUB_ID.fullmatch(source):
-        raise ConfigError(
-            field,
-            f"{source!r} is neither an existing directory nor a Hub id",
-            "fix the path (build the toy with `ppoflow toy --out DIR`)",
-        )
-
-
-def read_text_file(path: str | Path, field: str, fix: str) -> str:
-    """A file the config names, as text: one that cannot be read, or is not UTF-8 text (a binary file,
-    a gzip archive, another encoding), is refused naming the field."""
-    try:
-        return Path(path).expanduser().read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            field, f"{path} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start : exc.start + 1]!r})", fix
-        ) from None
-    except OSError as exc:
-        raise ConfigError(field, f"{path} cannot be read ({exc.strerror or type(exc).__name__})", fix) from None
-
-
-def validate_sources(config: RunConfig) -> None:
-    """Cheap existence checks on every path the config names, before anything is loaded."""
-    models = config.models
-    if models.attn_implementation == "flash_attention_2":
-        import importlib.util
-
-        import torch
-
-        if not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None:
-            raise ConfigError(
-                "models.attn_implementation",
-                "flash_attention_2 needs a CUDA GPU and the flash-attn package, and this machine lacks "
-                + ("a GPU" if not torch.cuda.is_available() else "flash-attn"),
-                "use auto or sdpa here (or pip install flash-attn on a GPU machine)",
-            )
-    for field in MODEL_SOURCE_FIELDS:
-        source = getattr(models, field)
-        if source is not None:
-            check_model_source(f"models.{field}", source)
-    if models.policy_fallback is not None:
-        match = REGISTRY_URI.fullmatch(models.policy)
-        if match is None or match["alias"] is None or is_registry_uri(models.policy_fallback):
-            raise ConfigError(
-                "models.policy_fallback",
-                "is only for a models.policy of the form models:/NAME@ALIAS, and must be a local directory or Hub id",
-                "remove it, or point models.policy at a registry alias",
-            )
-    data_path = config.data.path
-    select_partitions(data_path, config.data.window)  # a glob matching nothing, unordered names, a window on one file
-    if not is_glob(data_path) and not Path(data_path).expanduser().exists() and not HUB_ID.fullmatch(data_path):
-        raise ConfigError(
-            "data.path",
-            f"{data_path!r} does not exist",
-            "point it at a JSONL/Parquet file, a saved dataset or a Hub id",
-        )
-    chat_template = config.data.chat_template
-    if chat_template not in CHAT_TEMPLATE_CHOICES:
-        if not Path(chat_template).expanduser().is_file():
-            raise ConfigError(
-                "data.chat_template",
-                f"{chat_template!r} is not a file",
-                "point it at a Jinja chat template file, or set it to auto or none",
-            )
-        read_text_file(chat_template, "data.chat_template", "point it at a Jinja chat template file (UTF-8 text)")
-    if config.peft.enabled and models.ref is not None:
-        raise ConfigError(
-            "models.ref",
-            "is set while peft.enabled is true",
-            "remove it: with LoRA the base model with the adapter disabled is the reference",
-        )
-    if config.ppo.stop_token_id is not None and config.ppo.stop_token is not None:
-        raise ConfigError("ppo.stop_token_id", "is set together with ppo.stop_token", "set only one of them")

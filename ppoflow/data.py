@@ -50,7 +50,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ppoflow.atomic import write_directory
-from ppoflow.config import CHAT_TEMPLATE_CHOICES, HUB_ID, BatchPlan, DataConfig
+from ppoflow.batching import BatchPlan
+from ppoflow.config import CHAT_TEMPLATE_CHOICES, HUB_ID, DataConfig
 from ppoflow.errors import ConfigError, DataError
 from ppoflow.hashing import partitions_digest, sha256_file, sha256_tree
 from ppoflow.manifests import DatasetManifest, PartitionRecord

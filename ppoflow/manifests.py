@@ -14,8 +14,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from ppoflow.batching import BatchPlan
 from ppoflow.checkpoint import verify_checkpoint
-from ppoflow.config import BatchPlan, DataWindow, RunConfig
+from ppoflow.config import DataWindow, RunConfig
 from ppoflow.errors import CheckpointError, PpoflowError
 from ppoflow.hashing import local_source_digest, sha256_file, sha256_tree
 

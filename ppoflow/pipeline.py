@@ -23,6 +23,7 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ppoflow.atomic import write_text_atomic
+from ppoflow.batching import BatchPlan
 from ppoflow.checkpoint import (
     list_checkpoints,
     newest_state,
@@ -32,7 +33,6 @@ from ppoflow.checkpoint import (
     verify_checkpoint,
 )
 from ppoflow.config import (
-    BatchPlan,
     ModelsConfig,
     RunConfig,
     build_config,
@@ -40,7 +40,6 @@ from ppoflow.config import (
     expand_output_dir,
     is_registry_uri,
     output_dir_placeholders,
-    validate_sources,
 )
 from ppoflow.console import run_stage
 from ppoflow.data import prepare_prompts
@@ -50,6 +49,7 @@ from ppoflow.hashing import sha256_tree
 from ppoflow.locking import output_dir_lock
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, Release, RunPlan, training_fingerprint
 from ppoflow.models import load_policy, load_released
+from ppoflow.preflight import validate_sources
 from ppoflow.rewards import load_reward_functions
 from ppoflow.runtime import (
     check_launched_plain,

@@ -18,8 +18,9 @@ import torch
 from accelerate import Accelerator, PartialState
 
 from ppoflow.atomic import write_text_atomic
-from ppoflow.config import PPOConfig, RuntimeConfig, read_text_file
+from ppoflow.config import PPOConfig, RuntimeConfig
 from ppoflow.errors import ConfigError
+from ppoflow.preflight import read_text_file
 
 log = logging.getLogger(__name__)
 

@@ -133,7 +133,8 @@ def policy_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def make_plan(tmp_path, policy_dir):
     """`build(name, **sections)` -> a RunPlan over the tiny policy, its output_dir `tmp_path/name`."""
-    from ppoflow.config import BatchPlan, DataConfig, ModelsConfig, PPOConfig, RunConfig, TrackingConfig
+    from ppoflow.batching import BatchPlan
+    from ppoflow.config import DataConfig, ModelsConfig, PPOConfig, RunConfig, TrackingConfig
     from ppoflow.manifests import RunPlan
 
     def build(name: str = "job", **sections) -> RunPlan:

@@ -15,9 +15,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ppoflow.config import PromotionConfig, check_model_source
+from ppoflow.config import PromotionConfig
 from ppoflow.errors import ConfigError, ModelError
 from ppoflow.manifests import Release
+from ppoflow.preflight import check_model_source
 from ppoflow.tracking import log_release, open_run
 from ppoflow.tracking.promotion import alias_holder, decide, gate
 from ppoflow.tracking.registry import FETCHED, fetch, resolve
@@ -32,7 +33,8 @@ EVAL = {"reward_policy": 1.5, "reward_ref": 0.5, "win_rate": 0.75, "kl": 2.0, "e
 @pytest.fixture(scope="module")
 def registry(store, policy_dir, tmp_path_factory):
     """Version 1 through log_release, versions 2 and 3 from a plain directory; returns the run of v1."""
-    from ppoflow.config import BatchPlan, DataConfig, ModelsConfig, PPOConfig, RunConfig, TrackingConfig
+    from ppoflow.batching import BatchPlan
+    from ppoflow.config import DataConfig, ModelsConfig, PPOConfig, RunConfig, TrackingConfig
     from ppoflow.manifests import RunPlan
 
     base = tmp_path_factory.mktemp("registry")
@@ -126,7 +128,8 @@ def test_registry_uris_resolve_to_one_version_fetched_once_as_a_model_directory(
     assert (pinned_config.policy, pinned_config.reward) == ("/sft", str(plain))
     assert pinned == {plain: (f"models:/{NAME}/2", f"models:/{NAME}/2")}
     with pytest.raises(ConfigError, match="models.policy_fallback"):
-        from ppoflow.config import RunConfig, validate_sources
+        from ppoflow.config import RunConfig
+        from ppoflow.preflight import validate_sources
 
         validate_sources(
             RunConfig(

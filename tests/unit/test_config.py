@@ -7,15 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ppoflow.config import (
-    BatchPlan,
-    PPOConfig,
-    build_config,
-    expand_output_dir,
-    load_config,
-    names_registry_alias,
-    parse_override,
-)
+from ppoflow.batching import BatchPlan
+from ppoflow.config import PPOConfig, build_config, expand_output_dir, load_config, names_registry_alias, parse_override
 from ppoflow.errors import ConfigError
 from ppoflow.pipeline import configure
 

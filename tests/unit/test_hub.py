@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from huggingface_hub import constants
 
-from ppoflow.config import BatchPlan, build_config
+from ppoflow.batching import BatchPlan
+from ppoflow.config import build_config
 from ppoflow.errors import ConfigError, TrackingError
 from ppoflow.hub import check_push, push_policy
 from ppoflow.manifests import DatasetManifest, Release, RunPlan

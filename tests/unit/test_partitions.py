@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from ppoflow.config import DataWindow, build_config, validate_sources
+from ppoflow.config import DataWindow, build_config
 from ppoflow.errors import ConfigError, DataError
 from ppoflow.partitions import find_partitions, partition_date, select_partitions
+from ppoflow.preflight import validate_sources
 
 
 def touch(directory: Path, *names: str) -> Path:

@@ -12,8 +12,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from ppoflow import pipeline
+from ppoflow.batching import BatchPlan
 from ppoflow.checkpoint import verify_checkpoint, write_checkpoint
-from ppoflow.config import BatchPlan, DataConfig, ModelsConfig, PPOConfig, RunConfig
+from ppoflow.config import DataConfig, ModelsConfig, PPOConfig, RunConfig
 from ppoflow.errors import ConfigError
 from ppoflow.manifests import DatasetManifest, ModelManifest, ModelSource, RunPlan, training_fingerprint
 from ppoflow.workspace import SPOOL_FILE
