@@ -39,10 +39,8 @@ class Rollout:
     logprobs: torch.Tensor  # [B, T] policy log-probs of the response tokens (0 on padding)
     ref_logprobs: torch.Tensor  # [B, T]
     values: torch.Tensor  # [B, T] value of the state before each response token (0 on padding)
-    scores: torch.Tensor  # [B] total score: reward model + weighted reward functions − missing-EOS penalty
-    rm_scores: torch.Tensor  # [B] reward-model score alone
+    rm_scores: torch.Tensor  # [B] reward-model score (the total is `rewards.score`'s)
     complete: torch.Tensor  # [B] bool: holds the completion token (see ModelManifest.completion_token_id)
-    function_scores: dict[str, torch.Tensor] = field(default_factory=dict)  # [B] each
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -249,23 +247,15 @@ class RolloutWorker:
         }
 
     def rollout(
-        self,
-        queries: torch.Tensor,
-        query_mask: torch.Tensor,
-        prompts: list[str],
-        decode: Callable[[torch.Tensor, torch.Tensor], list[str]],
-        reward_functions: list[tuple[str, float, Callable]],
-        missing_eos_penalty: float | None,
-        messages: list[Messages | None] | None = None,
+        self, queries: torch.Tensor, query_mask: torch.Tensor, messages: list[Messages | None] | None = None
     ) -> Rollout:
-        """Generate and evaluate a local batch in chunks of `chunk_size` prompts (`messages`: each
-        prompt's conversation, or None, for a reward model that re-renders it)."""
+        """Generate a local batch and evaluate it (log-probs, values, reward-model scores) in chunks of
+        `chunk_size` prompts (`messages`: each prompt's conversation, or None, for a reward model that
+        re-renders it)."""
         with self.autocast():
-            return self._rollout(queries, query_mask, prompts, decode, reward_functions, missing_eos_penalty, messages)
+            return self._rollout(queries, query_mask, messages)
 
-    def _rollout(
-        self, queries, query_mask, prompts, decode, reward_functions, missing_eos_penalty, messages
-    ) -> Rollout:
+    def _rollout(self, queries, query_mask, messages) -> Rollout:
         timings = {"rollout": 0.0, "policy": 0.0, "ref": 0.0, "value": 0.0, "score": 0.0}
         pieces: list[dict] = []
         for start in range(0, queries.shape[0], self.chunk_size):
@@ -287,17 +277,6 @@ class RolloutWorker:
         )
         rm_scores = torch.cat([p["rm_scores"] for p in pieces])
         complete = self.completed(responses, response_mask)
-        began = time.perf_counter()
-        completions = decode(responses, response_mask)
-        scores = rm_scores.clone()
-        function_scores = {}
-        for name, weight, function in reward_functions:
-            values_of_fn = torch.tensor(function(prompts, completions), dtype=torch.float32, device=scores.device)
-            function_scores[name] = values_of_fn
-            scores = scores + weight * values_of_fn
-        if missing_eos_penalty is not None:
-            scores = scores - missing_eos_penalty * (~complete).float()
-        timings["score"] += time.perf_counter() - began
         return Rollout(
             queries=queries,
             query_mask=query_mask,
@@ -306,10 +285,8 @@ class RolloutWorker:
             logprobs=logprobs,
             ref_logprobs=ref_logprobs,
             values=values,
-            scores=scores,
             rm_scores=rm_scores,
             complete=complete,
-            function_scores=function_scores,
             timings=timings,
         )
 

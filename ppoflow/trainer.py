@@ -51,7 +51,7 @@ from ppoflow.losses import entropy_from_logits, logprobs_of, policy_loss, value_
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, RunPlan, training_fingerprint
 from ppoflow.models import load_frozen, load_policy, load_value
 from ppoflow.reward_inputs import conversations
-from ppoflow.rewards import load_reward_functions
+from ppoflow.rewards import Scores, load_reward_functions, score
 from ppoflow.rollout import Rollout, build_worker, left_pad
 from ppoflow.runtime import configure_torch, make_accelerator, sharding
 from ppoflow.schedule import make_scheduler, warmup_steps
@@ -415,23 +415,25 @@ class PPOTrainer:
         ppo = self.ppo
         prompts = local_batch(self.train_rows, self.batch, self.update, ppo.seed, self.accelerator.process_index)
         queries, query_mask = left_pad(prompts["input_ids"], self.models.pad_token_id, self.accelerator.device)
-        # Rollout and score: responses, their log-probs (policy, reference), values, and scores; the
+        # Rollout: responses, their log-probs (policy, reference), values and reward-model scores; the
         # sharded policy and value whole meanwhile, so that processes may generate to different lengths;
         # sharded frozen models gather layer by layer in their forwards, the same forwards on every process.
         with self._gathered(self.policy_wrapper, self.value_wrapper), sharded_forwards(*self.frozen_roots):
-            rollout = self.worker.rollout(
-                queries,
-                query_mask,
-                prompts["prompt"],
-                self._decode,
-                [(fn.metric_name, fn.weight, fn.function) for fn in self.reward_functions],
-                ppo.missing_eos_penalty,
-                conversations(prompts),
-            )
-        self._check_finite({"objective/scores": rollout.scores, "values": rollout.values})
+            rollout = self.worker.rollout(queries, query_mask, messages=conversations(prompts))
+        scoring_began = time.perf_counter()
+        scores = score(
+            rollout.rm_scores,
+            rollout.complete,
+            prompts["prompt"],
+            self._decode(rollout.responses, rollout.response_mask),
+            reward_functions=self.reward_functions,
+            missing_eos_penalty=ppo.missing_eos_penalty,
+        )
+        rollout.timings["score"] += time.perf_counter() - scoring_began
+        self._check_finite({"objective/scores": scores.total, "values": rollout.values})
         mask = rollout.response_mask
         kl = adv.kl_penalty(rollout.logprobs, rollout.ref_logprobs, ppo.kl_estimator).masked_fill(~mask, 0.0)
-        rewards, non_score_reward = adv.per_token_rewards(rollout.scores, kl, mask, ppo.kl_coef)
+        rewards, non_score_reward = adv.per_token_rewards(scores.total, kl, mask, ppo.kl_coef)
         if ppo.whiten_rewards:
             rewards = adv.masked_whiten(rewards, mask, shift_mean=False)
         advantages, returns = adv.gae(rewards, rollout.values, mask, ppo.gamma, ppo.lam)
@@ -443,13 +445,14 @@ class PPOTrainer:
 
         self.update += 1
         self.episode += self.batch.batch_size
-        metrics = self._metrics(rollout, kl, non_score_reward, stats, timings)
+        metrics = self._metrics(rollout, scores, kl, non_score_reward, stats, timings)
         self._check_finite({name: torch.tensor(value) for name, value in metrics.items() if isinstance(value, float)})
         return metrics
 
     def _metrics(
         self,
         rollout: Rollout,
+        scores: Scores,
         kl: torch.Tensor,
         non_score_reward: torch.Tensor,
         stats: dict[str, float],
@@ -467,10 +470,10 @@ class PPOTrainer:
             "objective/kl": reduce(kl.sum(1).mean()),
             "objective/entropy": reduce((-rollout.logprobs).sum(1).mean()),
             "objective/non_score_reward": reduce(non_score_reward.sum(1).mean()),
-            "objective/rlhf_reward": reduce((rollout.scores + non_score_reward.sum(1)).mean()),
-            "objective/scores": reduce(rollout.scores.mean()),
+            "objective/rlhf_reward": reduce((scores.total + non_score_reward.sum(1)).mean()),
+            "objective/scores": reduce(scores.total.mean()),
             "reward/model_score": reduce(rollout.rm_scores.mean()),
-            **{f"reward/{name}": reduce(values.mean()) for name, values in rollout.function_scores.items()},
+            **{f"reward/{name}": reduce(values.mean()) for name, values in scores.by_function.items()},
             **stats,
             "val/num_eos_tokens": self.accelerator.reduce(eos_tokens, "sum").item(),
             "response/length_mean": reduce(mask.sum(1).float().mean()),
