@@ -282,17 +282,23 @@ print(json.dumps({"n": n, "threads": torch.get_num_threads(), "windows": len(rat
 """
 
 
-def yardstick(threads: int, seconds: float) -> dict[str, Any]:
+def measure_in_child(code: str, threads: int, seconds: float, size: int, what: str) -> dict[str, Any]:
+    """Run a measuring script (`code`, given threads, seconds and size) in a fresh process on `threads`
+    threads; the JSON object its last stdout line holds."""
     out = subprocess.run(
-        [sys.executable, "-c", YARDSTICK_CODE, str(threads), str(seconds), "1024"],
+        [sys.executable, "-c", code, str(threads), str(seconds), str(size)],
         capture_output=True,
         text=True,
         env=child_env(threads),
         timeout=300,
     )
     if out.returncode != 0:
-        raise RuntimeError(f"yardstick failed: {out.stderr[-2000:]}")
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"{what} failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def yardstick(threads: int, seconds: float) -> dict[str, Any]:
+    result = measure_in_child(YARDSTICK_CODE, threads, seconds, 1024, "yardstick")
     log(f"yardstick: torch.mm 1024x1024 fp32, {threads} thread(s): {result['gflops_median']:.1f} GFLOP/s (median)")
     return result
 
@@ -1049,16 +1055,7 @@ print(json.dumps({"mib": mib, "threads": torch.get_num_threads(), "read": rate(l
 def bandwidth(threads: int, seconds: float) -> dict[str, Any]:
     """Memory bandwidth in GB/s: `sum()` of a 512 MiB fp32 tensor (reads only, as decoding reads weights) and
     `copy_()` into another (read + write, both counted), far beyond any cache."""
-    out = subprocess.run(
-        [sys.executable, "-c", BANDWIDTH_CODE, str(threads), str(seconds), "512"],
-        capture_output=True,
-        text=True,
-        env=child_env(threads),
-        timeout=300,
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"bandwidth yardstick failed: {out.stderr[-2000:]}")
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = measure_in_child(BANDWIDTH_CODE, threads, seconds, 512, "bandwidth yardstick")
     log(
         f"bandwidth: 512 MiB fp32, {threads} thread(s): read {result['read']['gbs_median']:.1f} GB/s, "
         f"copy {result['copy']['gbs_median']:.1f} GB/s (medians)"
