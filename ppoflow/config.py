@@ -400,7 +400,7 @@ class RuntimeConfig(_Section):
             "num_processes > 1): `gpu_ids` (e.g. 0,1,2,3 to train on half of an 8-GPU node), "
             "`distributed_type: FSDP` (ppoflow's own FSDP2 sharding, as runtime.fsdp: true; its fsdp_config "
             "keys done as they say or refused), `distributed_type: DEEPSPEED` with deepspeed_config.zero_stage "
-            "1, 2 or 3 (the deepspeed extra; ppoflow/zero.py), and `num_machines` > 1 with `main_process_ip` "
+            "1, 2 or 3 (the deepspeed extra; ppoflow/backends/zero.py), and `num_machines` > 1 with `main_process_ip` "
             "(this file is the main machine's, machine_rank 0; the others run `ppoflow join`). ppoflow sets the "
             "number of processes, the port (unless the file gives one for several machines), mixed precision "
             "(no: precision is models.dtype) and dynamo (no) itself, and launches plain processes. Checked in "

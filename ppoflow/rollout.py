@@ -81,7 +81,7 @@ class RolloutWorker:
     ):
         """`reward_encoder`: the reward model has its own tokenizer, and scores re-encoded text
         (laid out packed when `reward_packed`); None: it scores the policy's tokens in their layout.
-        `entry_points`: wrappers (`trainer.AtResponseTokens`, `.model` the model, forward
+        `entry_points`: wrappers (`backends.AtResponseTokens`, `.model` the model, forward
         `(input_ids, attention_mask, position_ids, before)`) through which the log-prob and score
         forwards of their models go: a sharded model gathers its groups in its wrapper's forward."""
         self.policy, self.ref, self.reward, self.value = policy, ref, reward, value

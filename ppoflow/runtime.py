@@ -138,7 +138,7 @@ def read_accelerate_config(runtime: RuntimeConfig) -> dict:
 
 
 # accelerate's FSDP settings (`fsdp_config` in an `accelerate config` file) that ppoflow's own
-# sharding (`ppoflow.sharding`, FSDP2) does as they say, with the values that say it. Any other key or
+# sharding (`ppoflow.backends.fsdp`, FSDP2) does as they say, with the values that say it. Any other key or
 # value is refused: a setting that would do nothing is not taken silently.
 class Setting(NamedTuple):
     """A key of an accelerate config section ppoflow takes: the values it takes (none listed: any),
@@ -180,7 +180,7 @@ FSDP_SETTINGS: dict[str, tuple] = {  # each: a Setting's fields
 
 
 # accelerate's DeepSpeed settings (`deepspeed_config` in an `accelerate config` file) that ppoflow's
-# engine (`ppoflow.zero`) does as they say. gradient_accumulation_steps and gradient_clipping, the
+# engine (`ppoflow.backends.zero`) does as they say. gradient_accumulation_steps and gradient_clipping, the
 # run config's own, are checked against it in stage 1 (`check_sharding_plan`).
 DEEPSPEED_SETTINGS: dict[str, tuple] = {  # each: a Setting's fields
     "zero_stage": ((1, 2, 3), "ZeRO partitions the optimizer state (1), the gradients too (2), the parameters too (3)"),

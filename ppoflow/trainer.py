@@ -14,23 +14,18 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
 
 from ppoflow import advantages as adv
-from ppoflow import zero
+from ppoflow.backends import make_backend
 from ppoflow.checkpoint import (
     capture_rng,
     check_sharding,
@@ -46,7 +41,6 @@ from ppoflow.checkpoint import (
 from ppoflow.data import load_prompts, local_batch
 from ppoflow.errors import CheckpointError, TrainingDiverged
 from ppoflow.evaluate import Evaluator
-from ppoflow.forwards import response_logits, token_values
 from ppoflow.losses import entropy_from_logits, logprobs_of, policy_loss, value_loss
 from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest, RunPlan, training_fingerprint
 from ppoflow.models import load_frozen, load_policy, load_value
@@ -55,61 +49,12 @@ from ppoflow.rewards import Scores, load_reward_functions, score
 from ppoflow.rollout import Rollout, build_worker, left_pad
 from ppoflow.runtime import configure_torch, make_accelerator, sharding
 from ppoflow.schedule import make_scheduler, warmup_steps
-from ppoflow.sharding import (
-    full_model_state,
-    full_optimizer_state,
-    full_value,
-    gathered,
-    held_parameters,
-    load_full_optimizer_state,
-    set_gradient_sync,
-    shard,
-    sharded_forwards,
-)
 from ppoflow.tokenizers import load_tokenizer
 from ppoflow.workspace import METRICS_FILE
 
 log = logging.getLogger(__name__)
 
 MetricsCallback = Callable[[dict[str, Any]], None]
-
-# transformers' Trainer convention (`Trainer.get_decay_parameter_names`), which TRL's PPOTrainer
-# inherits: no weight decay on biases and normalisation weights.
-NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
-
-
-class AtResponseTokens(nn.Module):
-    """A model's outputs at a layout's `before` positions behind one `forward`, so that DDP, which
-    syncs the gradients of what runs through its forward, can wrap it. The policy and the value model
-    are wrapped apart and step through forward and backward one after the other: only one model's
-    activations are alive at a time (their losses share no parameters, so the gradients are the same)."""
-
-    def __init__(self, model: PreTrainedModel, read: Callable):
-        super().__init__()
-        self.model = model
-        self.read = read
-
-    def forward(self, input_ids, attention_mask, position_ids, before):
-        output = self.read(
-            self.model, {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}, before
-        )
-        # A view (the value head's squeezed output) would escape FSDP2's pre-backward hook if modified in place.
-        return output.clone() if output._is_view() else output
-
-
-def decay_parameter_groups(models: Sequence[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW parameter groups of the trainable parameters: `weight_decay` on weights, none on biases
-    and normalisation weights (by name, or inside an `nn.LayerNorm`), as transformers' Trainer does."""
-    decay, no_decay = [], []
-    for model in models:
-        in_layer_norm = {
-            id(p) for module in model.modules() if isinstance(module, nn.LayerNorm) for p in module.parameters()
-        }
-        for name, parameter in model.named_parameters():
-            if parameter.requires_grad:
-                exempt = id(parameter) in in_layer_norm or NO_DECAY.search(name.lower())
-                (no_decay if exempt else decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 class PPOTrainer:
@@ -140,106 +85,44 @@ class PPOTrainer:
 
     # ----------------------------------------------------------------- building and checkpoints
     def _build(self, checkpoint: Path | None) -> None:
-        """Load models (from the sources, or from a checkpoint) and the optimizer state."""
+        """Load models (from the sources, or from a checkpoint) into the run's backend, and the
+        optimizer state."""
         device = self.accelerator.device
         policy = load_policy(self.config, self.models, checkpoint, trainable=True, device=device)
         value = load_value(self.config, self.models, checkpoint, device=device)
         ref, reward = load_frozen(self.config, self.models, device)
-        plan = sharding(self.config.runtime)
-        self.fsdp = plan.fsdp
-        self.zero_stage = plan.zero_stage
-        self.engine = None  # the DeepSpeed engine of both models under ZeRO
-        # The sharded reference and reward model (`runtime.fsdp_frozen`), called through their wrappers'
-        # forwards, where FSDP gathers each of their groups in turn; none: they are whole on every process.
-        self.frozen_roots: list[nn.Module] = []
-        if self.fsdp:
-            # Every process loaded the full weights; each keeps its shards.
-            self.policy_wrapper = shard(AtResponseTokens(policy, response_logits), layer_classes=plan.layer_classes)
-            self.value_wrapper = shard(AtResponseTokens(value, token_values), layer_classes=plan.layer_classes)
-            # One optimizer spans both models: its full state is keyed by names under this container.
-            self.sharded = nn.ModuleDict({"policy": self.policy_wrapper, "value": self.value_wrapper})
-            if plan.frozen:
-                self.frozen_roots = [
-                    shard(AtResponseTokens(model, read), frozen=True, layer_classes=plan.layer_classes)
-                    for model, read in ((ref, response_logits), (reward, token_values))
-                ]
-            for name, root in zip(
-                ("policy", "value", "reference", "reward"),
-                (self.policy_wrapper, self.value_wrapper, *self.frozen_roots),
-                strict=False,
-            ):
-                held, total = held_parameters(root)
-                log.info(
-                    "fsdp: %s: %d of its %d parameters held by process %d",
-                    name,
-                    held,
-                    total,
-                    self.accelerator.process_index,
-                )
-        elif self.zero_stage:  # both behind one forward, the engine's (`zero.PolicyAndValue`), made below
-            self.policy_wrapper = AtResponseTokens(policy, response_logits)
-            self.value_wrapper = AtResponseTokens(value, token_values)
-        else:
-            self.policy_wrapper = self.accelerator.prepare_model(AtResponseTokens(policy, response_logits))
-            self.value_wrapper = self.accelerator.prepare_model(AtResponseTokens(value, token_values))
-        # Not accelerate's unwrap_model: with deepspeed installed it imports deepspeed (seconds, and MLflow
-        # with it) for any model.
-        self.policy, self.value = (
-            (wrapper.module if isinstance(wrapper, DistributedDataParallel) else wrapper).model
-            for wrapper in (self.policy_wrapper, self.value_wrapper)
-        )
-        if self.ppo.gradient_checkpointing:
-            # Non-reentrant: works with a frozen LoRA base too (no inputs that require grad needed).
-            for model in (self.policy, self.value):
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        self.policy.eval()
-        self.value.eval()
-        self.trainable = [p for model in (self.policy, self.value) for p in model.parameters() if p.requires_grad]
-        # The fused kernel updates every parameter in one pass: on CPU 5x faster than the per-tensor
-        # loop for a 26 M-parameter model (0.036 s vs 0.19 s a step with foreach), same arithmetic.
-        self.optimizer = torch.optim.AdamW(
-            decay_parameter_groups((self.policy, self.value), self.ppo.weight_decay),
-            lr=self.ppo.learning_rate,
-            eps=self.ppo.adam_epsilon,
-            fused=device.type in ("cpu", "cuda"),
-        )
+        self.backend = make_backend(sharding(self.config.runtime), self.accelerator, self.ppo, self.batch)
         # Over optimizer steps, one per mini-batch (TRL steps its scheduler once per update).
-        self.scheduler = make_scheduler(
-            self.optimizer,
-            self.ppo.lr_scheduler_type,
-            warmup_steps=warmup_steps(self.ppo.warmup_ratio, self.batch.optimizer_steps),
-            total_steps=self.batch.optimizer_steps,
+        self.backend.prepare(
+            policy,
+            value,
+            ref,
+            reward,
+            schedule=lambda optimizer: make_scheduler(
+                optimizer,
+                self.ppo.lr_scheduler_type,
+                warmup_steps=warmup_steps(self.ppo.warmup_ratio, self.batch.optimizer_steps),
+                total_steps=self.batch.optimizer_steps,
+            ),
         )
-        if self.zero_stage:
-            batch = self.batch
-            self.engine = zero.initialize(
-                zero.PolicyAndValue(self.policy_wrapper, self.value_wrapper),
-                self.optimizer,
-                zero.engine_config(
-                    self.zero_stage,
-                    micro_batch_size=batch.local_micro_batch_size,
-                    accumulation=batch.micro_batches_per_mini_batch,
-                    world_size=batch.world_size,
-                    max_grad_norm=self.ppo.max_grad_norm,
-                ),
-            )
+        self.policy, self.value = policy, value
         # The packing self-check runs the models whole (on the main process alone for the evaluator's).
-        with self._gathered(self.policy_wrapper, self.value_wrapper, *self.frozen_roots):
+        with self.backend.whole("policy", "value", "reference", "reward"):
             self.worker = build_worker(
                 self.config,
                 self.models,
-                self.policy,
+                policy,
                 ref,
                 reward,
-                self.value,
+                value,
                 chunk_size=self.ppo.local_rollout_forward_batch_size,
-                entry_points=self.frozen_roots,
+                entry_points=self.backend.frozen_roots,
             )
             # Stage 6's evaluation on the models in training (`ppo.eval_every`): the main process evaluates.
             self.evaluator = None
             if self.ppo.eval_every is not None and self.accelerator.is_main_process:
                 eval_worker = build_worker(
-                    self.config, self.models, self.policy, ref, reward, None, chunk_size=self.config.eval.batch_size
+                    self.config, self.models, policy, ref, reward, None, chunk_size=self.config.eval.batch_size
                 )
                 self.evaluator = Evaluator(
                     self.config, self.models, eval_worker, load_prompts(self.data.eval_dir), device
@@ -254,15 +137,9 @@ class PPOTrainer:
                 f"{checkpoint} belongs to config {state['config_hash']}, not {self.plan.config_hash} — "
                 "use a fresh output_dir for a changed config"
             )
-        check_sharding(checkpoint, state, self.fsdp, self.zero_stage)
+        check_sharding(checkpoint, state, **self.backend.sharding_state)
         optimizer, scheduler, rng = load_training_state(checkpoint)
-        if self.fsdp:
-            load_full_optimizer_state(self.sharded, self.optimizer, optimizer)
-        elif self.engine is not None:
-            zero.load_optimizer_partitions(self.engine, optimizer)
-        else:
-            self.optimizer.load_state_dict(optimizer)
-        self.scheduler.load_state_dict(scheduler)
+        self.backend.load_state(optimizer, scheduler)
         restore_rng(rng[self.accelerator.process_index])
         self.update, self.episode, self.optimizer_steps = state["update"], state["episode"], state["optimizer_steps"]
 
@@ -279,17 +156,8 @@ class PPOTrainer:
     def save_checkpoint(self) -> CheckpointManifest:
         """All processes call this; the main process writes. Returns the checkpoint's manifest."""
         rng_states = gather_object([capture_rng()])
-        if self.fsdp:  # every process gathers; the main one receives the full states
-            policy_state = full_model_state(self.policy_wrapper, prefix="model.")
-            value_state = full_model_state(self.value_wrapper, prefix="model.")
-            optimizer_state = full_optimizer_state(self.sharded, self.optimizer)
-        elif self.engine is not None:  # every process's partition, on the main one
-            policy_state, value_state, optimizer_state = None, None, zero.optimizer_partitions(self.engine)
-        else:
-            policy_state, value_state, optimizer_state = None, None, self.optimizer.state_dict()
         path = None
-        # ZeRO-3: the main process saves the parameters gathered whole.
-        with zero.gathered(self.engine):
+        with self.backend.checkpoint_state() as (policy_state, value_state, optimizer_state):
             if self.accelerator.is_main_process:
                 path = self._write_checkpoint(rng_states, policy_state, value_state, optimizer_state)
             self.accelerator.wait_for_everyone()
@@ -313,8 +181,7 @@ class PPOTrainer:
             # stages 4 and 5 continue it only from these models and data; stage 3 archives it otherwise
             "training_fingerprint": training_fingerprint(self.models, self.data.fingerprint),
             "world_size": self.batch.world_size,
-            "fsdp": self.fsdp,
-            "zero_stage": self.zero_stage,
+            **self.backend.sharding_state,
         }
 
         def payload(directory: Path) -> None:
@@ -323,7 +190,7 @@ class PPOTrainer:
                 policy=self.policy,
                 value=self.value,
                 optimizer_state=optimizer_state,
-                scheduler=self.scheduler,
+                scheduler=self.backend.scheduler,
                 rng_states=rng_states,
                 policy_state=policy_state,
                 value_state=value_state,
@@ -332,13 +199,6 @@ class PPOTrainer:
         path = write_checkpoint(self.checkpoint_root, self.update, payload, state)
         prune_checkpoints(self.checkpoint_root, self.ppo.keep_checkpoints)
         return path
-
-    @contextmanager
-    def _gathered(self, *roots: nn.Module) -> Iterator[None]:
-        """The sharded `roots` (FSDP) and, under ZeRO-3, both trained models, whole for the block,
-        with no collective in their forwards. All processes enter and leave it together."""
-        with gathered(*roots), zero.gathered(self.engine):
-            yield
 
     # ----------------------------------------------------------------------------- the loop
     def _decode(self, responses: torch.Tensor, mask: torch.Tensor) -> list[str]:
@@ -399,7 +259,7 @@ class PPOTrainer:
         The evaluator puts back every RNG state it touches, so training draws what it would without."""
         metrics: dict[str, float] = {}
         # All processes gather the sharded models; the main one evaluates.
-        with self._gathered(self.policy_wrapper, *self.frozen_roots):
+        with self.backend.whole("policy", "reference", "reward"):
             if self.evaluator is not None:
                 began = time.perf_counter()
                 results, _ = self.evaluator()
@@ -418,7 +278,7 @@ class PPOTrainer:
         # Rollout: responses, their log-probs (policy, reference), values and reward-model scores; the
         # sharded policy and value whole meanwhile, so that processes may generate to different lengths;
         # sharded frozen models gather layer by layer in their forwards, the same forwards on every process.
-        with self._gathered(self.policy_wrapper, self.value_wrapper), sharded_forwards(*self.frozen_roots):
+        with self.backend.whole("policy", "value"), self.backend.frozen_forwards():
             rollout = self.worker.rollout(queries, query_mask, messages=conversations(prompts))
         scoring_began = time.perf_counter()
         scores = score(
@@ -485,29 +345,29 @@ class PPOTrainer:
 
     def _optimise(self, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
         """`num_ppo_epochs` × `num_mini_batches` optimizer steps, each accumulating its micro-batches."""
-        ppo, batch = self.ppo, self.batch
+        ppo, batch, backend = self.ppo, self.batch, self.backend
         micro_batches = batch.micro_batches_per_mini_batch
         records: dict[str, list[torch.Tensor]] = {
             key: [] for key in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "entropy", "ratio")
         }
         learning_rates: list[float] = []
-        self.policy_wrapper.train()
-        self.value_wrapper.train()
+        backend.train_mode(True)
         for _epoch in range(ppo.num_ppo_epochs):
             order = torch.randperm(batch.local_batch_size)
             for mini in range(ppo.num_mini_batches):
                 mini_rows = order[mini * batch.local_mini_batch_size : (mini + 1) * batch.local_mini_batch_size]
                 for micro in range(micro_batches):
                     rows = mini_rows[micro * batch.local_micro_batch_size : (micro + 1) * batch.local_micro_batch_size]
-                    record = self._accumulate(
-                        rollout, advantages, returns, rows, micro_batches, sync=micro == micro_batches - 1
-                    )
+                    # Gradients synced across processes on the mini-batch's last micro-batch only.
+                    record = self._micro_batch(rollout, advantages, returns, rows, sync=micro == micro_batches - 1)
                     for key, value in record.items():
                         records[key].append(value)
-                learning_rates.append(self.optimizer.param_groups[0]["lr"])
-                self._optimizer_step()
-        self.policy_wrapper.eval()
-        self.value_wrapper.eval()
+                learning_rates.append(backend.optimizer.param_groups[0]["lr"])
+                if ppo.max_grad_norm is not None:
+                    self._check_finite({"grad_norm": backend.clip_gradients()})
+                backend.step()
+                self.optimizer_steps += 1
+        backend.train_mode(False)
         ratios = torch.stack(records["ratio"])
         return {
             "policy/approxkl_avg": self._mean_across_processes(torch.stack(records["approxkl"]).mean()),
@@ -523,87 +383,40 @@ class PPOTrainer:
             "lr": sum(learning_rates) / len(learning_rates),
         }
 
-    def _accumulate(self, rollout: Rollout, advantages, returns, rows: torch.Tensor, micro_batches: int, *, sync: bool):
-        """One micro-batch's gradients, added to the others'; synced across processes only on the
-        mini-batch's last (`sync`)."""
-        wrappers = [self.policy_wrapper, self.value_wrapper]
-        if self.engine is not None:  # its hooks reduce the gradients; its step steps at the accumulation boundary
-            record = self._micro_batch(rollout, advantages, returns, rows, micro_batches)
-            self.engine.step()
-            return record
-        if self.fsdp:
-            set_gradient_sync(wrappers, sync)
-            return self._micro_batch(rollout, advantages, returns, rows, micro_batches)
-        with ExitStack() as no_sync:
-            if not sync:
-                for wrapper in wrappers:
-                    no_sync.enter_context(self.accelerator.no_sync(wrapper))
-            return self._micro_batch(rollout, advantages, returns, rows, micro_batches)
-
-    def _micro_batch(
-        self, rollout: Rollout, advantages, returns, rows: torch.Tensor, micro_batches: int
-    ) -> dict[str, torch.Tensor]:
+    def _micro_batch(self, rollout: Rollout, advantages, returns, rows: torch.Tensor, *, sync: bool):
+        """One micro-batch's losses, their gradients added to the mini-batch's (`Backend.micro_batch`)."""
         ppo = self.ppo
-        mask = rollout.response_mask[rows]
-        responses = rollout.responses[rows]
+        micro_batches = self.batch.micro_batches_per_mini_batch
+        mask, responses = rollout.response_mask[rows], rollout.responses[rows]
         layout = self.worker.layout(rollout.queries[rows], rollout.query_mask[rows], responses, mask)
         inputs = (layout.input_ids, layout.attention_mask, layout.position_ids, layout.before)
-        if self.engine is not None:
-            return self._engine_micro_batch(rollout, advantages, returns, rows, micro_batches, layout, inputs)
-        with self.worker.autocast():  # the rollout's precision, so the first ratio is 1
-            logits = self.policy_wrapper(*inputs).float()
-        new_logprobs = layout.unflatten(logprobs_of(logits, responses[mask], ppo.temperature))
-        pg_loss, pg_stats = policy_loss(new_logprobs, rollout.logprobs[rows], advantages[rows], mask, ppo.cliprange)
-        self._check_finite({"loss/policy": pg_loss.detach()})
-        # Policy and value go backward one after the other, not as one summed loss: they share no
-        # parameters, so the gradients are the same, but only one model's activations are alive at a
-        # time (the policy's are freed here, before the value forward), which lowers the peak memory.
-        self.accelerator.backward(pg_loss / micro_batches)
-        with torch.no_grad():
-            entropy = entropy_from_logits(logits.detach(), ppo.temperature).mean()
-        del logits, new_logprobs
-        with self.worker.autocast():
-            new_values = layout.unflatten(self.value_wrapper(*inputs).float())
-        vf_loss, vf_stats = value_loss(new_values, rollout.values[rows], returns[rows], mask, ppo.cliprange_value)
-        self._check_finite({"loss/value": vf_loss.detach()})
-        self.accelerator.backward(ppo.vf_coef * vf_loss / micro_batches)
-        return _micro_batch_record(pg_loss, vf_loss, pg_stats, vf_stats, entropy)
-
-    def _engine_micro_batch(
-        self, rollout: Rollout, advantages, returns, rows, micro_batches: int, layout, inputs
-    ) -> dict[str, torch.Tensor]:
-        """`_micro_batch` through the DeepSpeed engine: one forward of both models, one backward of
-        their summed loss (the engine's hooks reduce and partition the gradients)."""
-        ppo = self.ppo
-        mask, responses = rollout.response_mask[rows], rollout.responses[rows]
-        with self.worker.autocast():
-            logits, values = self.engine(*inputs)
-        logits = logits.float()
-        new_logprobs = layout.unflatten(logprobs_of(logits, responses[mask], ppo.temperature))
-        pg_loss, pg_stats = policy_loss(new_logprobs, rollout.logprobs[rows], advantages[rows], mask, ppo.cliprange)
-        new_values = layout.unflatten(values.float())
-        vf_loss, vf_stats = value_loss(new_values, rollout.values[rows], returns[rows], mask, ppo.cliprange_value)
-        self._check_finite({"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach()})
-        # Scaled here as on the other paths, not by the engine (scale_wrt_gas), so the gradients are the same numbers.
-        self.engine.backward((pg_loss + ppo.vf_coef * vf_loss) / micro_batches, scale_wrt_gas=False)
-        with torch.no_grad():
-            entropy = entropy_from_logits(logits.detach(), ppo.temperature).mean()
-        return _micro_batch_record(pg_loss, vf_loss, pg_stats, vf_stats, entropy)
-
-    def _optimizer_step(self) -> None:
-        if self.engine is not None:  # its step at the accumulation boundary clipped, stepped and zeroed
-            if self.ppo.max_grad_norm is not None:
-                self._check_finite({"grad_norm": zero.global_grad_norm(self.engine)})
-            self.scheduler.step()
-            self.optimizer_steps += 1
-            return
-        if self.ppo.max_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.ppo.max_grad_norm)
-            self._check_finite({"grad_norm": full_value(grad_norm)})
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.optimizer_steps += 1
+        with self.backend.micro_batch(sync) as models:
+            with self.worker.autocast():  # the rollout's precision, so the first ratio is 1
+                logits = models.policy(*inputs).float()
+            new_logprobs = layout.unflatten(logprobs_of(logits, responses[mask], ppo.temperature))
+            pg_loss, pg_stats = policy_loss(new_logprobs, rollout.logprobs[rows], advantages[rows], mask, ppo.cliprange)
+            self._check_finite({"loss/policy": pg_loss.detach()})
+            # Policy and value go backward one after the other, not as one summed loss: they share no
+            # parameters, so the gradients are the same, but only one model's activations are alive at a
+            # time (the policy's are freed here, before the value forward), which lowers the peak memory.
+            models.backward(pg_loss / micro_batches)
+            with torch.no_grad():
+                entropy = entropy_from_logits(logits.detach(), ppo.temperature).mean()
+            del logits, new_logprobs
+            with self.worker.autocast():
+                new_values = layout.unflatten(models.value(*inputs).float())
+            vf_loss, vf_stats = value_loss(new_values, rollout.values[rows], returns[rows], mask, ppo.cliprange_value)
+            self._check_finite({"loss/value": vf_loss.detach()})
+            models.backward(ppo.vf_coef * vf_loss / micro_batches)
+        return {
+            "pg_loss": pg_loss.detach(),
+            "vf_loss": vf_loss.detach(),
+            "pg_clipfrac": pg_stats["clipfrac"],
+            "vf_clipfrac": vf_stats["clipfrac"],
+            "approxkl": pg_stats["approxkl"],
+            "entropy": entropy,
+            "ratio": pg_stats["ratio_mean"],
+        }
 
     def _mean_across_processes(self, value: torch.Tensor) -> float:
         return self.accelerator.reduce(value.detach().float().to(self.accelerator.device), "mean").item()
@@ -615,19 +428,6 @@ class PPOTrainer:
                     f"update {self.update + 1}: `{name}` is not finite — lower ppo.learning_rate, check the reward "
                     f"model and reward functions; the last good checkpoint is kept in {self.checkpoint_root}"
                 )
-
-
-def _micro_batch_record(pg_loss, vf_loss, pg_stats: dict, vf_stats: dict, entropy) -> dict[str, torch.Tensor]:
-    """What `_optimise` averages of each micro-batch."""
-    return {
-        "pg_loss": pg_loss.detach(),
-        "vf_loss": vf_loss.detach(),
-        "pg_clipfrac": pg_stats["clipfrac"],
-        "vf_clipfrac": vf_stats["clipfrac"],
-        "approxkl": pg_stats["approxkl"],
-        "entropy": entropy,
-        "ratio": pg_stats["ratio_mean"],
-    }
 
 
 def _truncate_metrics(path: Path, update: int) -> None:

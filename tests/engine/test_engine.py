@@ -163,7 +163,9 @@ def test_eval_every_evaluates_at_its_updates_and_the_last_as_stage_6_without_cha
             "eval/oracle_policy",
             "eval/oracle_ref",
         } <= row.keys()
-    assert rows[1]["eval/reward_policy"] != rows[4]["eval/reward_policy"]  # the policy trained in between
+    # The policy trained in between: its KL to the reference moved. (Not its reward: at this learning rate
+    # the same seeds can still sample the same 32 answers, as they do with transformers 5.25.)
+    assert rows[1]["eval/kl"] != rows[4]["eval/kl"]
     # The last update's evaluation is stage 6's, of the same weights: the same numbers, key for key.
     release = pipeline.save_and_evaluate(evaluated.plan, evaluated.models, evaluated.data, evaluated.final)
     assert {f"eval/{key}": value for key, value in release.eval_metrics.items()} == {

@@ -108,7 +108,7 @@ def test_sharded_reference_and_reward_models_change_no_number(sharded_run, toy_w
     held = {}
     for line in (tmp_path / "frozen.log").read_text().splitlines():
         if "parameters held by process" in line:
-            name, mine, _, _, total, *_, process = line.split("fsdp: ", 1)[1].split()
+            name, mine, _, _, total, *_, process = line.rsplit("fsdp: ", 1)[1].split()
             held[name.rstrip(":"), process] = int(mine), int(total)
     assert {name for name, _ in held} == {"policy", "value", "reference", "reward"} and len(held) == 8, held
     for mine, total in held.values():  # half of every model (an odd first dimension splits unevenly)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from ppoflow.trainer import decay_parameter_groups
+from ppoflow.backends import decay_parameter_groups
 
 
 def names(model: torch.nn.Module, group: dict) -> set[str]:

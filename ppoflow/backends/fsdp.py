@@ -1,15 +1,18 @@
-"""FULL_SHARD training (`runtime.fsdp`) with torch's FSDP2 (`torch.distributed.fsdp.fully_shard`).
+"""FULL_SHARD training (`runtime.fsdp`, or an accelerate config with `distributed_type: FSDP`)
+with torch's FSDP2 (`torch.distributed.fsdp.fully_shard`).
 
 The policy and the value model are sharded: each decoder layer (the classes a transformers model
 names in `_no_split_modules`) is its own group, all-gathered just before its forward and freed
 after it, and the root (the `AtResponseTokens` wrapper) holds the rest (embeddings, final norm,
-heads). accelerate still forms the process group; its own FSDP plugin is not used: it gives DDP on
-CPU and takes one model only.
+heads). With `runtime.fsdp_frozen` the reference and the reward model are sharded too, and their
+forwards gather one layer at a time, the same forwards on every process. accelerate still forms
+the process group; its own FSDP plugin is not used: it gives DDP on CPU and takes one model only.
 
 Rollout and evaluation call the inner Hugging Face models directly, a different number of forwards
-on each process (responses end at different lengths): they run inside `gathered`, where every
+on each process (responses end at different lengths): they run inside `whole`, where every
 parameter stays whole and no collective is issued. Checkpoints hold full (unsharded) state dicts,
-gathered by every process and written by the main one, so their format is that of a DDP run.
+gathered by every process and written by the main one, so their format is that of a DDP run; the
+optimizer state is keyed by parameter name.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
+from ppoflow.backends.base import MODELS, AtResponseTokens, Backend, MicroBatch
 from ppoflow.errors import ModelError
+from ppoflow.forwards import response_logits, token_values
 
 log = logging.getLogger(__name__)
 
@@ -177,3 +182,59 @@ def load_full_optimizer_state(container: nn.Module, optimizer: torch.optim.Optim
         optimizer.load_state_dict(state)
         return
     set_optimizer_state_dict(container, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+class FSDPBackend(Backend):
+    fsdp = True
+
+    def _wrap(self, ref: nn.Module, reward: nn.Module) -> None:
+        # Every process loaded the full weights; each keeps its shards.
+        classes = self.plan.layer_classes
+        self.policy_wrapper = shard(self.policy_wrapper, layer_classes=classes)
+        self.value_wrapper = shard(self.value_wrapper, layer_classes=classes)
+        # One optimizer spans both models: its full state is keyed by names under this container.
+        self.sharded = nn.ModuleDict({"policy": self.policy_wrapper, "value": self.value_wrapper})
+        if self.plan.frozen:
+            self.frozen_roots = [
+                shard(AtResponseTokens(model, read), frozen=True, layer_classes=classes)
+                for model, read in ((ref, response_logits), (reward, token_values))
+            ]
+        self.roots = dict(zip(MODELS, (self.policy_wrapper, self.value_wrapper, *self.frozen_roots), strict=False))
+        for name, root in self.roots.items():
+            held, total = held_parameters(root)
+            log.info(
+                "fsdp: %s: %d of its %d parameters held by process %d",
+                name,
+                held,
+                total,
+                self.accelerator.process_index,
+            )
+
+    @contextmanager
+    def whole(self, *models: str) -> Iterator[None]:
+        with gathered(*(self.roots[name] for name in models if name in self.roots)):
+            yield
+
+    def frozen_forwards(self):
+        return sharded_forwards(*self.frozen_roots)
+
+    @contextmanager
+    def micro_batch(self, sync: bool) -> Iterator[MicroBatch]:
+        set_gradient_sync([self.policy_wrapper, self.value_wrapper], sync)
+        with super().micro_batch(sync) as micro:
+            yield micro
+
+    def clip_gradients(self) -> torch.Tensor:
+        return full_value(super().clip_gradients())
+
+    @contextmanager
+    def checkpoint_state(self) -> Iterator[tuple[dict | None, dict | None, Any]]:
+        # Every process gathers; the main one receives the full states.
+        yield (
+            full_model_state(self.policy_wrapper, prefix="model."),
+            full_model_state(self.value_wrapper, prefix="model."),
+            full_optimizer_state(self.sharded, self.optimizer),
+        )
+
+    def _load_optimizer_state(self, state: Any) -> None:
+        load_full_optimizer_state(self.sharded, self.optimizer, state)

@@ -10,7 +10,7 @@ accelerate still forms the process group; its DeepSpeed plugin is not used (it t
 one optimizer per `prepare`, and would own the scheduler and the precision).
 
 Rollout and evaluation run the inner Hugging Face models directly, a different number of forwards
-on each process: under ZeRO-3 they run inside `gathered`, where every parameter is gathered and
+on each process: under ZeRO-3 they run inside `gathered` (the backend's `whole`), where every parameter is gathered and
 DeepSpeed's hooks are lifted, so no forward issues a collective (the way TRL 1.12 generates under
 ZeRO-3). Checkpoints hold the full weights (Hugging Face directories, as any other run) and every
 process's ZeRO optimizer partition, gathered to the main process, which writes them.
@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ppoflow.backends.base import Backend, MicroBatch
 
 log = logging.getLogger(__name__)
 
@@ -153,3 +155,86 @@ def load_optimizer_partitions(engine, partitions: list[dict[str, Any]]) -> None:
 def global_grad_norm(engine) -> torch.Tensor:
     norm = engine.get_global_grad_norm()
     return torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
+
+
+class EngineMicroBatch(MicroBatch):
+    """A micro-batch through the engine: both models in its one forward (at `policy`; `value` hands
+    back what it gave), both losses summed into its one backward at the micro-batch's end, then its
+    step, which counts the micro-batch and steps ZeRO's optimizer (clipped) at the accumulation boundary."""
+
+    def __init__(self, backend: ZeroBackend):
+        super().__init__(backend)
+        self.values: torch.Tensor | None = None
+        self.losses: list[torch.Tensor] = []
+
+    def policy(self, *inputs) -> torch.Tensor:
+        logits, self.values = self.backend.engine(*inputs)
+        return logits
+
+    def value(self, *inputs) -> torch.Tensor:
+        return self.values
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.losses.append(loss)
+
+    def close(self) -> None:
+        # Scaled by the trainer as in the other backends, not by the engine (scale_wrt_gas), so the
+        # gradients are the same numbers. Its hooks reduce (and partition) them.
+        self.backend.engine.backward(sum(self.losses[1:], self.losses[0]), scale_wrt_gas=False)
+        self.backend.engine.step()
+
+
+class ZeroBackend(Backend):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.zero_stage = self.plan.zero_stage
+
+    def _wrap(self, ref: nn.Module, reward: nn.Module) -> None:
+        """Both wrappers go behind the engine's one forward (`PolicyAndValue`), made in `_start`."""
+
+    def _start(self) -> None:
+        batch = self.batch
+        self.engine = initialize(
+            PolicyAndValue(self.policy_wrapper, self.value_wrapper),
+            self.optimizer,
+            engine_config(
+                self.zero_stage,
+                micro_batch_size=batch.local_micro_batch_size,
+                accumulation=batch.micro_batches_per_mini_batch,
+                world_size=batch.world_size,
+                max_grad_norm=self.ppo.max_grad_norm,
+            ),
+        )
+
+    @contextmanager
+    def whole(self, *models: str) -> Iterator[None]:
+        # The engine holds both trained models; the frozen ones are whole anyway.
+        if {"policy", "value"} & set(models):
+            with gathered(self.engine):
+                yield
+        else:
+            yield
+
+    @contextmanager
+    def micro_batch(self, sync: bool) -> Iterator[MicroBatch]:
+        micro = EngineMicroBatch(self)
+        yield micro
+        micro.close()
+
+    def clip_gradients(self) -> torch.Tensor:
+        """The engine's step at the accumulation boundary clipped: the norm it found."""
+        return global_grad_norm(self.engine)
+
+    def step(self) -> None:
+        # The engine's step at the accumulation boundary stepped ZeRO's optimizer and zeroed the gradients.
+        self.scheduler.step()
+
+    @contextmanager
+    def checkpoint_state(self) -> Iterator[tuple[dict | None, dict | None, Any]]:
+        # Every process's partition, on the main process; ZeRO-3: the parameters gathered whole to be written.
+        partitions = optimizer_partitions(self.engine)
+        with gathered(self.engine):
+            yield None, None, partitions
+
+    def _load_optimizer_state(self, state: Any) -> None:
+        load_optimizer_partitions(self.engine, state)
