@@ -129,28 +129,6 @@ def load_training_state(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any
     return tuple(load_tensors(checkpoint / name) for name in ("optimizer.pt", "scheduler.pt", "rng.pt"))
 
 
-def check_sharding(checkpoint: Path, state: dict[str, Any], fsdp: bool, zero_stage: int | None = None) -> None:
-    """A checkpoint resumes only with the sharding that wrote it: the optimizer state is keyed by
-    parameter name with FSDP, a list of per-process partitions with ZeRO, by position otherwise.
-    Older checkpoints, without the fields, are of unsharded training."""
-    written = bool(state.get("fsdp", False))
-    if written != fsdp:
-        raise CheckpointError(
-            f"{checkpoint} was written with runtime.fsdp {str(written).lower()} and this run has {str(fsdp).lower()} — "
-            f"set runtime.fsdp: {str(written).lower()} to resume it, or use a new output_dir"
-        )
-    written_stage = state.get("zero_stage")
-    if written_stage != zero_stage:
-
-        def name(stage):
-            return f"DeepSpeed ZeRO-{stage}" if stage else "no DeepSpeed"
-
-        raise CheckpointError(
-            f"{checkpoint} was written with {name(written_stage)} and this run has {name(zero_stage)} — resume it with "
-            f"the accelerate config that wrote it (runtime.accelerate_config), or use a new output_dir"
-        )
-
-
 def storage_problem(path: Path, exc: BaseException) -> str | None:
     """Why a write below `path` failed when the file system is the cause (full, read-only, not
     permitted); None otherwise. torch.save and safetensors wrap the OS error (torch's reads

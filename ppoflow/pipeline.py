@@ -59,11 +59,12 @@ from ppoflow.runtime import (
     machine_count,
     process_state,
     read_accelerate_config,
+    sharding,
 )
 from ppoflow.sources import REGISTRY_FIELDS, describe_models, pin_registry_sources, restore_registry_sources
 from ppoflow.tokenizers import load_tokenizer, prepare_tokenizers, settle_value_source
 from ppoflow.trainer import MetricsCallback, PPOTrainer
-from ppoflow.workspace import EVAL_FILE, METRICS_FILE, SAMPLES_FILE, SPOOL_FILE
+from ppoflow.workspace import EVAL_FILE, METRICS_FILE, SAMPLES_FILE, SPOOL_FILE, check_resume
 
 log = logging.getLogger(__name__)
 
@@ -140,28 +141,21 @@ def configure(config: RunConfig, world_size: int | None = None) -> RunPlan:
     check_mixed_precision()
     check_launched_plain()
     settings = read_accelerate_config(config.runtime)
-    check_sharding_plan(config.runtime, lora=config.peft.enabled, ppo=config.ppo, settings=settings)
+    sharding_plan = check_sharding_plan(config.runtime, lora=config.peft.enabled, ppo=config.ppo, settings=settings)
     machines = machine_count(settings)
     load_reward_functions(config.reward_functions)
     batch = BatchPlan.derive(config.ppo, world_size or planned_world_size(config.runtime.num_processes, machines))
     output_dir = config.output_dir.expanduser().resolve()
     config_hash = config.config_hash()
     state = newest_state(output_dir / "checkpoints")
-    if state is not None and state["config_hash"] != config_hash:
-        raise ConfigError(
-            "output_dir",
-            f"{output_dir} holds checkpoints of another config "
-            f"({state['config_hash']}{_what_differs(output_dir, config, state['config_hash'])})",
-            "use a new output_dir for a changed config, or delete the old run",
-        )
-    # The data order and the RNG states of a checkpoint are per process: it resumes only on as many.
-    if state is not None and state.get("world_size", 1) != batch.world_size:
-        raise ConfigError(
-            "output_dir",
-            f"{output_dir} holds checkpoints written by {state.get('world_size', 1)} "
-            f"process(es), and this run has {batch.world_size}",
-            f"resume with {state.get('world_size', 1)} process(es) (runtime.num_processes, "
-            "or accelerate launch --num_processes), or use a new output_dir",
+    if state is not None:
+        check_resume(
+            output_dir,
+            state,
+            config_hash=config_hash,
+            differences=_what_differs(output_dir, config, state.get("config_hash")),
+            world_size=batch.world_size,
+            sharding=sharding_plan.recorded,
         )
     if process_state().is_main_process:
         _check_writable(output_dir)
@@ -169,9 +163,11 @@ def configure(config: RunConfig, world_size: int | None = None) -> RunPlan:
     return RunPlan(config=config, config_hash=config_hash, output_dir=output_dir, batch=batch)
 
 
-def _what_differs(output_dir: Path, config: RunConfig, config_hash: str) -> str:
-    """`: ppo.learning_rate: 5e-05 -> 1e-05`, from the workspace's config.yaml when it is the config
-    of its checkpoints; empty when that cannot be told."""
+def _what_differs(output_dir: Path, config: RunConfig, config_hash: str | None) -> str:
+    """`, differs in ppo.learning_rate: 5e-05 -> 1e-05`, from the workspace's config.yaml when it is the
+    config of its checkpoints (of hash `config_hash`) and not `config`; empty when that cannot be told."""
+    if config_hash == config.config_hash():
+        return ""
     try:
         before = build_config(yaml.safe_load((output_dir / "config.yaml").read_text()))
     except Exception:  # missing, unreadable, or of a schema this version no longer accepts
@@ -302,7 +298,12 @@ def init_trainer(plan: RunPlan, models: ModelManifest, data: DatasetManifest) ->
             log.warning("rewriting the initial checkpoint: %s", exc)
         else:
             if state.get("config_hash") == plan.config_hash:
-                _check_same_training(plan, state, models, data)
+                check_resume(
+                    plan.output_dir,
+                    state,
+                    config_hash=plan.config_hash,
+                    training=training_fingerprint(models, data.fingerprint),
+                )
                 return CheckpointManifest(
                     path=step_zero, update=0, episode=0, num_updates=plan.batch.num_updates, sha256=digest
                 )
@@ -322,7 +323,14 @@ def train(
         )
     path, digest = found
     state = read_state(path)
-    _check_same_training(plan, state, models, data)
+    check_resume(
+        plan.output_dir,
+        state,
+        config_hash=plan.config_hash,
+        world_size=plan.batch.world_size,
+        training=training_fingerprint(models, data.fingerprint),
+        sharding=sharding(plan.config.runtime).recorded,
+    )
     if state["update"] >= plan.batch.num_updates:
         log.info(
             "training finished earlier (%s, update %d of %d): reusing it",
@@ -400,21 +408,6 @@ def _trained_fingerprints(output_dir: Path) -> set[str]:
         except (OSError, ValueError, KeyError):  # damaged or older than the field: stages 4 and 5 judge it
             continue
     return found
-
-
-def _check_same_training(plan: RunPlan, state: dict, models: ModelManifest, data: DatasetManifest) -> None:
-    """A workspace's checkpoints go on only with the models and data they were trained from (the
-    `training_fingerprint` in their state): "resuming" last night's training would return it as
-    tonight's. Stage 3 archives such a training first; this guards stages 4 and 5 run on their own.
-    Checkpoints written before the fingerprint was recorded cannot tell, and are taken as they are."""
-    trained_on, fingerprint = state.get("training_fingerprint"), training_fingerprint(models, data.fingerprint)
-    if trained_on is not None and trained_on != fingerprint:
-        raise ConfigError(
-            "output_dir",
-            f"{plan.output_dir} holds a training of other models or data (training "
-            f"fingerprint {trained_on[:16]}, this run's {fingerprint[:16]})",
-            "run stage 3 (prepare_dataset) first, which archives it, or use a new output_dir",
-        )
 
 
 @_clear_storage_errors

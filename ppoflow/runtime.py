@@ -268,6 +268,11 @@ class Sharding:
     layer_classes: tuple[str, ...] | None = None  # fsdp_transformer_layer_cls_to_wrap, else the models' own
     zero_stage: int | None = None  # DeepSpeed ZeRO's stage (deepspeed_config.zero_stage)
 
+    @property
+    def recorded(self) -> dict[str, Any]:
+        """What a checkpoint's state.json records of it (`workspace.check_resume` compares)."""
+        return {"fsdp": self.fsdp, "zero_stage": self.zero_stage}
+
 
 def sharding(runtime: RuntimeConfig, settings: dict | None = None) -> Sharding:
     """The run's sharding from `runtime` and its accelerate config (`settings`, read if not given)."""

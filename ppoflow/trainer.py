@@ -28,7 +28,6 @@ from ppoflow import advantages as adv
 from ppoflow.backends import make_backend
 from ppoflow.checkpoint import (
     capture_rng,
-    check_sharding,
     load_training_state,
     newest_valid_checkpoint,
     prune_checkpoints,
@@ -50,7 +49,7 @@ from ppoflow.rollout import Rollout, build_worker, left_pad
 from ppoflow.runtime import configure_torch, make_accelerator, sharding
 from ppoflow.schedule import make_scheduler, warmup_steps
 from ppoflow.tokenizers import load_tokenizer
-from ppoflow.workspace import METRICS_FILE
+from ppoflow.workspace import METRICS_FILE, check_resume
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +131,7 @@ class PPOTrainer:
 
     def _load_state(self, checkpoint: Path) -> None:
         state = read_state(checkpoint)
-        if state["config_hash"] != self.plan.config_hash:
-            raise CheckpointError(
-                f"{checkpoint} belongs to config {state['config_hash']}, not {self.plan.config_hash} — "
-                "use a fresh output_dir for a changed config"
-            )
-        check_sharding(checkpoint, state, **self.backend.sharding_state)
+        check_resume(self.output_dir, state, config_hash=self.plan.config_hash, sharding=self.backend.sharding_state)
         optimizer, scheduler, rng = load_training_state(checkpoint)
         self.backend.load_state(optimizer, scheduler)
         restore_rng(rng[self.accelerator.process_index])

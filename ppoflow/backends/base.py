@@ -102,9 +102,6 @@ class Backend:
     makes the optimizer; then the trainer reads `policy`/`value` (the Hugging Face models, for
     rollout and saving), `frozen_roots`, `optimizer`, and calls the methods below."""
 
-    fsdp = False
-    zero_stage: int | None = None
-
     def __init__(self, accelerator: Accelerator, plan: Sharding, ppo: PPOConfig, batch: BatchPlan):
         self.accelerator, self.plan, self.ppo, self.batch = accelerator, plan, ppo, batch
         # The sharded reference and reward model (`runtime.fsdp_frozen`), called through their wrappers'
@@ -193,8 +190,8 @@ class Backend:
     # -------------------------------------------------------------------------- checkpoints
     @property
     def sharding_state(self) -> dict[str, Any]:
-        """What a checkpoint records of how it was trained (`checkpoint.check_sharding` reads it)."""
-        return {"fsdp": self.fsdp, "zero_stage": self.zero_stage}
+        """What a checkpoint records of how it was trained (`workspace.check_resume` compares it)."""
+        return self.plan.recorded
 
     @contextmanager
     def checkpoint_state(self) -> Iterator[tuple[dict | None, dict | None, Any]]:

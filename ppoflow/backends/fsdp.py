@@ -185,8 +185,6 @@ def load_full_optimizer_state(container: nn.Module, optimizer: torch.optim.Optim
 
 
 class FSDPBackend(Backend):
-    fsdp = True
-
     def _wrap(self, ref: nn.Module, reward: nn.Module) -> None:
         # Every process loaded the full weights; each keeps its shards.
         classes = self.plan.layer_classes

@@ -185,10 +185,6 @@ class EngineMicroBatch(MicroBatch):
 
 
 class ZeroBackend(Backend):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.zero_stage = self.plan.zero_stage
-
     def _wrap(self, ref: nn.Module, reward: nn.Module) -> None:
         """Both wrappers go behind the engine's one forward (`PolicyAndValue`), made in `_start`."""
 
@@ -198,7 +194,7 @@ class ZeroBackend(Backend):
             PolicyAndValue(self.policy_wrapper, self.value_wrapper),
             self.optimizer,
             engine_config(
-                self.zero_stage,
+                self.plan.zero_stage,
                 micro_batch_size=batch.local_micro_batch_size,
                 accumulation=batch.micro_batches_per_mini_batch,
                 world_size=batch.world_size,
