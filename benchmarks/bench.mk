@@ -44,6 +44,15 @@ bench-smol-speed: $(BENCH_STAMP)
 	@test -f $(SMOL_DIR)/prompts.jsonl -a -f $(SMOL_DIR)/reward/config.json || { echo "no SmolLM2 world in $(SMOL_DIR): make smol builds it (~30 min)"; exit 2; }
 	$(MAIN_VENV)/bin/python benchmarks/run.py --parts smollm2 --smol-world $(SMOL_DIR) $(BENCH_ARGS)
 
+# ppoflow's own toy speed at several commits side by side, each in a git worktree, rounds alternating (~2 min a
+# commit): benchmarks/results/commits.json. COMMITS: what to compare, e.g. COMMITS="c4003a0 HEAD".
+.PHONY: bench-commits
+
+bench-commits: | $(MAIN_VENV)/.installed
+	@test -n "$(COMMITS)" || { echo 'usage: make bench-commits COMMITS="c4003a0 HEAD" (commits, tags or branches)'; exit 2; }
+	@test -f $(BENCH_TOY)/toy.json || $(MAIN_VENV)/bin/ppoflow toy --out $(BENCH_TOY)
+	$(MAIN_VENV)/bin/python benchmarks/commits.py --commits $(COMMITS) --toy $(BENCH_TOY) $(BENCH_ARGS)
+
 bench-trl: $(BENCH_STAMP)
 	@test -n "$(SPEC)" -a -n "$(OUT)" || { echo "usage: make bench-trl SPEC=spec.json OUT=result.json"; exit 2; }
 	HF_HUB_OFFLINE=1 TRL_EXPERIMENTAL_SILENCE=1 $(BENCH_VENV)/bin/python $(BENCH_DIR)/trl_baseline.py --spec $(SPEC) --out $(OUT)

@@ -120,6 +120,9 @@ RUN_BY_HAND = {
         "about 10 min against TRL in .venv-bench on SmolLM2-135M, and it needs `make smol`'s world (about 30 min); "
         "its figures are in docs/PERFORMANCE.md"
     ),
+    "make bench-commits": (
+        "about 2 min a commit on a quiet machine, in git worktrees; its figures are in docs/PERFORMANCE.md"
+    ),
     "make bench-venv": "builds .venv-bench from the package registry (about 1.5 min); only the benchmark needs it",
     "make bench-trl": "needs .venv-bench (TRL 1.12), which the test suite does not build",
     ".venv-bench/bin/python benchmarks/trl_baseline.py": (
