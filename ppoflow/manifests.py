@@ -67,6 +67,10 @@ class ModelManifest(Manifest):
     reward_tokenizer_sha256: str | None = None
     reward_chat_template: bool = False  # the reward tokenizer renders conversations with its own template
 
+    def roles(self) -> dict[str, ModelSource | None]:
+        """The four models by role; `ref` None: the policy with its LoRA adapter disabled."""
+        return {"policy": self.policy, "ref": self.ref, "reward": self.reward, "value": self.value}
+
     @property
     def stop_token_ids(self) -> list[int]:
         """The tokens that end (and truncate) a response; empty: responses run to `response_length`."""

@@ -83,6 +83,29 @@ def _on_device(device: torch.device | None) -> dict[str, Any]:
     return {} if device is None else {"device_map": {"": torch.device(device)}}
 
 
+def _load(
+    auto_class,
+    directory: Path,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    attn_implementation: str | None,
+    device: torch.device | None,
+    **extra: Any,
+) -> PreTrainedModel:
+    """A model from a local Hugging Face directory, safetensors only, dropout off."""
+    model = auto_class.from_pretrained(
+        directory,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+        attn_implementation=attn_implementation,
+        **extra,
+        **_on_device(device),
+    )
+    disable_dropout(model)
+    return model
+
+
 def load_causal_lm(
     directory: Path,
     dtype: torch.dtype,
@@ -90,16 +113,7 @@ def load_causal_lm(
     attn_implementation: str | None = None,
     device: torch.device | None = None,
 ) -> PreTrainedModel:
-    model = AutoModelForCausalLM.from_pretrained(
-        directory,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-        use_safetensors=True,
-        attn_implementation=attn_implementation,
-        **_on_device(device),
-    )
-    disable_dropout(model)
-    return model
+    return _load(AutoModelForCausalLM, directory, dtype, trust_remote_code, attn_implementation, device)
 
 
 def load_classifier(
@@ -109,16 +123,16 @@ def load_classifier(
     attn_implementation: str | None = None,
     device: torch.device | None = None,
 ) -> PreTrainedModel:
-    model = AutoModelForSequenceClassification.from_pretrained(
+    """A decoder classifier with one label: a score at every position (`scalar_head`)."""
+    model = _load(
+        AutoModelForSequenceClassification,
         directory,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-        use_safetensors=True,
+        dtype,
+        trust_remote_code,
+        attn_implementation,
+        device,
         num_labels=1,
-        attn_implementation=attn_implementation,
-        **_on_device(device),
     )
-    disable_dropout(model)
     if scalar_head(model) is None:
         raise ModelError(
             f"{directory}: {type(model).__name__} has no head that scores each position (a `score` head, or a linear "

@@ -25,7 +25,7 @@ from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
 from ppoflow.config import TrackingConfig
 from ppoflow.errors import TrackingError
-from ppoflow.manifests import DatasetManifest, ModelManifest, ModelSource, Release
+from ppoflow.manifests import DatasetManifest, ModelManifest, Release
 from ppoflow.provenance import library_versions
 from ppoflow.redaction import redact
 from ppoflow.tracking.metrics import MetricsSink, is_number
@@ -208,13 +208,7 @@ def describe_release(run: TrackingRun, release: Release, models: ModelManifest, 
 
 def _models_table(models: ModelManifest) -> list[str]:
     lines = ["## Models", "", "| role | source | sha256 | registry version |", "|---|---|---|---|"]
-    roles: dict[str, ModelSource | None] = {
-        "policy": models.policy,
-        "ref": models.ref,
-        "reward": models.reward,
-        "value": models.value,
-    }
-    for role, model in roles.items():
+    for role, model in models.roles().items():
         if model is None:
             lines.append(f"| {role} | the policy with the LoRA adapter disabled | | |")
         else:

@@ -47,7 +47,7 @@ from mlflow.utils.validation import (
 
 from ppoflow.config import ATTEMPT_SECTIONS, REGISTRY_URI, RunConfig
 from ppoflow.errors import TrackingError
-from ppoflow.manifests import DatasetManifest, ModelManifest, ModelSource, RunPlan
+from ppoflow.manifests import DatasetManifest, ModelManifest, RunPlan
 from ppoflow.partitions import is_glob
 from ppoflow.provenance import git_state, library_versions
 from ppoflow.redaction import redact
@@ -264,13 +264,7 @@ class TrackingRun:
         """Lineage tags `ppoflow.<role>.{source,revision,sha256,class,num_parameters}` (and `registry_version`,
         `models:/NAME/VERSION`, for a registry source) and the tokenizer's."""
         tags: dict[str, Any] = {}
-        roles: dict[str, ModelSource | None] = {
-            "policy": models.policy,
-            "ref": models.ref,
-            "reward": models.reward,
-            "value": models.value,
-        }
-        for role, model in roles.items():
+        for role, model in models.roles().items():
             if model is None:
                 tags[f"ppoflow.{role}.source"] = "policy with the LoRA adapter disabled"
                 continue
