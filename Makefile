@@ -98,11 +98,12 @@ mlflow-server-stop: install
 
 # Local Prefect server + MLflow server + work pool + deployments + worker, in the background;
 # state, pids and logs in $(SERVE_HOME) (see deployments/README.md). ARGS e.g. "--prefect-port 0".
+# ALERT_WEBHOOK=URL: a message POSTed there when a night fails or crashes and when a candidate is rejected.
 SERVE_HOME ?= .ppoflow/serve
 .PHONY: serve serve-stop
 
 serve: install toy
-	$(PY) -m ppoflow.deployments.serve start --home $(SERVE_HOME) $(ARGS)
+	$(PY) -m ppoflow.deployments.serve start --home $(SERVE_HOME) $(if $(ALERT_WEBHOOK),--alert-webhook $(ALERT_WEBHOOK)) $(ARGS)
 
 serve-stop: install
 	$(PY) -m ppoflow.deployments.serve stop --home $(SERVE_HOME)

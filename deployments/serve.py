@@ -15,7 +15,10 @@
 4. `prefect worker start --pool ppoflow` (background, own session; it boots while step 3 runs),
    with PREFECT_API_URL and MLFLOW_TRACKING_URI pointing at the two servers and PREFECT_UI_URL at
    the Prefect UI (empty with `--no-ui`), so each flow run tags its MLflow run with its UI page;
-   ready once it has heartbeated to the server.
+   ready once it has heartbeated to the server;
+5. with `--alert-webhook URL` (`make serve ALERT_WEBHOOK=URL`): a notification block and three
+   automations that POST a message there when a night fails or crashes and when a candidate is
+   rejected (`ppoflow.flows.alerts`).
 
 Everything lives in HOME (default `.ppoflow/serve`): `serve.json` (URLs, pids, deployments),
 `prefect-server.log`, `deploy.log`, `worker.log`, the Prefect database under `prefect/` (Prefect's
@@ -103,6 +106,7 @@ class Stack:
     mlflow_auth: bool = False
     ui: bool = True  # whether the Prefect server serves its UI
     started_at: str = ""
+    alerts: list[str] = field(default_factory=list)  # the automations installed (--alert-webhook)
     startup_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -168,7 +172,13 @@ def prefect_env(home: Path) -> dict[str, str]:
 def prefect_server_env(home: Path, port: int) -> dict[str, str]:
     """The server's environment: no PREFECT_API_URL of yours, and a UI that calls this port's API
     (Prefect's UI calls :4200 on any other port unless PREFECT_UI_API_URL says so)."""
-    env = {**os.environ, **prefect_env(home), "PREFECT_UI_API_URL": f"http://{HOST}:{port}/api"}
+    # PREFECT_UI_URL: the links the automations' notifications carry (`{{ flow_run|ui_url }}`).
+    env = {
+        **os.environ,
+        **prefect_env(home),
+        "PREFECT_UI_API_URL": f"http://{HOST}:{port}/api",
+        "PREFECT_UI_URL": f"http://{HOST}:{port}",
+    }
     env.pop("PREFECT_API_URL", None)
     return env
 
@@ -425,6 +435,7 @@ def start(
     worker_env: Mapping[str, str] | None = None,
     prefect_file: Path = PREFECT_FILE,
     timeout: float = 180.0,
+    alert_webhook: str | None = None,
 ) -> Stack:
     """Bring the whole stack up (see the module docstring); on failure stop what was started."""
     home = Path(home).expanduser().resolve()
@@ -470,6 +481,10 @@ def start(
         timings["deploy"] = round(time.monotonic() - began, 1)
         wait_worker_online(stack.api_url, stack.processes["worker"], since, timeout)
         timings["worker"] = round(time.monotonic() - began, 1)
+        if alert_webhook:
+            from ppoflow.flows import alerts
+
+            stack.alerts = alerts.install(stack.api_url, alert_webhook)
     except BaseException:
         log.error("start failed; stopping what was started")
         stop(home)
@@ -546,6 +561,7 @@ def describe(stack: Stack) -> str:
             f"  work pool     {stack.work_pool} (process, concurrency limit {POOL_CONCURRENCY_LIMIT})"
             + (f", worker pid {worker.pid}" if worker else ""),
             f"  deployments   {'; '.join(schedules)}",
+            f"  alerts        {', '.join(stack.alerts) if stack.alerts else 'none (make serve ALERT_WEBHOOK=URL)'}",
             "",
             "Trigger a run (from another shell, in this directory):",
             f"  export PREFECT_API_URL={stack.api_url} MLFLOW_TRACKING_URI={stack.mlflow_url}",
@@ -589,6 +605,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     start_command.add_argument("--no-ui", dest="ui", action="store_false", help="Prefect API without its UI")
     start_command.add_argument("--timeout", type=float, default=180.0, help="seconds each step may take (default 180)")
+    start_command.add_argument(
+        "--alert-webhook",
+        default=os.environ.get("PPOFLOW_ALERT_WEBHOOK") or None,
+        metavar="URL",
+        help="POST a message here when a night fails or crashes and when a candidate is rejected "
+        "(default: $PPOFLOW_ALERT_WEBHOOK; none: no alerts)",
+    )
     return parser
 
 
@@ -609,6 +632,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 mlflow_auth=args.mlflow_auth,
                 ui=args.ui,
                 timeout=args.timeout,
+                alert_webhook=args.alert_webhook,
             )
             print(describe(stack))
             return 0

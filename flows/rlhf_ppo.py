@@ -39,7 +39,6 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from prefect import Flow, Task, flow
 from prefect.artifacts import MarkdownArtifact, create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -54,6 +53,7 @@ from ppoflow import console, tracking
 from ppoflow.cli import final_metrics, run_summary
 from ppoflow.config import RunConfig, build_config, expand_output_dir, names_registry_alias
 from ppoflow.data import load_prompts
+from ppoflow.flows import alerts
 from ppoflow.hub import check_push
 from ppoflow.locking import output_dir_lock
 from ppoflow.manifests import DatasetManifest, ModelManifest, Release, RunPlan, training_fingerprint
@@ -105,14 +105,24 @@ def record_failure(_flow: Flow, run: FlowRun, state: State) -> None:
         )
     except Exception:  # the config itself is what failed: the reason says so
         config = None
-    mlflow_run_id = None
+    tagged = None
     if config is not None:
         try:
-            mlflow_run_id = tracking.tag_failure(str(run.id), config.tracking.experiment, reason, stage)
+            tagged = tracking.tag_failure(str(run.id), config.tracking.experiment, reason, stage)
         except Exception as exc:  # the tracking store may be what failed; the artifact still tells
             logging.getLogger(__name__).warning(
                 "the MLflow run was not tagged with the failure: %s", redact(tracking.first_line(exc))
             )
+    mlflow_run_id = tagged.run_id if tagged is not None else None
+    if state.is_failed():  # a crash is Prefect's own event (prefect.flow-run.Crashed): no hook runs in a killed process
+        alerts.emit_failure(
+            run.name,
+            str(run.id),
+            stage,
+            reason,
+            alerts.flow_run_page(run.id),
+            alerts.mlflow_page(tagged.tracking_uri, tagged.experiment_id, tagged.run_id) if tagged else None,
+        )
     MarkdownArtifact(
         key=FAILURE_ARTIFACT,
         description="Why this flow run failed and how to resume it",
@@ -177,6 +187,15 @@ def rlhf_ppo(config: RunConfig, overrides: list[str] | None = None) -> dict[str,
             final = staged(stages.train_ppo, plan, models, data, start, run.run_id)
             release = staged(stages.save_and_evaluate, plan, models, data, final, run.run_id)
             publish_artifacts(plan, models, data, release, run)
+            if release.promotion:  # for the alerts and for automations of the user's own
+                alerts.emit_promotion(
+                    flow_run.name,
+                    release.promotion,
+                    release.registered_model,
+                    release.registered_version,
+                    alerts.flow_run_page(flow_run.id),
+                    alerts.mlflow_page(run.tracking_uri, run.experiment_id, run.run_id),
+                )
         return summary(plan, release, run.experiment_id)
 
 
@@ -229,17 +248,16 @@ def publish_artifacts(
 ) -> None:
     """Prefect artifacts of this flow run: where the MLflow run is (a link to its page in the tracking
     server's UI, or how to browse a local store), a summary, sample completions."""
-    uri = redact(run.tracking_uri)
-    if uri.startswith(("http://", "https://")):
-        parts = urlsplit(uri)  # the page's URL without a login (the browser asks for it)
-        server = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path.rstrip("/"), "", ""))
+    page = alerts.mlflow_page(run.tracking_uri, run.experiment_id, run.run_id)
+    if page is not None:
         create_link_artifact(
             key="mlflow-run",
-            link=tracking.mlflow_ui_run_url(run.experiment_id, run.run_id, base=server),
+            link=page,
             link_text=f"MLflow run {run.run_id}",
             description="The MLflow run of this training job",
         )
     else:
+        uri = redact(run.tracking_uri)
         create_markdown_artifact(
             key="mlflow-run",
             description="The MLflow run of this training job",

@@ -135,9 +135,9 @@ def open_run(plan: RunPlan, training: str, *, tracking_uri: str | None = None) -
 
 def tag_failure(
     flow_run_id: str, experiment: str, reason: str, stage: str | None, *, tracking_uri: str | None = None
-) -> str | None:
+) -> TrackingRun | None:
     """Tag the MLflow run that flow run `flow_run_id` last worked on with why it failed (`reason`, one
-    line, redacted) and where; its run id, or None when that flow run opened no MLflow run."""
+    line, redacted) and where; that run, or None when that flow run opened no MLflow run."""
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -155,7 +155,7 @@ def tag_failure(
         return None
     run = TrackingRun(client, runs[0].info.run_id, found.experiment_id, Path("."))
     run.set_tags({FAILURE_TAG: redact(reason), FAILED_STAGE_TAG: stage or "start-up checks"})
-    return run.run_id
+    return run
 
 
 def _experiment_id(client: mlflow.MlflowClient, name: str, location: str | None) -> str:

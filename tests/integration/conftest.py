@@ -2,15 +2,19 @@
 
 `served_stack` starts it once per module through `ppoflow.deployments.serve.start` (the code behind
 `make serve`): a Prefect server with its UI (the `ui` tests browse it), the MLflow server with basic
-auth (SQLite), the `ppoflow` work pool, the deployments of deployments/prefect.yaml, and one process
-worker whose MLflow credentials come from its environment. Its teardown is `make serve-stop` and checks that every
-process it started is gone. Nothing here is autouse.
+auth (SQLite), the `ppoflow` work pool, the deployments of deployments/prefect.yaml, one process
+worker whose MLflow credentials come from its environment, and the alerts (`--alert-webhook`)
+pointed at `alert_receiver`, a local HTTP server that keeps what is POSTed to it. Its teardown is
+`make serve-stop` and checks that every process it started is gone. Nothing here is autouse.
 """
 
 from __future__ import annotations
 
+import json
 import secrets
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,8 +37,37 @@ def _gone(pid: int) -> bool:
     return state in ("Z", "X")
 
 
+class AlertReceiver:
+    """A webhook on a free loopback port: the JSON bodies POSTed to it, in order."""
+
+    def __init__(self):
+        self.received: list[dict] = []
+        received = self.received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                received.append(json.loads(body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):  # quiet
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
 @pytest.fixture(scope="module")
-def served_stack(tmp_path_factory) -> Iterator[Stack]:
+def alert_receiver() -> Iterator[AlertReceiver]:
+    receiver = AlertReceiver()
+    yield receiver
+    receiver.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def served_stack(tmp_path_factory, alert_receiver) -> Iterator[Stack]:
     from ppoflow.deployments import serve
 
     home = tmp_path_factory.mktemp("serve")
@@ -46,7 +79,15 @@ def served_stack(tmp_path_factory) -> Iterator[Stack]:
         # The test's own MLflow client logs in like the worker does.
         patch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
         patch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
-        stack = serve.start(home, prefect_port=0, mlflow_port=0, mlflow_auth=True, ui=True, worker_env=WORKER_ENV)
+        stack = serve.start(
+            home,
+            prefect_port=0,
+            mlflow_port=0,
+            mlflow_auth=True,
+            ui=True,
+            worker_env=WORKER_ENV,
+            alert_webhook=alert_receiver.url,
+        )
         try:
             yield stack
         finally:

@@ -488,6 +488,82 @@ def test_nightly_runs_chain_through_the_registry_and_promote_only_through_the_ga
     assert str(client.get_model_version_by_alias(CHAIN_MODEL, "candidate").version) == number["night 4"]
 
 
+def wait_for_alerts(receiver, count: int, timeout: float = 90.0) -> list[dict]:
+    """The receiver's messages once it has `count` (the automations act a few seconds after the event)."""
+    deadline = time.monotonic() + timeout
+    while len(receiver.received) < count and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(5.0)  # and any message more, which would be one too many
+    return list(receiver.received)
+
+
+@TRIGGERED_TIMEOUT
+def test_alerts_reach_the_webhook_for_a_failed_night_and_each_rejected_candidate(
+    served_stack, alert_receiver, triggered, chain
+):
+    """`--alert-webhook` (make serve ALERT_WEBHOOK=...): the Custom Webhook block and the automations
+    POST one message when a night fails (naming its stage and error, linking its flow run and MLflow
+    run) and one per rejected candidate (the gate's reason); none for a promoted one."""
+    import mlflow
+
+    assert served_stack.alerts == [
+        "ppoflow: a night failed",
+        "ppoflow: a night crashed",
+        "ppoflow: a candidate was rejected",
+    ]
+    client = mlflow.MlflowClient(tracking_uri=served_stack.mlflow_url)
+    rejected = {}  # every registered version the gate rejected: the chain's, and the fault run's once retried
+    for night, flow_run in {"fault": triggered["fault"], **chain}.items():
+        _, run = mlflow_run_of(served_stack, flow_run.id)
+        for model in (REGISTERED_MODEL, CHAIN_MODEL):
+            for version in client.search_model_versions(f"name='{model}'"):
+                decision = version.tags.get("ppoflow.promotion", "")
+                if version.run_id == run.info.run_id and decision.startswith("rejected: "):
+                    rejected[night] = (model, version, run, flow_run)
+    assert {"night 3", "night 4"} <= set(rejected)
+    messages = wait_for_alerts(alert_receiver, 1 + len(rejected))
+    by_subject = {message["subject"]: message["body"] for message in messages}
+    shown = json.dumps(messages, indent=1)
+    assert len(by_subject) == len(messages) == 1 + len(rejected), shown  # one message each, nothing else
+
+    fault = triggered["fault"]
+    body = by_subject[f"ppoflow: night {fault.name} failed"]
+    _, fault_run = mlflow_run_of(served_stack, fault.id)
+    assert body.startswith(f"ppoflow night {fault.name} failed in train_ppo: "), body
+    assert "crash injected after update 1" in body, body
+    assert f"Flow run: {served_stack.prefect_url}/flow-runs/flow-run/{fault.id}" in body
+    assert f"MLflow run: {served_stack.mlflow_url}/#/experiments/{fault_run.info.experiment_id}/runs/" in body
+
+    for night, (model, version, run, flow_run) in rejected.items():
+        body = by_subject[f"ppoflow: {model} version {version.version} rejected"]
+        assert f"did not take @champion — {version.tags['ppoflow.promotion']}" in body, (night, body)
+        assert f"Flow run: {served_stack.prefect_url}/flow-runs/flow-run/{flow_run.id}" in body
+        assert f"/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" in body
+
+
+def test_a_crashed_night_alerts_with_its_state_message(served_stack, alert_receiver, served_deployments):
+    """A night whose process was killed outright runs no hook: the alert comes from Prefect's own
+    `prefect.flow-run.Crashed` event, with the state's message and the flow run's page. (The run here
+    is scheduled a day ahead, so no worker takes it, and then marked Crashed as the worker marks one.)"""
+    from prefect.states import Crashed, Scheduled
+
+    seen = len(alert_receiver.received)
+    with prefect_client(served_stack) as client:
+        deployment = client.read_deployment_by_name("rlhf-ppo/toy-nightly")
+        later = Scheduled(scheduled_time=datetime.now(timezone.utc) + timedelta(days=1))
+        flow_run = client.create_flow_run_from_deployment(deployment.id, state=later)
+        killed = Crashed(message="Flow run infrastructure exited with code -9.")
+        client.set_flow_run_state(flow_run.id, killed, force=True)
+    messages = wait_for_alerts(alert_receiver, seen + 1)[seen:]
+    assert messages == [
+        {
+            "subject": f"ppoflow: night {flow_run.name} crashed",
+            "body": f"ppoflow night {flow_run.name} crashed: Flow run infrastructure exited with code -9.\n"
+            f"Flow run: {served_stack.prefect_url}/runs/flow-run/{flow_run.id}",
+        }
+    ]
+
+
 def processes_of(workspace: Path) -> list:
     """The live processes whose command line names `workspace`: accelerate's launcher and its ranks
     (`ppoflow.cli stage train --inputs WORKSPACE/launch/...`)."""

@@ -56,7 +56,7 @@ RUN_BY_A_TEST = {
 
 # What the command does runs in a test, through the function or the API call the command makes.
 RUN_AS_CODE_BY_A_TEST = {
-    "make serve": ("tests/integration/conftest.py", "serve.start(home, prefect_port=0, mlflow_port=0"),
+    "make serve": ("tests/integration/conftest.py", "alert_webhook=alert_receiver.url"),
     "make serve-stop": ("tests/integration/conftest.py", "serve.stop(home)"),
     "prefect deployment run": ("tests/integration/test_deployments.py", "client.create_flow_run_from_deployment("),
     "prefect work-pool create ppoflow --type process": (
