@@ -28,7 +28,8 @@ aliases again in each new flow run) finds stages 1-2 `Cached`, archives the prev
 
 A failed or crashed flow run leaves a `rlhf-ppo-failure` markdown artifact (the failed stage, the
 error line, how to resume) and tags its MLflow run, if it opened one (from stage 4 on), with
-`ppoflow.failure`.
+`ppoflow.failure`. A failed one, and the promotion gate's decision, are also Prefect events
+(`ppoflow.night.failed`, `ppoflow.promotion.promoted` / `.rejected`: `ppoflow.flows.alerts`).
 """
 
 from __future__ import annotations
@@ -187,15 +188,7 @@ def rlhf_ppo(config: RunConfig, overrides: list[str] | None = None) -> dict[str,
             final = staged(stages.train_ppo, plan, models, data, start, run.run_id)
             release = staged(stages.save_and_evaluate, plan, models, data, final, run.run_id)
             publish_artifacts(plan, models, data, release, run)
-            if release.promotion:  # for the alerts and for automations of the user's own
-                alerts.emit_promotion(
-                    flow_run.name,
-                    release.promotion,
-                    release.registered_model,
-                    release.registered_version,
-                    alerts.flow_run_page(flow_run.id),
-                    alerts.mlflow_page(run.tracking_uri, run.experiment_id, run.run_id),
-                )
+            announce_decision(release, run)
         return summary(plan, release, run.experiment_id)
 
 
@@ -273,6 +266,20 @@ def publish_artifacts(
     if rows:
         create_table_artifact(
             key="sample-completions", table=rows, description="Policy and reference completions of eval prompts"
+        )
+
+
+def announce_decision(release: Release, run: tracking.TrackingRun) -> None:
+    """The promotion gate's decision as a Prefect event (`ppoflow.promotion.promoted` or `.rejected`),
+    for the alerts of `make serve ALERT_WEBHOOK=...` and for automations of the user's own."""
+    if release.promotion:
+        alerts.emit_promotion(
+            flow_run.name,
+            release.promotion,
+            release.registered_model,
+            release.registered_version,
+            alerts.flow_run_page(flow_run.id),
+            alerts.mlflow_page(run.tracking_uri, run.experiment_id, run.run_id),
         )
 
 
