@@ -393,6 +393,7 @@ class PPOTrainer:
             # Policy and value go backward one after the other, not as one summed loss: they share no
             # parameters, so the gradients are the same, but only one model's activations are alive at a
             # time (the policy's are freed here, before the value forward), which lowers the peak memory.
+            # ZeRO's micro-batch holds this loss and backpropagates both, summed, at its end (one engine pass).
             models.backward(pg_loss / micro_batches)
             with torch.no_grad():
                 entropy = entropy_from_logits(logits.detach(), ppo.temperature).mean()
