@@ -5,8 +5,11 @@ Events (custom Prefect events, so anyone can build their own automations on them
 - `ppoflow.night.failed`: a flow run of `rlhf-ppo` failed; payload `stage` (the stage that failed,
   or "start-up checks"), `reason` (the error line), `flow_run_url`, `mlflow_run_url`, `message`.
 - `ppoflow.promotion.promoted` / `ppoflow.promotion.rejected`: the promotion gate's decision on a
-  registered version; payload `model`, `version`, `alias`, `decision` (the gate's line, with its
-  numbers), `flow_run_url`, `mlflow_run_url`, `message`.
+  registered version (with `approval: required`, the person's, or the timeout's); payload `model`,
+  `version`, `alias`, `decision` (the gate's line, with its numbers), `flow_run_url`,
+  `mlflow_run_url`, `message`.
+- `ppoflow.promotion.awaiting_approval`: a version passed the gate's numbers and waits for a person
+  (`tracking.promotion.approval: required`); the same payload, `decision` with its deadline.
 
 Each event's resource is the night (`ppoflow.night.<flow run id>`) or the model version
 (`ppoflow.model.<name>.<version>`); Prefect relates it to the flow run, the flow and the deployment.
@@ -34,6 +37,7 @@ FLOW_NAME = "rlhf-ppo"
 FAILED = "ppoflow.night.failed"
 PROMOTED = "ppoflow.promotion.promoted"
 REJECTED = "ppoflow.promotion.rejected"
+AWAITING = "ppoflow.promotion.awaiting_approval"
 BLOCK_NAME = "ppoflow-alerts"
 AUTOMATIONS = ("ppoflow: a night failed", "ppoflow: a night crashed", "ppoflow: a candidate was rejected")
 
@@ -104,13 +108,14 @@ def emit_promotion(
     mlflow_run_url: str | None,
 ) -> None:
     promoted = bool(decision.get("promoted"))
-    what = "took" if promoted else "did not take"
+    awaiting = bool(decision.get("awaiting_approval"))
+    what = "awaits approval for" if awaiting else "took" if promoted else "did not take"
     message = (
         f"ppoflow night {night}: {model} version {version} {what} @{decision['alias']} — {decision['decision']}\n"
         f"{_links(flow_run_url, mlflow_run_url)}"
     ).strip()
     _emit(
-        PROMOTED if promoted else REJECTED,
+        AWAITING if awaiting else PROMOTED if promoted else REJECTED,
         {
             "prefect.resource.id": f"ppoflow.model.{model}.{version}",
             "prefect.resource.name": f"{model} version {version}",

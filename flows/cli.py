@@ -41,7 +41,24 @@ def build_parser() -> argparse.ArgumentParser:
     commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
     run = commands.add_parser("run", help="run the whole pipeline as a Prefect flow with MLflow tracking")
     add_config_arguments(run)
+    for decision, verb in (("approve", "approve"), ("reject", "reject")):
+        answer = commands.add_parser(
+            decision,
+            help=f"{verb} the registered version a flow run awaits approval for "
+            "(tracking.promotion.approval: required), as the form in its Prefect UI page does",
+        )
+        answer.add_argument("flow_run_id", help="the waiting flow run's id (printed by `ppoflow run`)")
+        answer.add_argument("--by", required=True, dest="approver", help="who decides (recorded on the version)")
+        answer.add_argument("--comment", default="", help="why (recorded beside the decision)")
     return parser
+
+
+def command_answer(args: argparse.Namespace) -> dict[str, Any]:
+    from ppoflow.flows.approval import answer
+
+    sent = answer(args.flow_run_id, args.command, args.approver, args.comment)
+    log.info("%s", sent)
+    return {"flow_run_id": args.flow_run_id, "decision": args.command, "approver": args.approver}
 
 
 def command_run(args: argparse.Namespace) -> dict[str, Any]:
@@ -79,7 +96,8 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    return run_command(build_parser(), {**COMMANDS, "run": command_run}, argv)
+    commands = {**COMMANDS, "run": command_run, "approve": command_answer, "reject": command_answer}
+    return run_command(build_parser(), commands, argv)
 
 
 if __name__ == "__main__":

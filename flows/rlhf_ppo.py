@@ -30,6 +30,10 @@ A failed or crashed flow run leaves a `rlhf-ppo-failure` markdown artifact (the 
 error line, how to resume) and tags its MLflow run, if it opened one (from stage 4 on), with
 `ppoflow.failure`. A failed one, and the promotion gate's decision, are also Prefect events
 (`ppoflow.night.failed`, `ppoflow.promotion.promoted` / `.rejected`: `ppoflow.flows.alerts`).
+
+With `tracking.promotion.approval: required`, a version that passes the gate's numbers waits for a
+person after stage 6 (`ppoflow.flows.approval`): a deployment's flow run suspends, `ppoflow run`
+pauses; the answer moves the alias or leaves it, and the decision is recorded and announced.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from prefect.artifacts import MarkdownArtifact, create_link_artifact, create_mar
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import FlowRun
+from prefect.exceptions import Pause
 from prefect.runtime import deployment, flow_run
 from prefect.settings import PREFECT_UI_URL
 from prefect.states import State
@@ -54,7 +59,7 @@ from ppoflow import console, tracking
 from ppoflow.cli import final_metrics, run_summary
 from ppoflow.config import RunConfig, build_config, expand_output_dir, names_registry_alias
 from ppoflow.data import load_prompts
-from ppoflow.flows import alerts
+from ppoflow.flows import alerts, approval
 from ppoflow.hub import check_push
 from ppoflow.locking import output_dir_lock
 from ppoflow.manifests import DatasetManifest, ModelManifest, Release, RunPlan, training_fingerprint
@@ -177,6 +182,8 @@ def rlhf_ppo(config: RunConfig, overrides: list[str] | None = None) -> dict[str,
     tracking.check_reachable(tracking.resolve_tracking_uri())
     tracking.check_release_names(config.tracking)
     check_push(config.tracking)
+    if config.tracking.promotion is not None and config.tracking.log_model:
+        approval.record_expired(tracking.resolve_tracking_uri(), config.tracking.registered_model_name)
 
     # One run per output_dir at a time: a second one waits here, then finds its stages Cached.
     with output_dir_lock(config.output_dir, config.flow.lock_timeout_seconds):
@@ -188,6 +195,10 @@ def rlhf_ppo(config: RunConfig, overrides: list[str] | None = None) -> dict[str,
             final = staged(stages.train_ppo, plan, models, data, start, run.run_id)
             release = staged(stages.save_and_evaluate, plan, models, data, final, run.run_id)
             publish_artifacts(plan, models, data, release, run)
+            decided = approval.await_approval(plan, release, run)  # with tracking.promotion.approval: required
+            if decided is not release:
+                publish_summary(plan, models, data, decided)
+                release = decided
             announce_decision(release, run)
         return summary(plan, release, run.experiment_id)
 
@@ -230,6 +241,9 @@ def mlflow_run(plan: RunPlan, models: ModelManifest, data: DatasetManifest) -> I
         run.start_system_metrics()
     try:
         yield run
+    except Pause:  # suspended awaiting approval: the training is done, the decision is recorded when it comes
+        run.finish("FINISHED")
+        raise
     except BaseException as exc:
         run.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
@@ -259,9 +273,7 @@ def publish_artifacts(
                 f"```\nmlflow ui --backend-store-uri {uri}\n```\n"
             ),
         )
-    create_markdown_artifact(
-        key="rlhf-ppo-summary", markdown=summary_markdown(plan, models, data, release), description="Run summary"
-    )
+    publish_summary(plan, models, data, release)
     rows = [sample_row(row) for row in read_jsonl(plan.output_dir / SAMPLES_FILE)]
     if rows:
         create_table_artifact(
@@ -269,10 +281,16 @@ def publish_artifacts(
         )
 
 
+def publish_summary(plan: RunPlan, models: ModelManifest, data: DatasetManifest, release: Release) -> None:
+    create_markdown_artifact(
+        key="rlhf-ppo-summary", markdown=summary_markdown(plan, models, data, release), description="Run summary"
+    )
+
+
 def announce_decision(release: Release, run: tracking.TrackingRun) -> None:
     """The promotion gate's decision as a Prefect event (`ppoflow.promotion.promoted` or `.rejected`),
     for the alerts of `make serve ALERT_WEBHOOK=...` and for automations of the user's own."""
-    if release.promotion:
+    if release.promotion and not release.promotion.get("awaiting_approval"):
         alerts.emit_promotion(
             flow_run.name,
             release.promotion,

@@ -273,6 +273,17 @@ class PromotionConfig(_Section):
         description="Least eval mean of the new policy per reward function, by metric name "
         "(e.g. {oracle: 0.5}); each must name one of reward_functions.",
     )
+    approval: Literal["none", "required"] = Field(
+        "none",
+        description="`required`: a version that passes every bound waits for a person's decision (the flow run "
+        "suspends with a form in the Prefect UI; `ppoflow approve|reject RUN_ID` answers it too) before it takes "
+        "the alias; `none`: the numbers alone decide.",
+    )
+    approval_timeout_hours: float = Field(
+        72.0,
+        gt=0,
+        description="Hours a version awaits its decision (approval: required); then it is rejected as timed out.",
+    )
 
 
 class TrackingConfig(_Section):
@@ -486,6 +497,30 @@ class RunConfig(_Section):
                 "is 0, and the promotion gate (tracking.promotion) judges the trained policy on held-out prompts",
                 "hold out prompts (data.eval_size > 0, default 64) or set tracking.promotion: null",
             )
+        return self
+
+    @model_validator(mode="after")
+    def _approval_has_a_version_and_alias(self) -> RunConfig:
+        tracking = self.tracking
+        if tracking.promotion is None or tracking.promotion.approval != "required":
+            return self
+        if not tracking.log_model:
+            raise ConfigError(
+                "tracking.promotion.approval",
+                "is required and tracking.log_model is false: no version is registered for a person to approve",
+                "set tracking.log_model: true, or tracking.promotion.approval: none",
+            )
+        for field, value in (
+            ("tracking.registered_model_name", tracking.registered_model_name),
+            ("tracking.promotion.alias", tracking.promotion.alias),
+        ):
+            if not (value or "").strip():
+                raise ConfigError(
+                    field,
+                    "is empty and tracking.promotion.approval is required: a person approves a registered "
+                    "version for the alias",
+                    "name it (e.g. the defaults ppoflow-policy and champion), or set tracking.promotion.approval: none",
+                )
         return self
 
     @model_validator(mode="after")

@@ -64,7 +64,7 @@ from ppoflow.runtime import (
 from ppoflow.sources import REGISTRY_FIELDS, describe_models, pin_registry_sources, restore_registry_sources
 from ppoflow.tokenizers import load_tokenizer, prepare_tokenizers, settle_value_source
 from ppoflow.trainer import MetricsCallback, PPOTrainer
-from ppoflow.workspace import EVAL_FILE, METRICS_FILE, SAMPLES_FILE, SPOOL_FILE, check_resume
+from ppoflow.workspace import EVAL_FILE, HEAD_TO_HEAD_FILE, METRICS_FILE, SAMPLES_FILE, SPOOL_FILE, check_resume
 
 log = logging.getLogger(__name__)
 
@@ -361,6 +361,7 @@ TRAINING_PRODUCTS = (
     "final-merged",
     EVAL_FILE,
     SAMPLES_FILE,
+    HEAD_TO_HEAD_FILE,
 )
 """What stages 3-6 write into the workspace (`archive_training` moves them). Stage 1's and 2's products
 (config.yaml, the tokenizers, registry fetches) stay: the next training of the config uses them."""
@@ -444,7 +445,8 @@ def evaluate_against(
 ) -> dict[str, float]:
     """The released policy (`policy_dir`, a full Hugging Face directory) head to head with another one
     (`baseline_dir`: the promotion alias's holder) on the eval prompts, as stage 6 compares it with
-    the reference: `win_rate` and `reward_ref` are against the baseline, `kl` against the reference."""
+    the reference: `win_rate` and `reward_ref` are against the baseline, `kl` against the reference.
+    The sample table (`ref_completion` is the baseline's) goes to `HEAD_TO_HEAD_FILE`."""
     config = plan.config
     state = process_state()
     configure_torch(config.runtime)
@@ -454,7 +456,9 @@ def evaluate_against(
         )
     policy = load_released(config, policy_dir, state.device)
     baseline = load_released(config, baseline_dir, state.device)
-    metrics, _ = evaluate_policy(config, models, data.eval_dir, policy, state.device, baseline=baseline)
+    metrics, samples = evaluate_policy(config, models, data.eval_dir, policy, state.device, baseline=baseline)
+    rows = "".join(json.dumps({**row, "baseline": str(baseline_dir)}) + "\n" for row in samples)
+    write_text_atomic(plan.output_dir / HEAD_TO_HEAD_FILE, rows)  # the reviewer's side-by-side answers
     return metrics
 
 

@@ -14,6 +14,7 @@ METRICS_FILE = "metrics.jsonl"  # one JSON object per PPO update (rank 0 writes 
 SPOOL_FILE = "mlflow_spool.jsonl"  # updates not yet acknowledged by the tracking server
 EVAL_FILE = "eval.json"  # stage 6's evaluation report
 SAMPLES_FILE = "samples.jsonl"  # stage 6's sample completions
+HEAD_TO_HEAD_FILE = "head-to-head.jsonl"  # the promotion gate's: the policy's and the alias holder's completions
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ from ppoflow.manifests import CheckpointManifest, DatasetManifest, ModelManifest
 from ppoflow.tasks.common import STAGE_OPTIONS
 from ppoflow.tracking import TrackingRun, describe_release, log_release
 from ppoflow.tracking.promotion import gate
-from ppoflow.workspace import METRICS_FILE, SAMPLES_FILE, read_jsonl
+from ppoflow.workspace import HEAD_TO_HEAD_FILE, METRICS_FILE, SAMPLES_FILE, read_jsonl
 
 
 @task(name="save_and_evaluate", **STAGE_OPTIONS)
@@ -53,6 +53,7 @@ def save_and_evaluate(
 def promote(plan: RunPlan, models: ModelManifest, data: DatasetManifest, release: Release, run: TrackingRun) -> Release:
     """The promotion gate (`ppoflow.tracking.promotion`); its decision also goes into eval.json and the release."""
     policy_dir = release.merged_dir or release.policy_dir
+    head_to_head = plan.output_dir / HEAD_TO_HEAD_FILE  # written when the gate evaluates against a holder
     decision = gate(
         run,
         plan.config.tracking.promotion,
@@ -63,6 +64,8 @@ def promote(plan: RunPlan, models: ModelManifest, data: DatasetManifest, release
         fetch_root=plan.output_dir / "registry",
         reference_uri=models.ref.registry_uri if models.ref is not None else None,
     )
+    if head_to_head.is_file() and decision.get("against", "").startswith("models:/"):
+        run.client.log_artifact(run.run_id, str(head_to_head), "eval")
     report = {**release.eval_metrics, "promotion": decision}
     write_text_atomic(release.eval_path, json.dumps(report, indent=2, sort_keys=True) + "\n")
     run.client.log_dict(run.run_id, report, "eval/eval.json")

@@ -14,6 +14,9 @@ still point where the gate read it, and just after, it must point at the new ver
 run moved it meanwhile, the gate evaluates again against the new holder (a few rounds at most), so
 two runs finishing at once never overwrite each other unseen. A retried stage finds the decision
 already on its version and does not decide twice.
+
+With `approval: required`, a version whose numbers pass is held `awaiting approval` instead
+(`ppoflow.tracking.approval`): a person's decision moves the alias later.
 """
 
 from __future__ import annotations
@@ -24,30 +27,18 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from mlflow.exceptions import MlflowException
-
 from ppoflow.config import PromotionConfig
+from ppoflow.tracking import approval
+from ppoflow.tracking.approval import DETAIL_TAG
 from ppoflow.tracking.registry import RegistryVersion, fetch
-from ppoflow.tracking.release import set_alias
+from ppoflow.tracking.release import alias_holder, set_alias
 from ppoflow.tracking.run import TrackingRun
 
 _LOGGER = logging.getLogger(__name__)
 
-PROMOTION_TAG = "ppoflow.promotion"
-DETAIL_TAG = "ppoflow.promotion.detail"
 ROUNDS = 3  # evaluations against successive holders before the gate gives up (the alias kept moving)
 
 Evaluate = Callable[[Path], Mapping[str, float]]  # baseline directory -> head-to-head eval metrics
-
-
-def alias_holder(run: TrackingRun, name: str, alias: str) -> str | None:
-    """The version `alias` points at, or None."""
-    try:
-        return str(run.client.get_model_version_by_alias(name, alias).version)
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            return None
-        raise
 
 
 def decide(
@@ -123,6 +114,9 @@ def gate(
         decision = decide(promotion, against, head_to_head, eval_metrics)
         if not decision["promoted"]:
             break
+        if promotion.approval == "required":  # a person decides; the alias waits (`approval`)
+            decision = approval.hold(run, promotion, name, version, decision)
+            break
         if alias_holder(run, name, promotion.alias) != holder:
             continue  # another run moved it while this one evaluated: compare with the new holder
         set_alias(run, "tracking.promotion.alias", name, promotion.alias, version)
@@ -152,8 +146,4 @@ def gate(
 
 
 def _record(run: TrackingRun, name: str, version: str, decision: Mapping[str, Any]) -> None:
-    detail = json.dumps(decision, sort_keys=True)
-    for key, value in ((PROMOTION_TAG, decision["decision"]), ("ppoflow.promotion.against", decision["against"])):
-        run.client.set_model_version_tag(name, version, key, value)
-    run.client.set_model_version_tag(name, version, DETAIL_TAG, detail)  # last: its presence means "decided"
-    run.set_tags({PROMOTION_TAG: decision["decision"], "ppoflow.promotion.against": decision["against"]})
+    approval.record(run, name, version, dict(decision))

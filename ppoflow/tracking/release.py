@@ -263,6 +263,16 @@ def _release_lines(release: Release) -> list[str]:
     return lines
 
 
+def alias_holder(run: TrackingRun, name: str, alias: str) -> str | None:
+    """The version `alias` points at, or None."""
+    try:
+        return str(run.client.get_model_version_by_alias(name, alias).version)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
 def set_alias(run: TrackingRun, field: str, name: str, alias: str, version: str) -> None:
     """Point `alias` of registered model `name` at `version`; a refusal names the config `field`."""
     try:

@@ -253,6 +253,26 @@ CASES = [
         "`tracking.promotion.min_reward_functions.nope`",
         ("tracking.promotion.min_reward_functions={{nope: 0.5}}",),
     ),
+    Case(
+        "approval with nothing registered",
+        "`tracking.promotion.approval`",
+        ("tracking.promotion.approval=required", "tracking.log_model=false"),
+    ),
+    Case(
+        "approval with no registered model name",
+        "`tracking.registered_model_name`",
+        ("tracking.promotion.approval=required", "tracking.registered_model_name=''"),
+    ),
+    Case(
+        "approval with no promotion alias",
+        "`tracking.promotion.alias`",
+        ("tracking.promotion.approval=required", "tracking.promotion.alias=''"),
+    ),
+    Case(
+        "approval timeout not positive",
+        "`tracking.promotion.approval_timeout_hours`",
+        ("tracking.promotion.approval=required", "tracking.promotion.approval_timeout_hours=0"),
+    ),
     Case("experiment deleted", "`tracking.experiment`", ("tracking.experiment=deleted-experiment",), command="run"),
     Case(
         "push to the Hub while offline",
