@@ -132,7 +132,7 @@ gpu-check: install
 # The README's screenshots (docs/screenshots/*.png) from the ui tests: the integration stack, its toy
 # runs through the deployment worker, the pages in Chromium (about 4-5 min on 2 cores).
 SCREENSHOT_RUN := .ppoflow/screenshots
-SCREENSHOTS := mlflow-run.png mlflow-model-version.png prefect-flow-run.png
+SCREENSHOTS := mlflow-run.png mlflow-model-version.png prefect-flow-run.png prefect-approval-form.png
 
 screenshots: install toy
 	rm -rf $(SCREENSHOT_RUN)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from datetime import datetime, timezone
 from typing import Any, Literal
 from uuid import UUID
@@ -48,6 +49,7 @@ log = logging.getLogger("ppoflow.flows.approval")
 
 FLOW_RUN_TAG = "ppoflow.approval.flow_run"  # on the version: the flow run that waits for its decision
 SHOWN_ANSWERS = 8  # side-by-side rows in the review
+WORKER_RELEASE_SECONDS = 10.0  # a suspended run's worker lets go of it within this (its process has exited)
 
 
 class Approval(RunInput):
@@ -224,6 +226,8 @@ def answer(flow_run_id: str, decision: Literal["approve", "reject"], approver: s
             f"flow run {flow_run_id} is {state.name if state else 'unknown'}, not awaiting approval — "
             "nothing to answer (a timed-out or decided version keeps its decision)"
         )
+    if state.name == "Suspended":  # a worker that still holds the run's slot crashes on its resumption (Prefect 3.8)
+        time.sleep(max(0.0, WORKER_RELEASE_SECONDS - (datetime.now(timezone.utc) - state.timestamp).total_seconds()))
     resume_flow_run(run_id, run_input={"decision": decision, "approver": approver, "comment": comment})
     return f"flow run {flow_run_id}: {decision} sent by {approver}"
 

@@ -853,3 +853,226 @@ def test_ui_prefect_task_run_page_shows_the_first_retry_delay(served_stack, brow
     delay = page.get_by_text("Retry Delay", exact=True).locator("xpath=following-sibling::*[1]")
     expect(delay).to_have_text("1s")  # flow.retry_delay_seconds=[1, 5]; a list read "NaNs"
     page.screenshot(path=screenshots / "prefect-task-run.png")
+
+
+# --------------------------------------------------------------------------- a person signs off
+# (tracking.promotion.approval: required; the registry-level rules: tests/flow/test_approval.py)
+
+APPROVAL_MODEL = "deploy-approval-policy"
+
+
+def approval_overrides(toy: Path, workspace: Path, name: str, *extra: str) -> list[str]:
+    """One PPO update of 16 prompts whose version passes the gate's numbers (min_win_rate 0) and waits."""
+    return [
+        *tiny_overrides(toy, workspace, name),
+        "ppo.total_episodes=16",
+        f"tracking.registered_model_name={APPROVAL_MODEL}",
+        "tracking.promotion.approval=required",
+        "tracking.promotion.min_win_rate=0",
+        *extra,
+    ]
+
+
+def wait_suspended(client, flow_run_id: UUID, timeout: float = RUN_TIMEOUT):
+    """The flow run once it is Suspended (awaiting approval); a final state is a failure here."""
+    deadline = time.monotonic() + timeout
+    while True:
+        flow_run = client.read_flow_run(flow_run_id)
+        if flow_run.state is not None and flow_run.state.is_paused():
+            return flow_run
+        if flow_run.state is not None and flow_run.state.is_final():
+            pytest.fail(
+                f"flow run {flow_run_id} ended {flow_run.state_name} before suspending: {flow_run.state.message}"
+            )
+        if time.monotonic() > deadline:
+            pytest.fail(f"flow run {flow_run_id} still {flow_run.state_name} after {timeout:.0f} s")
+        time.sleep(1.0)
+
+
+def resume(client, flow_run_id: UUID, **answer: str) -> None:
+    """Resume a suspended night with the form's answer, as the UI does, once the worker let go of it:
+    a Prefect 3.8 process worker resumed while it still holds the run's slot crashes (RuntimeError:
+    "this borrower is already holding one of this CapacityLimiter's tokens"). `ppoflow approve`
+    waits the same way."""
+    from ppoflow.flows.approval import WORKER_RELEASE_SECONDS
+
+    suspended = client.read_flow_run(flow_run_id).state
+    time.sleep(max(0.0, WORKER_RELEASE_SECONDS - (datetime.now(timezone.utc) - suspended.timestamp).total_seconds()))
+    client.resume_flow_run(flow_run_id, run_input=answer)
+
+
+def version_of(stack: serve.Stack, flow_run_id: UUID):
+    """The registered version a flow run's training produced."""
+    client, run = mlflow_run_of(stack, flow_run_id)
+    (version,) = [v for v in client.search_model_versions(f"name='{APPROVAL_MODEL}'") if v.run_id == run.info.run_id]
+    return version
+
+
+def champion(stack: serve.Stack) -> str | None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(
+            mlflow.MlflowClient(tracking_uri=stack.mlflow_url)
+            .get_model_version_by_alias(APPROVAL_MODEL, "champion")
+            .version
+        )
+    except MlflowException:
+        return None
+
+
+@pytest.fixture(scope="module")
+def awaiting(served_stack, toy_world, workspace) -> dict[str, Any]:
+    """Nights "older" and "newer" with approval required, both suspended after registering, in that order."""
+    with prefect_client(served_stack) as client:
+        deployment = client.read_deployment_by_name("rlhf-ppo/toy-nightly")
+        runs = {}
+        for night in ("older", "newer"):
+            overrides = approval_overrides(toy_world, workspace, f"approval-{night}")
+            created = client.create_flow_run_from_deployment(deployment.id, parameters={"overrides": overrides})
+            runs[night] = wait_suspended(client, created.id)
+    return runs
+
+
+@TRIGGERED_TIMEOUT
+def test_a_night_awaiting_approval_suspends_after_registering_with_its_review(served_stack, awaiting):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=served_stack.mlflow_url)
+    for night, flow_run in awaiting.items():
+        assert flow_run.state.name == "Suspended", night
+        version = version_of(served_stack, flow_run.id)
+        assert version.tags["ppoflow.approval"] == "pending" and "ppoflow.approval.deadline" in version.tags
+        assert version.tags["ppoflow.promotion"].startswith("awaiting approval: win rate ")
+        assert version.tags["ppoflow.approval.flow_run"] == str(flow_run.id)
+        run = client.get_run(version.run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["ppoflow.approval"] == "pending"
+        review = Path(client.download_artifacts(version.run_id, "approval/review.md")).read_text()
+        assert review.startswith(f"# {APPROVAL_MODEL} version {version.version} awaits approval for @champion")
+        assert f"/#/models/{APPROVAL_MODEL}/versions/{version.version}" in review
+    assert champion(served_stack) is None
+    newer = version_of(served_stack, awaiting["newer"].id)
+    base = f"suspended-ppoflow-approval-{APPROVAL_MODEL}-v{newer.version}"  # the form's key: one per version
+    with prefect_client(served_stack) as prefect:
+        keys = {a.key for a in prefect.read_artifacts() if a.flow_run_id == awaiting["newer"].id}
+        schema = json.loads(prefect.read_flow_run_input(awaiting["newer"].id, f"{base}-schema"))
+        description = json.loads(prefect.read_flow_run_input(awaiting["newer"].id, f"{base}-description"))
+    assert {"approval-review", "approval-answers", "rlhf-ppo-summary"} <= keys
+    assert set(schema["properties"]) >= {"decision", "approver", "comment"}
+    assert description.startswith(f"# {APPROVAL_MODEL} version {newer.version} awaits approval for @champion")
+
+
+@TRIGGERED_TIMEOUT
+def test_approvals_through_the_api_out_of_order_resume_cached_and_keep_the_newer_champion(served_stack, awaiting):
+    """The newer night is approved first, then the older: @champion ends on the newer; each resumed
+    flow run finds stages 1-6 Cached (nothing retrains or re-evaluates) and completes."""
+    versions = {night: version_of(served_stack, flow_run.id) for night, flow_run in awaiting.items()}
+    with prefect_client(served_stack) as client:
+        finished = {}
+        for night, approver in (("newer", "alice"), ("older", "bob")):
+            resume(client, awaiting[night].id, decision="approve", approver=approver, comment=f"{night} ok")
+            finished[night] = wait_final(client, awaiting[night].id)
+            if night == "newer":
+                assert champion(served_stack) == str(versions["newer"].version)
+        stages = {night: latest_task_runs(client, flow_run.id) for night, flow_run in awaiting.items()}
+        attempts = {
+            night: [run.name.split("[")[0] for run in client.read_task_runs() if run.flow_run_id == flow_run.id]
+            for night, flow_run in awaiting.items()
+        }
+    for night in awaiting:
+        assert finished[night].state.is_completed(), (night, finished[night].state.message)
+        assert {stage: run.state.name for stage, run in stages[night].items()} == dict.fromkeys(STAGES, "Cached")
+        assert sorted(attempts[night]) == sorted(STAGES * 2)  # one run before the suspension, one after
+    assert champion(served_stack) == str(versions["newer"].version)
+    newer, older = (version_of(served_stack, awaiting[night].id) for night in ("newer", "older"))
+    assert newer.tags["ppoflow.promotion"].startswith("promoted: approved by alice; win rate ")
+    assert (older.tags["ppoflow.approval"], older.tags["ppoflow.approval.approver"]) == ("approved", "bob")
+    assert older.tags["ppoflow.promotion"].startswith(
+        f"rejected: approved by bob, but @champion holds version {newer.version}, which is newer"
+    )
+    assert newer.description.startswith("**Approved** by alice at ") and "newer ok" in newer.description.split("\n")[0]
+
+
+@pytest.fixture(scope="module")
+def timed_out_then_waiting(served_stack, awaiting, toy_world, workspace) -> dict[str, Any]:
+    """Night "late" waits 20 s for a decision that never comes: Prefect fails it at the deadline. Then
+    night "reviewed" runs (recording the timeout before its stages) and waits for the UI."""
+    with prefect_client(served_stack) as client:
+        deployment = client.read_deployment_by_name("rlhf-ppo/toy-nightly")
+        late = client.create_flow_run_from_deployment(
+            deployment.id,
+            parameters={
+                "overrides": approval_overrides(
+                    toy_world, workspace, "approval-late", "tracking.promotion.approval_timeout_hours=0.0056"
+                )
+            },
+        )
+        wait_suspended(client, late.id)
+        late = wait_final(client, late.id, timeout=120)
+        reviewed = client.create_flow_run_from_deployment(
+            deployment.id,
+            parameters={"overrides": approval_overrides(toy_world, workspace, "approval-reviewed")},
+        )
+        return {"late": late, "reviewed": wait_suspended(client, reviewed.id)}
+
+
+@TRIGGERED_TIMEOUT
+def test_a_night_nobody_answers_is_rejected_as_timed_out_by_the_next_night(
+    served_stack, alert_receiver, timed_out_then_waiting
+):
+    late = timed_out_then_waiting["late"]
+    assert late.state.is_failed() and "never resumed" in (late.state.message or "")
+    version = version_of(served_stack, late.id)
+    assert version.tags["ppoflow.approval"] == "timed out"
+    assert version.tags["ppoflow.promotion"].startswith("rejected: approval timed out at ")
+    subject = f"ppoflow: {APPROVAL_MODEL} version {version.version} rejected"
+    deadline = time.monotonic() + 90
+    while subject not in {message["subject"] for message in alert_receiver.received} and time.monotonic() < deadline:
+        time.sleep(0.5)
+    (body,) = [message["body"] for message in alert_receiver.received if message["subject"] == subject]
+    assert "approval timed out" in body and f"/flow-runs/flow-run/{late.id}" in body
+
+
+@pytest.mark.ui
+@TRIGGERED_TIMEOUT
+def test_ui_the_approval_form_on_the_flow_run_page_rejects_a_night(
+    served_stack, browser, awaiting, timed_out_then_waiting, screenshots
+):
+    """A reviewer opens the suspended night's page in the Prefect UI, reads the review in the Resume
+    form, rejects it with a name and a comment: the flow run resumes (stages Cached) and completes,
+    the version is rejected by that person, and @champion stays where it was."""
+    from playwright.sync_api import expect
+
+    reviewed = timed_out_then_waiting["reviewed"]
+    version = version_of(served_stack, reviewed.id)
+    holder = champion(served_stack)
+    page = browser.new_page()
+    page.goto(f"{served_stack.prefect_url}/flow-runs/flow-run/{reviewed.id}")
+    page.get_by_role("button", name="Resume").first.click()
+    dialog = page.get_by_role("dialog")
+    expect(
+        dialog.get_by_text(f"{APPROVAL_MODEL} version {version.version} awaits approval for @champion")
+    ).to_be_visible()
+
+    def field(label: str):  # the UI's schema form does not tie its labels to its inputs
+        return dialog.locator(f".schema-form-property:has(.schema-form-property__label:text-is('{label}'))")
+
+    field("Approver").locator("textarea").fill("carol")
+    field("Comment (Optional)").locator("textarea").fill("answers too short")
+    field("Decision").locator(".p-select-button").click()
+    page.keyboard.press("ArrowDown")  # the select's list opens from the keyboard once it has the focus
+    page.get_by_role("option", name="reject").click()
+    expect(field("Decision")).to_contain_text("reject")
+    dialog.locator(".p-modal__card").screenshot(path=screenshots / "prefect-approval-form.png")
+    dialog.get_by_role("button", name="Submit").click()
+
+    with prefect_client(served_stack) as client:
+        finished = wait_final(client, reviewed.id)
+        stages = latest_task_runs(client, reviewed.id)
+    assert finished.state.is_completed(), finished.state.message
+    assert {stage: run.state.name for stage, run in stages.items()} == dict.fromkeys(STAGES, "Cached")
+    version = version_of(served_stack, reviewed.id)
+    assert (version.tags["ppoflow.approval"], version.tags["ppoflow.approval.approver"]) == ("rejected", "carol")
+    assert version.tags["ppoflow.promotion"].startswith("rejected: by carol (answers too short); win rate ")
+    assert champion(served_stack) == holder
