@@ -16,8 +16,9 @@ Each event's resource is the night (`ppoflow.night.<flow run id>`) or the model 
 
 `install(api_url, webhook_url)` (what `make serve ALERT_WEBHOOK=...` does) saves a Custom Webhook
 notification block, `ppoflow-alerts`, which POSTs `{"subject": ..., "body": ...}` as JSON to the
-URL, and three automations that send through it: a failed night, a crashed night (Prefect's own
-`prefect.flow-run.Crashed`: a process killed outright runs no hook), a rejected candidate. Another
+URL, and four automations that send through it: a failed night, a crashed night (Prefect's own
+`prefect.flow-run.Crashed`: a process killed outright runs no hook), a rejected candidate, a
+candidate that awaits a person's approval (its message links the flow run with the Resume form). Another
 notification block (Slack, e-mail) works the same way: point the automations at it in the UI.
 """
 
@@ -39,7 +40,12 @@ PROMOTED = "ppoflow.promotion.promoted"
 REJECTED = "ppoflow.promotion.rejected"
 AWAITING = "ppoflow.promotion.awaiting_approval"
 BLOCK_NAME = "ppoflow-alerts"
-AUTOMATIONS = ("ppoflow: a night failed", "ppoflow: a night crashed", "ppoflow: a candidate was rejected")
+AUTOMATIONS = (
+    "ppoflow: a night failed",
+    "ppoflow: a night crashed",
+    "ppoflow: a candidate was rejected",
+    "ppoflow: a candidate awaits approval",
+)
 
 
 def mlflow_page(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
@@ -134,7 +140,7 @@ def emit_promotion(
 
 
 def install(api_url: str, webhook_url: str) -> list[str]:
-    """The notification block and the three automations on the Prefect server at `api_url` (made
+    """The notification block and the four automations on the Prefect server at `api_url` (made
     again when they exist: the URL may have changed). Returns the automations' names."""
     from prefect.automations import AutomationCore, EventTrigger, Posture, SendNotification
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
@@ -170,6 +176,12 @@ def install(api_url: str, webhook_url: str) -> list[str]:
             AUTOMATIONS[2],
             REJECTED,
             "ppoflow: {{ event.payload.model }} version {{ event.payload.version }} rejected",
+            "{{ event.payload.message }}",
+        ),
+        automation(
+            AUTOMATIONS[3],
+            AWAITING,
+            "ppoflow: {{ event.payload.model }} version {{ event.payload.version }} awaits approval",
             "{{ event.payload.message }}",
         ),
     ]

@@ -510,6 +510,7 @@ def test_alerts_reach_the_webhook_for_a_failed_night_and_each_rejected_candidate
         "ppoflow: a night failed",
         "ppoflow: a night crashed",
         "ppoflow: a candidate was rejected",
+        "ppoflow: a candidate awaits approval",
     ]
     client = mlflow.MlflowClient(tracking_uri=served_stack.mlflow_url)
     rejected = {}  # every registered version the gate rejected: the chain's, and the fault run's once retried
@@ -1032,6 +1033,14 @@ def test_a_night_nobody_answers_is_rejected_as_timed_out_by_the_next_night(
         time.sleep(0.5)
     (body,) = [message["body"] for message in alert_receiver.received if message["subject"] == subject]
     assert "approval timed out" in body and f"/flow-runs/flow-run/{late.id}" in body
+    # and the reviewers heard when it began to wait, with the page of its form
+    (waited,) = [
+        message["body"]
+        for message in alert_receiver.received
+        if message["subject"] == f"ppoflow: {APPROVAL_MODEL} version {version.version} awaits approval"
+    ]
+    assert f"version {version.version} awaits approval for @champion — awaiting approval: win rate " in waited
+    assert f"Flow run: {served_stack.prefect_url}/flow-runs/flow-run/{late.id}" in waited
 
 
 @pytest.mark.ui
