@@ -107,12 +107,13 @@ def ask(plan: RunPlan, release: Release, run: TrackingRun, pending: dict[str, An
         answer = suspend_flow_run(wait_for_input=form, timeout=math.ceil(remaining), key=key)
     else:
         log.info(
-            "%s version %s awaits approval for @%s until %s: answer in the flow run's page of the Prefect UI, or "
-            "from another shell with `ppoflow approve %s --by NAME [--comment TEXT]` (or `ppoflow reject ...`)",
+            "%s version %s awaits approval for @%s until %s: answer with the Resume form of %s, or from another "
+            "shell with `ppoflow approve %s --by NAME [--comment TEXT]` (or `ppoflow reject ...`)",
             name,
             version,
             pending["alias"],
             pending["deadline"],
+            flow_run.ui_url or "the flow run's page in the Prefect UI",
             flow_run.id,
         )
         try:

@@ -6,6 +6,9 @@ API and the UI form are in tests/integration/test_deployments.py."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -144,13 +147,25 @@ def paused_run_id(timeout: float = 240.0) -> str:
     raise AssertionError("no flow run paused for approval")
 
 
+def cli(*argv: str) -> subprocess.CompletedProcess:
+    """`ppoflow ARGV` from another shell, against this test's Prefect API."""
+    from prefect.settings import PREFECT_API_URL
+
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("ppoflow")), *argv],
+        env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def test_ppoflow_run_waits_in_the_foreground_until_ppoflow_approve_answers(flow_env, make_flow_config, capsys):
     """The embedded flow pauses after stage 6 with its form; `ppoflow approve` (the CLI, against the same
     Prefect API) resumes it; the alias moves and the decision is on the version, the run and the summary.
     A second night whose deadline passes first is rejected as timed out, and completes."""
     import mlflow
 
-    from ppoflow.flows.cli import main
     from ppoflow.flows.rlhf_ppo import rlhf_ppo
 
     model = "approval-flow-policy"
@@ -160,18 +175,17 @@ def test_ppoflow_run_waits_in_the_foreground_until_ppoflow_approve_answers(flow_
         "tracking.promotion.min_win_rate=0",
         f"tracking.registered_model_name={model}",
     ]
-    answered: dict[str, int] = {}
+    answered: dict[str, subprocess.CompletedProcess] = {}
 
     def approve() -> None:
-        flow_run_id = paused_run_id()
-        answered["status"] = main(["approve", flow_run_id, "--by", "alice", "--comment", "ship it"])
+        answered["approve"] = cli("approve", paused_run_id(), "--by", "alice", "--comment", "ship it")
 
     approver = threading.Thread(target=approve)
     approver.start()
     state = rlhf_ppo(config=make_flow_config("approval-1", *approval), return_state=True)
     approver.join(timeout=60)
     summary = state.result()
-    assert answered == {"status": 0}
+    assert answered["approve"].returncode == 0, answered["approve"].stderr
     assert summary["promotion"]["decision"].startswith("promoted: approved by alice; win rate ")
     version = summary["registered_model"]["version"]
     client = mlflow.MlflowClient(tracking_uri=flow_env)
@@ -184,8 +198,11 @@ def test_ppoflow_run_waits_in_the_foreground_until_ppoflow_approve_answers(flow_
     assert "## Answers to the same held-out prompts (candidate | the reference)" in review
 
     # a CLI answer to a run that waits for nothing is refused in one line
-    assert main(["reject", str(state.state_details.flow_run_id), "--by", "bob"]) == 2
-    assert "is Completed, not awaiting approval" in capsys.readouterr().err
+    refused = cli("reject", str(state.state_details.flow_run_id), "--by", "bob")
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
+        f"error: flow run {state.state_details.flow_run_id} is Completed, not awaiting approval — nothing to "
+        "answer (a timed-out or decided version keeps its decision)"
+    )
 
     # nobody answers night 2 (against the champion, head to head): rejected as timed out, the alias stays
     quick = make_flow_config("approval-2", *approval, "tracking.promotion.approval_timeout_hours=0.001")
