@@ -92,6 +92,41 @@ def _log_run(url: str, tmp_path: Path, experiment: str = "ppoflow-test") -> tupl
     return exp_id, run_id
 
 
+def approvals_out_of_order(url: str, run_id: str, tmp_path: Path) -> None:
+    """Two versions held for approval, approved newest first, on the server's registry: @champion ends
+    on the newer one, each decision recorded (the SQL and REST paths of `ppoflow.tracking.approval`)."""
+    import mlflow
+
+    from ppoflow.config import PromotionConfig
+    from ppoflow.tracking import TrackingRun
+    from ppoflow.tracking.approval import Answer, settle
+    from ppoflow.tracking.promotion import gate
+    from ppoflow.tracking.release import alias_holder
+
+    client = mlflow.MlflowClient(tracking_uri=url)
+    run = TrackingRun(client, run_id, client.get_run(run_id).info.experiment_id, tmp_path)
+    client.create_registered_model("approved-policy")
+    source = f"{client.get_run(run_id).info.artifact_uri}/eval.json"
+    held = {}
+    for version in ("1", "2"):
+        client.create_model_version("approved-policy", source=source, run_id=run_id)
+        held[version] = gate(
+            run,
+            PromotionConfig(approval="required"),
+            name="approved-policy",
+            version=version,
+            eval_metrics={"win_rate": 0.7, "reward_policy": 1.0, "reward_ref": 0.5, "kl": 0.1},
+            evaluate=lambda baseline: {},  # no holder while both wait: judged against the reference
+            fetch_root=tmp_path,
+        )
+        assert held[version]["awaiting_approval"] is True
+    assert settle(run, "approved-policy", "2", held["2"], Answer("approve", "alice"))["promoted"] is True
+    assert settle(run, "approved-policy", "1", held["1"], Answer("approve", "bob"))["promoted"] is False
+    assert alias_holder(run, "approved-policy", "champion") == "2"
+    tags = client.get_model_version("approved-policy", "1").tags
+    assert (tags["ppoflow.approval"], tags["ppoflow.approval.approver"]) == ("approved", "bob")
+
+
 def test_sqlite_server_roundtrip_and_stop(tmp_path, capsys):
     import mlflow
 
@@ -268,6 +303,7 @@ def test_postgres_backend(tmp_path):
                 env={**os.environ, "PGPASSFILE": str(home / "pgpass")},
             )
             assert out.stdout.strip() == "0.75", out.stderr
+            approvals_out_of_order(info.url, run_id, tmp_path)
         finally:
             assert stop_server(home) is True
         assert _gone(info.pid)
