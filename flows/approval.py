@@ -85,11 +85,11 @@ def ask(plan: RunPlan, release: Release, run: TrackingRun, pending: dict[str, An
     remaining = (records.deadline_of(pending) - datetime.now(timezone.utc)).total_seconds()
     if remaining <= 0:
         return None
-    review = review_markdown(plan, release, run, pending)
+    rows = side_by_side(plan, pending)
+    review = review_markdown(release, run, pending, rows)
     run.client.set_model_version_tag(name, version, FLOW_RUN_TAG, str(flow_run.id))
     run.client.log_text(run.run_id, review, "approval/review.md")
     create_markdown_artifact(key="approval-review", markdown=review, description="What the reviewer decides on")
-    rows = side_by_side(plan, pending)
     if rows:
         create_table_artifact(
             key="approval-answers", table=rows, description="Candidate and holder answers to held-out prompts"
@@ -154,8 +154,9 @@ def side_by_side(plan: RunPlan, pending: dict[str, Any]) -> list[dict[str, Any]]
     ]
 
 
-def review_markdown(plan: RunPlan, release: Release, run: TrackingRun, pending: dict[str, Any]) -> str:
-    """The reviewer's page: what waits, until when, the gate's numbers, the links, the answers."""
+def review_markdown(release: Release, run: TrackingRun, pending: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """The reviewer's page: what waits, until when, the gate's numbers, the links, the answers
+    (`rows`, from `side_by_side`)."""
     name, version = release.registered_model, release.registered_version
     alias, against = pending["alias"], pending["against"]
     lines = [
@@ -175,20 +176,19 @@ def review_markdown(plan: RunPlan, release: Release, run: TrackingRun, pending: 
             f"Mean reward on the held-out prompts: candidate {pending['reward_policy']:.4g}, "
             f"{against} {pending['reward_against']:.4g}; KL to the reference {pending['kl']:.4g}.",
         ]
-    links = [("this candidate's MLflow run", alerts.mlflow_page(run.tracking_uri, run.experiment_id, run.run_id))]
+    page = alerts.mlflow_page(run.tracking_uri, run.experiment_id, run.run_id)
+    links = [("this candidate's MLflow run", page)]
     if against.startswith("models:/"):
         holder = run.client.get_model_version(name, against.rsplit("/", 1)[-1])
         if holder.run_id:
             experiment = run.client.get_run(holder.run_id).info.experiment_id
             links.append((f"{against}'s MLflow run", alerts.mlflow_page(run.tracking_uri, experiment, holder.run_id)))
-    page = alerts.mlflow_page(run.tracking_uri, run.experiment_id, run.run_id)
     if page is not None:
         links.append(("the version", page.split("/#/")[0] + f"/#/models/{name}/versions/{version}"))
     lines += ["", "## Links", ""]
     lines += [f"- {what}: {url}" for what, url in links if url] or [
         f"- MLflow run `{run.run_id}` in `{redact(run.tracking_uri)}` (browse it with `mlflow ui`)"
     ]
-    rows = side_by_side(plan, pending)
     if rows:
         lines += ["", f"## Answers to the same held-out prompts (candidate | {against})", ""]
         for row in rows:
@@ -227,10 +227,17 @@ def answer(flow_run_id: str, decision: Literal["approve", "reject"], approver: s
             f"flow run {flow_run_id} is {state.name if state else 'unknown'}, not awaiting approval — "
             "nothing to answer (a timed-out or decided version keeps its decision)"
         )
-    if state.name == "Suspended":  # a worker that still holds the run's slot crashes on its resumption (Prefect 3.8)
-        time.sleep(max(0.0, WORKER_RELEASE_SECONDS - (datetime.now(timezone.utc) - state.timestamp).total_seconds()))
+    if state.name == "Suspended":
+        wait_for_the_worker_to_let_go(state)
     resume_flow_run(run_id, run_input={"decision": decision, "approver": approver, "comment": comment})
     return f"flow run {flow_run_id}: {decision} sent by {approver}"
+
+
+def wait_for_the_worker_to_let_go(suspended: Any) -> None:
+    """Sleep until `WORKER_RELEASE_SECONDS` after the `suspended` state began: a Prefect 3.8 process
+    worker that still holds the run's slot crashes when the run is resumed."""
+    elapsed = (datetime.now(timezone.utc) - suspended.timestamp).total_seconds()
+    time.sleep(max(0.0, WORKER_RELEASE_SECONDS - elapsed))
 
 
 def record_expired(tracking_uri: str, name: str) -> None:

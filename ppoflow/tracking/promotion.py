@@ -140,10 +140,6 @@ def gate(
             "against": "unrecorded",
             "decision": f"promoted: @{promotion.alias} already pointed at this version",
         }
-    _record(run, name, version, decision)
+    approval.record(run, name, version, decision)
     _LOGGER.info("promotion gate: version %s %s", version, decision["decision"])
     return decision
-
-
-def _record(run: TrackingRun, name: str, version: str, decision: Mapping[str, Any]) -> None:
-    approval.record(run, name, version, dict(decision))

@@ -124,15 +124,20 @@ def prefect_client(stack: serve.Stack):
     return SyncPrefectClient(stack.api_url)
 
 
-def wait_final(client, flow_run_id: UUID, timeout: float = RUN_TIMEOUT):
+def wait_until(client, flow_run_id: UUID, reached, timeout: float = RUN_TIMEOUT):
+    """The flow run once `reached(its state)`; a test failure after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         flow_run = client.read_flow_run(flow_run_id)
-        if flow_run.state is not None and flow_run.state.is_final():
+        if flow_run.state is not None and reached(flow_run.state):
             return flow_run
         if time.monotonic() > deadline:
             pytest.fail(f"flow run {flow_run_id} still {flow_run.state_name} after {timeout:.0f} s")
         time.sleep(1.0)
+
+
+def wait_final(client, flow_run_id: UUID, timeout: float = RUN_TIMEOUT):
+    return wait_until(client, flow_run_id, lambda state: state.is_final(), timeout)
 
 
 def latest_task_runs(client, flow_run_id: UUID) -> dict[str, Any]:
@@ -876,29 +881,18 @@ def approval_overrides(toy: Path, workspace: Path, name: str, *extra: str) -> li
 
 def wait_suspended(client, flow_run_id: UUID, timeout: float = RUN_TIMEOUT):
     """The flow run once it is Suspended (awaiting approval); a final state is a failure here."""
-    deadline = time.monotonic() + timeout
-    while True:
-        flow_run = client.read_flow_run(flow_run_id)
-        if flow_run.state is not None and flow_run.state.is_paused():
-            return flow_run
-        if flow_run.state is not None and flow_run.state.is_final():
-            pytest.fail(
-                f"flow run {flow_run_id} ended {flow_run.state_name} before suspending: {flow_run.state.message}"
-            )
-        if time.monotonic() > deadline:
-            pytest.fail(f"flow run {flow_run_id} still {flow_run.state_name} after {timeout:.0f} s")
-        time.sleep(1.0)
+    flow_run = wait_until(client, flow_run_id, lambda state: state.is_paused() or state.is_final(), timeout)
+    if not flow_run.state.is_paused():
+        pytest.fail(f"flow run {flow_run_id} ended {flow_run.state_name} before suspending: {flow_run.state.message}")
+    return flow_run
 
 
 def resume(client, flow_run_id: UUID, **answer: str) -> None:
-    """Resume a suspended night with the form's answer, as the UI does, once the worker let go of it:
-    a Prefect 3.8 process worker resumed while it still holds the run's slot crashes (RuntimeError:
-    "this borrower is already holding one of this CapacityLimiter's tokens"). `ppoflow approve`
-    waits the same way."""
-    from ppoflow.flows.approval import WORKER_RELEASE_SECONDS
+    """Resume a suspended night with the form's answer, as the UI does, once the worker let go of it
+    (as `ppoflow approve` waits: `wait_for_the_worker_to_let_go`)."""
+    from ppoflow.flows.approval import wait_for_the_worker_to_let_go
 
-    suspended = client.read_flow_run(flow_run_id).state
-    time.sleep(max(0.0, WORKER_RELEASE_SECONDS - (datetime.now(timezone.utc) - suspended.timestamp).total_seconds()))
+    wait_for_the_worker_to_let_go(client.read_flow_run(flow_run_id).state)
     client.resume_flow_run(flow_run_id, run_input=answer)
 
 
