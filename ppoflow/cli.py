@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ppoflow.console import quiet_libraries
+from ppoflow.console import console_handler, quiet_libraries
 from ppoflow.errors import PpoflowError
 from ppoflow.manifests import Release, RunPlan
 from ppoflow.workspace import METRICS_FILE, read_jsonl
@@ -286,10 +286,11 @@ def run_command(parser: argparse.ArgumentParser, commands: dict[str, Callable], 
         return EXIT_USER_ERROR
     # set by accelerate launch
     rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    level = logging.getLevelName(args.log_level.upper())
     logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr, format=f"%(asctime)s {rank}%(levelname)s %(name)s: %(message)s"
+        level=level, handlers=[console_handler(level)], format=f"%(asctime)s {rank}%(levelname)s %(name)s: %(message)s"
     )
-    quiet_libraries(logging.getLevelName(args.log_level.upper()))
+    quiet_libraries(level)
     try:
         with stdout_to_stderr():
             summary = commands[args.command](args)

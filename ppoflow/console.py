@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -16,9 +17,12 @@ log = logging.getLogger("ppoflow")
 STAGES = ("configure", "load_models", "prepare_dataset", "init_trainer", "train_ppo", "save_and_evaluate")
 
 # Loggers whose INFO lines are library chatter here: MLflow's table creation and system-metrics notices,
-# alembic's migrations, matplotlib's font cache, Prefect's "Finished in state Completed()" of each task
-# (the stage lines say it with the stage's name and time).
-CHATTY_LOGGERS = ("mlflow", "alembic", "matplotlib", "prefect.task_runs", "httpx", "urllib3", "filelock")
+# alembic's migrations, matplotlib's font cache.
+CHATTY_LOGGERS = ("mlflow", "alembic", "matplotlib", "httpx", "urllib3", "filelock")
+# Prefect's task-run logger: its INFO lines ("Finished in state Completed()" of each task, which the stage
+# lines say with the stage's name and time; the ranks' lines a task relays) belong in the task's log in the
+# Prefect UI, not on the console. Its level stays as it is, so its API handler still gets them.
+TASK_RUN_LOGGER = "prefect.task_runs"
 
 T = TypeVar("T")
 
@@ -34,12 +38,23 @@ def quiet_libraries(level: int) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DATASETS_VERBOSITY", "error")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its loggers' level from it when imported
-    # Prefect's logging.yml, likewise
-    os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL", "WARNING")
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
     # DeepSpeed (which accelerate imports when it is installed) warns at import that it found no GPU.
     logging.getLogger("DeepSpeed").addFilter(_Without("Setting accelerator to CPU"))
+
+
+def console_handler(level: int) -> logging.Handler:
+    """The console's handler (stderr): above DEBUG it leaves out Prefect's task-run lines below WARNING."""
+    handler = logging.StreamHandler(sys.stderr)
+    if level > logging.DEBUG:
+        handler.addFilter(_QuietTaskRuns())
+    return handler
+
+
+class _QuietTaskRuns(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.name.startswith(TASK_RUN_LOGGER)
 
 
 class _Without(logging.Filter):
