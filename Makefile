@@ -33,9 +33,11 @@ system-packages:
 	bash .ci/system-packages
 
 # One torch thread per test process: the suite runs servers and subprocesses beside training, and
-# with two cores busy, two OpenMP threads per process stall each other (5-10x slower here).
+# with two cores busy, two OpenMP threads per process stall each other (5-10x slower here). Two pytest
+# workers (TEST_WORKERS), each taking whole test files, keep both cores busy.
+TEST_WORKERS ?= 2
 test: install system-packages
-	OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -m "not slow and not flow and not integration and not distributed" $(PYTEST_ARGS)
