@@ -44,6 +44,15 @@ bench-smol-speed: $(BENCH_STAMP)
 	@test -f $(SMOL_DIR)/prompts.jsonl -a -f $(SMOL_DIR)/reward/config.json || { echo "no SmolLM2 world in $(SMOL_DIR): make smol builds it (~30 min)"; exit 2; }
 	$(MAIN_VENV)/bin/python benchmarks/run.py --parts smollm2 --smol-world $(SMOL_DIR) $(BENCH_ARGS)
 
+# How fast SmolLM2-135M can decode here (#26's speed goal): its forward as generate runs it, torch.compile'd, and
+# the step's matmuls alone in three layouts, beside the memory-read limit, at 1 and 2 threads (~5 min; converts the
+# GGUF itself when `make smol` has not run): benchmarks/results/decode_kernels.json.
+.PHONY: bench-decode
+
+bench-decode: | $(MAIN_VENV)/.installed
+	$(MAIN_VENV)/bin/python benchmarks/decode_kernels.py $(if $(wildcard $(SMOL_DIR)/policy/config.json),--policy $(SMOL_DIR)/policy) \
+	    --out benchmarks/results/decode_kernels.json
+
 # ppoflow's own toy speed at several commits side by side, each in a git worktree, rounds alternating (~2 min a
 # commit): benchmarks/results/commits.json. COMMITS: what to compare, e.g. COMMITS="c4003a0 HEAD".
 .PHONY: bench-commits
