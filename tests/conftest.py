@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -9,6 +10,20 @@ import pytest
 
 # Tests never reach the Hugging Face Hub: every model comes from the offline toy world.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `tests.*` modules
+    sys.path.insert(0, str(REPO))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The reliability report is a plugin of the whole session, not of tests/reliability's conftest: under
+    # pytest-xdist the controller runs no test and loads no conftest below this one, yet gathers the report.
+    from tests.reliability import report
+
+    if not config.pluginmanager.is_registered(report):
+        config.pluginmanager.register(report, "ppoflow-reliability-report")
+
 
 TOY_SEED = 0
 
