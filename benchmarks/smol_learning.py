@@ -154,11 +154,13 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
-    generation = json.loads((args.run / "final" / "generation_config.json").read_text())  # the run's own sampling
+    # a LoRA run's final/ holds the adapter; final-merged/ the whole model
+    trained = args.run / "final-merged" if (args.run / "final-merged").is_dir() else args.run / "final"
+    generation = json.loads((trained / "generation_config.json").read_text())  # the run's own sampling
     sampling = {"max_new_tokens": generation["max_new_tokens"], "temperature": generation["temperature"]}
     tokenizer = AutoTokenizer.from_pretrained(args.world / "policy")
     reference = AutoModelForCausalLM.from_pretrained(args.world / "policy", use_safetensors=True).eval()
-    policy = AutoModelForCausalLM.from_pretrained(args.run / "final", use_safetensors=True).eval()
+    policy = AutoModelForCausalLM.from_pretrained(trained, use_safetensors=True).eval()
     from datasets import load_from_disk
 
     held_out = [json.loads(text) for text in load_from_disk(str(args.run / "data" / "eval"))["messages"]]
